@@ -1,0 +1,127 @@
+"""The on-disk checkpoint format, shared by centralized pretraining, the aggregator and export.
+
+A checkpoint is two files side by side: ``NAME.safetensors`` (tensors only, no pickle) and
+``NAME.json`` (everything a person or a resuming process needs to know about it). Both are written
+atomically: to a temporary file in the same directory, flushed and fsynced, then renamed over the
+target, and the directory is fsynced. The JSON sidecar is written last and is the commit point: a
+checkpoint whose sidecar is missing is incomplete and ignored by :func:`latest_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+
+__all__ = [
+    "CheckpointError",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "append_jsonl",
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read; the message names the file."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def append_jsonl(path: str | Path, obj: Any) -> None:
+    """Append one JSON object as a line, fsynced (logs such as rounds.jsonl and metrics.jsonl)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(obj, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    directory: str | Path, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> Path:
+    """Write ``name.safetensors`` then ``name.json`` (the commit point) into ``directory``."""
+    directory = Path(directory)
+    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(directory / f"{name}.safetensors", save(contiguous))
+    atomic_write_json(directory / f"{name}.json", meta)
+    return directory / f"{name}.safetensors"
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint written by :func:`save_checkpoint` (path to either of its two files)."""
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    st, js = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    try:
+        meta = json.loads(js.read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{js}: checkpoint sidecar missing (incomplete checkpoint)") from e
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{js}: unreadable checkpoint sidecar: {e}") from e
+    try:
+        tensors = load(st.read_bytes())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{st}: checkpoint tensors missing") from e
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{st}: corrupt checkpoint tensors: {e}") from e
+    return tensors, meta
+
+
+def latest_checkpoint(directory: str | Path, prefix: str) -> Path | None:
+    """The newest complete ``{prefix}NNNN`` checkpoint in ``directory`` (by its number), or None."""
+    directory = Path(directory)
+    best: tuple[int, Path] | None = None
+    for js in directory.glob(f"{prefix}*.json"):
+        suffix = js.stem[len(prefix):]
+        if not suffix.isdigit() or not js.with_suffix(".safetensors").exists():
+            continue
+        n = int(suffix)
+        if best is None or n > best[0]:
+            best = (n, js.with_suffix(".safetensors"))
+    return best[1] if best else None

@@ -1,0 +1,1 @@
+"""The ``fed-unimiss`` console command."""
