@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import sys
+from typing import NoReturn
 
 # name -> (module that registers it, one-line help shown in `fed-unimiss --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -28,9 +29,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit 1 (argparse's default is 2, which our commands reserve for "no data")."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     """Build the parser; only ``selected`` gets its full sub-parser (importing its module)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fed-unimiss",
         description="Federated UniMiSS pretraining for medical imaging.",
     )

@@ -1,0 +1,142 @@
+"""``fed-unimiss data check`` and ``fed-unimiss data phantom``.
+
+``data check PATH... [--json] [--config YAML]`` scans folders as a site would (see
+:mod:`fed_unimiss.data.scan`) and prints a table of usable images plus every rejected file with
+its reason; ``--json`` prints one object ``{"usable": [...], "rejected": [{path, reason}],
+"summary": {...}}``. Exit 0 when at least one image is usable, 2 when none, 1 on a usage error.
+Paths appear in this output: the command runs at the site, for the site's own staff.
+
+``data phantom OUT --ct N --xray M [--labels] [--seed S] [--format ...]`` writes the built-in
+phantom data (see :mod:`fed_unimiss.data.phantom`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["register"]
+
+
+def _usage_error_exits_1(parser: argparse.ArgumentParser) -> None:
+    """argparse exits 2 on bad usage; this command reserves 2 for "no usable image"."""
+
+    def error(message: str) -> None:
+        parser.print_usage(sys.stderr)
+        parser.exit(1, f"{parser.prog}: error: {message}\n")
+
+    parser.error = error  # type: ignore[method-assign]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``data check`` and ``data phantom`` to the ``fed-unimiss`` parser."""
+    data = subparsers.add_parser("data", help="check a site's image folder; generate phantoms")
+    _usage_error_exits_1(data)
+    sub = data.add_subparsers(dest="data_command", metavar="{check,phantom}")
+
+    check = sub.add_parser("check", help="scan folders and report usable and rejected images",
+                           description="Scan folders as the site client would and report, for "
+                           "each image, whether it will be used; rejected files come with the "
+                           "reason. Exit 0 if anything is usable, 2 if nothing is, 1 on usage "
+                           "errors.")
+    check.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+                       help="folders (or files) to scan; symbolic links are followed safely")
+    check.add_argument("--json", action="store_true",
+                       help="print one JSON object (usable, rejected, summary) instead of tables")
+    check.add_argument("--config", type=Path, default=None,
+                       help="data settings YAML (default: built-in defaults, as "
+                       "configs/data/default.yaml); changes e.g. the minimum slice count")
+    _usage_error_exits_1(check)
+    check.set_defaults(func=run_check)
+
+    phantom = sub.add_parser("phantom", help="write labelled CT and X-ray phantoms",
+                             description="Write procedural CT phantoms (DICOM series and "
+                             "NIfTI) and DRR-style radiographs (DICOM and PNG); the same seed "
+                             "writes the same bytes.")
+    phantom.add_argument("out", type=Path, metavar="OUT", help="output folder (created)")
+    phantom.add_argument("--ct", type=int, default=2, help="number of CT cases (0 for an "
+                         "X-ray-only site)")
+    phantom.add_argument("--xray", type=int, default=2, help="number of radiographs (0 for a "
+                         "CT-only site)")
+    phantom.add_argument("--labels", action="store_true",
+                         help="also write organ label maps and labels.csv under OUT/labels/")
+    phantom.add_argument("--seed", type=int, default=0, help="give each simulated site its own "
+                         "seed so sites hold different patients")
+    phantom.add_argument("--format", dest="fmt", default="alternate",
+                         choices=("alternate", "dicom", "nifti", "both"),
+                         help="CT file format; 'alternate' writes each case once, DICOM and "
+                         "NIfTI in turn ('both' makes a scan count every case twice)")
+    _usage_error_exits_1(phantom)
+    phantom.set_defaults(func=run_phantom)
+
+    data.set_defaults(func=lambda args: (data.print_help(), 1)[1])
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from fed_unimiss.config import ConfigError
+    from fed_unimiss.data.config import DataConfig, load_data_config
+    from fed_unimiss.data.scan import scan
+
+    missing = [str(p) for p in args.paths if not p.exists() and not p.is_symlink()]
+    if missing:
+        print(f"fed-unimiss data check: error: no such file or folder: {', '.join(missing)}",
+              file=sys.stderr)
+        return 1
+    try:
+        cfg = load_data_config(args.config) if args.config else DataConfig()
+    except ConfigError as e:
+        print(f"fed-unimiss data check: error: {e}", file=sys.stderr)
+        return 1
+    report = scan(args.paths, cfg)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        _print_tables(report)
+    return 0 if report.usable else 2
+
+
+def _print_tables(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title="Usable images", title_justify="left")
+    for column in ("modality", "image", "files", "shape", "spacing (mm)", "status"):
+        table.add_column(column)
+    for u in report.usable:
+        status = "usable" + ("; " + "; ".join(u.notes) if u.notes else "")
+        table.add_row(u.modality, u.name, str(len(u.files)), " x ".join(map(str, u.shape)),
+                      " x ".join(f"{s:.3g}" for s in u.spacing), status)
+    console.print(table)
+    if report.rejected:
+        rejected = Table(title="Rejected", title_justify="left")
+        rejected.add_column("path", overflow="fold")
+        rejected.add_column("reason", overflow="fold")
+        for r in report.rejected:
+            rejected.add_row(r.path, r.reason)
+        console.print(rejected)
+    s = report.summary()
+    console.print(f"{s['ct_volumes']} CT volume(s), {s['xrays']} X-ray(s) usable; "
+                  f"{s['rejected']} rejected; {s['files_seen']} file(s) seen")
+    if not report.usable:
+        console.print("[bold red]no usable image found[/]")
+
+
+def run_phantom(args: argparse.Namespace) -> int:
+    from fed_unimiss.data.phantom import write_phantoms
+
+    if args.ct < 0 or args.xray < 0:
+        print("fed-unimiss data phantom: error: --ct and --xray must be 0 or more",
+              file=sys.stderr)
+        return 1
+    if args.ct == 0 and args.xray == 0:
+        print("fed-unimiss data phantom: error: nothing to write (--ct 0 --xray 0)",
+              file=sys.stderr)
+        return 1
+    result = write_phantoms(args.out, args.ct, args.xray, labels=args.labels, seed=args.seed,
+                            fmt=args.fmt)
+    print(f"wrote {len(result.ct)} CT and {len(result.xray)} X-ray phantom(s) to {args.out}"
+          + (f" (labels in {args.out / 'labels'})" if args.labels else ""))
+    return 0
