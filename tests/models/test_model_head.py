@@ -1,0 +1,88 @@
+"""DINO head: weight-norm and plain (DP) last layers, and real Opacus per-sample gradients."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from fed_unimiss.models import DINOHead, create_model
+from fed_unimiss.models.head import WeightNormLinear
+
+
+def test_weight_norm_head_matches_reference_layout():
+    torch.manual_seed(0)
+    head = DINOHead(48, 512, hidden_dim=64, bottleneck_dim=16)
+    assert isinstance(head.last_layer, WeightNormLinear)
+    assert set(dict(head.last_layer.named_parameters())) == {"weight_g", "weight_v"}
+    assert not head.last_layer.weight_g.requires_grad  # g fixed at 1
+    rows = head.last_layer.weight.norm(dim=1)
+    assert torch.allclose(rows, torch.ones_like(rows), atol=1e-5)
+    x = torch.randn(4, 48)
+    z = nn.functional.normalize(head.mlp(x), dim=-1)
+    assert torch.allclose(head(x), z @ head.last_layer.weight.T, atol=1e-6)
+    assert [type(m) for m in head.mlp] == [nn.Linear, nn.GELU, nn.Linear, nn.GELU, nn.Linear]
+
+
+def test_plain_last_layer_for_dp_is_renormalised():
+    torch.manual_seed(0)
+    model = create_model("micro", head_weight_norm=False)
+    last = model.head.last_layer
+    assert type(last) is nn.Linear and last.bias is None
+    assert tuple(last.weight.shape) == (1024, 64)
+    assert not any(isinstance(m, WeightNormLinear) for m in model.modules())
+    rows = last.weight.norm(dim=1)
+    assert torch.allclose(rows, torch.ones_like(rows), atol=1e-5)
+    with torch.no_grad():
+        last.weight.mul_(torch.rand(1024, 1) + 0.5)
+    model.head.renormalize_last_layer()
+    rows = last.weight.norm(dim=1)
+    assert torch.allclose(rows, torch.ones_like(rows), atol=1e-5)
+
+
+def test_renormalize_is_a_no_op_with_weight_norm():
+    head = DINOHead(8, 32, hidden_dim=16, bottleneck_dim=8)
+    before = head.last_layer.weight_v.detach().clone()
+    head.renormalize_last_layer()
+    assert torch.equal(head.last_layer.weight_v, before)
+
+
+def test_bad_nlayers():
+    with pytest.raises(ValueError, match="nlayers must be >= 1, got 0"):
+        DINOHead(8, 8, nlayers=0)
+
+
+@pytest.mark.slow
+def test_opacus_per_sample_gradients_equal_single_sample_gradients():
+    """Real Opacus on the DP configuration: every trainable 2D/shared tensor gets a per-sample
+    gradient, equal to the gradient of that sample run alone."""
+    from opacus import GradSampleModule
+
+    torch.manual_seed(0)
+    model = create_model("micro", head_weight_norm=False, head_out_dim=64)
+    x = torch.randn(2, 3, 64, 64)
+    expected = []
+    for i in range(2):
+        model.zero_grad(set_to_none=True)
+        model(x[i : i + 1]).sum().backward()
+        expected.append(
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        )
+    model.zero_grad(set_to_none=True)
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # full-backward-hook notice on the input
+        gsm(x).sum().backward()
+    checked = 0
+    for name, p in model.named_parameters():
+        if name not in expected[0]:
+            assert getattr(p, "grad_sample", None) is None, name  # 3D tensors: untouched
+            continue
+        assert p.grad_sample is not None, name
+        for i in range(2):
+            assert torch.allclose(p.grad_sample[i], expected[i][name], atol=1e-5, rtol=1e-3), name
+        checked += 1
+    assert checked == len(expected[0])
+    gsm._close()
