@@ -1,0 +1,88 @@
+"""DINO cross-entropy with one shared, centred teacher distribution.
+
+Follows DINO (Caron et al. 2021, facebookresearch/dino ``DINOLoss``) as used by UniMiSS: the
+teacher's logits are centred (minus a running mean, the *center*) and sharpened (temperature 0.04),
+the student's are softened (0.1), and the loss is the cross-entropy between every teacher view and
+every *other* student view. UniMiSS keeps one center for 2D, 3D and slice-averaged outputs, so a CT
+step calls the loss four times and moves the center four times (as the reference does).
+
+Differences to the DINO code: views arrive as a list of per-view tensors (never one concatenated
+student batch, which would break per-sample gradients for DP-SGD), the teacher temperature is
+constant (as in UniMiSS), and the center is all-reduced only when a process group exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["DINOLoss"]
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between sharpened, centred teacher views and the other student views.
+
+    Args:
+        out_dim: width of the head output (number of prototypes).
+        student_temp: student softmax temperature (0.1).
+        teacher_temp: teacher softmax temperature (0.04).
+        center_momentum: EMA momentum of the center (0.9).
+
+    The center is a registered buffer of shape (1, out_dim), so it is part of ``state_dict``,
+    checkpointed, and - in a federation - aggregated like a shared tensor.
+    """
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, teacher_temp: float = 0.04,
+                 center_momentum: float = 0.9) -> None:
+        super().__init__()
+        self.out_dim = out_dim
+        self.student_temp = student_temp
+        self.teacher_temp = teacher_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def teacher_probs(self, teacher_logits: Tensor) -> Tensor:
+        """Centred and sharpened teacher distribution, gradient stopped."""
+        return F.softmax((teacher_logits.detach() - self.center) / self.teacher_temp, dim=-1)
+
+    def forward(self, student_out: Sequence[Tensor], teacher_out: Sequence[Tensor],
+                update_center: bool = True) -> Tensor:
+        """Mean over (teacher view i, student view j != i) of the batch-mean cross-entropy.
+
+        Args:
+            student_out: one (B, out_dim) logit tensor per view.
+            teacher_out: one (B, out_dim) logit tensor per view, same order and batch.
+            update_center: move the center towards this call's teacher batch mean (after the
+                loss is computed, as DINO does); False for evaluation.
+        """
+        if len(student_out) != len(teacher_out) or len(student_out) < 2:
+            raise ValueError(f"DINOLoss needs the same number (>= 2) of student and teacher "
+                             f"views, got {len(student_out)} and {len(teacher_out)}")
+        total = student_out[0].new_zeros(())
+        n_terms = 0
+        teacher_p = [self.teacher_probs(t) for t in teacher_out]
+        for i, q in enumerate(teacher_p):
+            for j, s in enumerate(student_out):
+                if i == j:  # the same view on both sides teaches nothing
+                    continue
+                ce = torch.sum(-q * F.log_softmax(s / self.student_temp, dim=-1), dim=-1)
+                total = total + ce.mean()
+                n_terms += 1
+        if update_center:
+            self.update_center(teacher_out)
+        return total / n_terms
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: Sequence[Tensor]) -> None:
+        """EMA of the teacher's batch-mean logits (all views pooled)."""
+        logits = torch.cat([t.detach() for t in teacher_out])
+        batch_sum = logits.sum(dim=0, keepdim=True)
+        count = torch.tensor(float(logits.shape[0]), device=logits.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(batch_sum)
+            torch.distributed.all_reduce(count)
+        batch_center = batch_sum / count
+        self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))

@@ -1,0 +1,348 @@
+"""``SelfDistillation``: the one self-distillation trainer, used by centralized pretraining and by
+the federated site client alike.
+
+It owns a student and an EMA teacher (UniMiSSNet each), the DINO loss with its shared center, and
+AdamW with three parameter groups (decay / no decay / head last layer). ``train_steps`` runs a
+range of GLOBAL steps; every schedule value, the 2D/3D phase, the batch and the views of a step
+are functions of (recipe, global step), so training can stop after any step and resume exactly.
+
+Exchanged state (what a site sends and receives, docs/architecture.md): ``student.<name>``,
+``teacher.<name>`` for every state-dict entry of each network, and ``center`` (1, out_dim).
+Full checkpoints (:meth:`state_dict`) add the AdamW state as ``optim.<param name>.<key>``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fed_unimiss.models import UniMiSSNet, dimension_of
+from fed_unimiss.ssl.config import Recipe
+from fed_unimiss.ssl.dino_loss import DINOLoss
+from fed_unimiss.ssl.schedules import Phase, Schedules, phase_steps_before
+from fed_unimiss.ssl.site_data import SiteData
+from fed_unimiss.ssl.steps import StepOutput, ct_step_loss, xray_step_loss
+from fed_unimiss.ssl.views import ct_views, step_generator, xray_views
+
+__all__ = ["SelfDistillation", "TrainStats", "param_groups", "clip_gradients"]
+
+log = logging.getLogger(__name__)
+
+OPTIM_PREFIX = "optim."
+LAST_LAYER_PREFIX = "head.last_layer."
+
+
+@dataclass
+class TrainStats:
+    """Summary of one :meth:`SelfDistillation.train_steps` call."""
+
+    steps: int = 0              # optimizer steps taken (steps with an empty batch are not)
+    samples_2d: int = 0         # X-ray images + CT slices through the 2D path (per sample)
+    samples_3d: int = 0         # CT sub-volumes through the 3D path
+    loss: float = float("nan")  # mean loss over the steps taken
+    seconds: float = 0.0
+    samples_per_s: float = 0.0  # (samples_2d-from-X-rays + samples_3d) / seconds
+    skipped: int = 0            # corrupt or unreadable items
+    empty_batches: int = 0      # steps skipped because every item of the batch was bad
+    teacher_entropy: float = float("nan")
+    batch_entropy: float = float("nan")
+    kl: float = float("nan")
+    history: list[dict[str, Any]] = field(default_factory=list)  # one metric dict per step
+
+
+def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """AdamW groups: ``decay`` (ndim > 1), ``no_decay`` (biases, norms, 1-D), ``last_layer``.
+
+    Frozen tensors (weight-norm ``g``) are left out. Each group records its parameter names so
+    optimizer state can be saved by name.
+    """
+    groups: dict[str, dict[str, list]] = {g: {"params": [], "names": []}
+                                          for g in ("decay", "no_decay", "last_layer")}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = ("last_layer" if name.startswith(LAST_LAYER_PREFIX)
+               else "decay" if p.ndim > 1 else "no_decay")
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [{"name": k, "params": v["params"], "names": v["names"],
+             "weight_decay": 0.0, "decays": k != "no_decay"} for k, v in groups.items()]
+
+
+@torch.no_grad()
+def clip_gradients(model: torch.nn.Module, clip: float) -> None:
+    """Per-tensor gradient-norm clipping (DINO's ``clip_gradients``)."""
+    for p in model.parameters():
+        if p.grad is not None:
+            norm = p.grad.norm(2)
+            coef = clip / (norm + 1e-6)
+            if coef < 1:
+                p.grad.mul_(coef)
+
+
+class SelfDistillation:
+    """Student + EMA teacher + DINO loss + AdamW for a recipe and a planned run length.
+
+    Args:
+        recipe: resolved recipe; ``recipe.ssl.steps_per_epoch`` must be set.
+        total_steps: length of the whole run in global steps (all rounds, for a federation);
+            the cosine schedules span it.
+        device: torch device.
+    """
+
+    def __init__(self, recipe: Recipe, total_steps: int, device: str | torch.device = "cpu"):
+        self.recipe = recipe
+        self.cfg = recipe.ssl
+        self.device = torch.device(device)
+        self.schedules = Schedules.from_config(recipe.ssl, total_steps)
+        torch.manual_seed(recipe.ssl.seed)  # same seed -> same initial student at every site
+        # ---- student and teacher (teacher = copy of the student, no gradients) ----
+        self.student = UniMiSSNet(recipe.model).to(self.device)
+        self.teacher = copy.deepcopy(self.student)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)  # there is no backpropagation through the teacher
+        # ---- loss with the shared center ----
+        self.loss_fn = DINOLoss(recipe.model.head_out_dim, recipe.ssl.student_temp,
+                                recipe.ssl.teacher_temp, recipe.ssl.center_momentum).to(self.device)
+        # ---- optimizer ----
+        self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=0.0, weight_decay=0.0)
+        self._names_3d = [n for n, _ in self.student.named_parameters() if dimension_of(n) == "3d"]
+        self._params = dict(self.student.named_parameters())
+
+    # ------------------------------------------------------------------ exchanged state
+    def exchange_state(self) -> dict[str, Tensor]:
+        """``student.*``, ``teacher.*`` and ``center``, detached CPU float tensors."""
+        out = {f"student.{k}": v.detach().cpu() for k, v in self.student.state_dict().items()}
+        out.update({f"teacher.{k}": v.detach().cpu() for k, v in self.teacher.state_dict().items()})
+        out["center"] = self.loss_fn.center.detach().cpu().clone()
+        return out
+
+    def load_exchange_state(self, state: dict[str, Tensor], strict: bool = True) -> None:
+        """Load what :meth:`exchange_state` produced (e.g. the aggregated global model).
+
+        Raises ``ValueError`` listing missing and unexpected keys (when ``strict``) and any shape
+        mismatch (always); nothing is loaded if the check fails.
+        """
+        expected = {k: v.shape for k, v in self.exchange_state().items()}
+        state = {k: v for k, v in state.items() if not k.startswith(OPTIM_PREFIX)}
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        shapes = [f"{k}: expected {tuple(expected[k])}, got {tuple(state[k].shape)}"
+                  for k in sorted(set(state) & set(expected))
+                  if tuple(state[k].shape) != tuple(expected[k])]
+        problems = []
+        if strict and missing:
+            problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:10])}"
+                            + (" ..." if len(missing) > 10 else ""))
+        if strict and unexpected:
+            problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}"
+                            + (" ..." if len(unexpected) > 10 else ""))
+        if shapes:
+            problems.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:10])}")
+        if problems:
+            raise ValueError("cannot load self-distillation state: " + " | ".join(problems))
+        with torch.no_grad():
+            for prefix, net in (("student.", self.student), ("teacher.", self.teacher)):
+                sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                net.load_state_dict(sub, strict=strict)
+            if "center" in state:
+                self.loss_fn.center.copy_(state["center"].to(self.loss_fn.center))
+
+    # ------------------------------------------------------------------ full checkpoints
+    def optimizer_state_tensors(self) -> dict[str, Tensor]:
+        """AdamW state as ``optim.<param name>.<key>`` tensors (safetensors-able, by name)."""
+        out = {}
+        for name, p in self._params.items():
+            for key, value in self.optimizer.state.get(p, {}).items():
+                t = value if isinstance(value, Tensor) else torch.tensor(float(value))
+                out[f"{OPTIM_PREFIX}{name}.{key}"] = t.detach().cpu().clone()
+        return out
+
+    def load_optimizer_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Inverse of :meth:`optimizer_state_tensors`; unknown parameter names are an error."""
+        per_param: dict[str, dict[str, Tensor]] = {}
+        for k, v in tensors.items():
+            if not k.startswith(OPTIM_PREFIX):
+                continue
+            name, key = k[len(OPTIM_PREFIX):].rsplit(".", 1)
+            if name not in self._params:
+                raise ValueError(f"optimizer state for unknown parameter {name!r}")
+            per_param.setdefault(name, {})[key] = v
+        self.optimizer.state.clear()
+        for name, st in per_param.items():
+            p = self._params[name]
+            self.optimizer.state[p] = {
+                k: (v.clone() if k == "step" else v.to(p.device, p.dtype).clone())
+                for k, v in st.items()}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Exchange state plus optimizer state: everything needed to resume pretraining."""
+        return {**self.exchange_state(), **self.optimizer_state_tensors()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.load_exchange_state(state, strict=True)
+        self.load_optimizer_state_tensors(state)
+
+    # ------------------------------------------------------------------ one step
+    def _batch(self, data: SiteData, phase: Phase, position: int, tag: str,
+               step: int) -> tuple[list[Tensor] | None, int, int]:
+        """Two stacked views of the batch at ``position`` of ``phase``'s stream, or None."""
+        cfg = self.cfg
+        bs = cfg.batch_size_2d if phase == "2d" else cfg.batch_size_3d
+        idx = data.batch_indices(phase, position, bs, cfg.seed)
+        items, skipped = data.load(phase, idx, min_depth=cfg.view_depth)
+        if not items:
+            return None, skipped, 0
+        make = xray_views if phase == "2d" else ct_views
+        per_sample = []
+        for j, item in enumerate(items):
+            try:
+                per_sample.append(make(item, step_generator(cfg.seed, tag, step, j), cfg))
+            except ValueError as e:
+                log.warning("skipping %s item %d of step %d: %s", phase, idx[j], step, e)
+                skipped += 1
+        if not per_sample:
+            return None, skipped, 0
+        views = [torch.stack([v[i] for v in per_sample]).to(self.device) for i in range(2)]
+        return views, skipped, len(per_sample)
+
+    def _set_hyperparameters(self, step: int, phase: Phase) -> None:
+        lr = self.schedules.lr_at(step, phase)
+        wd = self.schedules.weight_decay_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            group["weight_decay"] = wd if group["decays"] else 0.0
+
+    def step_loss(self, phase: Phase, views: list[Tensor], update_center: bool = True) -> StepOutput:
+        """The loss of one step (the DP trainer overrides the student forward, not this)."""
+        if phase == "2d":
+            return xray_step_loss(self.student, self.teacher, self.loss_fn, views,
+                                  update_center=update_center)
+        return ct_step_loss(self.student, self.teacher, self.loss_fn, views,
+                            update_center=update_center)
+
+    def _optimizer_step(self, step: int, phase: Phase) -> None:
+        if phase == "2d":  # X-ray epochs: the 3D-specific tensors are frozen
+            for name in self._names_3d:
+                self._params[name].grad = None
+        if self.cfg.clip_grad > 0:
+            clip_gradients(self.student, self.cfg.clip_grad)
+        if self.schedules.last_layer_frozen(step):
+            for p in self.student.head.last_layer.parameters():
+                p.grad = None
+        self.optimizer.step()
+        self.student.head.renormalize_last_layer()
+
+    @torch.no_grad()
+    def _update_teacher(self, step: int) -> None:
+        m = self.schedules.momentum_at(step)
+        for ps, pt in zip(self.student.parameters(), self.teacher.parameters(), strict=True):
+            pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+        for bs, bt in zip(self.student.buffers(), self.teacher.buffers(), strict=True):
+            bt.copy_(bs)
+
+    # ------------------------------------------------------------------ public loops
+    def train_steps(self, data: SiteData, start_step: int, num_steps: int, *,
+                    on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainStats:
+        """Run global steps [start_step, start_step + num_steps) on ``data``.
+
+        Raises ``FloatingPointError`` naming the step if the loss is not finite.
+        """
+        if start_step < 0 or num_steps < 0:
+            raise ValueError(f"start_step and num_steps must be >= 0, got {start_step}, "
+                             f"{num_steps}")
+        stats = TrainStats()
+        self.student.train()
+        self.teacher.train()
+        losses, view_samples, t0 = [], 0, time.perf_counter()
+        for step in range(start_step, start_step + num_steps):
+            phase = self.schedules.phase(step, data.has_2d, data.has_3d)
+            position = phase_steps_before(step, phase, self.schedules.steps_per_epoch,
+                                          self.cfg.alternate_interval, data.has_2d, data.has_3d)
+            views, skipped, n = self._batch(data, phase, position, "views", step)
+            stats.skipped += skipped
+            if views is None:
+                stats.empty_batches += 1
+                log.warning("step %d: every item of the %s batch was unusable; step skipped",
+                            step, phase)
+                continue
+            self._set_hyperparameters(step, phase)
+            out = self.step_loss(phase, views)
+            loss_value = float(out.loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"non-finite loss ({loss_value}) at global step {step} "
+                                         f"({phase} step); lower lr or check the data")
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            self._optimizer_step(step, phase)
+            self._update_teacher(step)
+            # ---- bookkeeping ----
+            stats.steps += 1
+            losses.append(loss_value)
+            if phase == "2d":
+                stats.samples_2d += n
+            else:
+                stats.samples_3d += n
+                stats.samples_2d += n * self.cfg.view_depth  # the slices of each sub-volume
+            view_samples += n
+            metrics = {"step": step, "phase": phase, "loss": loss_value, **out.parts,
+                       "lr": self.optimizer.param_groups[0]["lr"],
+                       "weight_decay": self.schedules.weight_decay_at(step),
+                       "momentum": self.schedules.momentum_at(step), "batch": n,
+                       "skipped": skipped}
+            if out.collapse is not None:
+                metrics.update(teacher_entropy=out.collapse.teacher_entropy,
+                               batch_entropy=out.collapse.batch_entropy, kl=out.collapse.kl)
+            stats.history.append(metrics)
+            if on_step is not None:
+                on_step(metrics)
+        stats.seconds = time.perf_counter() - t0
+        if losses:
+            stats.loss = sum(losses) / len(losses)
+            last = stats.history[-1]
+            stats.teacher_entropy = last.get("teacher_entropy", float("nan"))
+            stats.batch_entropy = last.get("batch_entropy", float("nan"))
+            stats.kl = last.get("kl", float("nan"))
+        stats.samples_per_s = view_samples / stats.seconds if stats.seconds > 0 else 0.0
+        return stats
+
+    @torch.no_grad()
+    def evaluate(self, data: SiteData, max_batches: int) -> dict[str, float]:
+        """Self-distillation loss of the current model on local data; updates nothing.
+
+        Uses up to ``max_batches`` fixed evaluation batches per kind of data (the first batches of
+        the seeded order, with views seeded separately from training), no center update.
+        """
+        center = self.loss_fn.center.clone()
+        result: dict[str, float] = {"skipped": 0.0}
+        all_losses = []
+        for phase in ("2d", "3d"):
+            if (phase == "2d" and not data.has_2d) or (phase == "3d" and not data.has_3d):
+                continue
+            losses, stats_list = [], []
+            for b in range(max_batches):
+                views, skipped, _ = self._batch(data, phase, b, "eval-views", b)
+                result["skipped"] += skipped
+                if views is None:
+                    continue
+                out = self.step_loss(phase, views, update_center=False)
+                losses.append(float(out.loss))
+                stats_list.append(out.collapse)
+            if losses:
+                result[f"loss_{phase}"] = sum(losses) / len(losses)
+                result[f"teacher_entropy_{phase}"] = stats_list[-1].teacher_entropy
+                result[f"kl_{phase}"] = stats_list[-1].kl
+                all_losses += losses
+        if not torch.equal(center, self.loss_fn.center):  # evaluation must not move the center
+            raise RuntimeError("evaluate() changed the DINO center; this is a bug")
+        result["loss"] = sum(all_losses) / len(all_losses) if all_losses else float("nan")
+        result["batches"] = float(len(all_losses))
+        return result
