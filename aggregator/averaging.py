@@ -1,0 +1,130 @@
+"""Dimension-aware aggregation of site states: pure torch, one reply folded at a time.
+
+Each tensor has a class (``2d``, ``3d`` or ``shared``, see
+:func:`fed_unimiss.exchange.classify_exchange_keys`) and each reply carries two counts. A site is
+*eligible* for a tensor when its weight for that class is positive
+(:func:`fed_unimiss.exchange.class_weight`). CT slices count as 2D samples, so a CT-only site
+moves 2D tensors too; an X-ray-only site never moves 3D tensors.
+A tensor no eligible site trained keeps its global value.
+
+``WeightedMean`` keeps one float64 running sum per tensor, so memory is one state plus the reply
+being folded, whatever the number of sites. The robust modes (coordinate-wise median, trimmed
+mean) need every eligible value of a coordinate at once, so they hold the round's replies;
+that cost is documented in docs/federation.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+import torch
+
+from fed_unimiss.exchange import class_weight
+
+__all__ = ["Aggregator", "WeightedMean", "CoordinateRobust", "make_aggregator"]
+
+
+class Aggregator(Protocol):
+    """Folds validated replies one by one; ``result`` returns the new global state."""
+
+    def add(self, state: Mapping[str, torch.Tensor], samples_2d: int, samples_3d: int) -> None:
+        ...
+
+    def result(self) -> dict[str, torch.Tensor]:
+        ...
+
+
+class WeightedMean:
+    """Sample-weighted mean per tensor over the sites eligible for its class (FedAvg, by class)."""
+
+    def __init__(self, global_state: Mapping[str, torch.Tensor], classes: Mapping[str, str]):
+        self._global = global_state
+        self._classes = classes
+        self._sums: dict[str, torch.Tensor] = {}
+        self._weights: dict[str, float] = dict.fromkeys(global_state, 0.0)
+
+    def add(self, state: Mapping[str, torch.Tensor], samples_2d: int, samples_3d: int) -> None:
+        for name, tensor in state.items():
+            w = class_weight(self._classes[name], samples_2d, samples_3d)
+            if w <= 0:
+                continue
+            term = tensor.detach().to(torch.float64) * w
+            if name in self._sums:
+                self._sums[name].add_(term)
+            else:
+                self._sums[name] = term
+            self._weights[name] += w
+
+    def result(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, ref in self._global.items():
+            w = self._weights[name]
+            if w > 0:
+                out[name] = (self._sums[name] / w).to(ref.dtype)
+            else:
+                out[name] = ref.clone()
+        return out
+
+
+class CoordinateRobust:
+    """Coordinate-wise median or trimmed mean over eligible sites (unweighted; Yin et al. 2018).
+
+    Robust to a minority of arbitrary replies that pass validation. It cannot weight by sample
+    counts (a median has no natural weights), and it holds every eligible reply of the round.
+    """
+
+    def __init__(
+        self,
+        global_state: Mapping[str, torch.Tensor],
+        classes: Mapping[str, str],
+        mode: str = "median",
+        trim_fraction: float = 0.1,
+    ):
+        if mode not in ("median", "trimmed_mean"):
+            raise ValueError(f"robust mode {mode!r}: expected 'median' or 'trimmed_mean'")
+        if not 0.0 <= trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction: must be in [0, 0.5), got {trim_fraction}")
+        self._global = global_state
+        self._classes = classes
+        self._mode = mode
+        self._trim = trim_fraction
+        self._values: dict[str, list[torch.Tensor]] = {name: [] for name in global_state}
+
+    def add(self, state: Mapping[str, torch.Tensor], samples_2d: int, samples_3d: int) -> None:
+        for name, tensor in state.items():
+            if class_weight(self._classes[name], samples_2d, samples_3d) > 0:
+                self._values[name].append(tensor.detach().to(torch.float64))
+
+    def _reduce(self, stacked: torch.Tensor) -> torch.Tensor:
+        n = stacked.shape[0]
+        if self._mode == "median":
+            # torch.median returns the lower of the two middle values; average them instead so
+            # two sites give their mean, as numpy's median does.
+            ordered = stacked.sort(dim=0).values
+            return 0.5 * (ordered[(n - 1) // 2] + ordered[n // 2])
+        k = min(int(self._trim * n), (n - 1) // 2)
+        ordered = stacked.sort(dim=0).values
+        return ordered[k:n - k].mean(dim=0)
+
+    def result(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, ref in self._global.items():
+            values = self._values[name]
+            if values:
+                out[name] = self._reduce(torch.stack(values)).to(ref.dtype)
+            else:
+                out[name] = ref.clone()
+        return out
+
+
+def make_aggregator(
+    mode: str,
+    global_state: Mapping[str, torch.Tensor],
+    classes: Mapping[str, str],
+    trim_fraction: float = 0.1,
+) -> Aggregator:
+    """The aggregator for ``FederationConfig.aggregation``."""
+    if mode == "mean":
+        return WeightedMean(global_state, classes)
+    return CoordinateRobust(global_state, classes, mode, trim_fraction)

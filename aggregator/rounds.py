@@ -1,0 +1,189 @@
+"""The round loop: push instructions, fold replies as they arrive, honour deadline and quorum.
+
+Flower's ``Strategy.start`` calls ``grid.send_and_receive``, which returns only when every reply
+is in (or the timeout passes) and sleeps 3 s between pulls. Here each round pushes its messages,
+then polls ``grid.pull_messages`` every ``poll_interval`` seconds and hands each reply to the
+strategy at once, so a reply's tensors are folded and freed before the next one is read. At the
+deadline the round aggregates if ``min_sites`` replies were accepted, and otherwise stops the run
+with :class:`RoundFailed`; the checkpoints of earlier rounds stay as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from aggregator.run_store import RunStore
+from aggregator.strategy import DimensionAwareStrategy
+from fed_unimiss import exchange as ex
+from fed_unimiss.config import ConfigError, to_dict
+from fed_unimiss.federation import FederationConfig, load_federation, resolve_recipe
+
+__all__ = ["RoundFailed", "FederationRun", "collect_replies", "initial_state", "run_federation"]
+
+log = logging.getLogger(__name__)
+
+
+class RoundFailed(RuntimeError):
+    """A round ended without enough valid replies; the run stops, earlier rounds are kept."""
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout: float, poll: float) -> list[int]:
+    """Node ids once at least ``needed`` nodes are connected, or those there are at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= needed or time.monotonic() >= deadline:
+            return nodes
+        time.sleep(poll)
+
+
+def collect_replies(
+    grid: Grid,
+    messages: list[Message],
+    on_reply: Callable[[Message], Any],
+    deadline: float,
+    poll: float,
+) -> list[int]:
+    """Push ``messages``, feed each reply to ``on_reply`` as it arrives, stop at ``deadline``.
+
+    Returns the destination node ids that did not reply in time.
+    """
+    targets: dict[str, int] = {}
+    # push_messages keeps the order and gives None for a message it could not push.
+    for msg_id, msg in zip(list(grid.push_messages(messages)), messages, strict=False):
+        if msg_id is None:
+            log.warning("could not push a message to node %d", msg.metadata.dst_node_id)
+            continue
+        targets[msg_id] = msg.metadata.dst_node_id
+    pending = set(targets)
+    while pending:
+        for reply in grid.pull_messages(list(pending)):
+            pending.discard(reply.metadata.reply_to_message_id)
+            on_reply(reply)
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(poll)
+    return sorted(targets[m] for m in pending)
+
+
+def initial_state(recipe: Any, total_steps: int) -> dict[str, torch.Tensor]:
+    """The round-0 global state: a fresh student/teacher pair seeded by the recipe."""
+    from fed_unimiss.ssl.engine import SelfDistillation
+
+    return SelfDistillation(recipe, total_steps).exchange_state()
+
+
+@dataclass
+class FederationRun:
+    """Everything one federated run needs, resolved at the coordinator."""
+
+    cfg: FederationConfig
+    recipe: Any
+    rounds: int
+    out: Path
+
+    @classmethod
+    def from_files(cls, config_path: str | Path, out: str | Path, rounds: int) -> FederationRun:
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"rounds: must be a positive integer, got {rounds!r}")
+        cfg = load_federation(config_path)
+        recipe = resolve_recipe(cfg, config_path)
+        if recipe.ssl.steps_per_epoch is None:
+            raise ConfigError(
+                f"{config_path}: recipe ssl.steps_per_epoch must be set for a federation: the "
+                "coordinator cannot see the sites' data, and every site must share the 2D/3D "
+                "epoch schedule (set it, or steps_per_epoch in recipe_overrides)"
+            )
+        return cls(cfg, recipe, rounds, Path(out))
+
+    def identity(self) -> dict[str, Any]:
+        """What must not change between a run and its resumption (saved in every sidecar)."""
+        from fed_unimiss.ssl.config import recipe_to_dict
+
+        cfg = {k: v for k, v in to_dict(self.cfg).items() if k != "recipe"}
+        # A resumed run may use a longer timeout or a different poll interval: not the state.
+        for key in ("round_timeout", "poll_interval"):
+            cfg.pop(key)
+        return {"federation": cfg, "recipe": recipe_to_dict(self.recipe), "rounds": self.rounds}
+
+
+def _run_round(
+    grid: Grid, run: FederationRun, strategy: DimensionAwareStrategy, round_num: int,
+    state: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    cfg = run.cfg
+    started = time.monotonic()
+    deadline = started + cfg.round_timeout
+    nodes = wait_for_nodes(grid, cfg.min_sites, cfg.round_timeout, cfg.poll_interval)
+    messages = strategy.configure_train(round_num, state, nodes)
+    bytes_out = messages[0].content.array_records[ex.ARRAYS].count_bytes() if messages else 0
+    log.info("round %d/%d: training on %d site(s)", round_num, run.rounds, len(nodes))
+    missing = collect_replies(grid, messages, strategy.accept_train, deadline, cfg.poll_interval)
+    if strategy.num_accepted < cfg.min_sites:
+        raise RoundFailed(
+            f"round {round_num}: {strategy.num_accepted} valid replie(s) from {len(nodes)} "
+            f"site(s) by the {cfg.round_timeout:g} s deadline, but min_sites={cfg.min_sites} are "
+            f"needed; the last complete round's checkpoint in {run.out} is intact"
+            + _rejection_note(strategy)
+        )
+    new_state = strategy.aggregate_train()
+    if cfg.evaluate:
+        eval_deadline = time.monotonic() + cfg.round_timeout
+        eval_msgs = strategy.configure_evaluate(round_num, new_state, nodes)
+        collect_replies(grid, eval_msgs, strategy.accept_evaluate, eval_deadline,
+                        cfg.poll_interval)
+    row = strategy.round_row(time.monotonic() - started, bytes_out, missing)
+    return new_state, row
+
+
+def _rejection_note(strategy: DimensionAwareStrategy) -> str:
+    """Why replies were dropped (e.g. every DP site refused: its privacy budget is spent)."""
+    rejected = strategy.round_row(0.0, 0, [])["rejected"]
+    if not rejected:
+        return ""
+    reasons = "; ".join(f"{site}: {why}" for site, why in rejected.items())
+    if all("privacy budget exhausted" in why for why in rejected.values()):
+        return f". Every replying site refused: privacy budget exhausted ({reasons})"
+    return f". Rejected replies: {reasons}"
+
+
+def run_federation(
+    grid: Grid,
+    run: FederationRun,
+    resume: bool = False,
+    initial: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) all rounds; returns the last round's rounds.jsonl row.
+
+    ``initial`` replaces the recipe-seeded round-0 state (tests with hand-made tensors).
+    """
+    from fed_unimiss.ssl.config import recipe_to_dict
+
+    store = RunStore(run.out)
+    identity = run.identity()
+    done, state = store.start(identity, resume)
+    total_steps = run.rounds * run.cfg.local_steps
+    if state is None:
+        state = initial if initial is not None else initial_state(run.recipe, total_steps)
+    classes = ex.classify_exchange_keys(state)
+    recipe_json = json.dumps(recipe_to_dict(run.recipe), sort_keys=True)
+    strategy = DimensionAwareStrategy(run.cfg, recipe_json, run.rounds, classes)
+    row: dict[str, Any] = {}
+    if done >= run.rounds:
+        log.info("%s already holds all %d round(s); nothing to do", run.out, run.rounds)
+    for round_num in range(done + 1, run.rounds + 1):
+        state, row = _run_round(grid, run, strategy, round_num, state)
+        store.save_round(round_num, state, row, identity)
+        log.info("round %d/%d done: sites=%s loss=%s rejected=%d", round_num, run.rounds,
+                 row["sites"], row["loss"], len(row["rejected"]))
+    return row

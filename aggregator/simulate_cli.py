@@ -1,0 +1,132 @@
+"""``fed-unimiss simulate``: a whole federation in one process (real ServerApp and ClientApps).
+
+    fed-unimiss simulate --config configs/federation/micro.yaml \\
+        --site A=/data/siteA --site B=/data/siteB --rounds 2 --out runs/sim1 [--resume]
+
+Sites get node ids 1..N in the order given and keep their state in ``OUT/sites/NAME``.
+RUN gets ``global_round_NNNN.safetensors/.json`` and ``rounds.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from fed_unimiss import exchange as ex
+from fed_unimiss.config import ConfigError
+
+__all__ = ["register", "parse_site", "simulate"]
+
+log = logging.getLogger(__name__)
+
+
+def parse_site(text: str) -> tuple[str, Path]:
+    """``NAME=DIR`` -> (name, dir); argparse turns the ValueError into a usage error."""
+    from aggregator.validation import site_label
+
+    name, sep, folder = text.partition("=")
+    if not sep or not name or not folder:
+        raise argparse.ArgumentTypeError(f"--site {text!r}: expected NAME=DIR, e.g. A=/data/siteA")
+    if site_label(name, 0) != name:
+        raise argparse.ArgumentTypeError(
+            f"--site {text!r}: NAME must be letters, digits, '_', '.' or '-' (at most "
+            f"{ex.MAX_SITE_NAME_LEN} characters)"
+        )
+    return name, Path(folder)
+
+
+# Issue 7: simulate's DP flags, each a dp-* node config key of the sites (docs/privacy.md).
+DP_FLAGS = {
+    "dp-epsilon": "turn DP on with this target epsilon per patient",
+    "dp-delta": "target delta (default 1e-5)",
+    "dp-clip": "per-patient gradient clip (default 1.0)",
+    "dp-planned-rounds": "rounds the DP budget is calibrated for (default 10)",
+    "dp-patients-per-step": "expected patients per DP step (default 4)",
+}
+
+
+def site_dp_configs(config: Path, names: list[str],
+                    flags: dict[str, list[str]]) -> dict[str, dict[str, object]]:
+    """dp-* node config per site: the YAML's ``site_privacy``, then ``--dp-*`` flags on top."""
+    from fed_unimiss.federation import load_federation
+
+    base = dict(load_federation(config).site_privacy or {})
+    out = {name: dict(base) for name in names}
+    for key, values in flags.items():
+        for text in values:
+            name, sep, value = text.rpartition("=")
+            targets = [name] if sep else names
+            if sep and name not in out:
+                raise ValueError(f"--{key} {text!r}: no site named {name!r} (sites: "
+                                 f"{', '.join(names)})")
+            try:
+                number = float(value)
+            except ValueError as e:
+                raise ValueError(f"--{key} {text!r}: {value!r} is not a number") from e
+            for target in targets:
+                out[target][key] = number
+    return out
+
+
+def simulate(config: Path, sites: list[tuple[str, Path]], rounds: int, out: Path,
+             resume: bool = False, grid_cls: type | None = None,
+             dp_flags: dict[str, list[str]] | None = None) -> None:
+    """Run the federation in-process; ``grid_cls`` lets tests inject faults into the transport."""
+    from aggregator.inprocess import InProcessGrid, SiteSpec, run_inprocess
+    from aggregator.server_app import app as server_app
+    from site_client.client_app import app as client_app
+
+    out = out.resolve()
+    dp = site_dp_configs(config, [name for name, _ in sites], dp_flags or {})  # issue 7
+    specs = [SiteSpec(name, folder.resolve(), dp[name]) for name, folder in sites]
+    grid = (grid_cls or InProcessGrid)(client_app, specs, out / "sites")
+    run_config = {ex.RUN_CONFIG: str(config.resolve()), ex.RUN_OUT: str(out),
+                  ex.RUN_ROUNDS: rounds, ex.RUN_RESUME: resume}
+    run_inprocess(server_app, grid, run_config)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from aggregator.rounds import RoundFailed
+    from aggregator.run_store import ResumeError
+
+    names = [name for name, _ in args.site]
+    if len(set(names)) != len(names):
+        print(f"error: site names must be unique, got {names}")
+        return 2
+    for name, folder in args.site:
+        if not folder.is_dir():
+            print(f"error: --site {name}={folder}: not a folder")
+            return 2
+    try:
+        simulate(args.config, args.site, args.rounds, args.out, args.resume,
+                 dp_flags={k: getattr(args, k.replace("-", "_")) or [] for k in DP_FLAGS})
+    except (ConfigError, ResumeError, RoundFailed, ValueError) as e:
+        print(f"error: {e}")
+        return 1
+    print(f"done: {args.rounds} round(s); checkpoints and rounds.jsonl in {args.out}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "simulate",
+        help="run a federation in one process (no sockets)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", type=Path, required=True,
+                   help="federation YAML (configs/federation/micro.yaml for a quick run)")
+    p.add_argument("--site", type=parse_site, action="append", required=True, metavar="NAME=DIR",
+                   help="a site and its image folder; repeat for each site")
+    p.add_argument("--rounds", type=int, required=True,
+                   help="rounds to run; part of the schedule, so keep it when resuming")
+    p.add_argument("--out", type=Path, required=True,
+                   help="RUN directory for checkpoints and rounds.jsonl (a new one per run)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out after its last complete round")
+    for key, what in DP_FLAGS.items():  # issue 7: differential privacy per site
+        p.add_argument(f"--{key}", action="append", metavar="[NAME=]VALUE",
+                       help=f"{what}; VALUE for every site or NAME=VALUE for one (repeatable); "
+                            "overrides the federation YAML's site_privacy")
+    p.set_defaults(func=_run)

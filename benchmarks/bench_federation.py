@@ -1,0 +1,191 @@
+"""Bytes on the wire and aggregator cost of one federated round (issue 5).
+
+1. Bytes per site per round, both directions, for the micro, tiny and small presets: the real
+   instruction and reply records (ArrayRecord of student + teacher + center, config/metric
+   records) built by the aggregator's and the site's own code, measured with Flower's
+   ``count_bytes`` (serialized array payload + keys; gRPC framing adds well under 1%).
+2. Aggregation time and peak memory of the aggregator for 2, 8 and 32 sites: one real round
+   through the in-process grid, the real strategy (validation + dimension-aware running mean) and
+   a ClientApp that answers instantly with the global state plus noise, so the time measured is
+   the aggregator's (deserialise, validate, fold, finalise). Each site count runs in a fresh
+   subprocess; peak memory is that process's max RSS above its RSS just before the round.
+
+    .venv/bin/python benchmarks/bench_federation.py --write docs/benchmarks.md
+    .venv/bin/python benchmarks/bench_federation.py --presets micro --sites 2 8   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SECTION = "## Federation (issue 5)"
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _current_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _exchange_state(preset: str) -> dict:
+    """student.*, teacher.*, center of ``preset`` (teacher shares the student's tensors)."""
+    import torch
+
+    from fed_unimiss.models import create_model, get_config
+
+    net = create_model(preset)
+    state = {f"student.{k}": v.detach() for k, v in net.state_dict().items()}
+    state.update({f"teacher.{k}": v.detach() for k, v in net.state_dict().items()})
+    state["center"] = torch.zeros(1, get_config(preset).head_out_dim)
+    return state
+
+
+def bytes_one(preset: str) -> dict:
+    """Instruction and reply size of one site in one round (in this process)."""
+    from flwr.app import ConfigRecord, MetricRecord
+
+    from aggregator.strategy import state_to_record
+    from fed_unimiss import exchange as ex
+
+    state = _exchange_state(preset)
+    arrays = state_to_record(state).count_bytes()
+    config = ConfigRecord({ex.RECIPE_JSON: "x" * 2500, ex.ROUND: 1, ex.NUM_ROUNDS: 10,
+                           ex.LOCAL_STEPS: 4, ex.START_STEP: 0, ex.TOTAL_STEPS: 40,
+                           ex.EVAL_BATCHES: 1}).count_bytes()
+    metrics = MetricRecord({k: 1.0 for k in (*ex.COUNT_METRICS, *ex.TRAIN_METRICS)}).count_bytes()
+    label = ConfigRecord({ex.SITE_NAME_KEY: "site-A"}).count_bytes()
+    params = sum(t.numel() for t in state.values())
+    return {"preset": preset, "tensors": len(state), "params": params,
+            "down": arrays + config, "up": arrays + metrics + label}
+
+
+def aggregate_one(sites: int, preset: str) -> dict:
+    """One real round with ``sites`` instant sites; aggregator time and peak memory."""
+    import tempfile
+
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from aggregator.inprocess import InProcessGrid, SiteSpec
+    from aggregator.rounds import FederationRun, run_federation
+    from fed_unimiss import exchange as ex
+
+    torch.set_num_threads(1)
+    state = {k: v.clone() for k, v in _exchange_state(preset).items()}
+    app = ClientApp()
+    client_seconds, client_cpu = [0.0], [0.0]
+
+    @app.train()
+    def train(msg: Message, context) -> Message:
+        t, c = time.perf_counter(), time.process_time()
+        got = msg.content.array_records[ex.ARRAYS].to_torch_state_dict()
+        new = {k: v + 1e-3 * torch.randn_like(v) for k, v in got.items()}
+        s2, s3 = (8, 2) if context.node_id % 3 else (8, 0)
+        reply = Message(RecordDict({
+            ex.ARRAYS: ArrayRecord(new),
+            ex.METRICS: MetricRecord({ex.SAMPLES_2D: s2, ex.SAMPLES_3D: s3, ex.LOSS: 1.0}),
+            ex.SITE: ConfigRecord({ex.SITE_NAME_KEY: f"s{context.node_id}"})}), reply_to=msg)
+        client_seconds[0] += time.perf_counter() - t
+        client_cpu[0] += time.process_time() - c
+        return reply
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "fed.yaml"
+        cfg.write_text(json.dumps({"recipe": {"ssl": {"steps_per_epoch": 1}}, "local_steps": 1,
+                                   "min_sites": 1, "evaluate": False, "poll_interval": 0.001,
+                                   "max_update_norm": 1e9}))
+        grid = InProcessGrid(app, [SiteSpec(f"s{i}", Path(tmp)) for i in range(sites)],
+                             Path(tmp) / "sites")
+        run = FederationRun.from_files(cfg, Path(tmp) / "run", 1)
+        base = _current_rss_mb()
+        t, c = time.perf_counter(), time.process_time()
+        run_federation(grid, run, initial=state)
+        total, cpu = time.perf_counter() - t, time.process_time() - c
+    state_mb = sum(v.numel() * v.element_size() for v in state.values()) / 2**20
+    return {"sites": sites, "preset": preset, "state_mb": state_mb,
+            "aggregator_s": total - client_seconds[0], "aggregator_cpu_s": cpu - client_cpu[0],
+            "peak_mb": _rss_mb() - base}
+
+
+def _child(kind: str, arg: str, preset: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, arg, "--child-preset", preset]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def write_section(path: Path, body: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{SECTION}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: block + "\n", text) if pattern.search(text) else (
+        text.rstrip() + "\n\n" + block)
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", nargs="+", default=["micro", "tiny", "small"])
+    p.add_argument("--sites", nargs="+", type=int, default=[2, 8, 32])
+    p.add_argument("--aggregate-preset", default="micro",
+                   help="model preset of the aggregation sweep (tiny: 4x the state, slower)")
+    p.add_argument("--write", type=Path, help="markdown file whose section to update")
+    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--child-preset", default="micro", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        kind, arg = args.child
+        result = bytes_one(arg) if kind == "bytes" else aggregate_one(int(arg), args.child_preset)
+        print(json.dumps(result))
+        return 0
+
+    load = os.getloadavg()[0]
+    lines = [f"`.venv/bin/python benchmarks/bench_federation.py` on {time.strftime('%Y-%m-%d')}, "
+             f"{platform.machine()}, 2 shared CPU cores, torch threads 1, load average "
+             f"{load:.1f} at start (other jobs share the cores: CPU seconds are the steadier "
+             "number).", "",
+             "Bytes per site per round (student + teacher + center in fp32; down = global state "
+             "+ config incl. the recipe JSON, up = new state + metrics + site label):", "",
+             "| preset | tensors | parameters | down (MB) | up (MB) |", "|---|---|---|---|---|"]
+    for preset in args.presets:
+        r = _child("bytes", preset, preset)
+        lines.append(f"| {preset} | {r['tensors']} | {r['params'] / 1e6:.2f} M | "
+                     f"{r['down'] / 1e6:.1f} | {r['up'] / 1e6:.1f} |")
+        print(lines[-1], flush=True)
+    lines += ["", f"Aggregation of one round, `{args.aggregate_preset}` state, mean mode "
+              "(time = deserialise + validate + fold + finalise + checkpoint, client time "
+              "excluded; peak = max RSS above the RSS before the round):", "",
+              "| sites | state (MB) | wall (s) | CPU (s) | CPU s per site | peak memory (MB) |",
+              "|---|---|---|---|---|---|"]
+    for n in args.sites:
+        r = _child("aggregate", str(n), args.aggregate_preset)
+        lines.append(f"| {n} | {r['state_mb']:.1f} | {r['aggregator_s']:.2f} | "
+                     f"{r['aggregator_cpu_s']:.2f} | {r['aggregator_cpu_s'] / n:.3f} | "
+                     f"{r['peak_mb']:.0f} |")
+        print(lines[-1], flush=True)
+    lines += ["", "Peak memory does not grow with the number of sites: replies are folded into "
+              "one float64 running sum per tensor as they arrive. The robust modes (median, "
+              "trimmed_mean) hold every eligible reply of a round instead."]
+    body = "\n".join(lines)
+    print(body)
+    if args.write:
+        write_section(args.write, body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""What a site and the aggregator exchange: tensor names, record keys, config keys, seeds.
+
+Both sides of the federation import their vocabulary from here, so a renamed key cannot drift
+between ``site_client/`` and ``aggregator/``. Keys are snake_case except where Flower mandates a
+name (``num-examples``) or where the key comes from Flower's ``--node-config`` / ``--run-config``
+flags, whose convention is kebab-case. Pure Python/torch: no flwr import (a test checks this).
+
+The exchanged state is a flat ``dict[str, Tensor]`` of float32 tensors:
+``student.<name>`` and ``teacher.<name>`` (MiT + DINO head of each network) and ``center``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "STUDENT_PREFIX",
+    "TEACHER_PREFIX",
+    "CENTER_KEY",
+    "TensorClass",
+    "classify_exchange_keys",
+    "is_valid_site_name",
+    "class_weight",
+    "site_seed",
+    "state_nbytes",
+]
+
+TensorClass = Literal["2d", "3d", "shared"]
+
+# ---------------------------------------------------------------- exchanged tensors
+STUDENT_PREFIX = "student."
+TEACHER_PREFIX = "teacher."
+CENTER_KEY = "center"
+
+# ---------------------------------------------------------------- message records
+# RecordDict keys of both directions. A train/evaluate instruction carries ARRAYS (global state)
+# and CONFIG; a train reply carries ARRAYS (new state), METRICS and, optionally, SITE (a
+# ConfigRecord holding only the site's self-declared label, see SITE_NAME_KEY).
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+SITE = "site"
+
+# ---------------------------------------------------------------- instruction config keys
+RECIPE_JSON = "recipe_json"  # the resolved Recipe as JSON: every site trains the same recipe
+ROUND = "round"  # 1-based round number
+NUM_ROUNDS = "num_rounds"
+LOCAL_STEPS = "local_steps"  # optimiser steps per site per round
+START_STEP = "start_step"  # global step of the round's first local step: (round-1)*local_steps
+TOTAL_STEPS = "total_steps"  # rounds * local_steps: the length of every schedule
+EVAL_BATCHES = "eval_batches"
+
+# ---------------------------------------------------------------- reply metric keys
+NUM_EXAMPLES = "num-examples"  # Flower's conventional name: samples_2d + samples_3d
+SAMPLES_2D = "samples_2d"  # 2D samples trained on, X-rays and CT slices alike
+SAMPLES_3D = "samples_3d"  # 3D sub-volumes trained on
+STEPS = "steps"
+LOSS = "loss"
+SECONDS = "seconds"
+SAMPLES_PER_S = "samples_per_s"
+SKIPPED = "skipped"
+TEACHER_ENTROPY = "teacher_entropy"
+KL = "kl"
+TRAIN_METRICS = (STEPS, LOSS, SECONDS, SAMPLES_PER_S, SKIPPED, TEACHER_ENTROPY, KL)
+COUNT_METRICS = (SAMPLES_2D, SAMPLES_3D, NUM_EXAMPLES)
+
+# The only non-numeric value a site may send: its label, chosen by hospital IT in the node
+# config (e.g. "A"). It is not patient data; it makes logs and rounds.jsonl readable.
+SITE_NAME_KEY = "site_name"
+MAX_SITE_NAME_LEN = 64
+
+# ---------------------------------------------------------------- node config (SuperNode)
+NODE_DATA_PATH = "data-path"  # the site's image folder
+NODE_STATE_DIR = "state-dir"  # site-local state: data cache, schedule position, ledger
+NODE_SITE_NAME = "site-name"  # optional label, see SITE_NAME_KEY
+
+# ---------------------------------------------------------------- run config (ServerApp)
+RUN_CONFIG = "config"  # absolute path of the federation YAML (read at the coordinator)
+RUN_OUT = "out"  # absolute RUN directory: checkpoints and rounds.jsonl
+RUN_ROUNDS = "rounds"
+RUN_RESUME = "resume"  # bool: continue after the last complete round in RUN
+
+# ---------------------------------------------------------------- message types
+TRAIN = "train"
+EVALUATE = "evaluate"
+
+
+_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def is_valid_site_name(name: object) -> bool:
+    """A label both sides accept: a plain identifier (letters, digits, ``_.-``), <= 64 chars.
+
+    Anything else (a path, free text) is neither sent by a site nor shown by the aggregator.
+    """
+    return isinstance(name, str) and len(name) <= MAX_SITE_NAME_LEN and bool(_SITE_NAME.match(name))
+
+
+def _strip_prefix(name: str) -> str | None:
+    for prefix in (STUDENT_PREFIX, TEACHER_PREFIX):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return None
+
+
+def classify_exchange_keys(names: Iterable[str]) -> dict[str, TensorClass]:
+    """Map each exchanged tensor name to ``2d``, ``3d`` or ``shared``.
+
+    Student and teacher tensors are classified by the model's own naming rule
+    (:func:`fed_unimiss.models.dimension_of`) on the name after the prefix; the DINO
+    ``center`` is shared because 2D, 3D and slice outputs all update it. Any other name is an
+    error: the aggregator must know how to average every tensor it receives.
+    """
+    from fed_unimiss.models import dimension_of
+
+    classes: dict[str, TensorClass] = {}
+    for name in names:
+        if name == CENTER_KEY:
+            classes[name] = "shared"
+            continue
+        stripped = _strip_prefix(name)
+        if stripped is None:
+            raise ValueError(
+                f"exchanged tensor {name!r}: expected a name starting with {STUDENT_PREFIX!r} "
+                f"or {TEACHER_PREFIX!r}, or {CENTER_KEY!r}"
+            )
+        classes[name] = dimension_of(stripped)
+    return classes
+
+
+def class_weight(tensor_class: str, samples_2d: float, samples_3d: float) -> float:
+    """The weight of one site's reply for a tensor of ``tensor_class``.
+
+    3D tensors learn only from 3D sub-volumes, 2D tensors from X-rays and CT slices (counted in
+    ``samples_2d``), shared tensors from everything.
+    """
+    if tensor_class == "3d":
+        return float(samples_3d)
+    if tensor_class == "2d":
+        return float(samples_2d)
+    if tensor_class == "shared":
+        return float(samples_2d) + float(samples_3d)
+    raise ValueError(f"unknown tensor class {tensor_class!r}; expected '2d', '3d' or 'shared'")
+
+
+def site_seed(recipe_seed: int, round_num: int, site_label: str) -> int:
+    """A seed for one site's local training in one round, stable across processes and runs.
+
+    Derived with SHA-256 (not Python's salted ``hash``) so a resumed run draws the same views
+    as an uninterrupted one.
+    """
+    digest = hashlib.sha256(f"{recipe_seed}:{round_num}:{site_label}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63 - 1)
+
+
+def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of tensor payload in a state dict (what dominates the wire)."""
+    return sum(t.numel() * t.element_size() for t in state.values())

@@ -1,0 +1,103 @@
+"""``FederationConfig``: how rounds run, loaded from ``configs/federation/*.yaml``.
+
+The federation YAML names a training recipe (the same ``Recipe`` centralized pretraining uses)
+and adds what only a federation has: steps per round, the quorum and deadline of a round, the
+bound on an update's norm and the aggregation rule. It is read at the coordinator only; sites
+receive the resolved recipe inside every instruction and keep nothing about it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from fed_unimiss.config import ConfigError, load_yaml
+
+__all__ = ["FederationConfig", "load_federation", "resolve_recipe"]
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Rules of a federated pretraining run (one instance per run, saved in every checkpoint)."""
+
+    # Training recipe (model/data/ssl): a YAML path, relative to this file's folder, or the
+    # recipe inline as a mapping.
+    recipe: str | dict[str, Any] = "../pretrain/micro.yaml"
+    # Changes to the recipe for this federation, merged section by section, e.g.
+    # {ssl: {steps_per_epoch: 2}} to alternate 2D and 3D epochs within a few rounds.
+    recipe_overrides: dict[str, Any] = field(default_factory=dict)
+    # Optimiser steps each site runs per round. More steps = fewer, larger updates (less
+    # traffic, more client drift); DINO-style recipes tolerate tens to hundreds.
+    local_steps: int = 4
+    # A round aggregates if at least this many valid replies arrived by the deadline; else the
+    # run stops with an error and the last complete checkpoint stays intact.
+    min_sites: int = 1
+    # Seconds a round waits for replies. Set it above the slowest site's local training time.
+    round_timeout: float = 600.0
+    # Replies whose L2 distance to the global state exceeds this are dropped (a diverged or
+    # malicious site). Raise it for long rounds with high learning rates.
+    max_update_norm: float = 1.0e4
+    # mean: sample-weighted mean (FedAvg). median / trimmed_mean: coordinate-wise robust
+    # statistics over eligible sites, unweighted; they hold every reply of a round in memory.
+    aggregation: Literal["mean", "median", "trimmed_mean"] = "mean"
+    # Fraction cut from each end per coordinate in trimmed_mean (0.1 = drop top and bottom 10%).
+    trim_fraction: float = 0.1
+    # Also ask every site for the self-distillation loss of the new global model each round.
+    evaluate: bool = True
+    # Batches each site evaluates on; small keeps evaluation cheap.
+    eval_batches: int = 2
+    # Seconds between polls for replies (Flower's own send_and_receive sleeps 3 s).
+    poll_interval: float = 0.2
+    # Issue 7: dp-* node config (e.g. {dp-epsilon: 8, dp-delta: 1e-5}) that every SIMULATED site
+    # starts with (simulate/demo only; a deployed site sets its own with `site start --dp-...`).
+    site_privacy: dict[str, Any] | None = None
+
+    def validate(self) -> None:
+        if self.local_steps < 1:
+            raise ValueError(f"local_steps: must be >= 1, got {self.local_steps}")
+        if self.min_sites < 1:
+            raise ValueError(f"min_sites: must be >= 1, got {self.min_sites}")
+        if not self.round_timeout > 0:
+            raise ValueError(f"round_timeout: must be > 0 seconds, got {self.round_timeout}")
+        if not self.max_update_norm > 0:
+            raise ValueError(f"max_update_norm: must be > 0, got {self.max_update_norm}")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction: must be in [0, 0.5), got {self.trim_fraction}")
+        if self.eval_batches < 1:
+            raise ValueError(f"eval_batches: must be >= 1, got {self.eval_batches}")
+        if not 0 < self.poll_interval <= 10:
+            raise ValueError(f"poll_interval: must be in (0, 10] seconds, got {self.poll_interval}")
+
+
+def load_federation(path: str | Path) -> FederationConfig:
+    """Load and validate a federation YAML; errors name the file and the field."""
+    return load_yaml(FederationConfig, path)
+
+
+def resolve_recipe(cfg: FederationConfig, config_path: str | Path) -> Any:
+    """The ``Recipe`` the federation trains, loaded from its path or its inline mapping."""
+    from fed_unimiss.ssl.config import recipe_from_dict
+
+    if isinstance(cfg.recipe, dict):
+        data, where = dict(cfg.recipe), f"{config_path}:recipe"
+    else:
+        recipe_path = Path(cfg.recipe)
+        if not recipe_path.is_absolute():
+            recipe_path = Path(config_path).resolve().parent / recipe_path
+        try:
+            data = yaml.safe_load(recipe_path.read_text())
+        except OSError as e:
+            raise ConfigError(f"{config_path}: recipe: cannot read {recipe_path} ({e.strerror})") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{recipe_path}: not valid YAML: {e}") from e
+        where = str(recipe_path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping with model, data and ssl sections")
+    for section, changes in cfg.recipe_overrides.items():
+        if not isinstance(changes, dict):
+            raise ConfigError(f"{config_path}: recipe_overrides.{section}: expected a mapping")
+        data[section] = {**(data.get(section) or {}), **changes}
+    return recipe_from_dict(data, where)
