@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/fed-unimiss demo --workdir demo-run
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
