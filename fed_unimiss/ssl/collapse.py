@@ -3,9 +3,24 @@
 Self-distillation has two trivial solutions (DINO paper, section 5.3): every image maps to the same
 prototype (the batch-mean teacher distribution has entropy near 0, "dimension collapse"), or every
 image maps to the uniform distribution (per-sample teacher entropy near log(out_dim), "uniform
-collapse"). Both make the loss fall, so a falling loss alone is not progress. We log the teacher's
-mean per-sample entropy, the entropy of its batch-mean distribution and KL(teacher || student);
-:class:`CollapseWatch` warns when the loss falls while one of the two collapse signs appears.
+collapse"). Both can make the loss fall, so a falling loss alone is not progress. A third failure
+is slower and does not need a falling loss: the teacher drifts towards the uniform distribution
+and gives every sample of a batch the same distribution (batch-mean entropy ~= per-sample entropy:
+it does not tell the samples apart), while the loss rises towards log(out_dim).
+
+We log the teacher's mean per-sample entropy, the entropy of its batch-mean distribution and
+KL(teacher || student). :class:`CollapseWatch` warns
+
+- ``dimension``: the loss falls while the batch-mean entropy is below ``BATCH_ENTROPY_FLOOR`` x
+  log(out_dim);
+- ``uniform``: the per-sample entropy is above ``UNIFORM_FRACTION`` x log(out_dim) while the loss
+  falls, or above ``UNIFORM_DRIFT_FRACTION`` x log(out_dim) for a whole window, whatever the loss
+  does;
+- ``no-spread``: batch-mean minus per-sample entropy (the information the teacher's output carries
+  about which sample it saw) stays below ``MIN_SPREAD_NATS`` for a whole window, whatever the loss
+  does.
+
+"A whole window" is ``window`` consecutive logged points, so a single noisy batch never warns.
 """
 
 from __future__ import annotations
@@ -26,8 +41,15 @@ log = logging.getLogger(__name__)
 
 # Batch-mean entropy below this fraction of log(out_dim): (nearly) one prototype for everything.
 BATCH_ENTROPY_FLOOR = 0.1
-# Per-sample entropy above this fraction of log(out_dim): the teacher is (nearly) uniform.
+# Per-sample entropy above this fraction of log(out_dim) while the loss falls: uniform collapse.
 UNIFORM_FRACTION = 0.98
+# Per-sample entropy above this fraction of log(out_dim) for a whole window: uniform drift
+# (measured: the drifting micro X-ray runs sat at 0.97-0.995; healthy DINO teachers end far lower).
+UNIFORM_DRIFT_FRACTION = 0.95
+# Batch-mean minus per-sample entropy below this (nats) for a whole window: the teacher gives
+# every sample the same distribution. The gap is the mutual information between the sample and
+# the teacher's prototype, at most log(number of views in the batch).
+MIN_SPREAD_NATS = 0.1
 
 
 @dataclass(frozen=True)
@@ -37,6 +59,11 @@ class CollapseStats:
     teacher_entropy: float
     batch_entropy: float
     kl: float
+
+    @property
+    def spread(self) -> float:
+        """Batch-mean minus per-sample teacher entropy: how much the output depends on the input."""
+        return self.batch_entropy - self.teacher_entropy
 
 
 def _entropy(p: Tensor) -> Tensor:
@@ -61,11 +88,12 @@ def collapse_stats(student_out: Sequence[Tensor], teacher_out: Sequence[Tensor],
 
 
 class CollapseWatch:
-    """Warns (once per kind, then again only after recovery) when loss falls into a collapse.
+    """Warns (once per kind, then again only after recovery) when the teacher collapses.
 
     Args:
         out_dim: head width; log(out_dim) is the entropy of the uniform distribution.
-        window: number of logged points whose loss trend is compared (first vs second half).
+        window: number of logged points whose loss trend is compared (first vs second half), and
+            how many consecutive logged points a sustained sign (uniform drift, no spread) needs.
     """
 
     def __init__(self, out_dim: int, window: int = 20) -> None:
@@ -73,6 +101,7 @@ class CollapseWatch:
         self.window = max(window, 2)
         self.losses: deque[float] = deque(maxlen=self.window)
         self.active: set[str] = set()
+        self.streak = {"uniform": 0, "no-spread": 0}
 
     def loss_falling(self) -> bool:
         if len(self.losses) < self.window:
@@ -82,23 +111,47 @@ class CollapseWatch:
         first, second = sum(values[:half]) / half, sum(values[half:]) / (len(values) - half)
         return second < first
 
+    def _sustained(self, kind: str, present: bool) -> bool:
+        self.streak[kind] = self.streak[kind] + 1 if present else 0
+        return self.streak[kind] >= self.window
+
+    def _signs(self, stats: CollapseStats, falling: bool) -> dict[str, bool]:
+        h_max = self.max_entropy
+        dimension = stats.batch_entropy < BATCH_ENTROPY_FLOOR * h_max
+        drifting = self._sustained("uniform", stats.teacher_entropy > UNIFORM_DRIFT_FRACTION * h_max)
+        flat = self._sustained("no-spread", not dimension and stats.spread < MIN_SPREAD_NATS)
+        return {
+            "dimension": falling and dimension,
+            "uniform": drifting or (falling and stats.teacher_entropy > UNIFORM_FRACTION * h_max),
+            "no-spread": flat,
+        }
+
+    def _message(self, step: int, kind: str, stats: CollapseStats) -> str:
+        what = {
+            "dimension": "loss is falling but the teacher puts every sample on the same "
+                         "prototype(s) (dimension collapse)",
+            "uniform": f"the teacher is (drifting to) the uniform distribution (per-sample "
+                       f"entropy above {UNIFORM_DRIFT_FRACTION:.2f} x log(out_dim) for "
+                       f"{self.window} logged steps, or above {UNIFORM_FRACTION:.2f} x while the "
+                       f"loss falls)",
+            "no-spread": f"the teacher gives every sample the same distribution (batch-mean "
+                         f"minus per-sample entropy below {MIN_SPREAD_NATS} nats for "
+                         f"{self.window} logged steps): it does not tell the samples apart",
+        }[kind]
+        return (f"step {step}: teacher collapse ({kind}): {what}: per-sample entropy {stats.teacher_entropy:.3f}, batch-mean "
+                f"entropy {stats.batch_entropy:.3f}, log(out_dim) {self.max_entropy:.3f}, KL "
+                f"{stats.kl:.4f}. This is failure, not progress, whatever the loss does: check "
+                f"the views (do two views of one image share more than two images do?), the lr, "
+                f"the teacher momentum, the temperatures and center_momentum.")
+
     def update(self, step: int, loss: float, stats: CollapseStats) -> list[str]:
         """Record one logged step; returns (and logs as WARNING) any new collapse warnings."""
         self.losses.append(loss)
-        falling = self.loss_falling()
-        signs = {
-            "dimension": stats.batch_entropy < BATCH_ENTROPY_FLOOR * self.max_entropy,
-            "uniform": stats.teacher_entropy > UNIFORM_FRACTION * self.max_entropy,
-        }
         messages = []
-        for kind, present in signs.items():
-            if falling and present and kind not in self.active:
+        for kind, present in self._signs(stats, self.loss_falling()).items():
+            if present and kind not in self.active:
                 self.active.add(kind)
-                msg = (f"step {step}: loss is falling but the teacher looks collapsed ({kind}): "
-                       f"per-sample entropy {stats.teacher_entropy:.3f}, batch-mean entropy "
-                       f"{stats.batch_entropy:.3f}, log(out_dim) {self.max_entropy:.3f}, "
-                       f"KL {stats.kl:.4f}. This is failure, not progress: check the "
-                       f"temperatures, center_momentum and the views.")
+                msg = self._message(step, kind, stats)
                 log.warning(msg)
                 messages.append(msg)
             elif not present:

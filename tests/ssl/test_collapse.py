@@ -45,10 +45,12 @@ def test_watch_warns_on_falling_loss_with_collapse(caplog):
     with caplog.at_level(logging.WARNING, logger="fed_unimiss.ssl.collapse"):
         msgs = _feed(CollapseWatch(K, window=6), falling, dim)
     assert len(msgs) == 1 and "dimension" in msgs[0] and "failure" in msgs[0]
-    assert any("collapsed" in r.message for r in caplog.records)
+    assert any("teacher collapse (dimension)" in r.message for r in caplog.records)
     uniform = CollapseStats(teacher_entropy=math.log(K) - 0.01, batch_entropy=math.log(K), kl=0)
-    msgs = _feed(CollapseWatch(K, window=6), falling, uniform)
-    assert len(msgs) == 1 and "uniform" in msgs[0]
+    watch = CollapseWatch(K, window=6)
+    msgs = _feed(watch, falling, uniform)
+    assert len(msgs) == 2  # once each, not once per step
+    assert "(uniform)" in msgs[0] and "(no-spread)" in msgs[1]
 
 
 def test_watch_is_quiet_when_healthy_or_loss_not_falling():
@@ -58,3 +60,49 @@ def test_watch_is_quiet_when_healthy_or_loss_not_falling():
     rising = [1.0 + 0.1 * i for i in range(10)]
     dim = CollapseStats(teacher_entropy=0.01, batch_entropy=0.05, kl=0.0)
     assert _feed(CollapseWatch(K, window=6), rising, dim) == []
+
+
+def _logits_stats(teacher):
+    """Collapse stats of synthetic teacher logits (two views, the student = the teacher)."""
+    return collapse_stats([teacher, teacher], [teacher, teacher], torch.zeros(1, K), 0.1, 0.04)
+
+
+def test_uniform_drift_warns_even_with_a_rising_loss():
+    """The failure the micro X-ray runs showed: teacher logits shrink towards a constant (so the
+    centred, sharpened teacher drifts to uniform and gives all samples the same distribution)
+    while the loss rises towards log(K)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(16, K, generator=g)
+    watch = CollapseWatch(K, window=4)
+    messages, kinds = [], []
+    for i, scale in enumerate([0.2, 0.05, 0.01, 0.004, 0.002, 0.001, 0.001, 0.001, 0.001]):
+        stats = _logits_stats(base * scale)
+        new = watch.update(i, 2.0 + 0.5 * i, stats)  # the loss rises
+        messages += new
+        kinds += [k for k in ("uniform", "no-spread") if any(k in m for m in new)]
+    assert sorted(kinds) == ["no-spread", "uniform"], messages
+    assert all("whatever the loss does" in m for m in messages)
+
+
+def test_sustained_signs_need_a_whole_window_and_rearm_after_recovery():
+    g = torch.Generator().manual_seed(1)
+    flat = _logits_stats(torch.randn(16, K, generator=g) * 1e-3)
+    sharp = _logits_stats(torch.eye(K)[:16] * 5)  # every sample its own prototype
+    assert flat.spread < 0.1 and sharp.spread > 2.0
+    watch = CollapseWatch(K, window=5)
+    rising = [3.0 + 0.1 * i for i in range(40)]
+    # 4 flat points, one healthy point, 4 flat points: never a whole window, never a warning
+    seq = [flat] * 4 + [sharp] + [flat] * 4
+    assert [m for i, s in enumerate(seq) for m in watch.update(i, rising[i], s)] == []
+    warned = [m for i in range(9, 10) for m in watch.update(i, rising[i], flat)]
+    assert len(warned) == 2  # 5 flat points in a row: uniform drift and no spread
+    assert [m for i in range(10, 14) for m in watch.update(i, rising[i], flat)] == []  # once
+    watch.update(14, rising[14], sharp)  # recovery re-arms both
+    again = [m for i in range(15, 20) for m in watch.update(i, rising[i], flat)]
+    assert len(again) == 2
+
+
+def test_healthy_sharp_diverse_teacher_is_quiet_for_long():
+    sharp = _logits_stats(torch.eye(K)[:16] * 5)
+    watch = CollapseWatch(K, window=3)
+    assert [m for i in range(30) for m in watch.update(i, 5.0 - 0.1 * i, sharp)] == []
