@@ -1,0 +1,141 @@
+"""``fed-unimiss aggregator start|status``: run a federation at the coordinator, or inspect one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register", "format_round", "format_bytes"]
+
+log = logging.getLogger(__name__)
+
+
+def format_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def format_round(row: dict[str, Any], rounds: int | None, state: Any = None) -> str:
+    """One progress line: round, sites replied, loss, bytes (from the run's counters)."""
+    sites = row.get("sites") or []
+    loss = row.get("loss")
+    loss_s = f"{loss:.4f}" if isinstance(loss, (int, float)) else "-"
+    of = f"/{rounds}" if rounds else ""
+    text = (f"round {row.get('round', '?')}{of}: {len(sites)} site(s) replied "
+            f"({', '.join(str(s) for s in sites) or 'none'}), loss {loss_s}")
+    if "bytes_in" in row:  # what the ServerApp counted: replies in, instructions out
+        sent = row.get("bytes_out_per_site")
+        sent = sent * len(sites) if isinstance(sent, (int, float)) else None
+        text += f", bytes in {format_bytes(row['bytes_in'])} / out {format_bytes(sent)}"
+    elif state is not None and (state.bytes_sent or state.bytes_recv):
+        text += (f", bytes sent {format_bytes(state.bytes_sent)} / "
+                 f"received {format_bytes(state.bytes_recv)}")
+    secs = row.get("seconds")
+    if isinstance(secs, (int, float)):
+        text += f", {secs:.1f} s"
+    return text
+
+
+def _start(args: argparse.Namespace) -> int:
+    from aggregator.deploy.control import ControlError
+    from aggregator.deploy.runner import AggregatorOptions, run_aggregator
+    from fed_unimiss.config import ConfigError
+
+    opts = AggregatorOptions(kit=Path(args.kit), config=Path(args.config), rounds=args.rounds,
+                             out=Path(args.out), fleet_address=args.address,
+                             control_address=args.control_address,
+                             wait_for_sites=args.wait_for_sites,
+                             wait_for_sites_timeout_s=args.wait_timeout)
+    try:
+        outcome = run_aggregator(
+            opts,
+            on_round=lambda row, st: print(format_round(row, args.rounds, st), flush=True),
+            on_started=lambda rid: print(f"run {rid} started; logs in {Path(args.out) / 'logs'}",
+                                         flush=True),
+        )
+    except (ConfigError, ControlError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not outcome.ok:
+        print(f"error: {outcome.error}", file=sys.stderr)
+        return 1
+    print(f"run {outcome.state.run_id} completed: {len(outcome.rounds)} round(s) in "
+          f"{Path(args.out).resolve()}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from aggregator.deploy.runner import last_run_of_kit, run_summary
+
+    if args.out:
+        out = Path(args.out)
+    else:
+        found = last_run_of_kit(args.kit)
+        if found is None:
+            print(f"error: --kit {args.kit}: this coordinator kit was never started "
+                  "(no last-run record); pass --out RUN", file=sys.stderr)
+            return 2
+        out = found
+    if not out.is_dir():
+        print(f"error: --out {out}: no such RUN folder", file=sys.stderr)
+        return 2
+    summary = run_summary(out)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    loss = summary["last_loss"]
+    target = f"/{summary['rounds_target']}" if summary["rounds_target"] else ""
+    print(f"RUN {summary['out']}")
+    print(f"  rounds done: {summary['rounds_done']}{target}")
+    print(f"  sites seen:  {', '.join(summary['sites_seen']) or 'none yet'}")
+    print(f"  last loss:   {loss:.4f}" if isinstance(loss, (int, float)) else "  last loss:   -")
+    print(f"  last run:    {summary['run_id'] or '-'} ({summary['status']})")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("aggregator", help="start or inspect the coordinator's aggregator",
+                              description="Commands run at the coordinator.")
+    sub = p.add_subparsers(dest="aggregator_command", metavar="SUBCOMMAND", required=True)
+
+    s = sub.add_parser(
+        "start",
+        help="start the SuperLink and run N federated rounds",
+        description="Starts Flower's SuperLink with TLS and site authentication, registers the "
+        "kit's site keys, runs N rounds and stops. Re-running with the same --out resumes after "
+        "the last complete round. Ctrl-C stops the run and every process cleanly.",
+    )
+    s.add_argument("--kit", required=True, help="the coordinator kit (KITS/coordinator)")
+    s.add_argument("--config", required=True, help="federation YAML (e.g. configs/federation/micro.yaml)")
+    s.add_argument("--rounds", type=int, required=True, help="number of rounds in total")
+    s.add_argument("--out", required=True,
+                   help="RUN folder: checkpoints, rounds.jsonl, logs/. Reuse it to resume.")
+    s.add_argument("--address", metavar="HOST:PORT",
+                   help="Fleet address the sites connect to (default: fleet_address in the "
+                   "kit's coordinator.yaml)")
+    s.add_argument("--control-address", metavar="HOST:PORT",
+                   help="local Control API address (default: control_address in coordinator.yaml)")
+    s.add_argument("--wait-for-sites", type=int, default=0, metavar="N",
+                   help="submit the run only once N sites are connected, so that round 1 "
+                   "already has them (default 0: start at once; the federation's min_sites "
+                   "and round_timeout then decide)")
+    s.add_argument("--wait-timeout", type=float, default=600.0, metavar="S",
+                   help="give up when fewer than --wait-for-sites sites are online after S "
+                   "seconds (default 600)")
+    s.set_defaults(func=_start)
+
+    st = sub.add_parser("status", help="rounds done, sites seen, last loss of a RUN folder")
+    which = st.add_mutually_exclusive_group(required=True)
+    which.add_argument("--out", help="the RUN folder given to `aggregator start`")
+    which.add_argument("--kit", help="the coordinator kit: show its latest RUN")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=_status)

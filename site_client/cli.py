@@ -1,0 +1,59 @@
+"""``fed-unimiss site start``: check this site's kit and data, then join the federation."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from site_client.supernode import SiteError, check_site_data, load_site_kit, run_supernode
+
+__all__ = ["register"]
+
+log = logging.getLogger(__name__)
+
+
+def _start(args: argparse.Namespace) -> int:
+    try:
+        kit = load_site_kit(args.kit)
+        summary = check_site_data(args.data)
+        print(f"site {kit.settings.site_name}: data ok: {summary['ct_volumes']} CT volume(s), "
+              f"{summary['xrays']} X-ray(s), {summary['rejected']} file(s) skipped "
+              "(run `fed-unimiss data check` for details)", flush=True)
+        if args.check_only:
+            return 0
+        return run_supernode(
+            kit, Path(args.data), superlink=args.superlink,
+            state_dir=Path(args.state_dir) if args.state_dir else None,
+            clientapp_port=args.clientapp_port,
+        )
+    except SiteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("site", help="start a hospital's site client",
+                              description="Commands run at a hospital site.")
+    sub = p.add_subparsers(dest="site_command", metavar="SUBCOMMAND", required=True)
+    s = sub.add_parser(
+        "start",
+        help="check the data and the kit, then connect to the coordinator and take part",
+        description="Checks the kit and the data folder, then runs Flower's SuperNode with TLS "
+        "and this site's key until stopped (Ctrl-C / SIGTERM). Only outbound connections are "
+        "made; only model weights and counts leave the site. Exit codes: 2 bad kit or data, "
+        "3 coordinator unreachable, 4 refused by the coordinator.",
+    )
+    s.add_argument("--kit", required=True, help="this site's kit folder (KITS/site-NAME)")
+    s.add_argument("--data", required=True,
+                   help="folder of DICOM series, NIfTI volumes and X-rays this site trains on")
+    s.add_argument("--superlink", metavar="HOST:PORT",
+                   help="coordinator address; default: `superlink` in the kit's site.yaml")
+    s.add_argument("--state-dir", help="site-local state and logs; default: KIT/state")
+    s.add_argument("--clientapp-port", type=int,
+                   help="local port for the SuperNode's ClientApp API (loopback only); "
+                   "default: a free one")
+    s.add_argument("--check-only", action="store_true",
+                   help="check the kit and the data, then exit without connecting")
+    s.set_defaults(func=_start)

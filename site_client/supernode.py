@@ -1,0 +1,357 @@
+"""``fed-unimiss site start`` as a function: check the kit and the data, run Flower's SuperNode.
+
+What a hospital's IT staff needs from this command is a clear answer to "is this site taking
+part, and if not, why?". Before anything touches the network the kit is verified (the CA
+certificate parses, the private key is a NIST EC key in OpenSSH format and matches the kit's
+public key) and the data folder is scanned in-process with the same scan as ``fed-unimiss data
+check``; nothing usable means exit code 2 before the coordinator is ever contacted.
+
+Then ``flower-supernode`` (this venv's own executable) runs in its own session with TLS, the
+site key and a node config (data path, state dir, site name) written as a TOML file into the
+state dir. Its output goes to STATE/logs/supernode.log. Flower's own refusals are mapped to
+actionable messages (FLOWER-1.39.md section 3): an unregistered key exits with ``[code: 2004]``,
+a certificate from another CA with ``CERTIFICATE_VERIFY_FAILED``; an unreachable coordinator
+would be retried forever, so ``--max-wait-time`` bounds it.
+
+Exit codes: 0 stopped by the operator, 2 bad kit or data, 3 coordinator unreachable,
+4 refused by the coordinator (key or certificate), 1 anything else (see the log).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fed_unimiss.config import ConfigError, load_yaml
+from fed_unimiss.exchange import NODE_DATA_PATH, NODE_SITE_NAME, NODE_STATE_DIR
+
+__all__ = [
+    "SiteSettings",
+    "SiteKit",
+    "SiteError",
+    "load_site_kit",
+    "check_site_data",
+    "supernode_command",
+    "diagnose_supernode_log",
+    "run_supernode",
+    "EXIT_BAD_INPUT",
+    "EXIT_UNREACHABLE",
+    "EXIT_REFUSED",
+]
+
+log = logging.getLogger(__name__)
+
+EXIT_BAD_INPUT = 2
+EXIT_UNREACHABLE = 3
+EXIT_REFUSED = 4
+
+
+class SiteError(RuntimeError):
+    """A problem the site's operator can fix; ``code`` is the command's exit code."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """``site.yaml`` in a site kit (written by ``fed-unimiss provision``)."""
+
+    # This site's name as provisioned; the coordinator's logs and rounds.jsonl show it.
+    site_name: str = ""
+    # The coordinator's Fleet address HOST:PORT; the only outbound connection the site makes.
+    superlink: str = "127.0.0.1:9092"
+    # Site-local state (logs, caches, DP accountant); relative paths are relative to the kit.
+    state_dir: str = "state"
+    # Seconds to keep trying to reach the coordinator before giving up with exit code 3.
+    connect_timeout_s: float = 60.0
+
+    def validate(self) -> None:
+        if not self.site_name:
+            raise ValueError("site_name: empty; the kit was not written by `fed-unimiss provision`")
+        host, sep, port = self.superlink.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"superlink: expected HOST:PORT, got {self.superlink!r}")
+        if self.connect_timeout_s <= 0:
+            raise ValueError("connect_timeout_s: must be positive")
+
+
+@dataclass(frozen=True)
+class SiteKit:
+    root: Path
+    ca: Path
+    key: Path
+    settings: SiteSettings
+
+
+# ---------------------------------------------------------------- kit and data checks
+
+
+def load_site_kit(kit: str | Path) -> SiteKit:
+    """Read and verify a site kit.
+
+    Raises:
+        SiteError: (code 2) a missing or unreadable file, a CA that is not a certificate, a key
+            that is not an EC private key, or a key that does not match ``site.pub``.
+    """
+    root = Path(kit).expanduser().resolve()
+    settings_file = root / "site.yaml"
+    if not settings_file.is_file():
+        raise SiteError(f"{root}: not a site kit (no site.yaml); pass the KITS/site-NAME folder "
+                        "you received from the coordinator", EXIT_BAD_INPUT)
+    try:
+        settings = load_yaml(SiteSettings, settings_file)
+    except ConfigError as e:
+        raise SiteError(str(e), EXIT_BAD_INPUT) from e
+    ca, key, pub = root / "ca.crt", root / "site.key", root / "site.pub"
+    try:
+        x509.load_pem_x509_certificate(ca.read_bytes())
+    except OSError as e:
+        raise SiteError(f"{ca}: cannot read the CA certificate ({e.strerror})", EXIT_BAD_INPUT) from e
+    except ValueError as e:
+        raise SiteError(f"{ca}: not a PEM certificate ({e})", EXIT_BAD_INPUT) from e
+    try:
+        private = serialization.load_ssh_private_key(key.read_bytes(), password=None)
+    except OSError as e:
+        raise SiteError(f"{key}: cannot read the site key ({e.strerror})", EXIT_BAD_INPUT) from e
+    except (ValueError, TypeError) as e:
+        raise SiteError(f"{key}: not an unencrypted OpenSSH private key ({e})", EXIT_BAD_INPUT) from e
+    if not isinstance(private, ec.EllipticCurvePrivateKey):
+        raise SiteError(f"{key}: not an EC key (Flower needs a NIST EC key)", EXIT_BAD_INPUT)
+    if key.stat().st_mode & 0o077:
+        log.warning("%s is readable by other users; restrict it with: chmod 600 %s", key, key)
+    if pub.is_file():
+        mine = private.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                 serialization.PublicFormat.OpenSSH)
+        if pub.read_bytes().split()[:2] != mine.split()[:2]:
+            raise SiteError(f"{key} does not match {pub}: the kit was mixed from two "
+                            "provisionings; ask the coordinator for this site's kit again",
+                            EXIT_BAD_INPUT)
+    return SiteKit(root=root, ca=ca, key=key, settings=settings)
+
+
+def check_site_data(data: str | Path) -> dict[str, int]:
+    """Scan ``data`` as ``fed-unimiss data check`` does; counts only (nothing identifying).
+
+    Raises:
+        SiteError: (code 2) the folder does not exist or holds nothing usable.
+    """
+    from fed_unimiss.data.scan import scan  # imported late: pydicom/nibabel are slow to import
+
+    data = Path(data).expanduser().resolve()
+    if not data.is_dir():
+        raise SiteError(f"--data {data}: no such folder", EXIT_BAD_INPUT)
+    report = scan(data)
+    summary = report.summary()
+    if not report.usable:
+        reasons = "; ".join(f"{r.path}: {r.reason}" for r in report.rejected[:3])
+        raise SiteError(
+            f"--data {data}: no usable CT volume or X-ray among {summary['files_seen']} file(s)"
+            + (f" (e.g. {reasons})" if reasons else "")
+            + ". Run `fed-unimiss data check` on the folder for the full list.",
+            EXIT_BAD_INPUT,
+        )
+    return summary
+
+
+# ---------------------------------------------------------------- the SuperNode process
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free right now (for the SuperNode's local ClientApp API)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def supernode_command(
+    kit: SiteKit, superlink: str, node_config: Path, clientapp_port: int, max_wait_s: float
+) -> list[str]:
+    exe = Path(sys.executable).parent / "flower-supernode"
+    return [
+        str(exe),
+        "--root-certificates", str(kit.ca),
+        "--superlink", superlink,
+        "--auth-supernode-private-key", str(kit.key),
+        "--node-config", str(node_config),
+        "--max-wait-time", str(int(max_wait_s)),
+        "--host", "127.0.0.1",
+        "--port", str(clientapp_port),
+    ]
+
+
+def diagnose_supernode_log(text: str, site: str, superlink: str) -> tuple[str, int] | None:
+    """Map Flower's SuperNode output to (actionable message, exit code), or None if unknown."""
+    if "[code: 2004]" in text or "Failed to activate SuperNode" in text or "[code: 2001]" in text:
+        return (f"the coordinator at {superlink} refused this site: its key is not registered. "
+                f"Ask the coordinator to register site {site!r} (re-provision it, or restart "
+                "`fed-unimiss aggregator start` with a kit that lists this site).", EXIT_REFUSED)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return (f"the coordinator's certificate at {superlink} is not signed by this kit's CA "
+                "(ca.crt): this kit belongs to another provisioning, or the address points at "
+                "another server. Ask the coordinator for the current kit.", EXIT_REFUSED)
+    if "Hostname Verification" in text or "IP address mismatch" in text:
+        host = superlink.rpartition(":")[0]
+        return (f"the coordinator's certificate does not cover the name {host!r} this site dials; "
+                "use one of the names the coordinator provisioned (--server-name), or ask for "
+                "a certificate that includes it.", EXIT_REFUSED)
+    unreachable = ("UNAVAILABLE", "Connection refused", "failed to connect", "Socket closed",
+                   "Connection attempt failed", "Giving up reconnection",
+                   "DEADLINE_EXCEEDED", "Name or service not known", "DNS resolution failed")
+    if any(s in text for s in unreachable):
+        return (f"cannot reach the coordinator at {superlink}: check the address in site.yaml "
+                "(or --superlink), that the coordinator is running, and that outbound TCP to "
+                "that port is allowed by the hospital firewall.", EXIT_UNREACHABLE)
+    return None
+
+
+def _end_session(pid: int, grace_s: float = 5.0) -> None:
+    """SIGTERM then SIGKILL every process in ``pid``'s session (SuperNode, SuperExec, ClientApps).
+
+    The SuperNode is started with ``start_new_session``, so its session id is its PID and every
+    ``flwr-clientapp`` it spawns inherits it, even once orphaned.
+    """
+    def members() -> list[int]:
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                raw = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = raw[raw.rfind(")") + 2:].split()
+            if int(fields[3]) == pid and fields[0] != "Z":
+                found.append(int(entry))
+        return found
+
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 1.0)):
+        targets = members()
+        if not targets:
+            return
+        for p in targets:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and members():
+            time.sleep(0.1)
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+CONNECTED = "SuperNode ID:"  # logged once the SuperLink accepted this node
+# Flower gave up on the coordinator but the process may linger half-dead (a retrying thread
+# keeps it alive); seen after the coordinator restarted mid-round.
+GAVE_UP = ("Giving up reconnection", "SuperNode terminated gracefully")
+
+
+def _read_from(path: Path, offset: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
+def _run_once(cmd: list[str], env: dict[str, str], state: Path, log_path: Path) -> tuple[int, str]:
+    """One SuperNode process until it exits (or gives up reconnecting); (exit code, its output)."""
+    start = log_path.stat().st_size if log_path.exists() else 0
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, cwd=state,
+                                start_new_session=True)
+    (state / "supernode.pid").write_text(str(proc.pid))
+    try:
+        while True:
+            try:
+                code = proc.wait(timeout=2.0)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if any(g in _read_from(log_path, start) for g in GAVE_UP):
+                try:  # give it a moment to exit by itself, then end it ourselves
+                    code = proc.wait(timeout=5.0) or 1
+                except subprocess.TimeoutExpired:
+                    code = 1
+                break
+    finally:
+        _end_session(proc.pid)
+        (state / "supernode.pid").unlink(missing_ok=True)
+    return code, _read_from(log_path, start)
+
+
+def run_supernode(
+    kit: SiteKit,
+    data: Path,
+    superlink: str | None = None,
+    state_dir: Path | None = None,
+    clientapp_port: int | None = None,
+) -> int:
+    """Run the site's SuperNode until we are stopped; returns the exit code.
+
+    A SuperNode that loses a coordinator it was connected to (the coordinator restarted, the
+    network dropped) is started again, so a resumed run finds its sites; one that cannot
+    connect at all within ``connect_timeout_s``, or is refused, ends the command.
+
+    Raises:
+        SiteError: the SuperNode was refused or could not connect (message and code say which).
+    """
+    superlink = superlink or kit.settings.superlink
+    state = (state_dir or (kit.root / kit.settings.state_dir)).expanduser().resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    os.chmod(state, 0o700)
+    logs = state / "logs"
+    logs.mkdir(exist_ok=True)
+    node_config = state / "node-config.toml"
+    node_config.write_bytes(tomli_w.dumps({
+        NODE_DATA_PATH: str(Path(data).resolve()),
+        NODE_STATE_DIR: str(state),
+        NODE_SITE_NAME: kit.settings.site_name,
+    }).encode())
+    env = dict(os.environ)
+    env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                "FLWR_HOME": str(state / ".flwr"), "PYTHONUNBUFFERED": "1"})
+    env.setdefault("OMP_NUM_THREADS", "1")
+    # The SuperNode spawns flower-superexec and flwr-clientapp by name: this venv's come first.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    cmd = supernode_command(kit, superlink, node_config, clientapp_port or free_port(),
+                            kit.settings.connect_timeout_s)
+    log_path = logs / "supernode.log"
+    site = kit.settings.site_name
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        while True:
+            log.info("site %s: SuperNode starting, connecting to %s; log: %s", site, superlink,
+                     log_path)
+            code, text = _run_once(cmd, env, state, log_path)
+            if code == 0:
+                return 0
+            found = diagnose_supernode_log(text, site, superlink)
+            if CONNECTED in text and (found is None or found[1] == EXIT_UNREACHABLE):
+                log.warning("site %s: lost the coordinator at %s; reconnecting", site, superlink)
+                continue
+            if found is not None:
+                raise SiteError(found[0], found[1])
+            raise SiteError(f"the SuperNode exited with code {code}; see {log_path}", 1)
+    except (KeyboardInterrupt, SystemExit):
+        log.info("site %s: stopping (signal)", site)
+        return 0
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

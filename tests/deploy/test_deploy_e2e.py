@@ -1,0 +1,275 @@
+"""End to end on 127.0.0.1: real SuperLink, SuperNodes, TLS, site keys, the real ServerApp/ClientApp.
+
+Two federations share one provisioned kit set and one phantom data folder (session fixture):
+
+1. three sites over TLS with site authentication, while an unregistered key, a plaintext
+   SuperNode and a kit from another CA try to join (all refused, the run goes on) and site C is
+   killed in the middle of round 1 (the round closes at its deadline with A and B);
+2. ``fed-unimiss aggregator start`` killed with SIGKILL after round 1 and started again with the
+   same RUN: it clears the leftovers and the run resumes at round 2.
+
+Ports are chosen free at run time. Every process the tests start, directly or through Flower, is
+tracked by a sampler and must be gone at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from aggregator.demo import write_federation_yaml
+from aggregator.deploy.processes import ProcessSet, alive, descendants, session_members
+from aggregator.deploy.runner import AggregatorOptions, read_rounds, run_aggregator
+from aggregator.deploy.superlink import flower_env
+from aggregator.provision import provision
+from site_client.supernode import EXIT_REFUSED, free_port
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+PY = sys.executable
+ROUND_TIMEOUT = 150.0  # far above a micro X-ray round even on busy cores; a killed site
+# is usually dropped earlier by Flower's heartbeat (NODE_UNAVAILABLE after ~60 s)
+
+
+def _federation_yaml(path: Path, min_sites: int) -> Path:
+    return write_federation_yaml(path, min_sites=min_sites, round_timeout=ROUND_TIMEOUT,
+                                 local_steps=1)
+
+
+def _rogue_kit(src: Path, dst: Path, name: str) -> Path:
+    """A copy of a legitimate kit (same CA) holding a fresh key the coordinator never saw."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    shutil.copytree(src, dst)
+    key = ec.generate_private_key(ec.SECP384R1())
+    (dst / "site.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption()))
+    (dst / "site.pub").write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    text = (dst / "site.yaml").read_text().replace('site_name: "A"', f'site_name: "{name}"')
+    (dst / "site.yaml").write_text(text.replace("connect_timeout_s: 60", "connect_timeout_s: 10"))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    from fed_unimiss.data.phantom import write_phantoms
+
+    root = tmp_path_factory.mktemp("deploy")
+    kits = provision(["A", "B", "C"], root / "KITS", server_names=["127.0.0.1"])
+    foreign = provision(["A"], root / "OTHER")  # another consortium's CA
+    data = root / "data"
+    write_phantoms(data, 0, 2, seed=7)  # X-rays only: the cheapest site cache to build
+    return {
+        "root": root, "kits": kits, "data": data,
+        "foreign": foreign.sites["A"],
+        "rogue": _rogue_kit(kits.sites["A"], root / "KITS-rogue" / "site-X", "X"),
+    }
+
+
+class Sampler:
+    """Records every descendant of this test process (and their sessions) until stopped."""
+
+    def __init__(self) -> None:
+        self.pids: set[int] = set()
+        self.sessions: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._my_sid = os.getsid(0)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for pid in descendants(os.getpid()):
+                self.pids.add(pid)
+                try:
+                    sid = os.getsid(pid)
+                except ProcessLookupError:
+                    continue
+                if sid != self._my_sid:
+                    self.sessions.add(sid)
+            self._stop.wait(0.3)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def leftovers(self) -> list[int]:
+        left = {p for p in self.pids if alive(p)}
+        for sid in self.sessions:
+            left.update(session_members(sid))
+        return sorted(left)
+
+
+def _site_cmd(kit: Path, data: Path, fleet: str, state: Path) -> list[str]:
+    return [PY, "-m", "fed_unimiss.cli.main", "site", "start", "--kit", str(kit),
+            "--data", str(data), "--superlink", fleet, "--state-dir", str(state)]
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _crash(proc: subprocess.Popen) -> None:
+    """SIGKILL a process tree at once, as a power cut would (no cleanup handlers run)."""
+    tree = {proc.pid, *descendants(proc.pid)}
+    for pid in list(tree):
+        try:
+            tree.update(session_members(os.getsid(pid)))
+        except ProcessLookupError:
+            pass
+    tree.discard(os.getpid())
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=10)
+
+
+def _clientapp_started(state: Path) -> bool:
+    log = state / "logs" / "supernode.log"
+    return log.exists() and "Start `flwr-clientapp` process" in log.read_text(errors="replace")
+
+
+def test_tls_federation_refuses_intruders_and_survives_a_killed_site(world, tmp_path):
+    fleet, control = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    run = tmp_path / "RUN"
+    opts = AggregatorOptions(
+        kit=world["kits"].coordinator, config=_federation_yaml(tmp_path / "fed.yaml", 1),
+        rounds=2, out=run, fleet_address=fleet, control_address=control, wait_for_sites=3)
+    logs = tmp_path / "logs"
+    states = {s: tmp_path / "state" / s for s in ("A", "B", "C", "X", "F")}
+    intruders: dict[str, subprocess.Popen] = {}
+    killed_at_round: list[int] = []
+
+    with Sampler() as sampler, ProcessSet(tmp_path / "pids") as procs:
+        def start_sites() -> None:
+            for s in ("A", "B", "C"):
+                procs.start(f"site-{s}", _site_cmd(world["kits"].sites[s], world["data"], fleet,
+                                                   states[s]), logs / f"site-{s}.log")
+
+        def kill_c_mid_round() -> None:
+            _wait_for(lambda: _clientapp_started(states["C"]), 240, "site C to start training")
+            killed_at_round.append(len(read_rounds(run)) + 1)
+            _crash(procs.children.pop("site-C"))  # site CLI, SuperNode, SuperExec, ClientApp
+
+        def on_started(_run_id: int) -> None:
+            intruders["unregistered"] = procs.start(
+                "site-X", _site_cmd(world["rogue"], world["data"], fleet, states["X"]),
+                logs / "site-X.log")
+            intruders["foreign-ca"] = procs.start(
+                "site-F", _site_cmd(world["foreign"], world["data"], fleet, states["F"]),
+                logs / "site-F.log")
+            intruders["plaintext"] = procs.start(
+                "insecure", [str(Path(PY).parent / "flower-supernode"), "--insecure",
+                             "--superlink", fleet, "--max-retries", "2",
+                             "--port", str(free_port())],
+                logs / "insecure.log", env=flower_env(tmp_path / "flwr-insecure"))
+            threading.Thread(target=kill_c_mid_round, daemon=True).start()
+
+        outcome = run_aggregator(opts, on_ready=start_sites, on_started=on_started)
+        intruder_codes = {k: p.wait(timeout=60) for k, p in intruders.items()}
+    leftovers = sampler.leftovers()
+
+    # --- the run completed with the legitimate sites
+    assert outcome.ok, outcome.error
+    rows = outcome.rounds
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        assert {"A", "B"} <= set(r["sites"]), r["sites"]
+        assert not {"X", "F"} & set(r["sites"])
+    assert killed_at_round == [1]
+    assert "C" not in rows[0]["sites"]  # killed mid-round: closed at the deadline without it
+    for n in (1, 2):
+        assert (run / f"global_round_{n:04d}.safetensors").stat().st_size > 0
+        assert json.loads((run / f"global_round_{n:04d}.json").read_text())["round"] == n
+
+    # --- intruders were refused, each with the message a site operator can act on
+    x_err = (logs / "site-X.log").read_text()
+    assert intruder_codes["unregistered"] == EXIT_REFUSED, x_err
+    assert "key is not registered" in x_err and "'X'" in x_err
+    f_err = (logs / "site-F.log").read_text()
+    assert intruder_codes["foreign-ca"] == EXIT_REFUSED, f_err
+    assert "not signed by this kit's CA" in f_err
+    # a plaintext SuperNode never gets through the TLS handshake, and gives up
+    insecure = (logs / "insecure.log").read_text()
+    assert intruder_codes["plaintext"] != 0, insecure
+    assert "UNAVAILABLE" in insecure or "Socket closed" in insecure, insecure[-2000:]
+    # --- nothing left behind, Flower's orphans included
+    assert leftovers == [], leftovers
+
+
+def test_unreachable_coordinator_is_reported_not_retried_forever(world, tmp_path):
+    kit = tmp_path / "site-A"
+    shutil.copytree(world["kits"].sites["A"], kit)
+    (kit / "site.yaml").write_text((kit / "site.yaml").read_text().replace(
+        "connect_timeout_s: 60", "connect_timeout_s: 3"))
+    port = free_port()  # nobody listens here
+    t0 = time.monotonic()
+    proc = subprocess.run(_site_cmd(kit, world["data"], f"127.0.0.1:{port}", tmp_path / "st"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert f"cannot reach the coordinator at 127.0.0.1:{port}" in proc.stderr
+    assert time.monotonic() - t0 < 60
+
+
+def test_aggregator_killed_after_round_1_resumes_at_round_2(world, tmp_path):
+    fleet, control = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    run = tmp_path / "RUN"
+    cmd = [PY, "-m", "fed_unimiss.cli.main", "aggregator", "start",
+           "--kit", str(world["kits"].coordinator),
+           "--config", str(_federation_yaml(tmp_path / "fed.yaml", 2)), "--rounds", "2",
+           "--out", str(run), "--address", fleet, "--control-address", control,
+           "--wait-for-sites", "2", "--wait-timeout", "240"]
+    with Sampler() as sampler, ProcessSet(tmp_path / "pids") as procs:
+        first = procs.start("aggregator-1", cmd, tmp_path / "aggregator-1.log")
+        for s in ("A", "B"):  # sites retry until the SuperLink is up (connect_timeout_s)
+            procs.start(f"site-{s}", _site_cmd(world["kits"].sites[s], world["data"], fleet,
+                                               tmp_path / "state" / s), tmp_path / f"site-{s}.log")
+        _wait_for(lambda: len(read_rounds(run)) >= 1 or first.poll() is not None, 300,
+                  "round 1")
+        assert first.poll() is None, (tmp_path / "aggregator-1.log").read_text()
+        os.kill(first.pid, signal.SIGKILL)  # a crash: no cleanup, the SuperLink lives on
+        first.wait()
+        procs.children.pop("aggregator-1")
+        assert len(read_rounds(run)) == 1
+
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    leftovers = sampler.leftovers()
+
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "leftover process" in second.stderr  # the crashed aggregator's SuperLink was ended
+    assert "round 2/2" in second.stdout and "round 1/2" not in second.stdout
+    rows = read_rounds(run)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert (run / "global_round_0002.safetensors").exists()
+    status = subprocess.run([PY, "-m", "fed_unimiss.cli.main", "aggregator", "status",
+                             "--out", str(run), "--json"], capture_output=True, text=True)
+    summary = json.loads(status.stdout)
+    assert summary["rounds_done"] == 2 and summary["status"] == "finished:completed"
+    by_kit = subprocess.run([PY, "-m", "fed_unimiss.cli.main", "aggregator", "status",
+                             "--kit", str(world["kits"].coordinator)], capture_output=True,
+                            text=True)
+    assert by_kit.returncode == 0 and "rounds done: 2/2" in by_kit.stdout
+    assert leftovers == [], leftovers

@@ -1,0 +1,133 @@
+"""Provisioning: certificates, keys, permissions, refusal to overwrite, kits the commands accept."""
+
+from __future__ import annotations
+
+import ipaddress
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from aggregator.deploy.control import load_site_public_key
+from aggregator.deploy.superlink import load_coordinator_kit
+from aggregator.provision import ProvisionError, provision
+from fed_unimiss.config import ConfigError
+from site_client.supernode import EXIT_BAD_INPUT, SiteError, load_site_kit
+
+
+@pytest.fixture(scope="module")
+def kits(tmp_path_factory):
+    return provision(["A", "B"], tmp_path_factory.mktemp("kits") / "KITS",
+                     server_names=["coord.example.org", "10.1.2.3"])
+
+
+def _mode(p):
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def test_server_certificate_has_every_san_and_chains_to_the_ca(kits):
+    cert = x509.load_pem_x509_certificate((kits.coordinator / "server.crt").read_bytes())
+    ca = x509.load_pem_x509_certificate((kits.coordinator / "ca.crt").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"coord.example.org", "localhost"}
+    assert set(san.get_values_for_type(x509.IPAddress)) == {
+        ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("10.1.2.3")}
+    cert.verify_directly_issued_by(ca)  # raises if not signed by the consortium CA
+    # every site kit carries the same CA certificate
+    for site_dir in kits.sites.values():
+        assert (site_dir / "ca.crt").read_bytes() == (kits.coordinator / "ca.crt").read_bytes()
+
+
+def test_private_keys_are_0600_and_kit_folders_0700(kits):
+    assert _mode(kits.coordinator / "server.key") == 0o600
+    assert _mode(kits.authority / "ca.key") == 0o600
+    for folder in (kits.authority, kits.coordinator, *kits.sites.values()):
+        assert _mode(folder) == 0o700
+    for site_dir in kits.sites.values():
+        assert _mode(site_dir / "site.key") == 0o600
+    # the coordinator kit holds no site private key, and sites hold no CA or server key
+    assert not list(kits.coordinator.rglob("site.key"))
+    assert not list(kits.sites["A"].glob("*ca.key")) and not (kits.sites["A"] / "server.key").exists()
+
+
+def test_site_keys_are_nist_ec_and_registered_copy_matches(kits):
+    for site, site_dir in kits.sites.items():
+        key = serialization.load_ssh_private_key((site_dir / "site.key").read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+        assert (load_site_public_key(kits.coordinator / "site-keys" / f"{site}.pub")
+                == load_site_public_key(site_dir / "site.pub"))
+    assert load_site_public_key(kits.sites["A"] / "site.pub") != \
+        load_site_public_key(kits.sites["B"] / "site.pub")
+
+
+def test_kits_load_with_the_commands_readers(kits):
+    coord = load_coordinator_kit(kits.coordinator)
+    assert set(coord.site_keys) == {"A", "B"}
+    assert coord.settings.fleet_address == "0.0.0.0:9092"
+    site = load_site_kit(kits.sites["B"])
+    assert site.settings.site_name == "B"
+    assert site.settings.superlink == "coord.example.org:9092"
+
+
+def test_coordinator_kit_has_a_loadable_federation_template(kits):
+    from fed_unimiss.federation import load_federation, resolve_recipe
+
+    path = kits.coordinator / "federation.yaml"
+    cfg = load_federation(path)
+    assert isinstance(cfg.recipe, str) and Path(cfg.recipe).is_absolute()
+    resolve_recipe(cfg, path)  # the recipe it names exists and loads
+
+
+def test_rerun_refuses_to_overwrite_and_names_the_folder(kits):
+    before = (kits.sites["A"] / "site.key").read_bytes()
+    with pytest.raises(ProvisionError, match="refusing to overwrite.*site-A"):
+        provision(["A", "C"], kits.root)
+    assert (kits.sites["A"] / "site.key").read_bytes() == before
+    assert not (kits.root / "site-C").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("sites, match", [
+    ([], "at least one site"),
+    (["A", "A"], "duplicate site name"),
+    (["bad/name"], "not allowed"),
+    (["-x"], "not allowed"),
+])
+def test_bad_site_lists_are_refused(tmp_path, sites, match):
+    with pytest.raises(ProvisionError, match=match):
+        provision(sites, tmp_path / "k")
+
+
+def test_site_kit_with_a_foreign_key_is_refused(tmp_path):
+    a = provision(["A"], tmp_path / "one")
+    b = provision(["A"], tmp_path / "two")
+    (a.sites["A"] / "site.key").write_bytes((b.sites["A"] / "site.key").read_bytes())
+    with pytest.raises(SiteError, match="does not match") as err:
+        load_site_kit(a.sites["A"])
+    assert err.value.code == EXIT_BAD_INPUT
+
+
+def test_site_kit_with_garbage_ca_is_refused(tmp_path):
+    k = provision(["A"], tmp_path / "k")
+    (k.sites["A"] / "ca.crt").write_text("not a certificate")
+    with pytest.raises(SiteError, match="ca.crt: not a PEM certificate"):
+        load_site_kit(k.sites["A"])
+
+
+def test_coordinator_kit_missing_key_file_is_named(tmp_path):
+    k = provision(["A", "B"], tmp_path / "k")
+    (k.coordinator / "site-keys" / "B.pub").unlink()
+    with pytest.raises(ConfigError, match=r"sites\.B: key file .*B\.pub does not exist"):
+        load_coordinator_kit(k.coordinator)
+
+
+def test_provision_cli_exit_codes(tmp_path, capsys):
+    from fed_unimiss.cli.main import main
+
+    assert main(["provision", "--sites", "A,B", "--out", str(tmp_path / "K"),
+                 "--server-name", "h1,h2"]) == 0
+    assert "site A kit" in capsys.readouterr().out
+    assert main(["provision", "--sites", "A", "--out", str(tmp_path / "K")]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
