@@ -14,6 +14,7 @@ Hence the version pin in :func:`check_flower_version`.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 import uuid
@@ -48,6 +49,17 @@ def check_flower_version(version: str | None = None) -> None:
             f"TaskIdentity and message-id hooks; found flwr {version}. Install flwr>=1.39,<1.40 "
             "or port aggregator/inprocess.py"
         )
+
+
+def load_component(reference: str) -> Any:
+    """Import a Flower component from its ``"module:attribute"`` reference, as Flower does."""
+    module_name, sep, attribute = reference.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f"component reference {reference!r} is not of the form 'module:attr'")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot load component {reference!r}: {e}") from e
 
 
 @dataclass(frozen=True)

@@ -73,9 +73,13 @@ def simulate(config: Path, sites: list[tuple[str, Path]], rounds: int, out: Path
              resume: bool = False, grid_cls: type | None = None,
              dp_flags: dict[str, list[str]] | None = None) -> None:
     """Run the federation in-process; ``grid_cls`` lets tests inject faults into the transport."""
-    from aggregator.inprocess import InProcessGrid, SiteSpec, run_inprocess
+    from aggregator.deploy.fab import CLIENTAPP
+    from aggregator.inprocess import InProcessGrid, SiteSpec, load_component, run_inprocess
     from aggregator.server_app import app as server_app
-    from site_client.client_app import app as client_app
+
+    # The ClientApp is loaded by its component reference, as a SuperNode would: the aggregator
+    # package never imports the site package.
+    client_app = load_component(CLIENTAPP)
 
     out = out.resolve()
     dp = site_dp_configs(config, [name for name, _ in sites], dp_flags or {})  # issue 7
