@@ -5,3 +5,11 @@ PyTorch and never imports flwr: the Flower adapters live in ``site_client`` and 
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # lazy: `import fed_unimiss` stays light (no torch import)
+    if name == "load_pretrained":
+        from fed_unimiss.finetune.load import load_pretrained
+
+        return load_pretrained
+    raise AttributeError(f"module 'fed_unimiss' has no attribute {name!r}")

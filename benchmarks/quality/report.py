@@ -1,0 +1,145 @@
+"""Turn ``WORK/results.json`` of run_quality.py into docs/quality.md's results and a plot.
+
+    python benchmarks/quality/report.py --work /tmp/quality [--doc docs/quality.md]
+
+Writes the table between the ``<!-- quality:begin -->`` / ``<!-- quality:end -->`` markers of
+the doc (the prose around them is kept) and the figure docs/quality.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
+ARMS = ["scratch", "central", "central_teacher", "federated", "central_3d"]
+LABELS = {
+    "scratch": "scratch",
+    "central": "centralized 2D+3D (student)",
+    "central_teacher": "centralized 2D+3D (teacher)",
+    "federated": "federated 2D+3D, 3 non-IID sites",
+    "central_3d": "centralized 3D only",
+}
+CLASSES = ["lung", "liver", "kidney", "bone", "lesion"]
+
+
+def summarise(rows: list[dict]) -> dict[tuple[str, float], dict]:
+    """(arm, fraction) -> mean, sd, n of dice_mean and the per-class means."""
+    out = {}
+    for arm in ARMS:
+        for frac in sorted({r["fraction"] for r in rows}):
+            sel = [r for r in rows if r["arm"] == arm and r["fraction"] == frac]
+            vals = [r["dice_mean"] for r in sel if r["dice_mean"] is not None]
+            if not vals:
+                continue
+            per_class = []
+            for c in range(1, 6):
+                cv = [r["dice_per_class"][c] for r in sel
+                      if len(r["dice_per_class"]) > c and r["dice_per_class"][c] is not None]
+                per_class.append(statistics.mean(cv) if cv else math.nan)
+            out[(arm, frac)] = {
+                "mean": statistics.mean(vals),
+                "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                "n": len(vals),
+                "seeds": [round(v, 3) for v in vals],
+                "per_class": per_class,
+            }
+    return out
+
+
+def markdown(results: dict, summary: dict) -> str:
+    s = results["settings"]
+    fracs = sorted({f for _, f in summary})
+    lines = [
+        f"Measured with `{results['command']}` (wall time "
+        f"{results['wall_seconds'] / 60:.0f} min on 2 shared CPU cores).",
+        "",
+        f"Sizes: pretraining sites A = {s['ct_per_site']} CT, B = {s['xray_per_site']} X-rays, "
+        f"C = {s['ct_per_site']} CT + {s['xray_per_site']} X-rays (phantoms, distinct seeds); "
+        f"{s['pretrain_steps']} optimiser steps per pretraining arm (federated: "
+        f"{results['pretraining']['federated'].get('rounds')} rounds x {s['local_steps']} local "
+        f"steps x 3 sites); seg3d fine-tuning on {s['train_ct']} labelled CT "
+        f"(10 % = {max(1, round(0.1 * s['train_ct']))} volume), validation on {s['val_ct']} CT, "
+        f"{s['epochs']} epochs x {s['steps_per_epoch']} steps, batch 2, patch "
+        f"{'x'.join(map(str, results['patch']))} at {results['ct_spacing']} mm, lr {s['lr']}; "
+        f"seeds {s['seeds']}. Model: micro preset. **This is a small run**: read it as a "
+        "smoke test of the pipeline and of the direction of effects, not as a result.",
+        "",
+        "| init | " + " | ".join(f"Dice @ {int(f * 100)} % labels (mean ± sd, n)" for f in fracs)
+        + " |",
+        "|---|" + "---|" * len(fracs),
+    ]
+    for arm in ARMS:
+        cells = []
+        for f in fracs:
+            m = summary.get((arm, f))
+            cells.append(f"{m['mean']:.3f} ± {m['sd']:.3f} (n={m['n']})" if m else "-")
+        if any(c != "-" for c in cells):
+            lines.append(f"| {LABELS[arm]} | " + " | ".join(cells) + " |")
+    lines += ["", "Per-class Dice at 100 % labels (mean over seeds):", "",
+              "| init | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES)]
+    top = max(fracs)
+    for arm in ARMS:
+        m = summary.get((arm, top))
+        if m:
+            lines.append(f"| {LABELS[arm]} | " + " | ".join(
+                "-" if math.isnan(v) else f"{v:.3f}" for v in m["per_class"]) + " |")
+    lines += ["", "Pretraining wall time (seconds): " + ", ".join(
+        f"{k} {v['pretrain_seconds']:.0f}" for k, v in results["pretraining"].items()
+        if k != "central_teacher") + ".", "", "![Dice by init and label fraction](quality.png)"]
+    return "\n".join(lines)
+
+
+def plot(summary: dict, rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fracs = sorted({f for _, f in summary})
+    arms = [a for a in ARMS if any((a, f) in summary for f in fracs)]
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    width = 0.8 / len(arms)
+    for i, arm in enumerate(arms):
+        xs = [j + (i - (len(arms) - 1) / 2) * width for j in range(len(fracs))]
+        means = [summary.get((arm, f), {}).get("mean", math.nan) for f in fracs]
+        sds = [summary.get((arm, f), {}).get("sd", 0.0) for f in fracs]
+        ax.bar(xs, means, width, yerr=sds, capsize=3, label=LABELS[arm])
+        for x, f in zip(xs, fracs, strict=True):
+            pts = [r["dice_mean"] for r in rows if r["arm"] == arm and r["fraction"] == f]
+            ax.scatter([x] * len(pts), pts, color="black", s=8, zorder=3)
+    ax.set_xticks(range(len(fracs)), [f"{int(f * 100)} % labels" for f in fracs])
+    ax.set_ylabel("validation mean Dice (5 organs)")
+    ax.set_title("seg3d on phantom CT: init vs label fraction (bars: mean ± sd, dots: seeds)")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--doc", type=Path, default=REPO / "docs" / "quality.md")
+    p.add_argument("--png", type=Path, default=REPO / "docs" / "quality.png")
+    a = p.parse_args(argv)
+    results = json.loads((a.work / "results.json").read_text())
+    summary = summarise(results["rows"])
+    plot(summary, results["rows"], a.png)
+    text = a.doc.read_text() if a.doc.exists() else f"# Quality\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        text += f"\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    a.doc.write_text(f"{head}{BEGIN}\n{markdown(results, summary)}\n{END}{tail}")
+    json.dump({f"{k[0]}@{k[1]}": v for k, v in summary.items()}, sys.stdout, indent=1)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

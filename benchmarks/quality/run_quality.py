@@ -1,0 +1,230 @@
+"""Quality benchmark: does (federated) UniMiSS pretraining help a 3D segmentation task?
+
+Arms, all fine-tuned on the same labelled phantom CT set with the same budget, at label fractions
+(default 10 % and 100 %) and seeds (default 0, 1, 2):
+
+- ``scratch``       the micro MiT from random initialisation;
+- ``central``       centralized pretraining on the pooled data of the three sites (2D + 3D);
+- ``federated``     federated pretraining over three non-IID sites - A: CT only, B: X-ray only,
+                    C: both - with the same total number of optimiser steps as ``central``
+                    (rounds x local_steps x 3 sites = central steps);
+- ``central_3d``    centralized pretraining on the CT of the same sites only (3D only), same
+                    steps: 2D+3D vs 3D-only on the 3D task, the paper's central claim;
+- ``central_teacher`` the teacher of ``central`` (student vs teacher as a starting point).
+
+Every step goes through the project's own commands (``fed-unimiss data phantom``,
+``pretrain``, ``simulate``, ``export``, ``finetune``) in subprocesses, so the benchmark
+measures what users run. Results: ``WORK/results.json``; ``report.py`` turns them into the
+section of docs/quality.md and the plot docs/quality.png.
+
+    python benchmarks/quality/run_quality.py --size small --work /tmp/quality   # ~1 h, 2 cores
+    python benchmarks/quality/run_quality.py --size full --work runs/quality    # hours
+    python benchmarks/quality/report.py --work /tmp/quality
+
+Sizes are presets of the flags below (any flag overrides its preset value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "fed_unimiss.cli.main"]
+
+SIZES = {
+    # About an hour on 2 busy shared CPU cores: a smoke-sized version of the experiment.
+    "small": dict(ct_per_site=4, xray_per_site=12, train_ct=8, val_ct=2, pretrain_steps=24,
+                  local_steps=4, epochs=3, steps_per_epoch=4, seeds=[0, 1, 2],
+                  fractions=[0.1, 1.0]),
+    # For a machine with more CPU time: more data, longer pretraining and fine-tuning.
+    "full": dict(ct_per_site=24, xray_per_site=96, train_ct=40, val_ct=10, pretrain_steps=600,
+                 local_steps=10, epochs=30, steps_per_epoch=20, seeds=[0, 1, 2, 3, 4],
+                 fractions=[0.1, 0.25, 1.0]),
+}
+
+# Data grid shared by pretraining and fine-tuning: phantom CT (~1.8 mm pixels, 128^2) at
+# 3 x 3.5 x 3.5 mm is ~37 x 66 x 66 voxels, so sliding-window validation stays cheap on CPU.
+CT_SPACING = [3.0, 3.5, 3.5]
+PATCH = [8, 48, 48]  # = the micro recipe's 3D view (view_depth 8, view_size 48)
+
+
+def _run(cmd: list[str], log: Path) -> float:
+    """Run one project command, its output to ``log``; raise with the log tail on failure."""
+    start = time.perf_counter()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    if proc.returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
+    return time.perf_counter() - start
+
+
+def _phantom(out: Path, ct: int, xray: int, seed: int, labels: bool, logs: Path) -> Path:
+    if not (out / ".done").exists():
+        cmd = [*CLI, "data", "phantom", str(out), "--ct", str(ct), "--xray", str(xray),
+               "--seed", str(seed), "--format", "nifti"] + (["--labels"] if labels else [])
+        _run(cmd, logs / f"phantom-{out.name}.log")
+        (out / ".done").write_text("")
+    return out
+
+
+def make_data(work: Path, a: argparse.Namespace, logs: Path) -> dict[str, Path]:
+    """Three non-IID pretraining sites (+ C split by modality) and the labelled seg3d set."""
+    d = work / "data"
+    sites = {
+        "A": _phantom(d / "siteA", a.ct_per_site, 0, 101, False, logs),  # CT only
+        "B": _phantom(d / "siteB", 0, a.xray_per_site, 102, False, logs),  # X-ray only
+    }
+    # Site C holds both kinds; its CT and X-rays sit in two sub-folders so that the 3D-only arm
+    # can pool exactly the CT the other arms see.
+    _phantom(d / "siteC" / "ct", a.ct_per_site, 0, 103, False, logs)
+    _phantom(d / "siteC" / "xray", 0, a.xray_per_site, 104, False, logs)
+    sites["C"] = d / "siteC"
+    sites["C_ct"] = d / "siteC" / "ct"
+    sites["train"] = _phantom(d / "seg-train", a.train_ct, 0, 201, True, logs)
+    sites["val"] = _phantom(d / "seg-val", a.val_ct, 0, 202, True, logs)
+    return sites
+
+
+def write_configs(work: Path, a: argparse.Namespace) -> tuple[Path, Path, Path]:
+    """The pretraining recipe (micro, at the benchmark's CT spacing), federation and finetune."""
+    recipe = yaml.safe_load((REPO / "configs" / "pretrain" / "micro.yaml").read_text())
+    recipe["data"]["ct_spacing"] = CT_SPACING
+    recipe["ssl"]["steps_per_epoch"] = a.local_steps
+    recipe["ssl"]["epochs"] = max(1, a.pretrain_steps // a.local_steps)
+    recipe["ssl"]["warmup_epochs"] = min(recipe["ssl"]["warmup_epochs"], recipe["ssl"]["epochs"])
+    recipe["ssl"]["checkpoint_every"] = a.pretrain_steps
+    recipe["ssl"]["threads"] = 2
+    recipe_path = work / "pretrain.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    fed = yaml.safe_load((REPO / "configs" / "federation" / "micro.yaml").read_text())
+    fed["recipe"] = str(recipe_path)
+    # Same batches as centralized; each site's schedule spans rounds x local_steps.
+    fed["recipe_overrides"] = {"ssl": {"threads": 1}}
+    fed["local_steps"] = a.local_steps
+    fed["min_sites"] = 3
+    fed["evaluate"] = False
+    fed_path = work / "federation.yaml"
+    fed_path.write_text(yaml.safe_dump(fed, sort_keys=False))
+    ft = {"task": "seg3d", "model": "micro", "num_classes": 6, "epochs": a.epochs,
+          "steps_per_epoch": a.steps_per_epoch, "batch_size": 2, "lr": a.lr,
+          "warmup_steps": 2, "patch_3d": PATCH, "ct_spacing": CT_SPACING,
+          "foreground_prob": 0.5, "sw_overlap": 0.25, "val_every": a.epochs, "threads": 2}
+    ft_path = work / "finetune.yaml"
+    ft_path.write_text(yaml.safe_dump(ft, sort_keys=False))
+    return recipe_path, fed_path, ft_path
+
+
+def pretrain_arms(work: Path, a, sites, recipe: Path, fed: Path, logs: Path) -> dict[str, dict]:
+    """Run the three pretrainings and export them; returns arm -> {dir, seconds}."""
+    out: dict[str, dict] = {}
+    runs = work / "pretrain"
+    jobs = {
+        "central": [*CLI, "pretrain", "--config", str(recipe), "--data", str(sites["A"]),
+                    "--data", str(sites["B"]), "--data", str(sites["C"]),
+                    "--steps", str(a.pretrain_steps), "--no-progress"],
+        "central_3d": [*CLI, "pretrain", "--config", str(recipe), "--data", str(sites["A"]),
+                       "--data", str(sites["C_ct"]), "--steps", str(a.pretrain_steps),
+                       "--no-progress"],
+    }
+    rounds = max(1, a.pretrain_steps // (3 * a.local_steps))
+    jobs["federated"] = [*CLI, "simulate", "--config", str(fed), "--site", f"A={sites['A']}",
+                         "--site", f"B={sites['B']}", "--site", f"C={sites['C']}",
+                         "--rounds", str(rounds)]
+    for arm, cmd in jobs.items():
+        run = runs / arm
+        seconds = None
+        if not (run / ".done").exists():
+            seconds = _run([*cmd, "--out", str(run)], logs / f"pretrain-{arm}.log")
+            (run / ".done").write_text(json.dumps({"seconds": seconds}))
+        seconds = json.loads((run / ".done").read_text())["seconds"]
+        prefix = "global_round_" if arm == "federated" else "ckpt_"
+        ckpt = sorted(run.glob(f"{prefix}*.safetensors"))[-1]
+        which = [("student", arm)] + ([("teacher", "central_teacher")] if arm == "central" else [])
+        for net, name in which:
+            export = work / "exports" / name
+            _run([*CLI, "export", str(ckpt), "--out", str(export), "--which", net],
+                 logs / f"export-{name}.log")
+            out[name] = {"dir": export, "pretrain_seconds": seconds, "checkpoint": ckpt.name}
+    out["federated"]["rounds"] = rounds
+    return out
+
+
+def finetune_all(work: Path, a, sites, ft_cfg: Path, arms: dict, logs: Path) -> list[dict]:
+    rows = []
+    inits = {"scratch": None, **{k: v["dir"] for k, v in arms.items()}}
+    for frac in a.fractions:
+        for seed in a.seeds:
+            for arm, init in inits.items():
+                run = work / "finetune" / f"{arm}-f{frac}-s{seed}"
+                if not (run / "metrics.json").exists():
+                    cmd = [*CLI, "finetune", "--config", str(ft_cfg), "--task", "seg3d",
+                           "--init", str(init) if init else "scratch", "--train",
+                           str(sites["train"]), "--val", str(sites["val"]), "--out", str(run),
+                           "--label-fraction", str(frac), "--seed", str(seed)]
+                    _run(cmd, logs / f"finetune-{run.name}.log")
+                m = json.loads((run / "metrics.json").read_text())
+                rows.append({"arm": arm, "fraction": frac, "seed": seed,
+                             "dice_mean": m["dice_mean"], "dice_per_class": m["dice_per_class"],
+                             "train_items": m["data"]["train_items"],
+                             "train_seconds": sum(h["train_seconds"] for h in m["history"])})
+                print(f"{arm:16s} frac {frac:<5} seed {seed}: dice_mean {m['dice_mean']:.4f}",
+                      flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--work", type=Path, required=True, help="working folder (resumable)")
+    p.add_argument("--ct-per-site", type=int)
+    p.add_argument("--xray-per-site", type=int)
+    p.add_argument("--train-ct", type=int, help="labelled CT volumes for fine-tuning")
+    p.add_argument("--val-ct", type=int, help="labelled CT volumes for validation")
+    p.add_argument("--pretrain-steps", type=int, help="total optimiser steps of every arm")
+    p.add_argument("--local-steps", type=int, help="federated local steps per round")
+    p.add_argument("--epochs", type=int, help="fine-tuning epochs")
+    p.add_argument("--steps-per-epoch", type=int, help="fine-tuning steps per epoch")
+    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning lr (all arms)")
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--fractions", type=float, nargs="+")
+    a = p.parse_args(argv)
+    for key, value in SIZES[a.size].items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    work = a.work.resolve()
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    sites = make_data(work, a, logs)
+    recipe, fed, ft_cfg = write_configs(work, a)
+    arms = pretrain_arms(work, a, sites, recipe, fed, logs)
+    rows = finetune_all(work, a, sites, ft_cfg, arms, logs)
+    settings = {k: (v if not isinstance(v, Path) else str(v)) for k, v in vars(a).items()
+                if k != "work"}
+    results = {
+        "settings": settings,
+        "ct_spacing": CT_SPACING,
+        "patch": PATCH,
+        "pretraining": {k: {kk: vv for kk, vv in v.items() if kk != "dir"}
+                        for k, v in arms.items()},
+        "rows": rows,
+        "wall_seconds": time.perf_counter() - started,
+        "command": "python benchmarks/quality/run_quality.py " + " ".join(argv or sys.argv[1:]),
+    }
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"results in {work / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

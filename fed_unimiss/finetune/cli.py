@@ -1,0 +1,89 @@
+"""``fed-unimiss finetune``: fine-tune an exported model (or a scratch one) on a 2D/3D task."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {value}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "finetune",
+        help="fine-tune a pretrained model on a 2D/3D task",
+        description="Fine-tune on labelled data and write RUN/metrics.json (final validation "
+        "metrics + per-epoch history). Segmentation folders hold NAME.nii.gz + "
+        "NAME_label.nii.gz (or NAME.png + NAME_label.png); classification folders hold "
+        "labels.csv (file,label).",
+    )
+    p.add_argument("--task", choices=("seg3d", "seg2d", "cls3d", "cls2d"), default=None,
+                   help="seg3d: CT organ segmentation; seg2d: 2D segmentation (PNG pairs or CT "
+                   "slices); cls3d/cls2d: CT / X-ray classification (default: from --config)")
+    p.add_argument("--init", required=True, metavar="DIR|scratch",
+                   help="a directory written by `fed-unimiss export`, or 'scratch'")
+    p.add_argument("--train", type=Path, required=True, metavar="DIR",
+                   help="labelled training folder (layouts: docs/researcher-guide.md)")
+    p.add_argument("--val", type=Path, required=True, metavar="DIR",
+                   help="labelled validation folder, evaluated whole (sliding window for seg)")
+    p.add_argument("--out", type=Path, required=True, metavar="RUN",
+                   help="run folder: metrics.json, history.jsonl, finetuned.safetensors")
+    p.add_argument("--config", type=Path, default=None, metavar="YAML",
+                   help="a FinetuneConfig YAML (configs/finetune/*.yaml); flags override it")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs (steps per epoch: the config's steps_per_epoch)")
+    p.add_argument("--label-fraction", type=_fraction, default=None, metavar="F",
+                   help="use a seeded subset of this fraction of the labelled training cases")
+    p.add_argument("--mode", choices=("full", "linear"), default=None,
+                   help="full fine-tuning (the paper's protocol) or a frozen-backbone probe")
+    p.add_argument("--seed", type=int, default=None,
+                   help="picks the label subset, the patches and the new layers' init")
+    p.add_argument("--model", default=None,
+                   help="architecture for --init scratch (preset name or model YAML)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="AdamW learning rate (1e-4 reference; try 1e-3 for linear/scratch)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes incl. background; default: max training label + 1")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fed_unimiss.config import ConfigError, replace
+    from fed_unimiss.data.sample import DataError
+
+    from .config import FinetuneConfig, load_finetune_config
+    from .load import LoadError
+    from .trainer import finetune
+
+    try:
+        cfg = load_finetune_config(args.config) if args.config else FinetuneConfig()
+        cfg = replace(cfg, task=args.task, epochs=args.epochs, label_fraction=args.label_fraction,
+                      mode=args.mode, seed=args.seed, model=args.model, lr=args.lr,
+                      num_classes=args.num_classes)
+        cfg.validate()
+    except (ConfigError, ValueError) as e:
+        log.error("%s", e)
+        return 2
+    init = None if args.init == "scratch" else Path(args.init)
+    try:
+        metrics = finetune(cfg, init, args.train, args.val, args.out)
+    except (DataError, LoadError, ConfigError, FloatingPointError) as e:
+        log.error("%s", e)
+        return 2
+    key = "dice_mean" if cfg.is_segmentation else "auc"
+    print(f"{cfg.task}: final {key} = {metrics.get(key)} -> {args.out / 'metrics.json'}")
+    print(json.dumps({k: metrics[k] for k in metrics if k not in ("history", "config")},
+                     indent=1, default=str)[:2000])
+    return 0

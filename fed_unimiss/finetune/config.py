@@ -1,0 +1,122 @@
+"""``FinetuneConfig``: one downstream fine-tuning run as data (``configs/finetune/*.yaml``).
+
+Loaded with :func:`fed_unimiss.config.load_yaml`; CLI flags override single fields through
+:func:`fed_unimiss.config.replace`. Defaults follow the UniMiSS downstream protocols (full
+fine-tuning, AdamW 1e-4, Dice + CE with deep supervision for segmentation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from fed_unimiss.config import load_yaml
+
+__all__ = ["FinetuneConfig", "load_finetune_config", "TASKS"]
+
+Task = Literal["seg3d", "seg2d", "cls3d", "cls2d"]
+TASKS: tuple[str, ...] = ("seg3d", "seg2d", "cls3d", "cls2d")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Hyper-parameters of one fine-tuning run."""
+
+    # seg3d: CT volume segmentation; seg2d: 2D segmentation (PNG pairs or the axial slices of
+    # CT pairs); cls3d / cls2d: CT volume / X-ray classification from a file,label CSV.
+    task: Task = "seg3d"
+    # Classes including background (segmentation) or label values (classification). null:
+    # max label in the training set + 1 (validation labels beyond it are then an error).
+    num_classes: int | None = None
+    # Architecture when training from scratch (a preset name or a model YAML); ignored with
+    # --init, whose export fixes the architecture.
+    model: str = "small"
+    # "full" fine-tunes everything (the paper's protocol); "linear" freezes the pretrained
+    # backbone and trains only the new layers (a probe of the representation).
+    mode: Literal["full", "linear"] = "full"
+    epochs: int = 50
+    # Optimiser steps per epoch; null = one pass over the (labelled) training items per epoch.
+    steps_per_epoch: int | None = None
+    batch_size: int = 2
+    # AdamW; the reference fine-tunes at 1e-4. Raise it (1e-3) for linear mode or from scratch.
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    # Linear warm-up steps, then cosine to min_lr over the run.
+    warmup_steps: int = 0
+    min_lr: float = 1e-6
+    # Fraction of labelled training cases used (seeded subset; at least one case).
+    label_fraction: float = 1.0
+    seed: int = 0
+    # 3D training patch (D, H, W), also the sliding-window size; at least the micro minimum
+    # (8, 64, 64). Reference pretraining views are 16 x 96 x 96.
+    patch_3d: tuple[int, int, int] = (16, 96, 96)
+    # 2D training crop / sliding window side, and the resize side for cls2d.
+    size_2d: int = 224
+    # CT voxel spacing (z, y, x) mm the volumes are resampled to; null keeps native spacing.
+    ct_spacing: tuple[float, float, float] | None = (3.0, 1.0, 1.0)
+    # CT input = HU / hu_scale, exactly as in pretraining.
+    hu_scale: float = 1024.0
+    # Probability that a training patch is centred on a foreground voxel (nnU-Net uses 1/3);
+    # raise it for tiny organs.
+    foreground_prob: float = 0.33
+    # Random flips of training patches along each in-plane axis.
+    flip_prob: float = 0.5
+    # Sliding-window overlap at validation (0.5 = nnU-Net); lower is faster.
+    sw_overlap: float = 0.5
+    deep_supervision: bool = True
+    ce_weight: float = 1.0
+    dice_weight: float = 1.0
+    # Validate every N epochs (the last epoch is always validated).
+    val_every: int = 1
+    # torch CPU threads; keep at or below the cores you are given.
+    threads: int = 2
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "size_2d", "val_every", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ValueError(f"num_classes: need at least 2 (or null to infer), got "
+                             f"{self.num_classes}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch: must be at least 1 or null, got "
+                             f"{self.steps_per_epoch}")
+        if not 0 < self.label_fraction <= 1:
+            raise ValueError(f"label_fraction: expected a fraction in (0, 1], got "
+                             f"{self.label_fraction}")
+        if any(p < 1 for p in self.patch_3d):
+            raise ValueError(f"patch_3d: every side must be >= 1, got {list(self.patch_3d)}")
+        if self.ct_spacing is not None and any(s <= 0 for s in self.ct_spacing):
+            raise ValueError(f"ct_spacing: expected positive mm values or null, got "
+                             f"{list(self.ct_spacing)}")
+        for name in ("lr", "hu_scale"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        for name in ("weight_decay", "min_lr", "warmup_steps", "ce_weight", "dice_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("foreground_prob", "flip_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}: expected a probability in [0, 1], got "
+                                 f"{getattr(self, name)}")
+        if not 0 <= self.sw_overlap < 1:
+            raise ValueError(f"sw_overlap: expected a value in [0, 1), got {self.sw_overlap}")
+
+    @property
+    def spatial_dims(self) -> int:
+        return 3 if self.task.endswith("3d") else 2
+
+    @property
+    def is_segmentation(self) -> bool:
+        return self.task.startswith("seg")
+
+    @property
+    def input_size(self) -> tuple[int, ...]:
+        """The network input size of training (patch / crop) for this task."""
+        return tuple(self.patch_3d) if self.spatial_dims == 3 else (self.size_2d, self.size_2d)
+
+
+def load_finetune_config(path: str | Path) -> FinetuneConfig:
+    """Read a fine-tuning YAML (errors name the file and the field)."""
+    return load_yaml(FinetuneConfig, path)

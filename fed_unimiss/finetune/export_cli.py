@@ -1,0 +1,49 @@
+"""``fed-unimiss export CKPT --out DIR [--which student|teacher]``: publish a pretrained model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="export a checkpoint as a loadable model",
+        description="Write the MiT backbone of a pretraining checkpoint (ckpt_STEP or "
+        "global_round_NNNN) as DIR/model.safetensors + DIR/config.json, loadable with "
+        "fed_unimiss.load_pretrained(DIR) without Flower. Only aggregate provenance (rounds, "
+        "site labels, sample counts) is written; no paths or site data.",
+    )
+    p.add_argument("checkpoint", type=Path, metavar="CKPT",
+                   help="the checkpoint's .safetensors or .json file")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
+    p.add_argument("--which", choices=("student", "teacher"), default="student",
+                   help="network to export (default student: it was the better fine-tuning "
+                   "start in docs/quality.md; the teacher is the EMA, re-measure after long runs)")
+    p.add_argument("--model-config", type=Path, default=None, metavar="YAML",
+                   help="model YAML, only for checkpoints whose sidecar records no model config")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fed_unimiss.checkpoint import CheckpointError
+    from fed_unimiss.config import ConfigError
+
+    from .export import ExportError, export_checkpoint
+
+    try:
+        cfg = None
+        if args.model_config is not None:
+            from fed_unimiss.models import get_config
+
+            cfg = get_config(args.model_config)
+        out = export_checkpoint(args.checkpoint, args.out, args.which, cfg)
+    except (CheckpointError, ConfigError, ExportError) as e:
+        log.error("%s", e)
+        return 2
+    print(f"exported {args.which} backbone to {out}")
+    return 0
