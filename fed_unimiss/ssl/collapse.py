@@ -72,9 +72,18 @@ def _entropy(p: Tensor) -> Tensor:
 
 @torch.no_grad()
 def collapse_stats(student_out: Sequence[Tensor], teacher_out: Sequence[Tensor], center: Tensor,
-                   student_temp: float, teacher_temp: float) -> CollapseStats:
-    """Collapse indicators of one step from the per-view logits the loss saw."""
-    tp = [F.softmax((t.detach().float() - center) / teacher_temp, dim=-1) for t in teacher_out]
+                   student_temp: float, teacher_temp: float,
+                   teacher_probs: Sequence[Tensor] | None = None) -> CollapseStats:
+    """Collapse indicators of one step from the per-view logits the loss saw.
+
+    ``teacher_probs`` are the targets the loss used, when they are not the centred softmax
+    (Sinkhorn-Knopp centring, :meth:`DINOLoss.teacher_targets`); ``center`` is then unused.
+    """
+    if teacher_probs is not None:
+        tp = [p.detach().float() for p in teacher_probs]
+    else:
+        tp = [F.softmax((t.detach().float() - center) / teacher_temp, dim=-1)
+              for t in teacher_out]
     slog = [F.log_softmax(s.detach().float() / student_temp, dim=-1) for s in student_out]
     per_sample = torch.cat([_entropy(p) for p in tp]).mean()
     batch = _entropy(torch.cat(tp).mean(dim=0))

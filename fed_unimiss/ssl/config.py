@@ -69,6 +69,11 @@ class SSLConfig:
     teacher_temp: float = 0.04
     # Momentum of the one shared center buffer (2D, 3D and slice outputs update it).
     center_momentum: float = 0.9
+    # How the teacher's targets are kept from collapsing: "center" (DINO/UniMiSS, the running
+    # center above) or "sinkhorn" (3 Sinkhorn-Knopp iterations over the batch, DINOv2/SwAV).
+    # "sinkhorn" is a micro-recipe deviation for tiny batches of near-identical phantoms, where
+    # the centred targets drift to uniform; it needs batches > 1, so not with DP-SGD.
+    teacher_centering: Literal["center", "sinkhorn"] = "center"
     # ---- 2D views (X-ray) ----
     # Side of the square 2D crop; 224 reference, small for the micro preset.
     crop_2d: int = 224

@@ -3,7 +3,12 @@
 Follows DINO (Caron et al. 2021, facebookresearch/dino ``DINOLoss``) as used by UniMiSS: the
 teacher's logits are centred (minus a running mean, the *center*) and sharpened (temperature 0.04),
 the student's are softened (0.1), and the loss is the cross-entropy between every teacher view and
-every *other* student view. UniMiSS keeps one center for 2D, 3D and slice-averaged outputs, so a CT
+every *other* student view. ``centering="sinkhorn"`` replaces the centring of the teacher by three
+Sinkhorn-Knopp iterations over the batch (SwAV / DINOv2 ``sinkhorn_knopp_teacher``): the targets of
+a batch are forced to use the prototypes evenly, so they cannot all drift to the same (uniform or
+one-hot) distribution. It is a micro-recipe option for tiny batches (docs/pretraining.md); it mixes
+the samples of a batch in the targets, so it is not for DP-SGD, whose per-sample losses see a
+batch of one. UniMiSS keeps one center for 2D, 3D and slice-averaged outputs, so a CT
 step calls the loss four times and moves the center four times (as the reference does).
 
 Differences to the DINO code: views arrive as a list of per-view tensors (never one concatenated
@@ -19,7 +24,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DINOLoss"]
+__all__ = ["DINOLoss", "sinkhorn_knopp", "CENTERINGS"]
+
+CENTERINGS = ("center", "sinkhorn")
+
+
+@torch.no_grad()
+def sinkhorn_knopp(logits: Tensor, temp: float, iterations: int = 3) -> Tensor:
+    """Balanced soft assignment of a batch (B, K) of logits to K prototypes, rows sum to 1.
+
+    Alternately normalises the prototype marginals to 1/K and the sample marginals to 1/B,
+    starting from softmax(logits / temp). The maximum is subtracted first (exp overflows
+    otherwise at temperature 0.04).
+    """
+    scores = logits.detach().float() / temp
+    q = torch.exp(scores - scores.max()).t()  # (K, B)
+    q = q / q.sum()
+    k, b = q.shape
+    for _ in range(iterations):
+        q = q / q.sum(dim=1, keepdim=True).clamp_min(1e-30) / k
+        q = q / q.sum(dim=0, keepdim=True).clamp_min(1e-30) / b
+    return (q * b).t()
 
 
 class DINOLoss(nn.Module):
@@ -30,22 +55,30 @@ class DINOLoss(nn.Module):
         student_temp: student softmax temperature (0.1).
         teacher_temp: teacher softmax temperature (0.04).
         center_momentum: EMA momentum of the center (0.9).
+        centering: ``"center"`` (DINO / UniMiSS) or ``"sinkhorn"`` (see the module docstring).
+        sinkhorn_iterations: Sinkhorn-Knopp iterations (DINOv2 uses 3).
 
     The center is a registered buffer of shape (1, out_dim), so it is part of ``state_dict``,
     checkpointed, and - in a federation - aggregated like a shared tensor.
     """
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, teacher_temp: float = 0.04,
-                 center_momentum: float = 0.9) -> None:
+                 center_momentum: float = 0.9, centering: str = "center",
+                 sinkhorn_iterations: int = 3) -> None:
         super().__init__()
+        if centering not in CENTERINGS:
+            raise ValueError(f"centering: expected one of {CENTERINGS}, got {centering!r}")
         self.out_dim = out_dim
         self.student_temp = student_temp
         self.teacher_temp = teacher_temp
         self.center_momentum = center_momentum
+        self.centering = centering
+        self.sinkhorn_iterations = sinkhorn_iterations
+        # Kept (and still updated) with Sinkhorn-Knopp too: it is exchanged state either way.
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def teacher_probs(self, teacher_logits: Tensor) -> Tensor:
-        """Centred and sharpened teacher distribution, gradient stopped."""
+        """Centred and sharpened teacher distribution of one view, gradient stopped."""
         return F.softmax((teacher_logits.detach() - self.center) / self.teacher_temp, dim=-1)
 
     def forward(self, student_out: Sequence[Tensor], teacher_out: Sequence[Tensor],
@@ -63,7 +96,7 @@ class DINOLoss(nn.Module):
                              f"views, got {len(student_out)} and {len(teacher_out)}")
         total = student_out[0].new_zeros(())
         n_terms = 0
-        teacher_p = [self.teacher_probs(t) for t in teacher_out]
+        teacher_p = self.teacher_targets(teacher_out)
         for i, q in enumerate(teacher_p):
             for j, s in enumerate(student_out):
                 if i == j:  # the same view on both sides teaches nothing
@@ -74,6 +107,20 @@ class DINOLoss(nn.Module):
         if update_center:
             self.update_center(teacher_out)
         return total / n_terms
+
+    @torch.no_grad()
+    def teacher_targets(self, teacher_out: Sequence[Tensor]) -> list[Tensor]:
+        """The per-view target distributions the loss uses (centred softmax or Sinkhorn-Knopp).
+
+        Sinkhorn-Knopp balances all views of the call together, as DINOv2 does for its global
+        crops; the plain path centres each view with the running center.
+        """
+        if self.centering == "center":
+            return [self.teacher_probs(t) for t in teacher_out]
+        sizes = [t.shape[0] for t in teacher_out]
+        q = sinkhorn_knopp(torch.cat(list(teacher_out)), self.teacher_temp,
+                           self.sinkhorn_iterations)
+        return list(q.to(teacher_out[0].dtype).split(sizes))
 
     @torch.no_grad()
     def update_center(self, teacher_out: Sequence[Tensor]) -> None:

@@ -111,7 +111,8 @@ class SelfDistillation:
             p.requires_grad_(False)  # there is no backpropagation through the teacher
         # ---- loss with the shared center ----
         self.loss_fn = DINOLoss(recipe.model.head_out_dim, recipe.ssl.student_temp,
-                                recipe.ssl.teacher_temp, recipe.ssl.center_momentum).to(self.device)
+                                recipe.ssl.teacher_temp, recipe.ssl.center_momentum,
+                                centering=recipe.ssl.teacher_centering).to(self.device)
         # ---- optimizer ----
         self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=0.0, weight_decay=0.0)
         self._names_3d = [n for n, _ in self.student.named_parameters() if dimension_of(n) == "3d"]

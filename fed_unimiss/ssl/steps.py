@@ -63,9 +63,11 @@ def xray_step_loss(student: nn.Module, teacher: nn.Module, loss_fn: DINOLoss,
     """Plain two-view DINO loss of an X-ray batch; ``views`` are [(B, 3, S, S)] x 2."""
     center = loss_fn.center.clone()
     t_out = _teacher_views(teacher, views)
+    targets = loss_fn.teacher_targets(t_out)  # before the loss moves the center
     s_out = [student(v) for v in views]  # one forward per view, batch = samples
     loss = loss_fn(s_out, t_out, update_center=update_center)
-    stats = collapse_stats(s_out, t_out, center, loss_fn.student_temp, loss_fn.teacher_temp)
+    stats = collapse_stats(s_out, t_out, center, loss_fn.student_temp, loss_fn.teacher_temp,
+                           targets)
     return StepOutput(loss, {"loss_2d": float(loss.detach())}, stats)
 
 
@@ -81,6 +83,7 @@ def ct_step_loss(student: nn.Module, teacher: nn.Module, loss_fn: DINOLoss, view
     with torch.no_grad():
         t_vol = _teacher_views(teacher, views)
         t_slc = list(slice_logits(teacher, torch.cat(views)).chunk(len(views)))
+    targets = loss_fn.teacher_targets(t_vol)  # before the loss moves the center
     s_vol = [student(v) for v in views]
     s_slc = [slice_logits(student, v, per_sample_safe) for v in views]
     terms = {
@@ -90,7 +93,8 @@ def ct_step_loss(student: nn.Module, teacher: nn.Module, loss_fn: DINOLoss, view
         "loss_volume_slice": loss_fn(s_vol, t_slc, update_center=update_center),
     }
     loss = sum(terms.values())
-    stats = collapse_stats(s_vol, t_vol, center, loss_fn.student_temp, loss_fn.teacher_temp)
+    stats = collapse_stats(s_vol, t_vol, center, loss_fn.student_temp, loss_fn.teacher_temp,
+                           targets)
     parts = {k: float(v.detach()) for k, v in terms.items()}
     parts["loss_3d"] = float(loss.detach())
     return StepOutput(loss, parts, stats)

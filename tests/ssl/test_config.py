@@ -40,6 +40,7 @@ def test_preset_plus_overrides():
     ({"ssl": {"teacher_tmp": 0.04}}, "recipe.ssl.teacher_tmp"),
     ({"ssl": {"batch_size_2d": 0}}, "batch_size_2d"),
     ({"ssl": {"intensity_mode": "voxel"}}, "recipe.ssl.intensity_mode"),
+    ({"ssl": {"teacher_centering": "mean"}}, "recipe.ssl.teacher_centering"),
     ({"model": {"preset": "huge"}}, "recipe.model.preset"),
     ({"optim": {}}, "recipe.optim"),
     ({"ssl": {"view_depth": 30}}, "ssl.view_depth"),

@@ -65,3 +65,37 @@ def test_center_is_a_buffer_in_the_state_dict():
 def test_mismatched_views_are_rejected():
     with pytest.raises(ValueError, match="same number"):
         DINOLoss(8)([torch.zeros(2, 8)] * 2, [torch.zeros(2, 8)] * 3)
+
+
+def test_sinkhorn_targets_are_balanced_and_sample_dependent():
+    g = torch.Generator().manual_seed(1)
+    common = torch.randn(1, 16, generator=g) * 0.3  # a large shared component, as at init
+    teacher = [common + 0.05 * torch.randn(8, 16, generator=g) for _ in range(2)]
+    loss_fn = DINOLoss(16, centering="sinkhorn", sinkhorn_iterations=50)
+    q = torch.cat(loss_fn.teacher_targets(teacher))
+    torch.testing.assert_close(q.sum(dim=1), torch.ones(16))  # one distribution per sample
+    # ... whose prototype usage is balanced (1/K each) although the logits share a common peak,
+    torch.testing.assert_close(q.mean(dim=0), torch.full((16,), 1 / 16), atol=1e-3, rtol=0)
+    # ... unlike the centred softmax with a fresh (zero) center, which puts everything on it.
+    plain = torch.cat(DINOLoss(16).teacher_targets(teacher))
+    assert plain.mean(dim=0).max() > 0.9
+    # The Sinkhorn path still moves the (exchanged) center.
+    student = [torch.randn(8, 16, generator=g) for _ in range(2)]
+    loss_fn(student, teacher)
+    assert loss_fn.center.abs().sum() > 0
+
+
+def test_sinkhorn_matches_the_loss_targets():
+    g = torch.Generator().manual_seed(2)
+    student = [torch.randn(4, 8, generator=g) for _ in range(2)]
+    teacher = [torch.randn(4, 8, generator=g) for _ in range(2)]
+    loss_fn = DINOLoss(8, centering="sinkhorn")
+    q = loss_fn.teacher_targets(teacher)
+    expected = sum((-(q[i] * F.log_softmax(student[1 - i] / 0.1, dim=-1)).sum(-1)).mean()
+                   for i in range(2)) / 2
+    torch.testing.assert_close(loss_fn(student, teacher, update_center=False), expected)
+
+
+def test_unknown_centering_is_rejected():
+    with pytest.raises(ValueError, match="centering"):
+        DINOLoss(8, centering="mean")
