@@ -99,6 +99,10 @@ def _status(args: argparse.Namespace) -> int:
     print(f"  sites seen:  {', '.join(summary['sites_seen']) or 'none yet'}")
     print(f"  last loss:   {loss:.4f}" if isinstance(loss, (int, float)) else "  last loss:   -")
     print(f"  last run:    {summary['run_id'] or '-'} ({summary['status']})")
+    eps = summary.get("epsilon") or {}
+    spent = ", ".join(f"{site} {value:.3f}" for site, value in eps.items())
+    print(f"  DP epsilon:  {spent} (per patient, spent so far)" if spent
+          else "  DP epsilon:  - (no site reported differential privacy)")
     return 0
 
 
@@ -133,7 +137,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "seconds (default 600)")
     s.set_defaults(func=_start)
 
-    st = sub.add_parser("status", help="rounds done, sites seen, last loss of a RUN folder")
+    st = sub.add_parser("status", help="rounds done, sites seen, last loss, DP epsilon spent per site of a RUN folder")
     which = st.add_mutually_exclusive_group(required=True)
     which.add_argument("--out", help="the RUN folder given to `aggregator start`")
     which.add_argument("--kit", help="the coordinator kit: show its latest RUN")

@@ -230,10 +230,17 @@ superlink: "{superlink}"
 state_dir: "state"
 # How long to keep trying to reach the coordinator at start-up before giving up, in seconds.
 connect_timeout_s: 60
-# Differential privacy (issue 7) settings go here once enabled, e.g.:
-# privacy:
-#   enabled: true
-#   epsilon_budget: 8.0
+# Differential privacy (issue 7, docs/privacy.md): off unless enabled here or with
+# `site start --dp-epsilon E` (the --dp-* flags override these values). The guarantee is
+# (target_epsilon, target_delta)-DP per patient at this site, over the whole federation; once
+# spent, the site refuses further rounds. Fields: fed_unimiss/privacy/config.py.
+privacy:
+  enabled: false
+  target_epsilon: 8.0       # total budget per patient; smaller = more private, more noise
+  target_delta: 1.0e-5      # keep well below 1 / number of patients
+  max_grad_norm: 1.0        # per-patient L2 gradient clip
+  planned_rounds: 10        # rounds the budget is calibrated for
+  patients_per_step: 4.0    # expected patients per DP step
 """
 
 

@@ -54,6 +54,11 @@ class FederationConfig:
     # Issue 7: dp-* node config (e.g. {dp-epsilon: 8, dp-delta: 1e-5}) that every SIMULATED site
     # starts with (simulate/demo only; a deployed site sets its own with `site start --dp-...`).
     site_privacy: dict[str, Any] | None = None
+    # Issue 7: accept updates from differentially private sites only. Every train instruction
+    # says so; a site without DP refuses (error 5103) rather than release a non-private update,
+    # and a reply without the `epsilon` a DP site reports is rejected. The aggregator cannot
+    # verify DP: it trusts each site's report (docs/privacy.md, "Required DP").
+    require_dp: bool = False
 
     def validate(self) -> None:
         if self.local_steps < 1:

@@ -7,7 +7,14 @@ import logging
 import sys
 from pathlib import Path
 
-from site_client.supernode import SiteError, check_site_data, load_site_kit, run_supernode
+from site_client.supernode import (
+    DP_FLAG_FIELDS,
+    SiteError,
+    check_site_data,
+    load_site_kit,
+    run_supernode,
+    site_privacy_settings,
+)
 
 __all__ = ["register"]
 
@@ -17,16 +24,24 @@ log = logging.getLogger(__name__)
 def _start(args: argparse.Namespace) -> int:
     try:
         kit = load_site_kit(args.kit)
+        privacy = site_privacy_settings(kit, {k: getattr(args, k, None) for k in DP_FLAG_FIELDS})
         summary = check_site_data(args.data)
         print(f"site {kit.settings.site_name}: data ok: {summary['ct_volumes']} CT volume(s), "
               f"{summary['xrays']} X-ray(s), {summary['rejected']} file(s) skipped "
               "(run `fed-unimiss data check` for details)", flush=True)
+        if privacy.enabled:
+            print(f"site {kit.settings.site_name}: differential privacy on: epsilon "
+                  f"{privacy.target_epsilon:g} per patient over the whole federation, delta "
+                  f"{privacy.target_delta:g}, clip {privacy.max_grad_norm:g}", flush=True)
+        else:
+            print(f"site {kit.settings.site_name}: differential privacy off "
+                  "(--dp-epsilon E turns it on)", flush=True)
         if args.check_only:
             return 0
         return run_supernode(
             kit, Path(args.data), superlink=args.superlink,
             state_dir=Path(args.state_dir) if args.state_dir else None,
-            clientapp_port=args.clientapp_port,
+            clientapp_port=args.clientapp_port, privacy=privacy,
         )
     except SiteError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -56,4 +71,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "default: a free one")
     s.add_argument("--check-only", action="store_true",
                    help="check the kit and the data, then exit without connecting")
+    dp = s.add_argument_group(
+        "differential privacy (issue 7, docs/privacy.md)",
+        "Override the privacy section of the kit's site.yaml. The guarantee is per patient at "
+        "this site, cumulative over every round and restart; the budget ledger lives in the "
+        "state dir. Once spent, the site refuses further rounds.")
+    dp.add_argument("--dp-epsilon", type=float, metavar="E",
+                    help="turn DP on with this total epsilon per patient (e.g. 8)")
+    dp.add_argument("--dp-delta", type=float, metavar="D",
+                    help="target delta, well below 1/patients (default 1e-5)")
+    dp.add_argument("--dp-clip", type=float, metavar="C",
+                    help="per-patient L2 gradient clip (default 1.0)")
+    dp.add_argument("--dp-noise-multiplier", type=float, metavar="S",
+                    help="fixed noise multiplier (default: calibrated from the target)")
+    dp.add_argument("--dp-planned-rounds", type=int, metavar="N",
+                    help="rounds the budget is spread over (default 10)")
+    dp.add_argument("--dp-patients-per-step", type=float, metavar="K",
+                    help="expected patients per DP step (default 4)")
     s.set_defaults(func=_start)

@@ -19,7 +19,13 @@ from flwr.clientapp import ClientApp
 
 from fed_unimiss import exchange as ex
 from site_client.local_state import SiteState
-from site_client.privacy_ledger import dp_evaluate, dp_train, site_privacy
+from site_client.privacy_ledger import (
+    dp_evaluate,
+    dp_required,
+    dp_train,
+    refuse_without_dp,
+    site_privacy,
+)
 
 __all__ = ["app"]
 
@@ -77,6 +83,8 @@ def train(msg: Message, context: Context) -> Message:
         privacy = site_privacy(context.node_config)
         if privacy is not None:
             return dp_train(msg, context, privacy)
+        if dp_required(msg):  # federation require_dp: never release a non-private update
+            return refuse_without_dp(msg)
         trainer, site, data, job = _setup(msg, context)
         label = site.site_name or f"node-{context.node_id}"
         torch.manual_seed(ex.site_seed(job["seed"], job[ex.ROUND], label))

@@ -31,6 +31,8 @@ from fed_unimiss.config import ConfigError, from_dict
 from fed_unimiss.privacy import (
     DP_REFUSED,
     EPSILON,
+    ERROR_DP_REQUIRED,
+    REQUIRE_DP,
     DPSelfDistillation,
     LedgerError,
     PrivacyConfig,
@@ -41,8 +43,8 @@ from fed_unimiss.privacy import (
 )
 from site_client.local_state import SiteState
 
-__all__ = ["NODE_KEYS", "ERROR_LEDGER", "ERROR_DP_EVALUATE", "site_privacy", "dp_train",
-           "dp_evaluate"]
+__all__ = ["NODE_KEYS", "ERROR_LEDGER", "ERROR_DP_EVALUATE", "site_privacy",
+           "privacy_node_config", "dp_required", "refuse_without_dp", "dp_train", "dp_evaluate"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ NODE_KEYS: dict[str, str] = {
     "dp-patients-per-step": "patients_per_step",
     "dp-center": "center",
     "dp-accountant": "accountant",
+    "dp-center-clip": "center_clip",
+    "dp-secure-mode": "secure_mode",
 }
 
 
@@ -86,6 +90,38 @@ def site_privacy(node_config: Mapping[str, Any]) -> PrivacyConfig | None:
             value = int(value)
         values[field] = value
     return from_dict(PrivacyConfig, values, where="node config (dp-*)")
+
+
+def privacy_node_config(privacy: PrivacyConfig | None) -> dict[str, Any]:
+    """The dp-* node config keys that make :func:`site_privacy` return ``privacy`` again.
+
+    Empty when ``privacy`` is None or disabled (the site trains without DP). ``site start``
+    writes these into the SuperNode's node config file; the ClientApp reads them back per message.
+    """
+    if privacy is None or not privacy.enabled:
+        return {}
+    privacy.validate()
+    out: dict[str, Any] = {}
+    for key, field in NODE_KEYS.items():
+        value = getattr(privacy, field)
+        if value is not None:  # noise_multiplier None = calibrate: the key is simply absent
+            out[key] = value
+    return out
+
+
+def dp_required(msg: Message) -> bool:
+    """True when the instruction says the federation accepts DP updates only (``require_dp``)."""
+    config = msg.content.config_records.get(ex.CONFIG)
+    return config is not None and bool(config.get(REQUIRE_DP, False))
+
+
+def refuse_without_dp(msg: Message) -> Message:
+    """Reply of a non-DP site to a federation that requires DP: nothing trained, nothing sent."""
+    log.warning("the federation requires differential privacy and this site has none "
+                "configured: refusing to train. Restart the site with --dp-epsilon E (or a "
+                "privacy section in site.yaml) to take part.")
+    return Message(Error(ERROR_DP_REQUIRED, "federation requires differential privacy; this "
+                         "site trains without it and refuses"), reply_to=msg)
 
 
 def _metrics_reply(msg: Message, site: SiteState, metrics: dict[str, Any],

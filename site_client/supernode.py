@@ -25,17 +25,19 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fed_unimiss.config import ConfigError, load_yaml
+from fed_unimiss.config import ConfigError, from_dict, load_yaml, to_dict
 from fed_unimiss.exchange import NODE_DATA_PATH, NODE_SITE_NAME, NODE_STATE_DIR
+from fed_unimiss.privacy.config import PrivacyConfig
+from fed_unimiss.processes import terminate_pids
 
 __all__ = [
     "SiteSettings",
@@ -44,6 +46,8 @@ __all__ = [
     "load_site_kit",
     "check_site_data",
     "supernode_command",
+    "site_privacy_settings",
+    "site_node_config",
     "diagnose_supernode_log",
     "run_supernode",
     "EXIT_BAD_INPUT",
@@ -78,6 +82,9 @@ class SiteSettings:
     state_dir: str = "state"
     # Seconds to keep trying to reach the coordinator before giving up with exit code 3.
     connect_timeout_s: float = 60.0
+    # Differential privacy of everything this site sends (issue 7, docs/privacy.md); off unless
+    # `privacy.enabled: true` here or `site start --dp-epsilon E`. The flags override this.
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def validate(self) -> None:
         if not self.site_name:
@@ -87,6 +94,10 @@ class SiteSettings:
             raise ValueError(f"superlink: expected HOST:PORT, got {self.superlink!r}")
         if self.connect_timeout_s <= 0:
             raise ValueError("connect_timeout_s: must be positive")
+        try:
+            self.privacy.validate()
+        except ValueError as e:
+            raise ValueError(f"privacy.{e}") from None
 
 
 @dataclass(frozen=True)
@@ -167,6 +178,65 @@ def check_site_data(data: str | Path) -> dict[str, int]:
     return summary
 
 
+# ---------------------------------------------------------------- privacy and node config
+
+# ``site start`` flag (argparse dest) -> PrivacyConfig field; ``--dp-epsilon`` also turns DP on.
+DP_FLAG_FIELDS: dict[str, str] = {
+    "dp_epsilon": "target_epsilon",
+    "dp_delta": "target_delta",
+    "dp_clip": "max_grad_norm",
+    "dp_noise_multiplier": "noise_multiplier",
+    "dp_planned_rounds": "planned_rounds",
+    "dp_patients_per_step": "patients_per_step",
+}
+
+
+def site_privacy_settings(kit: SiteKit, flags: dict[str, Any] | None = None) -> PrivacyConfig:
+    """The site's PrivacyConfig: site.yaml's ``privacy`` section with the ``--dp-*`` flags on top.
+
+    ``flags`` maps argparse dests (``dp_epsilon``, ...) to values; None = flag not given.
+
+    Raises:
+        SiteError: (code 2) a DP flag other than --dp-epsilon given while DP is off, or a value
+            out of range (the message names the flag and the file).
+    """
+    given = {k: v for k, v in (flags or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(DP_FLAG_FIELDS))
+    if unknown:
+        raise SiteError(f"unknown privacy flag {unknown[0]!r}", EXIT_BAD_INPUT)
+    base = kit.settings.privacy
+    values = to_dict(base)
+    values.update({DP_FLAG_FIELDS[k]: v for k, v in given.items()})
+    if "dp_epsilon" in given:
+        values["enabled"] = True
+    if not values["enabled"] and given:
+        flag = "--" + sorted(given)[0].replace("_", "-")
+        raise SiteError(f"{flag} given but differential privacy is off for this site: add "
+                        f"--dp-epsilon E, or set privacy.enabled: true in {kit.root / 'site.yaml'}",
+                        EXIT_BAD_INPUT)
+    try:
+        return from_dict(PrivacyConfig, values, where=f"{kit.root / 'site.yaml'} privacy + flags")
+    except ConfigError as e:
+        raise SiteError(str(e), EXIT_BAD_INPUT) from e
+
+
+def site_node_config(kit: SiteKit, data: Path, state: Path,
+                     privacy: PrivacyConfig | None = None) -> dict[str, Any]:
+    """The SuperNode's node config: data path, state dir, site name and the dp-* keys.
+
+    The ClientApp reads it back with ``site_client.privacy_ledger.site_privacy`` for every
+    message; it stays on the site's machine (Flower never sends node config to the SuperLink).
+    """
+    from site_client.privacy_ledger import privacy_node_config  # imports flwr: only when run
+
+    return {
+        NODE_DATA_PATH: str(Path(data).resolve()),
+        NODE_STATE_DIR: str(state),
+        NODE_SITE_NAME: kit.settings.site_name,
+        **privacy_node_config(privacy),
+    }
+
+
 # ---------------------------------------------------------------- the SuperNode process
 
 
@@ -218,40 +288,6 @@ def diagnose_supernode_log(text: str, site: str, superlink: str) -> tuple[str, i
     return None
 
 
-def _end_session(pid: int, grace_s: float = 5.0) -> None:
-    """SIGTERM then SIGKILL every process in ``pid``'s session (SuperNode, SuperExec, ClientApps).
-
-    The SuperNode is started with ``start_new_session``, so its session id is its PID and every
-    ``flwr-clientapp`` it spawns inherits it, even once orphaned.
-    """
-    def members() -> list[int]:
-        found = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                raw = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = raw[raw.rfind(")") + 2:].split()
-            if int(fields[3]) == pid and fields[0] != "Z":
-                found.append(int(entry))
-        return found
-
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 1.0)):
-        targets = members()
-        if not targets:
-            return
-        for p in targets:
-            try:
-                os.kill(p, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and members():
-            time.sleep(0.1)
-
-
 def _on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -290,7 +326,9 @@ def _run_once(cmd: list[str], env: dict[str, str], state: Path, log_path: Path) 
                     code = 1
                 break
     finally:
-        _end_session(proc.pid)
+        # SIGTERM the SuperNode, then whatever of its session (SuperExec, orphaned
+        # flwr-clientapp processes) is left; SIGKILL after the grace period.
+        terminate_pids([proc.pid], grace_s=5.0)
         (state / "supernode.pid").unlink(missing_ok=True)
     return code, _read_from(log_path, start)
 
@@ -301,8 +339,12 @@ def run_supernode(
     superlink: str | None = None,
     state_dir: Path | None = None,
     clientapp_port: int | None = None,
+    privacy: PrivacyConfig | None = None,
 ) -> int:
     """Run the site's SuperNode until we are stopped; returns the exit code.
+
+    ``privacy`` (from :func:`site_privacy_settings`; default: site.yaml's section alone) is
+    written into the node config, so every ClientApp process of this site trains under it.
 
     A SuperNode that loses a coordinator it was connected to (the coordinator restarted, the
     network dropped) is started again, so a resumed run finds its sites; one that cannot
@@ -317,12 +359,14 @@ def run_supernode(
     os.chmod(state, 0o700)
     logs = state / "logs"
     logs.mkdir(exist_ok=True)
+    if privacy is None:
+        privacy = site_privacy_settings(kit)
     node_config = state / "node-config.toml"
-    node_config.write_bytes(tomli_w.dumps({
-        NODE_DATA_PATH: str(Path(data).resolve()),
-        NODE_STATE_DIR: str(state),
-        NODE_SITE_NAME: kit.settings.site_name,
-    }).encode())
+    node_config.write_bytes(tomli_w.dumps(site_node_config(kit, data, state, privacy)).encode())
+    if privacy.enabled:
+        log.info("site %s: differential privacy on (epsilon %g, delta %g, clip %g); budget "
+                 "ledger in %s", kit.settings.site_name, privacy.target_epsilon,
+                 privacy.target_delta, privacy.max_grad_norm, state)
     env = dict(os.environ)
     env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                 "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",

@@ -4,7 +4,8 @@ RUN layout written here (next to what the ServerApp writes: checkpoints and roun
 
     RUN/logs/superlink.log   SuperLink, SuperExec and ServerApp output
     RUN/pids/*.pid           PIDs of our children, so a crashed coordinator's leftovers are found
-    RUN/logs/serverapp.log   the ServerApp's own log, fetched over the Control API
+    RUN/logs/serverapp.log   the ServerApp's log: Flower's part fetched over the Control API,
+                             ours (aggregator.*, fed_unimiss.*) written by the ServerApp itself
     RUN/.flwr/               private FLWR_HOME (nothing is written to ~/.flwr)
     RUN/aggregator.json      the latest run id and its final status
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -38,7 +40,7 @@ from fed_unimiss.checkpoint import atomic_write_json
 from fed_unimiss.exchange import RUN_CONFIG, RUN_OUT, RUN_RESUME, RUN_ROUNDS
 
 __all__ = ["AggregatorOptions", "RunOutcome", "RoundsTail", "run_aggregator", "run_summary",
-           "read_rounds", "last_run_of_kit"]
+           "epsilon_spent", "read_rounds", "last_run_of_kit"]
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +141,7 @@ def run_summary(out: str | Path) -> dict[str, Any]:
     sites: set[str] = set()
     for r in rows:
         sites.update(str(s) for s in r.get("sites", []) or [])
+    epsilon = epsilon_spent(rows)
     state: dict[str, Any] = {}
     if (out / STATE_FILE).exists():
         try:
@@ -153,7 +156,25 @@ def run_summary(out: str | Path) -> dict[str, Any]:
         "run_id": state.get("run_id"),
         "status": state.get("status", "never started" if not rows else "unknown"),
         "rounds_target": state.get("rounds"),
+        "epsilon": epsilon,
     }
+
+
+def epsilon_spent(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per DP site, the latest epsilon it reported (cumulative, so the latest is the total).
+
+    Read from the ``epsilon`` map of each rounds.jsonl row; malformed entries are skipped.
+    """
+    spent: dict[str, float] = {}
+    for row in rows:
+        eps = row.get("epsilon")
+        if not isinstance(eps, dict):
+            continue
+        for site, value in eps.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and math.isfinite(value):
+                spent[str(site)] = float(value)
+    return dict(sorted(spent.items()))
 
 
 def _register_sites(client: ControlClient, kit: CoordinatorKit) -> None:

@@ -7,49 +7,86 @@
 - :class:`DPSelfDistillation` the self-distillation engine with DP-SGD on the student.
 
 The guarantee and every choice behind it are in docs/privacy.md. Nothing here imports flwr.
+
+The config and the reply vocabulary are imported eagerly (stdlib only); everything that needs
+torch or Opacus is imported on first use (PEP 562), so ``fed-unimiss site start`` can read a
+site's privacy settings without paying ~10 s of torch/Opacus import before its kit checks.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from .config import CENTER_FROZEN, CENTER_GAUSSIAN, PrivacyConfig
-from .dp_sgd import DPSGD, noised_mean, per_sample_gradients
-from .ledger import (
-    LEDGER_FILE,
-    LedgerError,
-    PrivacyLedger,
-    RoundPlan,
-    accounted_multiplier,
-    calibrate_noise_multiplier,
-    epsilon_of,
+from .report import (
+    DP_REFUSED,
+    EPSILON,
+    ERROR_DP_REQUIRED,
+    REQUIRE_DP,
+    privacy_refusal,
+    reported_epsilon,
 )
-from .report import DP_REFUSED, EPSILON, privacy_refusal
-from .sampling import PatientPoissonSampler, sample_rate_for
-from .trainer import (
-    DPSelfDistillation,
-    check_dp_recipe,
-    public_train_metrics,
-    site_sample_rate,
-)
+
+# public name -> submodule that defines it (imported lazily)
+_LAZY = {
+    "DPSGD": "dp_sgd",
+    "noised_mean": "dp_sgd",
+    "per_sample_gradients": "dp_sgd",
+    "LEDGER_FILE": "ledger",
+    "LedgerError": "ledger",
+    "PrivacyLedger": "ledger",
+    "RoundPlan": "ledger",
+    "accounted_multiplier": "ledger",
+    "calibrate_noise_multiplier": "ledger",
+    "clear_accounting_cache": "ledger",
+    "epsilon_of": "ledger",
+    "PatientPoissonSampler": "sampling",
+    "sample_rate_for": "sampling",
+    "DPSelfDistillation": "trainer",
+    "check_dp_recipe": "trainer",
+    "public_train_metrics": "trainer",
+    "site_sample_rate": "trainer",
+}
 
 __all__ = [
     "CENTER_FROZEN",
     "CENTER_GAUSSIAN",
-    "DP_REFUSED",
     "DPSGD",
     "DPSelfDistillation",
+    "DP_REFUSED",
     "EPSILON",
+    "ERROR_DP_REQUIRED",
     "LEDGER_FILE",
     "LedgerError",
     "PatientPoissonSampler",
     "PrivacyConfig",
     "PrivacyLedger",
+    "REQUIRE_DP",
     "RoundPlan",
     "accounted_multiplier",
     "calibrate_noise_multiplier",
     "check_dp_recipe",
+    "clear_accounting_cache",
     "epsilon_of",
     "noised_mean",
     "per_sample_gradients",
     "privacy_refusal",
     "public_train_metrics",
+    "reported_epsilon",
     "sample_rate_for",
     "site_sample_rate",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

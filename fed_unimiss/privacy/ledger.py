@@ -23,6 +23,7 @@ The file holds only numbers (noise multipliers, sampling rates, step counts, eps
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -45,6 +46,7 @@ __all__ = [
     "epsilon_of",
     "calibrate_noise_multiplier",
     "accounted_multiplier",
+    "clear_accounting_cache",
 ]
 
 logger = logging.getLogger(__name__)
@@ -60,12 +62,37 @@ class LedgerError(RuntimeError):
 
 
 def epsilon_of(history: list[HistoryEntry], delta: float, accountant: str = "rdp") -> float:
-    """Epsilon spent by ``history`` at ``delta``, computed by an Opacus accountant."""
+    """Epsilon spent by ``history`` at ``delta``, computed by an Opacus accountant.
+
+    Every plan, commit and save asks for the epsilon of the same few histories, and one RDP
+    evaluation costs ~0.1-0.4 s (fractional orders are series sums), so results are memoised on
+    the exact history: the accountant is a pure function of it.
+    """
     if not history:
         return 0.0
+    key = tuple((float(s), float(q), int(n)) for s, q, n in history)
+    return _epsilon_cached(key, float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon_cached(history: tuple[HistoryEntry, ...], delta: float, accountant: str) -> float:
     acc = create_accountant(mechanism=accountant)
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    acc.history = list(history)
     return float(acc.get_epsilon(delta=delta))
+
+
+@functools.lru_cache(maxsize=64)
+def _calibrated(epsilon: float, delta: float, sample_rate: float, steps: int,
+                accountant: str) -> float:
+    return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
+                                      sample_rate=sample_rate, steps=steps,
+                                      accountant=accountant))
+
+
+def clear_accounting_cache() -> None:
+    """Forget memoised accountant results (what a restarted site process starts with)."""
+    _epsilon_cached.cache_clear()
+    _calibrated.cache_clear()
 
 
 def calibrate_noise_multiplier(
@@ -79,15 +106,12 @@ def calibrate_noise_multiplier(
     their clips, the pair is one Gaussian mechanism with L2 sensitivity sqrt(2) and noise sigma,
     i.e. noise multiplier sigma / sqrt(2) (see :func:`accounted_multiplier`). Opacus's binary
     search calibrates that accounted multiplier; the per-mechanism sigma is sqrt(k) times it.
+    The search (~2-3 s, tens of accountant evaluations) is memoised per process.
     """
-    accounted = get_noise_multiplier(
-        target_epsilon=config.target_epsilon,
-        target_delta=config.target_delta,
-        sample_rate=sample_rate,
-        steps=config.planned_rounds * steps_per_round,
-        accountant=config.accountant,
-    )
-    return float(accounted) * math.sqrt(config.mechanisms_per_step)
+    accounted = _calibrated(float(config.target_epsilon), float(config.target_delta),
+                            float(sample_rate), int(config.planned_rounds * steps_per_round),
+                            config.accountant)
+    return accounted * math.sqrt(config.mechanisms_per_step)
 
 
 def accounted_multiplier(config: PrivacyConfig, noise_multiplier: float) -> float:

@@ -3,6 +3,12 @@
 A DP site's train reply carries ``epsilon`` (spent so far, per patient, at its delta). A site
 whose budget would be exceeded replies metrics only: ``dp_refused = 1`` and ``epsilon``, no state.
 Numbers only; the aggregator records them per site in rounds.jsonl (``epsilon``).
+
+A federation whose config sets ``require_dp: true`` stamps :data:`REQUIRE_DP` into every train
+instruction; a site without DP then refuses with error :data:`ERROR_DP_REQUIRED` (fixed text)
+instead of releasing a non-private update, and the aggregator turns any non-error train reply
+that carries no ``epsilon`` into the same error (a site running code that ignores the flag).
+Neither side can *prove* DP: the aggregator trusts the site's report (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -11,10 +17,15 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["EPSILON", "DP_REFUSED", "privacy_refusal"]
+__all__ = ["EPSILON", "DP_REFUSED", "REQUIRE_DP", "ERROR_DP_REQUIRED", "privacy_refusal",
+           "reported_epsilon"]
 
 EPSILON = "epsilon"
 DP_REFUSED = "dp_refused"
+# Train-instruction config key (bool): the federation accepts updates from DP sites only.
+REQUIRE_DP = "require-dp"
+# Error code of a reply refused (by a non-DP site, or by the aggregator for it) under REQUIRE_DP.
+ERROR_DP_REQUIRED = 5103
 
 
 def privacy_refusal(metrics: Mapping[str, Any] | None) -> float | None:
@@ -24,4 +35,14 @@ def privacy_refusal(metrics: Mapping[str, Any] | None) -> float | None:
     eps = metrics.get(EPSILON)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
         return float("nan")
+    return float(eps)
+
+
+def reported_epsilon(metrics: Mapping[str, Any] | None) -> float | None:
+    """The finite ``epsilon`` a DP site reported in ``metrics``, or None (no DP report)."""
+    if metrics is None:
+        return None
+    eps = metrics.get(EPSILON)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
+        return None
     return float(eps)

@@ -57,6 +57,12 @@ def check_dp_recipe(recipe: Recipe) -> None:
             "clip per-sample gradients through weight norm); set head_weight_norm: false in "
             "the recipe's model section (every site of the federation must use the same model)"
         )
+    if recipe.ssl.teacher_centering != "center":
+        raise ValueError(
+            f"ssl.teacher_centering: DP training needs 'center', got "
+            f"{recipe.ssl.teacher_centering!r} (Sinkhorn-Knopp targets mix the samples of a batch "
+            "and are uniform for the one-patient rows DP-SGD computes)"
+        )
 
 
 def _patients(data: SiteData) -> dict[str, list[str]]:
