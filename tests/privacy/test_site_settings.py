@@ -99,13 +99,12 @@ def test_site_start_cli_rejects_a_bad_dp_flag_before_the_network(kit_dir, tmp_pa
 
 def test_dp_refuses_recipes_it_cannot_train_soundly():
     from dataclasses import replace as dc_replace
+    from pathlib import Path
 
     import pytest
 
     from fed_unimiss.privacy.trainer import check_dp_recipe
     from fed_unimiss.ssl.config import load_recipe
-
-    from pathlib import Path
 
     recipe = load_recipe(Path(__file__).resolve().parents[2] / "configs/pretrain/micro.yaml")
     with pytest.raises(ValueError, match="model.head_weight_norm: DP training needs"):
