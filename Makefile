@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/fed-unimiss demo --workdir demo-run
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
