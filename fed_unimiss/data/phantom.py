@@ -5,8 +5,10 @@ with a fat rim (-100) in air (-1000), lungs (-800) in the upper half, liver (60)
 in the lower half, a spine and ribs (700), Gaussian noise (sd 12 HU) and random shape variation
 per case. Each case is written as a real DICOM CT series (CT Image Storage, one file per slice,
 position/orientation/spacing, RescaleSlope/Intercept) or as a NIfTI volume with its affine.
-X-rays are DRR-style projections of phantom bodies (attenuation summed front to back), written
-as DICOM CR/DX (MONOCHROME1 or MONOCHROME2, BitsStored 10-16) or as 8-bit PNG.
+X-rays are chest films drawn in 2D from projected densities, with every anatomical and acquisition
+parameter random per seed (body, lungs, heart, ribs, clavicles, diaphragm, lesions, exposure,
+gamma, noise, collimation, marker), written as DICOM CR/DX (MONOCHROME1 or MONOCHROME2,
+BitsStored 10-16) or as 8-bit PNG.
 
 Output layout (``fmt="alternate"`` writes each case once, alternating readers)::
 
@@ -129,18 +131,137 @@ def make_ct_phantom(rng: np.random.Generator, lesion: bool):
     return np.clip(hu, -1024, 3071).astype(np.float32), labels, spacing
 
 
+def _smooth_field(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Zero-mean, unit-std random field of ``cells`` x ``cells`` knots upsampled to (size, size).
+
+    Gives every film its own lung texture and soft-tissue unevenness (what makes two phantoms
+    differ in the fine detail a self-supervised view can latch onto)."""
+    knots = torch.from_numpy(rng.normal(0.0, 1.0, (1, 1, cells, cells)).astype(np.float32))
+    field_ = F.interpolate(knots, size=(size, size), mode="bicubic", align_corners=False)[0, 0]
+    field_ = field_.numpy()
+    return (field_ - field_.mean()) / max(float(field_.std()), 1e-6)
+
+
+def _rotated_grid(size: int, centre: tuple[float, float], angle: float):
+    """(u, v) coordinates in [-1, 1] (v down), rotated by ``angle`` radians about ``centre``."""
+    t = (np.arange(size) + 0.5) / size * 2 - 1
+    v, u = np.meshgrid(t, t, indexing="ij")
+    u, v = u - centre[0], v - centre[1]
+    c, s = np.cos(angle), np.sin(angle)
+    return c * u + s * v, -s * u + c * v
+
+
+def _ellipse_depth(u, v, cu, cv, ru, rv) -> np.ndarray:
+    """Chord length (0..1) through an ellipsoid seen face-on: thick centre, thin rim."""
+    r2 = ((u - cu) / ru) ** 2 + ((v - cv) / rv) ** 2
+    return np.sqrt(np.clip(1.0 - r2, 0.0, None))
+
+
+def _xray_anatomy(rng: np.random.Generator, u: np.ndarray, v: np.ndarray):
+    """Projected density (thickness-weighted attenuation) of one randomly shaped chest."""
+    body_w, body_h = rng.uniform(0.55, 0.92), rng.uniform(0.85, 1.25)
+    density = 0.9 * _ellipse_depth(u, v, 0.0, 0.25, body_w, body_h)  # soft tissue
+    # Diaphragm: below a dome line (per side its own height) the abdomen is dense, lungs end.
+    dia = rng.uniform(0.05, 0.45)
+    dome = dia + rng.uniform(0.08, 0.2) * (np.abs(u) / body_w) ** 2 \
+        + np.where(u > 0, rng.uniform(-0.06, 0.1), 0.0)
+    abdomen = (v > dome) & (density > 0)
+    density = density + 0.35 * abdomen * density
+    # Lungs: two ellipses, each its own size/shape/position (asymmetry), air lowers the density.
+    lung_top = rng.uniform(-0.85, -0.55)
+    lungs = np.zeros_like(u)
+    for side in (-1.0, 1.0):
+        ru = body_w * rng.uniform(0.28, 0.42)
+        cu = side * body_w * rng.uniform(0.38, 0.55)
+        cv = rng.uniform(-0.3, 0.0)
+        rv = max((dia + 0.15 - lung_top) / 2, 0.2) * rng.uniform(0.9, 1.15)
+        lungs = np.maximum(lungs, _ellipse_depth(u, v, cu, (lung_top + dia) / 2 + cv * 0.3,
+                                                 ru, rv) * (v < dome))
+    texture = _smooth_field(rng, u.shape[0], int(rng.integers(8, 24)))
+    lungs = lungs * (1.0 + rng.uniform(0.05, 0.2) * texture)
+    density = density - rng.uniform(0.45, 0.75) * lungs
+    # Mediastinum + spine (a vertical band) and the heart (an ellipse left of centre).
+    spine_w = rng.uniform(0.06, 0.12)
+    density = density + 0.5 * np.exp(-(u / spine_w) ** 4) * (density > 0)
+    heart_r = rng.uniform(0.18, 0.32)
+    heart = _ellipse_depth(u, v, rng.uniform(0.0, 0.18), dia - rng.uniform(0.1, 0.25),
+                           heart_r * rng.uniform(1.0, 1.4), heart_r)
+    density = density + rng.uniform(0.3, 0.6) * heart
+    # Ribs: arcs y = y0 + k * u^2 + tilt * |u| on each side, count/spacing/angle per film.
+    n_ribs = int(rng.integers(6, 13))
+    spacing = rng.uniform(0.09, 0.16)
+    curve, tilt = rng.uniform(0.2, 0.6), rng.uniform(-0.1, 0.3)
+    width = rng.uniform(0.015, 0.035)
+    ribs = np.zeros_like(u)
+    for k in range(n_ribs):
+        y0 = lung_top + 0.05 + k * spacing
+        arc = v - (y0 + curve * u ** 2 + tilt * np.abs(u))
+        ribs = np.maximum(ribs, np.exp(-(arc / width) ** 2))
+    ribs *= (np.abs(u) > spine_w) & (np.abs(u) < body_w * 0.95) & (v < dome + 0.1)
+    density = density + rng.uniform(0.15, 0.35) * ribs
+    # Clavicles: two tilted bars near the top.
+    clav_v, clav_tilt = lung_top + rng.uniform(-0.05, 0.1), rng.uniform(-0.25, 0.05)
+    clav = np.exp(-((v - clav_v - clav_tilt * np.abs(u)) / rng.uniform(0.02, 0.04)) ** 2)
+    clav *= (np.abs(u) > 0.05) & (np.abs(u) < body_w * rng.uniform(0.6, 0.85))
+    density = density + rng.uniform(0.3, 0.5) * clav
+    density = density * rng.uniform(0.9, 1.1) + 0.08 * _smooth_field(rng, u.shape[0], 6) * (
+        density > 0)
+    return np.clip(density, 0.0, None), lungs
+
+
+def _add_xray_lesions(rng: np.random.Generator, density, lungs, u, v, count: int) -> None:
+    """``count`` round opacities of random size, preferably inside the lungs."""
+    candidates = np.argwhere(lungs > 0.3)
+    if len(candidates) == 0:
+        candidates = np.argwhere(density > 0)
+    for _ in range(count):
+        i, j = candidates[rng.integers(len(candidates))]
+        radius = rng.uniform(0.03, 0.12)
+        density += rng.uniform(0.25, 0.6) * _ellipse_depth(u, v, u[i, j], v[i, j], radius,
+                                                           radius * rng.uniform(0.8, 1.25))
+
+
+def _expose(rng: np.random.Generator, density: np.ndarray) -> np.ndarray:
+    """Density -> film brightness with per-film exposure, contrast and gamma."""
+    exposure = rng.uniform(1.2, 3.0)
+    image = 1.0 - np.exp(-exposure * np.clip(density, 0.0, None))  # bright = dense
+    image = image / max(float(image.max()), 1e-6)
+    image = image ** rng.uniform(0.6, 1.6)
+    lo, hi = rng.uniform(0.0, 0.15), rng.uniform(0.8, 1.0)
+    return lo + (hi - lo) * image
+
+
+def _collimate_and_mark(rng: np.random.Generator, image: np.ndarray) -> None:
+    """Collimation borders (each side its own width) and a bright side marker, in place."""
+    size = image.shape[0]
+    level = rng.uniform(0.0, 0.1) if rng.random() < 0.7 else rng.uniform(0.85, 1.0)
+    top, bottom, left, right = (int(rng.integers(0, size // 8)) for _ in range(4))
+    image[:top], image[size - bottom:] = level, level
+    image[:, :left], image[:, size - right:] = level, level
+    if rng.random() < 0.8:
+        side = max(size // 20, 3)
+        y, x = (int(rng.integers(size // 16, size - size // 16 - side)) for _ in range(2))
+        image[y:y + side, x:x + side // 3] = 0.98  # an "L" block: vertical then horizontal bar
+        image[y + side - side // 3:y + side, x:x + side] = 0.98
+
+
 def make_xray_phantom(rng: np.random.Generator, lesion: bool, size: int = 256) -> np.ndarray:
-    """A DRR-style chest film (size, size) in [0, 1], bright = dense, superior at the top."""
-    spacing = (2.5, 3.0, 2.5)
-    hu, labels, grid = _body(rng, (128, 80, 128), spacing, (0.0, 320.0))
+    """A chest film (size, size) in [0, 1], bright = dense, superior at the top.
+
+    Drawn directly in 2D so that every seed gives a visibly different film: body size, position
+    and rotation; lung size, shape and left/right asymmetry with their own texture; heart size
+    and position; rib count, spacing and angle; clavicles; diaphragm height; 1-3 lesions of random
+    size and position when ``lesion``; exposure, contrast, gamma, noise level; collimation borders
+    and a side marker. (Near-identical films gave self-distillation nothing to tell apart:
+    docs/pretraining.md.)"""
+    centre = (rng.uniform(-0.12, 0.12), rng.uniform(-0.1, 0.1))
+    u, v = _rotated_grid(size, centre, np.deg2rad(rng.uniform(-12.0, 12.0)))
+    density, lungs = _xray_anatomy(rng, u, v)
     if lesion:
-        _add_lesion(rng, hu, labels, grid, in_lung=True)
-    mu = 0.02 * np.clip(1.0 + hu / 1000.0, 0.0, None)  # linear attenuation per mm, water 0.02
-    path = mu.sum(axis=1) * spacing[1]  # line integral front to back -> (z, x)
-    image = torch.from_numpy(np.ascontiguousarray(path[::-1], np.float32))[None, None]
-    image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
-    image = image.numpy() / max(float(image.max()) * 1.05, 1e-6)
-    image += rng.normal(0.0, 0.01, image.shape)
+        _add_xray_lesions(rng, density, lungs, u, v, int(rng.integers(1, 4)))
+    image = _expose(rng, density)
+    image = image + rng.normal(0.0, rng.uniform(0.005, 0.04), image.shape)
+    _collimate_and_mark(rng, image)
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 

@@ -74,6 +74,11 @@ class SSLConfig:
     # "sinkhorn" is a micro-recipe deviation for tiny batches of near-identical phantoms, where
     # the centred targets drift to uniform; it needs batches > 1, so not with DP-SGD.
     teacher_centering: Literal["center", "sinkhorn"] = "center"
+    # Weight of the KoLeo regulariser (DINOv2) on the student head's bottleneck: spreads a
+    # batch's embeddings so the student cannot stay input-invariant. 0 (off) in the reference
+    # recipe; a micro-recipe deviation (docs/pretraining.md). Mixes the samples of a batch, so
+    # it must stay 0 with DP-SGD.
+    koleo_weight: float = 0.0
     # ---- 2D views (X-ray) ----
     # Side of the square 2D crop; 224 reference, small for the micro preset.
     crop_2d: int = 224
@@ -120,7 +125,7 @@ class SSLConfig:
         for name in ("lr", "student_temp", "teacher_temp"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
-        for name in ("min_lr", "weight_decay", "weight_decay_end", "clip_grad"):
+        for name in ("min_lr", "weight_decay", "weight_decay_end", "clip_grad", "koleo_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("momentum_teacher", "center_momentum", "flip_prob_3d"):

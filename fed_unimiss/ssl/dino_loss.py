@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DINOLoss", "sinkhorn_knopp", "CENTERINGS"]
+__all__ = ["DINOLoss", "sinkhorn_knopp", "koleo_loss", "CENTERINGS"]
 
 CENTERINGS = ("center", "sinkhorn")
 
@@ -45,6 +45,29 @@ def sinkhorn_knopp(logits: Tensor, temp: float, iterations: int = 3) -> Tensor:
         q = q / q.sum(dim=1, keepdim=True).clamp_min(1e-30) / k
         q = q / q.sum(dim=0, keepdim=True).clamp_min(1e-30) / b
     return (q * b).t()
+
+
+def koleo_loss(features: Tensor, eps: float = 1e-8) -> Tensor:
+    """KoLeo regulariser (DINOv2, Sablayrolles et al. 2019): -mean log nearest-neighbour distance.
+
+    ``features`` (B, D) are L2-normalised first. Minimising it spreads the batch's embeddings
+    over the sphere, so a student cannot answer every image with the same vector: the micro
+    network starts nearly input-invariant (docs/pretraining.md) and DINO alone let it stay so.
+    The engine applies it to the head's bottleneck (``fed_unimiss.ssl.steps``).
+    It mixes the samples of a batch (each term looks at its nearest neighbour), so it is not a
+    per-sample loss and DP-SGD runs must keep its weight 0. A batch of one gives 0.
+    """
+    if features.ndim != 2:
+        raise ValueError(f"koleo_loss expects (B, D) features, got {tuple(features.shape)}")
+    if features.shape[0] < 2:
+        return features.new_zeros(())
+    x = F.normalize(features.float(), dim=-1, eps=eps)
+    with torch.no_grad():  # the neighbour choice is not differentiated (as DINOv2)
+        sims = x @ x.t()
+        sims.fill_diagonal_(-2.0)
+        nearest = sims.argmax(dim=1)
+    distances = (x - x[nearest]).norm(dim=-1)
+    return -torch.log(distances + eps).mean()
 
 
 class DINOLoss(nn.Module):

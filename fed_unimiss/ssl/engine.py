@@ -226,9 +226,9 @@ class SelfDistillation:
         """The loss of one step (the DP trainer overrides the student forward, not this)."""
         if phase == "2d":
             return xray_step_loss(self.student, self.teacher, self.loss_fn, views,
-                                  update_center=update_center)
+                                  update_center=update_center, koleo_weight=self.cfg.koleo_weight)
         return ct_step_loss(self.student, self.teacher, self.loss_fn, views,
-                            update_center=update_center)
+                            update_center=update_center, koleo_weight=self.cfg.koleo_weight)
 
     def _optimizer_step(self, step: int, phase: Phase) -> None:
         if phase == "2d":  # X-ray epochs: the 3D-specific tensors are frozen
