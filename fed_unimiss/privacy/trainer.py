@@ -63,6 +63,12 @@ def check_dp_recipe(recipe: Recipe) -> None:
             f"{recipe.ssl.teacher_centering!r} (Sinkhorn-Knopp targets mix the samples of a batch "
             "and are uniform for the one-patient rows DP-SGD computes)"
         )
+    if recipe.ssl.koleo_weight > 0:
+        raise ValueError(
+            f"ssl.koleo_weight: DP training needs 0, got {recipe.ssl.koleo_weight} (KoLeo "
+            "compares the patients of a batch, so one patient's gradient row would depend on "
+            "others'); set ssl.koleo_weight: 0 in the recipe or the federation's recipe_overrides"
+        )
 
 
 def _patients(data: SiteData) -> dict[str, list[str]]:

@@ -27,7 +27,7 @@ def test_three_dp_rounds_epsilon_grows_matches_opacus_and_loss_falls(xray_site, 
     recipe = dataclasses.replace(
         recipe,
         model=dataclasses.replace(recipe.model, head_weight_norm=False),
-        ssl=dataclasses.replace(recipe.ssl, steps_per_epoch=2, freeze_last_layer=0,
+        ssl=dataclasses.replace(recipe.ssl, steps_per_epoch=2, freeze_last_layer=0, koleo_weight=0.0,
                                 warmup_epochs=0, lr=0.05),
     )
     data = SiteData.from_index(build_cache([xray_site], tmp_path / "state"))

@@ -17,7 +17,8 @@ RECIPE = "configs/pretrain/micro.yaml"
 def _engine() -> DPSelfDistillation:
     recipe = load_recipe(RECIPE)
     recipe = dataclasses.replace(
-        recipe, model=dataclasses.replace(recipe.model, head_weight_norm=False))
+        recipe, model=dataclasses.replace(recipe.model, head_weight_norm=False),
+        ssl=dataclasses.replace(recipe.ssl, koleo_weight=0.0))
     return DPSelfDistillation(recipe, 10, PrivacyConfig(enabled=True), 1.0, dp_seed=0)
 
 

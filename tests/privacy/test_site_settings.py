@@ -109,8 +109,11 @@ def test_dp_refuses_recipes_it_cannot_train_soundly():
     recipe = load_recipe(Path(__file__).resolve().parents[2] / "configs/pretrain/micro.yaml")
     with pytest.raises(ValueError, match="model.head_weight_norm: DP training needs"):
         check_dp_recipe(dc_replace(recipe, model=dc_replace(recipe.model, head_weight_norm=True)))
-    plain = dc_replace(recipe, model=dc_replace(recipe.model, head_weight_norm=False))
+    plain = dc_replace(recipe, model=dc_replace(recipe.model, head_weight_norm=False),
+                       ssl=dc_replace(recipe.ssl, koleo_weight=0.0))
     check_dp_recipe(plain)
+    with pytest.raises(ValueError, match="ssl.koleo_weight: DP training needs 0"):
+        check_dp_recipe(dc_replace(plain, ssl=dc_replace(plain.ssl, koleo_weight=1.0)))
     sinkhorn = dc_replace(plain, ssl=dc_replace(plain.ssl, teacher_centering="sinkhorn"))
     with pytest.raises(ValueError, match="ssl.teacher_centering: DP training needs 'center'"):
         check_dp_recipe(sinkhorn)
