@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from markdown_section import replace_section  # sibling: benchmarks/ is sys.path[0] as a script
+
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Deployment (issue 6)"
 
@@ -113,15 +115,7 @@ def _markdown(results: list[dict], load: str) -> str:
 
 
 def write_section(doc: Path, text: str) -> None:
-    """Replace our section of docs/benchmarks.md (or append it), leaving the others alone."""
-    old = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        nxt = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + (old[nxt + 1:] if nxt >= 0 else "")
-    doc.write_text(new if new.endswith("\n") else new + "\n")
+    replace_section(doc, SECTION, text)
 
 
 def main() -> int:

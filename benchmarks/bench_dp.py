@@ -16,12 +16,13 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from markdown_section import replace_section  # sibling: benchmarks/ is sys.path[0] as a script
 
 SECTION = "## Differential privacy (issue 7)"
 REPO = Path(__file__).resolve().parents[1]
@@ -92,15 +93,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def write_section(path: Path, body: str) -> None:
-    """Replace (or append) only this benchmark's section of the markdown file."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{SECTION}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block + "\n", text, count=1).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + block
-    path.write_text(text)
+    replace_section(path, SECTION, f"{SECTION}\n\n{body.strip()}\n")
 
 
 def main(argv: list[str] | None = None) -> int:

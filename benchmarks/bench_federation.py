@@ -20,12 +20,13 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from markdown_section import replace_section  # sibling: benchmarks/ is sys.path[0] as a script
 
 SECTION = "## Federation (issue 5)"
 
@@ -129,12 +130,7 @@ def _child(kind: str, arg: str, preset: str) -> dict:
 
 
 def write_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{SECTION}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: block + "\n", text) if pattern.search(text) else (
-        text.rstrip() + "\n\n" + block)
-    path.write_text(text)
+    replace_section(path, SECTION, f"{SECTION}\n\n{body.strip()}\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,12 +17,13 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from markdown_section import replace_section  # sibling: benchmarks/ is sys.path[0] as a script
 
 SECTION = "## Model forward+backward (issue 3)"
 INPUTS = {"2d": (3, 224, 224), "3d": (1, 16, 96, 96)}
@@ -80,16 +81,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def write_section(path: Path, body: str) -> None:
-    """Replace (or append) only this benchmark's section of the markdown file."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{SECTION}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block + "\n", text, count=1).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    replace_section(path, SECTION, f"{SECTION}\n\n{body.strip()}\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from markdown_section import replace_section  # sibling: benchmarks/ is sys.path[0] as a script
+
 SECTION = "## Pretraining steps (issue 4)"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,16 +103,7 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
 
 
 def write_section(path: Path, section: str) -> None:
-    """Replace (or append) our section, leaving every other section untouched."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        end = len(text) if nxt < 0 else nxt + 1
-        text = text[:start] + section + ("\n" + text[end:] if nxt >= 0 else "")
-    path.write_text(text)
+    replace_section(path, SECTION, section)
 
 
 def main() -> int:

@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "load_yaml", "to_dict", "replace"]
+__all__ = ["ConfigError", "from_dict", "read_yaml", "load_yaml", "to_dict", "replace"]
 
 T = TypeVar("T")
 
@@ -146,17 +146,23 @@ def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
     return obj
 
 
-def load_yaml(cls: type[T], path: str | Path, section: str | None = None) -> T:
-    """Load ``cls`` from a YAML file (optionally one top-level ``section`` of it)."""
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """Parse a YAML file; unreadable files and bad YAML raise :class:`ConfigError` naming it."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from e
+        raise ConfigError(f"{path}: cannot read {what} ({e.strerror})") from e
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
+
+
+def load_yaml(cls: type[T], path: str | Path, section: str | None = None) -> T:
+    """Load ``cls`` from a YAML file (optionally one top-level ``section`` of it)."""
+    path = Path(path)
+    data = read_yaml(path)
     where = str(path)
     if section is not None:
         if not isinstance(data, dict) or section not in data:

@@ -19,9 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from fed_unimiss.config import ConfigError, from_dict, to_dict
+from fed_unimiss.config import ConfigError, from_dict, read_yaml, to_dict
 from fed_unimiss.data.config import DataConfig
 from fed_unimiss.models.model_config import ModelConfig
 
@@ -210,15 +208,7 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 def load_recipe(path: str | Path) -> Recipe:
     """Read a recipe YAML; errors name the file and the dotted field."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read recipe ({e.strerror})") from e
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    return recipe_from_dict(data, str(path))
+    return recipe_from_dict(read_yaml(path, "recipe"), str(path))
 
 
 def with_ssl(recipe: Recipe, **changes: Any) -> Recipe:
