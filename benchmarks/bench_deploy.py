@@ -45,10 +45,10 @@ def _federation_yaml(path: Path, preset: str, local_steps: int) -> Path:
 
 
 def bench_preset(preset: str, rounds: int, local_steps: int, work: Path) -> dict:
-    from aggregator.deploy.processes import ProcessSet
     from aggregator.deploy.runner import AggregatorOptions, run_aggregator
     from aggregator.provision import provision
     from fed_unimiss.data.phantom import write_phantoms
+    from fed_unimiss.processes import ProcessSet
     from site_client.supernode import free_port
 
     root = work / preset

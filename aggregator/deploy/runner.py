@@ -29,7 +29,6 @@ from typing import Any
 
 from aggregator.deploy.control import ControlClient, ControlError, RunState, load_site_public_key
 from aggregator.deploy.fab import CLIENTAPP, SERVERAPP, FabSpec, build_fab
-from aggregator.deploy.processes import ProcessSet, kill_recorded
 from aggregator.deploy.superlink import (
     CoordinatorKit,
     flower_env,
@@ -38,6 +37,7 @@ from aggregator.deploy.superlink import (
 )
 from fed_unimiss.checkpoint import atomic_write_json
 from fed_unimiss.exchange import RUN_CONFIG, RUN_OUT, RUN_RESUME, RUN_ROUNDS
+from fed_unimiss.processes import ProcessSet, kill_recorded
 
 __all__ = ["AggregatorOptions", "RunOutcome", "RoundsTail", "run_aggregator", "run_summary",
            "epsilon_spent", "read_rounds", "last_run_of_kit"]

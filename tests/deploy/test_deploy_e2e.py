@@ -27,10 +27,10 @@ from pathlib import Path
 import pytest
 
 from aggregator.demo import write_federation_yaml
-from aggregator.deploy.processes import ProcessSet, alive, descendants, session_members
 from aggregator.deploy.runner import AggregatorOptions, read_rounds, run_aggregator
 from aggregator.deploy.superlink import flower_env
 from aggregator.provision import provision
+from fed_unimiss.processes import ProcessSet, alive, descendants, session_members
 from site_client.supernode import EXIT_REFUSED, free_port
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from aggregator.deploy.processes import ProcessSet, alive, kill_recorded, session_members
+from fed_unimiss.processes import ProcessSet, alive, kill_recorded, session_members
 
 # A parent that starts a detached grandchild (like flower-superlink starting flower-superexec with
 # start_new_session) which in turn starts a great-grandchild, then the middle one exits so that
