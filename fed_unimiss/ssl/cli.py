@@ -30,6 +30,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in RUN")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)")
+    dp = p.add_argument_group(
+        "differential privacy", "patient-level DP-SGD for a single-site run (docs/privacy.md); "
+        "the model section must have head_weight_norm: false and ssl.koleo_weight: 0")
+    dp.add_argument("--dp-epsilon", type=float, default=None, metavar="E",
+                    help="per-patient budget over the whole run; enables DP. Lower = more private "
+                    "and noisier; single-digit values are typical")
+    dp.add_argument("--dp-delta", type=float, default=None, metavar="D",
+                    help="DP delta; keep it well below 1 / number of patients (default 1e-5)")
+    dp.add_argument("--dp-clip", type=float, default=None, metavar="C",
+                    help="per-patient gradient clip norm (default 1.0)")
     p.set_defaults(func=run)
 
 
@@ -44,8 +54,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         recipe = load_recipe(args.config)
+        privacy = _privacy(args)
         summary = pretrain(recipe, args.data, args.out, steps=args.steps, resume=args.resume,
-                           progress=not args.no_progress and sys.stderr.isatty())
+                           progress=not args.no_progress and sys.stderr.isatty(),
+                           privacy=privacy)
     except (ConfigError, CheckpointError, ValueError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -54,4 +66,25 @@ def run(args: argparse.Namespace) -> int:
           f"{summary['total_steps']}: loss {last.get('loss', float('nan')):.4f}, "
           f"{summary['samples_2d']} 2D / {summary['samples_3d']} 3D samples, "
           f"{summary['skipped']} skipped, checkpoints in {args.out}")
+    if "epsilon" in summary:
+        print(f"DP: epsilon spent so far {summary['epsilon']:.3f} per patient "
+              f"(ledger in {args.out}/state)")
+    if "refused" in summary:
+        print(f"stopped: {summary['refused']}", file=sys.stderr)
+        return 3
     return 0
+
+
+def _privacy(args: argparse.Namespace):
+    """A PrivacyConfig from the --dp-* flags, or None when DP is not requested."""
+    if args.dp_epsilon is None:
+        if args.dp_delta is not None or args.dp_clip is not None:
+            raise ValueError("--dp-delta/--dp-clip need --dp-epsilon (which enables DP)")
+        return None
+    from fed_unimiss.config import replace
+    from fed_unimiss.privacy import PrivacyConfig
+
+    cfg = replace(PrivacyConfig(enabled=True), target_epsilon=args.dp_epsilon,
+                  target_delta=args.dp_delta, max_grad_norm=args.dp_clip)
+    cfg.validate()
+    return cfg

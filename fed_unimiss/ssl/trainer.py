@@ -129,7 +129,7 @@ def _progress(enabled: bool):
 
 def pretrain(recipe: Recipe, data_dirs: Sequence[str | Path], run: str | Path, *,
              steps: int | None = None, resume: bool = False,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, privacy: Any = None) -> dict[str, Any]:
     """Train centrally on ``data_dirs``, checkpointing to ``run``; returns a summary dict.
 
     Args:
@@ -139,6 +139,9 @@ def pretrain(recipe: Recipe, data_dirs: Sequence[str | Path], run: str | Path, *
         steps: stop at this global step (default: the end of the schedule).
         resume: continue from the newest complete checkpoint in ``run``.
         progress: show the rich progress bar.
+        privacy: a ``fed_unimiss.privacy.PrivacyConfig`` to train the student with patient-level
+            DP-SGD under a budget ledger in ``run/state`` (see fed_unimiss/privacy/pretrain.py);
+            training stops at the first checkpoint interval the budget does not allow.
     """
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
@@ -164,7 +167,12 @@ def pretrain(recipe: Recipe, data_dirs: Sequence[str | Path], run: str | Path, *
     total = total or recipe.ssl.epochs * recipe.ssl.steps_per_epoch
     end = total if steps is None else steps
     # ---------------- engine ----------------
-    engine = SelfDistillation(recipe, total_steps=total)
+    dp = None
+    if privacy is not None:
+        from fed_unimiss.privacy.pretrain import DPPretrain  # privacy builds on this package
+
+        dp = DPPretrain(privacy, run, recipe, data, total)
+    engine = dp.engine if dp is not None else SelfDistillation(recipe, total_steps=total)
     if state is not None:
         engine.load_state_dict(state)
     # ---------------- train ----------------
@@ -179,9 +187,15 @@ def pretrain(recipe: Recipe, data_dirs: Sequence[str | Path], run: str | Path, *
             while step < end:
                 chunk_end = min(end, (step // recipe.ssl.checkpoint_every + 1)
                                 * recipe.ssl.checkpoint_every)
+                if dp is not None and (refusal := dp.allow(step, chunk_end - step)):
+                    log.warning("stopping at step %d: %s", step, refusal)
+                    stats_total["refused"] = refusal
+                    break
                 st = engine.train_steps(data, step, chunk_end - step, on_step=logger)
+                if dp is not None:  # the ledger is persisted before the checkpoint is released
+                    stats_total["epsilon"] = dp.commit()
                 step = chunk_end
-                for k in stats_total:
+                for k in ("steps", "samples_2d", "samples_3d", "skipped", "seconds"):
                     stats_total[k] += getattr(st, k)
                 bar.update(task, rate=f"{st.samples_per_s:.1f} samples/s")
                 path = save_checkpoint(run, f"{CHECKPOINT_PREFIX}{step:08d}",
