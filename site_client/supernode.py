@@ -384,10 +384,14 @@ def run_supernode(
             log.info("site %s: SuperNode starting, connecting to %s; log: %s", site, superlink,
                      log_path)
             code, text = _run_once(cmd, env, state, log_path)
-            if code == 0:
+            # Flower's SuperNode may exit 0 ("terminated gracefully") after giving up on a
+            # coordinator it was connected to: that is a lost coordinator, not an operator stop
+            # (which reaches this process as a signal).
+            lost = CONNECTED in text and any(g in text for g in GAVE_UP)
+            if code == 0 and not lost:
                 return 0
             found = diagnose_supernode_log(text, site, superlink)
-            if CONNECTED in text and (found is None or found[1] == EXIT_UNREACHABLE):
+            if lost or (CONNECTED in text and (found is None or found[1] == EXIT_UNREACHABLE)):
                 log.warning("site %s: lost the coordinator at %s; reconnecting", site, superlink)
                 continue
             if found is not None:
