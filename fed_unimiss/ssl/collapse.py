@@ -11,8 +11,8 @@ it does not tell the samples apart), while the loss rises towards log(out_dim).
 We log the teacher's mean per-sample entropy, the entropy of its batch-mean distribution and
 KL(teacher || student). :class:`CollapseWatch` warns
 
-- ``dimension``: the loss falls while the batch-mean entropy is below ``BATCH_ENTROPY_FLOOR`` x
-  log(out_dim);
+- ``dimension``: the loss falls while the batch-mean entropy stays below ``BATCH_ENTROPY_FLOOR``
+  x log(out_dim) for a whole window;
 - ``uniform``: the per-sample entropy is above ``UNIFORM_FRACTION`` x log(out_dim) while the loss
   falls, or above ``UNIFORM_DRIFT_FRACTION`` x log(out_dim) for a whole window, whatever the loss
   does;
@@ -20,7 +20,10 @@ KL(teacher || student). :class:`CollapseWatch` warns
   about which sample it saw) stays below ``MIN_SPREAD_NATS`` for a whole window, whatever the loss
   does.
 
-"A whole window" is ``window`` consecutive logged points, so a single noisy batch never warns.
+"A whole window" is ``window`` consecutive logged points, so a single noisy batch never warns: a
+CT batch of two tiles whose regions happen to look alike legitimately lands on one prototype.
+Every sign is kept per kind of step (``phase``): X-ray and CT losses have different scales (the CT
+loss sums four terms), so a trend or a streak across a phase switch would compare unlike things.
 """
 
 from __future__ import annotations
@@ -97,48 +100,52 @@ def collapse_stats(student_out: Sequence[Tensor], teacher_out: Sequence[Tensor],
 
 
 class CollapseWatch:
-    """Warns (once per kind, then again only after recovery) when the teacher collapses.
+    """Warns (once per kind and phase, then again only after recovery) when the teacher collapses.
 
     Args:
         out_dim: head width; log(out_dim) is the entropy of the uniform distribution.
-        window: number of logged points whose loss trend is compared (first vs second half), and
-            how many consecutive logged points a sustained sign (uniform drift, no spread) needs.
+        window: number of logged points of one phase whose loss trend is compared (first vs
+            second half), and how many consecutive logged points of that phase a sign needs.
     """
 
     def __init__(self, out_dim: int, window: int = 20) -> None:
         self.max_entropy = math.log(out_dim)
         self.window = max(window, 2)
-        self.losses: deque[float] = deque(maxlen=self.window)
-        self.active: set[str] = set()
-        self.streak = {"uniform": 0, "no-spread": 0}
+        self.losses: dict[str, deque[float]] = {}
+        self.active: set[tuple[str, str]] = set()
+        self.streak: dict[tuple[str, str], int] = {}
 
-    def loss_falling(self) -> bool:
-        if len(self.losses) < self.window:
+    def loss_falling(self, phase: str = "") -> bool:
+        values = list(self.losses.get(phase, ()))
+        if len(values) < self.window:
             return False
         half = self.window // 2
-        values = list(self.losses)
         first, second = sum(values[:half]) / half, sum(values[half:]) / (len(values) - half)
         return second < first
 
-    def _sustained(self, kind: str, present: bool) -> bool:
-        self.streak[kind] = self.streak[kind] + 1 if present else 0
-        return self.streak[kind] >= self.window
+    def _sustained(self, phase: str, kind: str, present: bool) -> bool:
+        key = (phase, kind)
+        self.streak[key] = self.streak.get(key, 0) + 1 if present else 0
+        return self.streak[key] >= self.window
 
-    def _signs(self, stats: CollapseStats, falling: bool) -> dict[str, bool]:
+    def _signs(self, phase: str, stats: CollapseStats, falling: bool) -> dict[str, bool]:
         h_max = self.max_entropy
-        dimension = stats.batch_entropy < BATCH_ENTROPY_FLOOR * h_max
-        drifting = self._sustained("uniform", stats.teacher_entropy > UNIFORM_DRIFT_FRACTION * h_max)
-        flat = self._sustained("no-spread", not dimension and stats.spread < MIN_SPREAD_NATS)
+        low = stats.batch_entropy < BATCH_ENTROPY_FLOOR * h_max
+        dimension = self._sustained(phase, "dimension", low)
+        drifting = self._sustained(phase, "uniform",
+                                   stats.teacher_entropy > UNIFORM_DRIFT_FRACTION * h_max)
+        flat = self._sustained(phase, "no-spread", not low and stats.spread < MIN_SPREAD_NATS)
         return {
             "dimension": falling and dimension,
             "uniform": drifting or (falling and stats.teacher_entropy > UNIFORM_FRACTION * h_max),
             "no-spread": flat,
         }
 
-    def _message(self, step: int, kind: str, stats: CollapseStats) -> str:
+    def _message(self, step: int, phase: str, kind: str, stats: CollapseStats) -> str:
         what = {
-            "dimension": "loss is falling but the teacher puts every sample on the same "
-                         "prototype(s) (dimension collapse)",
+            "dimension": f"loss is falling but the teacher puts every sample on the same "
+                         f"prototype(s) (dimension collapse: batch-mean entropy below "
+                         f"{BATCH_ENTROPY_FLOOR:.2f} x log(out_dim) for {self.window} logged steps)",
             "uniform": f"the teacher is (drifting to) the uniform distribution (per-sample "
                        f"entropy above {UNIFORM_DRIFT_FRACTION:.2f} x log(out_dim) for "
                        f"{self.window} logged steps, or above {UNIFORM_FRACTION:.2f} x while the "
@@ -147,22 +154,25 @@ class CollapseWatch:
                          f"minus per-sample entropy below {MIN_SPREAD_NATS} nats for "
                          f"{self.window} logged steps): it does not tell the samples apart",
         }[kind]
-        return (f"step {step}: teacher collapse ({kind}): {what}: per-sample entropy {stats.teacher_entropy:.3f}, batch-mean "
-                f"entropy {stats.batch_entropy:.3f}, log(out_dim) {self.max_entropy:.3f}, KL "
-                f"{stats.kl:.4f}. This is failure, not progress, whatever the loss does: check "
-                f"the views (do two views of one image share more than two images do?), the lr, "
-                f"the teacher momentum, the temperatures and center_momentum.")
+        where = f" in {phase} steps" if phase else ""
+        return (f"step {step}: teacher collapse ({kind}){where}: {what}: per-sample entropy "
+                f"{stats.teacher_entropy:.3f}, batch-mean entropy {stats.batch_entropy:.3f}, "
+                f"log(out_dim) {self.max_entropy:.3f}, KL {stats.kl:.4f}. This is failure, not "
+                f"progress, whatever the loss does: check the views (do two views of one image "
+                f"share more than two images do?), the lr, the teacher momentum, the "
+                f"temperatures and center_momentum.")
 
-    def update(self, step: int, loss: float, stats: CollapseStats) -> list[str]:
-        """Record one logged step; returns (and logs as WARNING) any new collapse warnings."""
-        self.losses.append(loss)
+    def update(self, step: int, loss: float, stats: CollapseStats, phase: str = "") -> list[str]:
+        """Record one logged step of ``phase`` ("2d"/"3d"; "" when there is one kind of step);
+        returns (and logs as WARNING) any new collapse warnings."""
+        self.losses.setdefault(phase, deque(maxlen=self.window)).append(loss)
         messages = []
-        for kind, present in self._signs(stats, self.loss_falling()).items():
-            if present and kind not in self.active:
-                self.active.add(kind)
-                msg = self._message(step, kind, stats)
+        for kind, present in self._signs(phase, stats, self.loss_falling(phase)).items():
+            if present and (phase, kind) not in self.active:
+                self.active.add((phase, kind))
+                msg = self._message(step, phase, kind, stats)
                 log.warning(msg)
                 messages.append(msg)
             elif not present:
-                self.active.discard(kind)
+                self.active.discard((phase, kind))
         return messages

@@ -105,7 +105,7 @@ class _Logger:
                 self.writer.add_scalar(f"pretrain/{k}", v, step)
         if "teacher_entropy" in m:
             stats = CollapseStats(m["teacher_entropy"], m["batch_entropy"], m["kl"])
-            self.watch.update(step, m["loss"], stats)
+            self.watch.update(step, m["loss"], stats, m["phase"])
 
     def close(self) -> None:
         self.writer.close()
