@@ -103,8 +103,9 @@ def _index_from_raw(work_dir: Path, raw: dict[str, Any], built: int, reused: int
                       ct_tile_depth=raw["ct_tile_depth"], xray_size=raw["xray_size"],
                       rejected=[Rejection(r["path"], r["reason"]) for r in raw["rejected"]],
                       built=built, reused=reused)
-    for key in sorted(raw["entries"]):
-        entry = raw["entries"][key]
+    # Stored in scan order (sorted paths), so a copy of the same data elsewhere, or with new mtimes,
+    # gives the same dataset order and thus the same training run for the same seed.
+    for entry in raw["entries"].values():
         target = index.ct_tiles if entry["modality"] == "ct" else index.xrays
         for item in entry["items"]:
             target.append(CacheEntry(cache / item["file"], tuple(item["shape"]),

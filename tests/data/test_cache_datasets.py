@@ -81,6 +81,24 @@ def test_datasets_return_tensors_and_skip_corrupt_entries(site, tmp_path):
     assert batch.shape == (2, 1, *index.ct_tiles[0].shape)
 
 
+def test_dataset_order_is_the_same_for_a_copy_with_new_mtimes(site, tmp_path):
+    """Same data, same order: a training run must not depend on where the data lives or when it
+    was copied (the order used to follow a hash of path and mtime)."""
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(site, copy, symlinks=True)
+    for f in sorted(p for p in copy.rglob("*") if p.is_file()):
+        os.utime(f, ns=(1_000_000_000, 1_000_000_000 + hash(f.name) % 1_000_000))
+    a = build_cache(site, tmp_path / "work-a", CFG)
+    b = build_cache(copy, tmp_path / "work-b", CFG)
+    xa, xb = XrayDataset(a), XrayDataset(b)
+    ca, cb = CTTileDataset(a), CTTileDataset(b)
+    assert len(xa) == len(xb) >= 2 and len(ca) == len(cb) >= 2
+    assert all(torch.equal(xa[i], xb[i]) for i in range(len(xa)))
+    assert all(torch.equal(ca[i], cb[i]) for i in range(len(ca)))
+    reloaded = SiteIndex.load(tmp_path / "work-b")
+    assert [e.shape for e in reloaded.ct_tiles] == [e.shape for e in b.ct_tiles]
+
+
 def test_short_volume_is_padded_and_tiles_cover_every_slice():
     volume = np.arange(5, dtype=np.float32)[:, None, None] * np.ones((5, 2, 2), np.float32)
     (tile,) = tile_volume(volume, 8, 8)
