@@ -86,8 +86,8 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
         SECTION, "",
         f"Command: `.venv/bin/python benchmarks/bench_pretrain.py --steps {args.steps} "
         f"--warmup {args.warmup} --threads {args.threads} --write docs/benchmarks.md`", "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other jobs (1-min "
-        f"load average at the end {load:.1f}: treat the numbers as indicative), torch threads "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores (1-min load average at the end "
+        f"{load:.1f}; above ~1 other jobs shared the cores), torch threads "
         f"{args.threads}, fp32, CPU only. A step = the full recipe step (views, teacher + student "
         f"forwards, CT slices through the 2D path and four loss terms, backward, clipping, AdamW, "
         f"EMA); each row a fresh process, recipes from configs/pretrain/, in-memory data.", "",
