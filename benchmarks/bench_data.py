@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -87,7 +88,8 @@ def main() -> int:
     stamp = time.strftime("%Y-%m-%d")
     body = [HEADING, "",
             f"`.venv/bin/python benchmarks/bench_data.py` on {stamp}, {platform.machine()}, "
-            "2 shared CPU cores, torch threads 2, warm page cache.", "",
+            f"{os.cpu_count()} CPU cores (1-min load average at the end {os.getloadavg()[0]:.1f}), "
+            "torch threads 2, warm page cache.", "",
             "| measurement | result |", "|---|---|"]
     body += [f"| {a} | {b} |" for a, b in rows]
     section = "\n".join(body) + "\n"
