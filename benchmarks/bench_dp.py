@@ -40,6 +40,7 @@ def run_one(preset: str, kind: str, mode: str, batch: int, steps: int, warmup: i
     import torch
 
     from fed_unimiss.privacy import DPSGD, PrivacyConfig
+    from fed_unimiss.privacy.dp_sgd import linear_layers
     from fed_unimiss.privacy.trainer import DPSelfDistillation
     from fed_unimiss.ssl.config import load_recipe
 
@@ -50,12 +51,13 @@ def run_one(preset: str, kind: str, mode: str, batch: int, steps: int, warmup: i
     model = get_config(preset, head_weight_norm=False, head_out_dim=out_dim)
     crop, (depth, side) = SIZES[preset]
     recipe = dataclasses.replace(recipe, model=model, ssl=dataclasses.replace(
-        recipe.ssl, crop_2d=crop, view_depth=depth, view_size=side, freeze_last_layer=0))
+        recipe.ssl, crop_2d=crop, view_depth=depth, view_size=side, freeze_last_layer=0,
+        koleo_weight=0.0))  # KoLeo (micro only) is refused under DP: compare the same loss
     engine = DPSelfDistillation(recipe, 100, PrivacyConfig(enabled=True), 1.0, dp_seed=0)
     shape = (batch, 2, 3, crop, crop) if kind == "2d" else (batch, 2, 1, depth, side, side)
     views = torch.randn(shape)
     engine._set_hyperparameters(20, kind)
-    dp = DPSGD(engine.student, engine.optimizer, 1.0, 1.0, float(batch))
+    dp = DPSGD(engine.student, engine.optimizer, 1.0, 1.0, float(batch), ghost=linear_layers(engine.student))
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
@@ -81,8 +83,8 @@ def _table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     pairs: dict[tuple, dict] = {}
     for r in rows:
-        pairs.setdefault((r["preset"], r["kind"], r["out_dim"]), {})[r["mode"]] = r
-    for (preset, kind, out_dim), p in pairs.items():
+        pairs.setdefault((r["preset"], r["kind"], r["out_dim"], r["batch"]), {})[r["mode"]] = r
+    for (preset, kind, out_dim, _batch), p in pairs.items():
         if "plain" not in p or "dp" not in p:
             continue
         a, b = p["plain"], p["dp"]
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="+", default=["micro", "tiny"])
     parser.add_argument("--kinds", nargs="+", choices=["2d", "3d"], default=["2d", "3d"])
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batch", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
@@ -111,29 +113,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         preset, kind, mode = args.child.split(":")
-        print(json.dumps(run_one(preset, kind, mode, args.batch, args.steps, args.warmup,
+        print(json.dumps(run_one(preset, kind, mode, args.batch[0], args.steps, args.warmup,
                                  args.threads, args.out_dim)))
         return 0
     rows = []
-    for preset in args.presets:
-        for kind in args.kinds:
-            for mode in ("plain", "dp"):
-                cmd = [sys.executable, __file__, "--child", f"{preset}:{kind}:{mode}",
-                       "--batch", str(args.batch), "--steps", str(args.steps),
-                       "--warmup", str(args.warmup), "--threads", str(args.threads)]
-                if args.out_dim:
-                    cmd += ["--out-dim", str(args.out_dim)]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                rows.append(json.loads(out.strip().splitlines()[-1]))
-                print(json.dumps(rows[-1]), flush=True)
+    runs = [(p, k, b, m) for p in args.presets for k in args.kinds for b in args.batch
+            for m in ("plain", "dp")]
+    for preset, kind, batch, mode in runs:
+        cmd = [sys.executable, __file__, "--child", f"{preset}:{kind}:{mode}",
+               "--batch", str(batch), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--threads", str(args.threads)]
+        if args.out_dim:
+            cmd += ["--out-dim", str(args.out_dim)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
     table = _table(rows)
     print(table)
     if args.write:
         load = os.getloadavg()[0]
-        body = (f"Command: `.venv/bin/python benchmarks/bench_dp.py --write docs/benchmarks.md` "
-                f"(batch {args.batch}, {args.steps} timed steps after {args.warmup} warm-up, "
-                f"{args.threads} threads; 1-min load average at the end {load:.1f} on a shared "
-                f"{os.cpu_count()}-core machine, so absolute times are noisy, ratios less so).\n\n"
+        command = " ".join(["OMP_NUM_THREADS=1" if args.threads == 1 else "",
+                            ".venv/bin/python benchmarks/bench_dp.py", *(argv or sys.argv[1:])])
+        body = (f"Command: `{command.strip()}` "
+                f"({args.steps} timed steps after {args.warmup} warm-up, "
+                f"{args.threads} threads; 1-min load average at the end {load:.1f} on a "
+                f"{os.cpu_count()}-core machine).\n\n"
                 f"{table}\n")
         write_section(args.write, body)
     return 0

@@ -2,7 +2,8 @@
 
 - :class:`PrivacyConfig` the site's settings (target epsilon/delta, clip, sampling, center);
 - :class:`PatientPoissonSampler` Poisson sampling of patients, one row per patient;
-- :func:`per_sample_gradients`, :class:`DPSGD` per-patient gradients into Opacus's DPOptimizer;
+- :func:`per_sample_gradients`, :class:`DPSGD` per-patient gradients (the head's last layer
+  ghost-clipped), Opacus noise;
 - :class:`PrivacyLedger` the accountant history persisted in the site's state directory;
 - :class:`DPSelfDistillation` the self-distillation engine with DP-SGD on the student.
 
@@ -33,6 +34,8 @@ _LAZY = {
     "DPSGD": "dp_sgd",
     "noised_mean": "dp_sgd",
     "per_sample_gradients": "dp_sgd",
+    "GhostFactors": "dp_sgd",
+    "linear_layers": "dp_sgd",
     "LEDGER_FILE": "ledger",
     "LedgerError": "ledger",
     "PrivacyLedger": "ledger",
@@ -71,6 +74,8 @@ __all__ = [
     "epsilon_of",
     "noised_mean",
     "per_sample_gradients",
+    "GhostFactors",
+    "linear_layers",
     "privacy_refusal",
     "public_train_metrics",
     "reported_epsilon",

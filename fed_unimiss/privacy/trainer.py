@@ -10,7 +10,8 @@ AdamW groups, schedules, views, exchanged state) with one step replaced:
    without gradients;
 3. per patient, the whole step loss (2 views; for CT also the slices and all four UniMiSS terms)
    is one row of per-sample gradients (:func:`~fed_unimiss.privacy.dp_sgd.per_sample_gradients`);
-4. Opacus's DPOptimizer clips each row to ``max_grad_norm``, adds N(0, (sigma C)^2) and divides by
+4. each row is clipped to ``max_grad_norm`` (linear layers ghost-clipped, never materialised
+   where that is cheaper), summed; Opacus adds N(0, (sigma C)^2) and divides by
    the expected batch q x patients; AdamW steps; the head's last layer, a plain Linear under DP,
    is renormalised (post-processing); the teacher EMA follows (post-processing);
 5. the DINO center is either kept as received ("frozen", no privacy cost) or moved by a clipped,
@@ -41,7 +42,7 @@ from fed_unimiss.ssl.steps import slice_logits
 from fed_unimiss.ssl.views import ct_views, step_generator, xray_views
 
 from .config import CENTER_GAUSSIAN, PrivacyConfig
-from .dp_sgd import DPSGD, noised_mean
+from .dp_sgd import DPSGD, linear_layers, noised_mean
 from .sampling import PatientPoissonSampler, sample_rate_for
 
 __all__ = ["DPSelfDistillation", "check_dp_recipe", "site_sample_rate", "public_train_metrics"]
@@ -231,7 +232,7 @@ class DPSelfDistillation(SelfDistillation):
         expected = q * num_patients
         dp = DPSGD(self.student, self.optimizer, self.noise_multiplier,
                    self.privacy.max_grad_norm, expected, self._noise_gen,
-                   self.privacy.secure_mode)
+                   self.privacy.secure_mode, ghost=linear_layers(self.student))
         stats = TrainStats()
         self.student.train()
         self.teacher.train()
