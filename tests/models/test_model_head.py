@@ -82,7 +82,11 @@ def test_opacus_per_sample_gradients_equal_single_sample_gradients():
             continue
         assert p.grad_sample is not None, name
         for i in range(2):
-            assert torch.allclose(p.grad_sample[i], expected[i][name], atol=1e-5, rtol=1e-3), name
+            # relative to the tensor's scale: a batch-of-2 conv backward sums in another order
+            # than a batch of 1 (measured 1.2e-5 on one of 221,184 elements of a 0.19-max tensor)
+            scale = float(expected[i][name].abs().max()) + 1e-12
+            err = float((p.grad_sample[i] - expected[i][name]).abs().max()) / scale
+            assert err < 1e-4, (name, i, err)
         checked += 1
     assert checked == len(expected[0])
     gsm._close()
