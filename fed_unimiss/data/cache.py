@@ -103,9 +103,11 @@ def _index_from_raw(work_dir: Path, raw: dict[str, Any], built: int, reused: int
                       ct_tile_depth=raw["ct_tile_depth"], xray_size=raw["xray_size"],
                       rejected=[Rejection(r["path"], r["reason"]) for r in raw["rejected"]],
                       built=built, reused=reused)
-    # Stored in scan order (sorted paths), so a copy of the same data elsewhere, or with new mtimes,
-    # gives the same dataset order and thus the same training run for the same seed.
-    for entry in raw["entries"].values():
+    # Scan order (sorted paths), not key order (a hash of path and mtime): a copy of the same data
+    # elsewhere, or with new mtimes, gives the same dataset order and so the same training run.
+    entries = raw["entries"]
+    for key in sorted(entries, key=lambda k: (entries[k].get("order", -1), k)):
+        entry = entries[key]
         target = index.ct_tiles if entry["modality"] == "ct" else index.xrays
         for item in entry["items"]:
             target.append(CacheEntry(cache / item["file"], tuple(item["shape"]),
@@ -197,14 +199,14 @@ def build_cache(roots: Path | str | Sequence[Path | str], work_dir: str | Path,
     rejected = list(report.rejected)
     entries: dict[str, Any] = {}
     built = reused = 0
-    for image in report.usable:
+    for order, image in enumerate(report.usable):
         try:
             key = _source_key(image, cfg)
             if _still_valid(old_entries.get(key), cache):
-                entries[key] = old_entries[key]
+                entries[key] = {**old_entries[key], "order": order}
                 reused += 1
                 continue
-            entries[key] = _build_entry(image, key, cache, cfg, salt)
+            entries[key] = {**_build_entry(image, key, cache, cfg, salt), "order": order}
             built += 1
             logger.info("cached %s (%d array(s))", image.name, len(entries[key]["items"]))
         except DataError as e:

@@ -95,8 +95,12 @@ def test_dataset_order_is_the_same_for_a_copy_with_new_mtimes(site, tmp_path):
     assert len(xa) == len(xb) >= 2 and len(ca) == len(cb) >= 2
     assert all(torch.equal(xa[i], xb[i]) for i in range(len(xa)))
     assert all(torch.equal(ca[i], cb[i]) for i in range(len(ca)))
-    reloaded = SiteIndex.load(tmp_path / "work-b")
-    assert [e.shape for e in reloaded.ct_tiles] == [e.shape for e in b.ct_tiles]
+    for index, work in ((a, "work-a"), (b, "work-b")):  # a restarted site reads the same order
+        reloaded = SiteIndex.load(tmp_path / work)
+        assert [e.path for e in reloaded.ct_tiles] == [e.path for e in index.ct_tiles]
+        assert [e.path for e in reloaded.xrays] == [e.path for e in index.xrays]
+    again = build_cache(copy, tmp_path / "work-b", CFG)  # reused entries keep their place
+    assert again.reused > 0 and [e.path for e in again.xrays] == [e.path for e in b.xrays]
 
 
 def test_short_volume_is_padded_and_tiles_cover_every_slice():
