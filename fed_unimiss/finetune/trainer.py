@@ -153,8 +153,16 @@ def finetune(
     train_dir: str | Path,
     val_dir: str | Path,
     out_dir: str | Path,
+    model: nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune on ``train_dir``, validate on ``val_dir``; returns (and writes) the metrics."""
+    """Fine-tune on ``train_dir``, validate on ``val_dir``; returns (and writes) the metrics.
+
+    ``model`` replaces the MiT task network with any network of the same contract (logits
+    (B, K, *spatial) for segmentation, (B, K) for classification; a list of logits fine to
+    coarse in training if it has ``num_outputs`` > 1). Baselines such as a MONAI U-Net then
+    train on exactly the same data, patches, steps, optimiser and evaluation; ``init`` must be
+    None with it.
+    """
     cfg.validate()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -172,14 +180,20 @@ def finetune(
              len(val), num_classes)
 
     # ============ building the model ... ============
-    model, init_info = build_task_model(cfg, init, num_classes)
+    if model is None:
+        model, init_info = build_task_model(cfg, init, num_classes)
+    elif init is not None:
+        raise ValueError("finetune: pass either init weights or a model, not both")
+    else:
+        init_info = {"init": "scratch", "network": type(model).__name__}
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("model from %s, %.2f M trainable parameters (%s mode)", init_info["init"],
              n_train / 1e6, cfg.mode)
 
     # ============ loss, optimiser and batches ... ============
     if cfg.is_segmentation:
-        criterion: nn.Module = SegmentationLoss(cfg.ce_weight, cfg.dice_weight, model.num_outputs)
+        criterion: nn.Module = SegmentationLoss(cfg.ce_weight, cfg.dice_weight,
+                                                    getattr(model, "num_outputs", 1))
         sampler = SegPatchSampler(train, cfg.input_size, cfg, rng)
         batches = iter(lambda: sampler.sample(cfg.batch_size), None)
     else:

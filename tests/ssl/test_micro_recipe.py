@@ -31,14 +31,18 @@ from fed_unimiss.ssl.engine import SelfDistillation
 from fed_unimiss.ssl.site_data import SiteData
 
 MICRO_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "micro.yaml"
-# Measured late / early DINO loss (one thread): this run (seed 0) X-ray 0.58, CT 0.57; over recipe
-# seeds 0-3 (other initialisations, views and batch orders) X-ray 0.53-0.64, CT 0.40-0.62.
-MAX_LATE_OVER_EARLY = 0.75
-# Measured at the end: this run 1.51 nats (films) / 0.74 (CT regions) of teacher spread over the
-# data set, 8 / 7 distinct prototypes; other runs 1.5-1.7 / 0.7-1.1 and 6-14 / 5-8; at
-# initialisation 0.05 / 0.03 and 2 / 1.
-MIN_SPREAD, MIN_PROTOTYPES = 0.5, 4
-
+# Thresholds from seeds 0-2 of the recipe x 1 and 2 threads (six runs; the thread count changes
+# float summation order and so the whole trajectory), with margin - not from one machine's run.
+# Late / early DINO loss measured: X-ray 0.52-0.69, CT 0.45-0.61.
+MAX_LATE_OVER_EARLY = 0.8
+# Teacher spread over the data set at the end (batch-mean minus per-sample entropy, nats):
+# films 1.20-1.73, CT regions 0.53-0.97; at initialisation 0.02-0.12 / 0.02-0.18. The number of
+# distinct argmax prototypes is not a robust sign: 4-7 CT prototypes at the end, but already 5 at
+# initialisation for two seeds, and 3 on one reviewer's machine; only "more than one" is asserted.
+MIN_SPREAD = {"xray": 0.8, "ct": 0.3}
+MIN_GAIN = {"xray": 0.8, "ct": 0.25}
+MIN_PROTOTYPES = 2
+MAX_INITIAL_SPREAD = 0.3
 
 def _dino(row: dict) -> float:
     if row["phase"] == "2d":
@@ -118,5 +122,6 @@ def test_micro_recipe_does_not_collapse(micro_run):
         assert spread > min_step_spread and h < 0.5 * uniform, (phase, h, spread)
     for kind in ("xray", "ct"):
         spread, prototypes = after[kind]
-        assert spread > MIN_SPREAD and prototypes >= MIN_PROTOTYPES, (kind, before, after)
-        assert before[kind][0] < 0.2, before  # the network starts nearly input-invariant
+        assert spread > MIN_SPREAD[kind] and prototypes >= MIN_PROTOTYPES, (kind, before, after)
+        assert before[kind][0] < MAX_INITIAL_SPREAD, before  # starts nearly input-invariant
+        assert spread - before[kind][0] > MIN_GAIN[kind], (kind, before, after)
