@@ -38,6 +38,7 @@ from fed_unimiss.config import ConfigError, from_dict, load_yaml, to_dict
 from fed_unimiss.exchange import NODE_DATA_PATH, NODE_SITE_NAME, NODE_STATE_DIR
 from fed_unimiss.privacy.config import PrivacyConfig
 from fed_unimiss.processes import terminate_pids
+from site_client.privacy_ledger import privacy_node_config
 
 __all__ = [
     "SiteSettings",
@@ -227,8 +228,6 @@ def site_node_config(kit: SiteKit, data: Path, state: Path,
     The ClientApp reads it back with ``site_client.privacy_ledger.site_privacy`` for every
     message; it stays on the site's machine (Flower never sends node config to the SuperLink).
     """
-    from site_client.privacy_ledger import privacy_node_config  # imports flwr: only when run
-
     return {
         NODE_DATA_PATH: str(Path(data).resolve()),
         NODE_STATE_DIR: str(state),
