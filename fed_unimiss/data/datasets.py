@@ -3,8 +3,8 @@
 Arrays are opened with ``np.load(mmap_mode="r")``, so a dataset costs no memory up front and
 DataLoader workers share the page cache. A cache entry that cannot be read (deleted, truncated,
 wrong shape, non-finite) does not stop training: ``__getitem__`` logs it (site-local log, may name
-the file), counts it in ``skipped`` and returns ``None``; :func:`collate_skip_none` drops the
-Nones. ``skipped`` counts in the process that reads the item, so with ``num_workers > 0`` each
+the file), counts it in ``skipped`` and returns ``None`` (the trainer's ``SiteData.load`` skips it).
+``skipped`` counts in the process that reads the item, so with ``num_workers > 0`` each
 worker keeps its own count (use ``num_workers=0`` when the count matters).
 """
 
@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from fed_unimiss.data.cache import CacheEntry, SiteIndex
 
-__all__ = ["CTTileDataset", "XrayDataset", "collate_skip_none"]
+__all__ = ["CTTileDataset", "XrayDataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +79,3 @@ class XrayDataset(_CachedArrays):
         size = index.xray_size
         super().__init__(index.xrays, [(size, size)] * len(index.xrays))
 
-
-def collate_skip_none(batch: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """Stack the non-None items; return None when nothing is left (the caller skips the step)."""
-    items = [b for b in batch if b is not None]
-    if not items:
-        return None
-    return torch.stack(items)

@@ -8,7 +8,6 @@ same structure that tests, CI and the demo train on CPU. Each preset is mirrored
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from collections.abc import Callable
 from pathlib import Path
@@ -116,7 +115,3 @@ def create_model(preset_or_config: str | Path | ModelConfig, **overrides: Any) -
     cfg = get_config(preset_or_config, **overrides)
     return UniMiSSNet(cfg)
 
-
-def config_fields() -> list[str]:
-    """Field names of ``ModelConfig`` (for CLI flag mapping and error messages)."""
-    return [f.name for f in dataclasses.fields(ModelConfig)]

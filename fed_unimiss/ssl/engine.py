@@ -27,6 +27,7 @@ from torch import Tensor
 
 from fed_unimiss.exchange import CENTER_KEY, STUDENT_PREFIX, TEACHER_PREFIX
 from fed_unimiss.models import UniMiSSNet, dimension_of
+from fed_unimiss.models.classify import DIM_3D
 from fed_unimiss.optim import decay_groups
 from fed_unimiss.ssl.config import Recipe
 from fed_unimiss.ssl.dino_loss import DINOLoss
@@ -112,7 +113,7 @@ class SelfDistillation:
                                 centering=recipe.ssl.teacher_centering).to(self.device)
         # ---- optimizer ----
         self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=0.0, weight_decay=0.0)
-        self._names_3d = [n for n, _ in self.student.named_parameters() if dimension_of(n) == "3d"]
+        self._names_3d = [n for n, _ in self.student.named_parameters() if dimension_of(n) == DIM_3D]
         self._params = dict(self.student.named_parameters())
 
     # ------------------------------------------------------------------ exchanged state
