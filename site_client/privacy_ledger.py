@@ -24,8 +24,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from fed_unimiss.config import ConfigError, from_dict
-from fed_unimiss.privacy.config import PrivacyConfig
+from fed_unimiss.privacy.config import DP_KEYS, PrivacyConfig, dp_settings_of, with_dp_settings
 
 __all__ = ["NODE_KEYS", "ERROR_LEDGER", "ERROR_DP_EVALUATE", "site_privacy",
            "privacy_node_config"]
@@ -35,19 +34,7 @@ log = logging.getLogger(__name__)
 # Error codes of DP replies (the text is fixed: nothing site-specific leaves the site).
 ERROR_LEDGER, ERROR_DP_EVALUATE = 5101, 5102
 
-# node config key -> PrivacyConfig field. ``dp-epsilon`` switches DP on.
-NODE_KEYS: dict[str, str] = {
-    "dp-epsilon": "target_epsilon",
-    "dp-delta": "target_delta",
-    "dp-clip": "max_grad_norm",
-    "dp-noise-multiplier": "noise_multiplier",
-    "dp-planned-rounds": "planned_rounds",
-    "dp-patients-per-step": "patients_per_step",
-    "dp-center": "center",
-    "dp-accountant": "accountant",
-    "dp-center-clip": "center_clip",
-    "dp-secure-mode": "secure_mode",
-}
+NODE_KEYS = DP_KEYS  # node config key -> PrivacyConfig field; dp-epsilon switches DP on
 
 
 def site_privacy(node_config: Mapping[str, Any]) -> PrivacyConfig | None:
@@ -56,24 +43,13 @@ def site_privacy(node_config: Mapping[str, Any]) -> PrivacyConfig | None:
     Raises:
         ConfigError: a dp-* value is malformed or out of range (the message names the key).
     """
-    if node_config.get("dp-epsilon") in (None, ""):
-        unknown = sorted(k for k in node_config if str(k).startswith("dp-"))
-        if unknown:
-            raise ConfigError(f"node config {unknown[0]!r} given without 'dp-epsilon': set "
-                              "dp-epsilon to turn differential privacy on")
+    settings = {k: v for k, v in node_config.items() if str(k).startswith("dp-")}
+    if settings.get("dp-epsilon") in (None, ""):  # present but empty: DP off
+        settings.pop("dp-epsilon", None)
+    if not settings:
         return None
-    values: dict[str, Any] = {"enabled": True}
-    for key, value in node_config.items():
-        if not str(key).startswith("dp-"):
-            continue
-        if key not in NODE_KEYS:
-            raise ConfigError(f"node config {key!r}: unknown DP key (valid: "
-                              f"{', '.join(sorted(NODE_KEYS))})")
-        field = NODE_KEYS[key]
-        if field == "planned_rounds" and isinstance(value, float) and value.is_integer():
-            value = int(value)
-        values[field] = value
-    return from_dict(PrivacyConfig, values, where="node config (dp-*)")
+    return with_dp_settings(PrivacyConfig(), settings, "node config (dp-*)",
+                            fix="set dp-epsilon in the node config to turn it on")
 
 
 def privacy_node_config(privacy: PrivacyConfig | None) -> dict[str, Any]:
@@ -82,12 +58,4 @@ def privacy_node_config(privacy: PrivacyConfig | None) -> dict[str, Any]:
     Empty when ``privacy`` is None or disabled (the site trains without DP). ``site start``
     writes these into the SuperNode's node config file; the ClientApp reads them back per message.
     """
-    if privacy is None or not privacy.enabled:
-        return {}
-    privacy.validate()
-    out: dict[str, Any] = {}
-    for key, field in NODE_KEYS.items():
-        value = getattr(privacy, field)
-        if value is not None:  # noise_multiplier None = calibrate: the key is simply absent
-            out[key] = value
-    return out
+    return dp_settings_of(privacy)

@@ -11,7 +11,7 @@ The DP gradient step of the self-distillation engine built from these is
 and imports nothing from ``fed_unimiss.ssl``. The guarantee and every choice behind it are in
 docs/privacy.md. Nothing here imports flwr.
 
-The config and the reply vocabulary are imported eagerly (stdlib only); everything that needs
+The config and the reply vocabulary are imported eagerly (no torch); everything that needs
 torch or Opacus is imported on first use (PEP 562), so ``fed-unimiss site start`` can read a
 site's privacy settings without paying ~10 s of torch/Opacus import before its kit checks.
 """
