@@ -260,12 +260,7 @@ class ProcessSet:
         if proc is None:
             return
         terminate_pids([proc.pid], grace_s, self.sessions.pop(name, set()))
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-        if self.pid_dir is not None:
-            (self.pid_dir / f"{name}.pid").unlink(missing_ok=True)
+        self._reap(name, proc, grace_s)
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.children.values()]
@@ -279,10 +274,14 @@ class ProcessSet:
             terminate_pids(roots, grace_s, sessions)
         self.sessions.clear()
         for name, proc in list(self.children.items()):
-            try:
-                proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-            if self.pid_dir is not None:
-                (self.pid_dir / f"{name}.pid").unlink(missing_ok=True)
+            self._reap(name, proc, grace_s)
         self.children.clear()
+
+    def _reap(self, name: str, proc: subprocess.Popen, grace_s: float) -> None:
+        """Collect an ended child's exit status and forget its PID record."""
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        if self.pid_dir is not None:
+            (self.pid_dir / f"{name}.pid").unlink(missing_ok=True)
