@@ -277,6 +277,11 @@ def to_network_input(array: np.ndarray) -> Tensor:
     return t.unsqueeze(0) if array.ndim == 3 else t.unsqueeze(0).expand(3, -1, -1).contiguous()
 
 
+def _class_voxels(labels: np.ndarray) -> list[np.ndarray]:
+    """Coordinates (N_c, ndim) of each foreground class present in ``labels``, by class value."""
+    return [np.argwhere(labels == c) for c in np.unique(labels) if c > 0]
+
+
 class SegPatchSampler:
     """Random training patches (image, labels) with foreground oversampling and flips."""
 
@@ -286,8 +291,8 @@ class SegPatchSampler:
         self.patch = tuple(patch)
         self.cfg = cfg
         self.rng = rng
-        # Foreground voxel coordinates per case, for centring patches on organs.
-        self.fg = [np.argwhere(c.labels > 0) for c in self.cases]
+        # Voxel coordinates of every foreground class per case, for centring patches on organs.
+        self.fg = [_class_voxels(c.labels) for c in self.cases]
 
     @staticmethod
     def _pad(case: SegCase, patch) -> SegCase:
@@ -299,10 +304,17 @@ class SegPatchSampler:
         return SegCase(image, np.pad(case.labels, width, mode="constant"), case.name)
 
     def _origin(self, i: int) -> tuple[int, ...]:
+        """A random patch origin; with ``foreground_prob`` centred on a foreground voxel.
+
+        The class is drawn first, uniformly among the classes present in the case, then a voxel
+        of it (nnU-Net; MONAI's ``RandCropByLabelClasses``): drawing a voxel of any foreground
+        would centre nearly every patch on the largest organ and starve the small ones.
+        """
         shape = self.cases[i].image.shape
         fg = self.fg[i]
-        if len(fg) and self.rng.random() < self.cfg.foreground_prob:
-            centre = fg[self.rng.integers(len(fg))]
+        if fg and self.rng.random() < self.cfg.foreground_prob:
+            voxels = fg[int(self.rng.integers(len(fg)))]
+            centre = voxels[self.rng.integers(len(voxels))]
             return tuple(int(np.clip(c - p // 2, 0, s - p))
                          for c, p, s in zip(centre, self.patch, shape, strict=True))
         return tuple(int(self.rng.integers(0, s - p + 1))

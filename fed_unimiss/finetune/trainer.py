@@ -9,8 +9,9 @@ for data, model, optimiser, training loop and the final report. It writes into `
 - ``history.jsonl``: the same per-epoch rows, appended as training goes (for watching a run);
 - ``finetuned.safetensors`` + ``finetuned.json``: the fine-tuned task model.
 
-Segmentation validation runs sliding-window inference over whole volumes (or whole 2D images)
-and reports Dice from confusion counts pooled over the validation set.
+Segmentation validation runs MONAI's sliding-window inference (Gaussian-weighted windows, as
+nnU-Net) over whole volumes (or whole 2D images) and reports Dice from confusion counts pooled
+over the validation set.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.inferers import sliding_window_inference
 from torch import nn
 
 from fed_unimiss.checkpoint import append_jsonl, atomic_write_json, save_checkpoint
@@ -32,10 +34,9 @@ from fed_unimiss.optim import cosine_at, decay_groups
 from .cls_model import ClassificationNet
 from .config import FinetuneConfig
 from .load import load_pretrained, read_export_config
-from .losses import DeepSupervisionLoss, DiceCELoss
+from .losses import SegmentationLoss
 from .metrics import DiceCounter, classification_metrics
 from .seg_model import SegmentationNet
-from .sliding_window import sliding_window_inference
 from .tasks import (
     ClsCase,
     SegCase,
@@ -109,9 +110,10 @@ def evaluate_segmentation(
     counter = DiceCounter(num_classes)
     for case in cases:
         x = to_network_input(case.image)[None]  # (1, C, *spatial)
-        probs = sliding_window_inference(x, model, cfg.input_size, num_classes,
-                                         overlap=cfg.sw_overlap, batch_size=cfg.batch_size)
-        counter.update(probs.argmax(dim=1)[0], torch.from_numpy(case.labels))
+        logits = sliding_window_inference(x, cfg.input_size, cfg.batch_size, model,
+                                          overlap=cfg.sw_overlap, mode="gaussian",
+                                          padding_mode="replicate")  # (1, K, *spatial)
+        counter.update(logits.argmax(dim=1)[0], torch.from_numpy(case.labels))
     per_class = counter.per_class()
     return {"dice_mean": counter.mean(),
             "dice_per_class": [None if np.isnan(d) else float(d) for d in per_class]}
@@ -172,7 +174,7 @@ def finetune(
 
     # ============ loss, optimiser and batches ... ============
     if cfg.is_segmentation:
-        criterion: nn.Module = DeepSupervisionLoss(DiceCELoss(cfg.ce_weight, cfg.dice_weight))
+        criterion: nn.Module = SegmentationLoss(cfg.ce_weight, cfg.dice_weight, model.num_outputs)
         sampler = SegPatchSampler(train, cfg.input_size, cfg, rng)
         batches = iter(lambda: sampler.sample(cfg.batch_size), None)
     else:
