@@ -1,14 +1,20 @@
 """The package as a user gets it: installed into a fresh venv from its declared dependencies only.
 
 Every module of the three packages must import there (an undeclared dependency fails), and the
-``fed-unimiss`` command must find every subcommand through its entry points.
+``fed-unimiss`` command must find every subcommand through its entry points. A fast static check
+catches what the install would hide: a module imported directly but only installed because a
+declared dependency pulls it in (``click`` through flwr, say).
 """
 
 from __future__ import annotations
 
+import ast
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
@@ -58,3 +64,29 @@ def test_clean_install_imports_every_module_and_finds_every_command(tmp_path):
     listing = _run([str(venv / "bin" / "fed-unimiss"), "--help"])
     missing = [c for c in COMMANDS if f"    {c} " not in listing]
     assert missing == [], listing
+
+
+def _third_party_imports() -> set[str]:
+    names: set[str] = set()
+    for package in PACKAGES:
+        for path in (REPO / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, ast.Import):
+                    names.update(a.name.split(".")[0] for a in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names.add(node.module.split(".")[0])
+    return {n for n in names if n not in sys.stdlib_module_names and n not in PACKAGES}
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_imported_package_is_a_declared_dependency():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = {_normalise(re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0])
+                for d in project["dependencies"]}
+    providers = packages_distributions()
+    undeclared = {name: providers.get(name) for name in sorted(_third_party_imports())
+                  if not {_normalise(d) for d in providers.get(name, [])} & declared}
+    assert undeclared == {}
