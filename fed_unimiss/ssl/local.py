@@ -111,8 +111,7 @@ class LedgerGuard:
 
 
 def training_mode(recipe: Recipe, privacy: PrivacyConfig | None, state_dir: str | Path,
-                  data: SiteData, steps_per_interval: int, dp_seed: int | None = None
-                  ) -> tuple[GradientStep, BudgetGuard]:
+                  data: SiteData, steps_per_interval: int) -> tuple[GradientStep, BudgetGuard]:
     """The gradient step and the budget guard of a run: plain, or DP-SGD under the ledger.
 
     Raises ``ValueError`` if DP is asked for a recipe that cannot be trained with DP-SGD (before
@@ -123,7 +122,7 @@ def training_mode(recipe: Recipe, privacy: PrivacyConfig | None, state_dir: str 
     check_dp_recipe(recipe)
     privacy.validate()
     guard = LedgerGuard(state_dir, privacy, site_sample_rate(privacy, data), steps_per_interval)
-    return DPStep(privacy, guard.noise_multiplier, dp_seed), guard
+    return DPStep(privacy, guard.noise_multiplier), guard  # sampling and noise: a secret seed
 
 
 @dataclass
