@@ -6,10 +6,8 @@ is a ``Grid`` that hands each pushed message straight to the ClientApp with that
 computed lazily, one per ``pull_messages`` call, so the aggregator's fold-as-they-arrive path runs
 exactly as it does against a SuperLink.
 
-It relies on two private details of Flower 1.39 (docs in /work/shared/design/FLOWER-1.39.md,
-section 6): ``Message()`` reads ``flwr.supercore.task_identity.TaskIdentity`` (run, node and task
-ids must be set in the process), and message ids live in ``metadata.__dict__["_message_id"]``.
-Hence the version pin in :func:`check_flower_version`.
+It needs two private details of Flower 1.39 (the task identity ``Message()`` reads, and message
+ids); both are isolated in :mod:`aggregator.flower_private`, with the version pin.
 """
 
 from __future__ import annotations
@@ -23,32 +21,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import flwr
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 
+from aggregator.flower_private import assign_message_id, check_flower_version, set_task_identity
 from fed_unimiss import exchange as ex
 
 __all__ = ["SiteSpec", "InProcessGrid", "check_flower_version", "run_inprocess"]
 
 log = logging.getLogger(__name__)
 
-PINNED_FLOWER = "1.39."
 SERVER_NODE_ID = 0  # Flower's SuperLink node id (SUPERLINK_NODE_ID)
 CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode
-
-
-def check_flower_version(version: str | None = None) -> None:
-    """Refuse to run on a Flower whose private hooks this module was not written for."""
-    version = flwr.__version__ if version is None else version
-    if not version.startswith(PINNED_FLOWER):
-        raise RuntimeError(
-            f"the in-process grid was written for flwr {PINNED_FLOWER}x and uses its private "
-            f"TaskIdentity and message-id hooks; found flwr {version}. Install flwr>=1.39,<1.40 "
-            "or port aggregator/inprocess.py"
-        )
 
 
 def load_component(reference: str) -> Any:
@@ -72,14 +58,6 @@ class SiteSpec:
     node_config: dict[str, Any] = field(default_factory=dict)
 
 
-def _set_task_identity(run_id: int) -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id = run_id
-    TaskIdentity.node_id = SERVER_NODE_ID
-    TaskIdentity.task_id = 1
-
-
 class InProcessGrid(Grid):
     """A Grid whose nodes are ClientApp calls in this process (see the module docstring)."""
 
@@ -96,7 +74,7 @@ class InProcessGrid(Grid):
             raise ValueError(f"site names must be unique, got {names}")
         self.client_app = client_app
         self._run_id = run_id if run_id is not None else int(time.time() * 1000) % (2**62)
-        _set_task_identity(self._run_id)
+        set_task_identity(self._run_id, SERVER_NODE_ID)
         self._run = Run.create_empty(self._run_id)
         self.contexts: dict[int, Context] = {}
         for node_id, site in enumerate(sites, start=1):
@@ -131,7 +109,7 @@ class InProcessGrid(Grid):
             if msg.metadata.dst_node_id not in self.contexts:
                 raise ValueError(f"no node {msg.metadata.dst_node_id} in this grid")
             msg_id = uuid.uuid4().hex
-            msg.metadata.__dict__["_message_id"] = msg_id  # private hook, see module docstring
+            assign_message_id(msg, msg_id)
             self._inbox[msg_id] = msg
             ids.append(msg_id)
         return ids
@@ -144,7 +122,7 @@ class InProcessGrid(Grid):
             msg = self._inbox.pop(next_id)
             reply = self.deliver(msg)
             if reply is not None:
-                reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+                assign_message_id(reply, uuid.uuid4().hex)
                 self._outbox[next_id] = reply
         return [self._outbox.pop(m) for m in list(self._outbox) if m in wanted]
 

@@ -152,7 +152,7 @@ def _rejection_note(strategy: DimensionAwareStrategy) -> str:
     if not rejected:
         return ""
     reasons = "; ".join(f"{site}: {why}" for site, why in rejected.items())
-    if all("privacy budget exhausted" in why for why in rejected.values()):
+    if strategy.only_budget_refusals():
         return f". Every replying site refused: privacy budget exhausted ({reasons})"
     return f". Rejected replies: {reasons}"
 

@@ -4,6 +4,14 @@ Shaped like Flower's strategies (configure_train / aggregate / configure_evaluat
 are folded one at a time as they arrive (``accept_train``) instead of all at once, so the
 aggregator holds one running sum per tensor plus the reply in hand. The round loop that drives it
 (push, poll, deadline, quorum) is in :mod:`aggregator.rounds`.
+
+Every train reply ends as one typed outcome (:data:`TrainOutcome`): a :class:`SiteResult`
+folded in, a :class:`BudgetRefusal` (a DP site whose budget is spent), or a :class:`Rejection`
+(an error reply, a malformed or out-of-bounds update, or, with ``require_dp``, a reply that
+reports no DP). ``require_dp`` is the strategy's too: it stamps every train instruction with
+:data:`~fed_unimiss.privacy.REQUIRE_DP` (a non-DP site then refuses with error 5103) and
+rejects any train reply that carries no ``epsilon``. That is a protocol check, not a proof: the
+aggregator trusts a site's report that it trained with DP (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -27,9 +35,15 @@ from aggregator.validation import (
 )
 from fed_unimiss import exchange as ex
 from fed_unimiss.federation import FederationConfig
-from fed_unimiss.privacy.report import EPSILON, privacy_refusal
+from fed_unimiss.privacy.report import (
+    ERROR_DP_REQUIRED,
+    REQUIRE_DP,
+    privacy_refusal,
+    reported_epsilon,
+)
 
-__all__ = ["DimensionAwareStrategy", "SiteResult", "state_to_record", "record_to_state"]
+__all__ = ["DimensionAwareStrategy", "SiteResult", "BudgetRefusal", "Rejection", "TrainOutcome",
+           "state_to_record", "record_to_state"]
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +85,36 @@ class SiteResult:
         }
 
 
+@dataclass(frozen=True)
+class BudgetRefusal:
+    """A DP site refused the round: its privacy budget would be exceeded."""
+
+    label: str
+    epsilon: float  # spent so far (NaN if the site reported none)
+
+    @property
+    def reason(self) -> str:
+        return f"refused: privacy budget exhausted (epsilon spent {self.epsilon:.4g})"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A reply the strategy did not fold; ``reason`` names our checks, never the site's text."""
+
+    label: str
+    reason: str
+
+
+TrainOutcome = SiteResult | BudgetRefusal | Rejection
+
+
 @dataclass
 class _RoundState:
     round_num: int
     global_state: Mapping[str, torch.Tensor]
     aggregator: Aggregator
     accepted: list[SiteResult] = field(default_factory=list)
-    rejected: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, BudgetRefusal | Rejection] = field(default_factory=dict)
     evaluated: dict[str, dict[str, float]] = field(default_factory=dict)
     epsilon: dict[str, float] = field(default_factory=dict)  # DP sites: epsilon spent so far
 
@@ -116,6 +153,12 @@ class DimensionAwareStrategy:
             ex.EVAL_BATCHES: self.cfg.eval_batches,
         })
 
+    def _instruction(self, round_num: int, message_type: str) -> ConfigRecord:
+        config = self.train_config(round_num)
+        if message_type == ex.TRAIN and self.cfg.require_dp:
+            config[REQUIRE_DP] = True
+        return config
+
     def configure_train(
         self, round_num: int, global_state: Mapping[str, torch.Tensor], node_ids: Iterable[int]
     ) -> list[Message]:
@@ -125,51 +168,67 @@ class DimensionAwareStrategy:
             global_state,
             make_aggregator(self.cfg.aggregation, global_state, self.classes, self.cfg.trim_fraction),
         )
-        arrays, config = state_to_record(global_state), self.train_config(round_num)
+        arrays, config = state_to_record(global_state), self._instruction(round_num, ex.TRAIN)
         return [
             Message(RecordDict({ex.ARRAYS: arrays, ex.CONFIG: config}), node_id, ex.TRAIN,
                     group_id=str(round_num))
             for node_id in node_ids
         ]
 
-    def accept_train(self, reply: Message) -> SiteResult | None:
+    def accept_train(self, reply: Message) -> TrainOutcome:
         """Validate one reply and fold it in; a bad reply is logged, recorded and dropped."""
         rnd = self._require_round()
-        node_id = reply.metadata.src_node_id
         label = self._label(reply)
         if label in rnd.rejected or any(r.label == label for r in rnd.accepted):
-            label = f"{label}@node-{node_id}"  # two sites declared the same name
+            label = f"{label}@node-{reply.metadata.src_node_id}"  # two sites declared one name
+        outcome = self._judge(reply, label, rnd)
+        if isinstance(outcome, SiteResult):
+            rnd.accepted.append(outcome)
+            log.info("round %d: folded %s (2d=%d, 3d=%d, loss=%s)", rnd.round_num, label,
+                     outcome.report.samples_2d, outcome.report.samples_3d,
+                     outcome.report.metrics.get(ex.LOSS))
+        else:
+            rnd.rejected[label] = outcome
+            if isinstance(outcome, BudgetRefusal):
+                rnd.epsilon[label] = outcome.epsilon
+            log.warning("round %d: rejected reply of %s: %s", rnd.round_num, label,
+                        outcome.reason)
+        return outcome
+
+    def _judge(self, reply: Message, label: str, rnd: _RoundState) -> TrainOutcome:
+        node_id = reply.metadata.src_node_id
+        if reply.has_error():  # the error text comes from the site; record only its code
+            return Rejection(label, f"site reported an error (code {reply.error.code})")
+        content = reply.content
+        metrics = content.metric_records.get(ex.METRICS)
+        refusal = privacy_refusal(metrics)  # a DP site whose budget is spent: metrics only
+        if refusal is not None:
+            return BudgetRefusal(label, refusal)
+        epsilon = reported_epsilon(metrics)
+        if self.cfg.require_dp and epsilon is None:
+            log.warning("node %d sent a train reply without DP (no epsilon) although the "
+                        "federation requires DP: rejected", node_id)
+            return Rejection(label, "no DP report although the federation requires differential "
+                             f"privacy (code {ERROR_DP_REQUIRED})")
         try:
-            if reply.has_error():
-                # The error text comes from the site; record only its code.
-                raise ReplyRejected(f"site reported an error (code {reply.error.code})")
-            content = reply.content
-            # Issue 7: a DP site whose budget is spent refuses with metrics only (no state).
-            refusal = privacy_refusal(content.metric_records.get(ex.METRICS))
-            if refusal is not None:
-                rnd.epsilon[label] = refusal
-                raise ReplyRejected(f"refused: privacy budget exhausted (epsilon spent "
-                                    f"{refusal:.4g})")
-            if ex.ARRAYS not in content.array_records or ex.METRICS not in content.metric_records:
+            if ex.ARRAYS not in content.array_records or metrics is None:
                 raise ReplyRejected("reply lacks the arrays or metrics record")
-            report = parse_report(content.metric_records[ex.METRICS])
+            report = parse_report(metrics)
             record = content.array_records[ex.ARRAYS]
             bytes_in = record.count_bytes()
             state = record_to_state(record)
             norm = validate_state(state, rnd.global_state, self.cfg.max_update_norm)
         except ReplyRejected as e:
-            log.warning("round %d: rejected reply of %s: %s", rnd.round_num, label, e)
-            rnd.rejected[label] = str(e)
-            return None
-        eps = content.metric_records[ex.METRICS].get(EPSILON)  # issue 7: DP sites report it
-        if isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps):
-            rnd.epsilon[label] = float(eps)
+            return Rejection(label, str(e))
+        if epsilon is not None:  # DP sites report what they spent so far
+            rnd.epsilon[label] = epsilon
         rnd.aggregator.add(state, report.samples_2d, report.samples_3d)
-        result = SiteResult(node_id, label, report, norm, bytes_in)
-        rnd.accepted.append(result)
-        log.info("round %d: folded %s (2d=%d, 3d=%d, loss=%s)", rnd.round_num, label,
-                 report.samples_2d, report.samples_3d, report.metrics.get(ex.LOSS))
-        return result
+        return SiteResult(node_id, label, report, norm, bytes_in)
+
+    def only_budget_refusals(self) -> bool:
+        """True when the round rejected replies and every one was a privacy-budget refusal."""
+        rejected = self._require_round().rejected.values()
+        return bool(rejected) and all(isinstance(r, BudgetRefusal) for r in rejected)
 
     @property
     def num_accepted(self) -> int:
@@ -187,7 +246,7 @@ class DimensionAwareStrategy:
     def configure_evaluate(
         self, round_num: int, state: Mapping[str, torch.Tensor], node_ids: Iterable[int]
     ) -> list[Message]:
-        arrays, config = state_to_record(state), self.train_config(round_num)
+        arrays, config = state_to_record(state), self._instruction(round_num, ex.EVALUATE)
         return [
             Message(RecordDict({ex.ARRAYS: arrays, ex.CONFIG: config}), node_id, ex.EVALUATE,
                     group_id=f"{round_num}-eval")
@@ -226,7 +285,7 @@ class DimensionAwareStrategy:
             ex.SAMPLES_3D: sum(r.report.samples_3d for r in accepted),
             "samples": total,
             "per_site": {r.label: r.as_row() for r in accepted},
-            "rejected": dict(sorted(rnd.rejected.items())),
+            "rejected": {k: v.reason for k, v in sorted(rnd.rejected.items())},
             "missing_nodes": sorted(missing),
             "seconds": seconds,
             "bytes_out_per_site": bytes_out_per_site,

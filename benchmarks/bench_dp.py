@@ -2,7 +2,7 @@
 
 For each preset (micro, tiny) and step kind (2D X-ray step; 3D CT step with its slices through
 the 2D path), a child process times the plain step of :class:`fed_unimiss.ssl.SelfDistillation`
-(forward, backward, AdamW) and the DP step of :class:`fed_unimiss.privacy.DPSelfDistillation`
+(forward, backward, AdamW) and the DP step of :class:`fed_unimiss.ssl.dp_step.DPStep`
 (per-patient gradients with torch.func, Opacus clipping + noise, AdamW) at the same batch and
 inputs, and records its peak RSS. Results go (with ``--write``) into the
 "## Differential privacy (issue 7)" section of docs/benchmarks.md:
@@ -41,8 +41,11 @@ def run_one(preset: str, kind: str, mode: str, batch: int, steps: int, warmup: i
 
     from fed_unimiss.privacy import DPSGD, PrivacyConfig
     from fed_unimiss.privacy.dp_sgd import linear_layers
-    from fed_unimiss.privacy.trainer import DPSelfDistillation
     from fed_unimiss.ssl.config import load_recipe
+    from fed_unimiss.ssl.dp_step import DPStep
+    from fed_unimiss.ssl.engine import SelfDistillation
+    from fed_unimiss.ssl.gradient_step import Batch, PlainStep
+    from fed_unimiss.ssl.steps import patient_step_loss, per_sample_teacher_logits
 
     torch.set_num_threads(threads)
     recipe = load_recipe(REPO / "configs/pretrain/micro.yaml")
@@ -53,22 +56,20 @@ def run_one(preset: str, kind: str, mode: str, batch: int, steps: int, warmup: i
     recipe = dataclasses.replace(recipe, model=model, ssl=dataclasses.replace(
         recipe.ssl, crop_2d=crop, view_depth=depth, view_size=side, freeze_last_layer=0,
         koleo_weight=0.0))  # KoLeo (micro only) is refused under DP: compare the same loss
-    engine = DPSelfDistillation(recipe, 100, PrivacyConfig(enabled=True), 1.0, dp_seed=0)
+    engine = SelfDistillation(recipe, 100,
+                              gradient_step=DPStep(PrivacyConfig(enabled=True), 1.0, dp_seed=0))
     shape = (batch, 2, 3, crop, crop) if kind == "2d" else (batch, 2, 1, depth, side, side)
     views = torch.randn(shape)
     engine._set_hyperparameters(20, kind)
     dp = DPSGD(engine.student, engine.optimizer, 1.0, 1.0, float(batch), ghost=linear_layers(engine.student))
-    times = []
+    plain, times = PlainStep(), []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         if mode == "dp":
-            targets = engine._teacher_targets(kind, views)
-            dp.step(engine._patient_loss(kind), [views, *targets], batch)
+            targets = per_sample_teacher_logits(engine.teacher, kind, views)
+            dp.step(patient_step_loss(engine.loss_fn, kind), [views, *targets], batch)
         else:
-            out = engine.step_loss(kind, [views[:, 0], views[:, 1]])
-            engine.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            engine._optimizer_step(20, kind)
+            plain.update(engine, 20, kind, Batch([views[:, 0], views[:, 1]], batch, 0))
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return {"preset": preset, "kind": kind, "mode": mode, "batch": batch,

@@ -1,7 +1,8 @@
 """fed-unimiss: federated UniMiSS pretraining of the MiT on 2D X-rays and 3D CT.
 
 This package is the science (models, self-distillation, data, privacy, checkpoints). It is pure
-PyTorch and never imports flwr: the Flower adapters live in ``site_client`` and ``aggregator``.
+PyTorch and never imports flwr: the Flower apps of the site and of the coordinator are separate
+packages built on this one, and it knows nothing of them.
 """
 
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
 """What a site and the aggregator exchange: tensor names, record keys, config keys, seeds.
 
 Both sides of the federation import their vocabulary from here, so a renamed key cannot drift
-between ``site_client/`` and ``aggregator/``. Keys are snake_case except where Flower mandates a
+between the site's app and the aggregator's. Keys are snake_case except where Flower mandates a
 name (``num-examples``) or where the key comes from Flower's ``--node-config`` / ``--run-config``
 flags, whose convention is kebab-case. Pure Python/torch: no flwr import (a test checks this).
 
@@ -13,24 +13,21 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
-from typing import Literal
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the model package imports torch; this module stays light (``site start``)
+    from fed_unimiss.models.classify import TensorClass
 
 __all__ = [
     "STUDENT_PREFIX",
     "TEACHER_PREFIX",
     "CENTER_KEY",
-    "TensorClass",
     "classify_exchange_keys",
     "is_valid_site_name",
     "class_weight",
     "site_seed",
-    "state_nbytes",
 ]
-
-TensorClass = Literal["2d", "3d", "shared"]
 
 # ---------------------------------------------------------------- exchanged tensors
 STUDENT_PREFIX = "student."
@@ -116,12 +113,12 @@ def classify_exchange_keys(names: Iterable[str]) -> dict[str, TensorClass]:
     ``center`` is shared because 2D, 3D and slice outputs all update it. Any other name is an
     error: the aggregator must know how to average every tensor it receives.
     """
-    from fed_unimiss.models import dimension_of
+    from fed_unimiss.models.classify import SHARED, dimension_of
 
     classes: dict[str, TensorClass] = {}
     for name in names:
         if name == CENTER_KEY:
-            classes[name] = "shared"
+            classes[name] = SHARED
             continue
         stripped = _strip_prefix(name)
         if stripped is None:
@@ -137,13 +134,16 @@ def class_weight(tensor_class: str, samples_2d: float, samples_3d: float) -> flo
     """The weight of one site's reply for a tensor of ``tensor_class``.
 
     3D tensors learn only from 3D sub-volumes, 2D tensors from X-rays and CT slices (counted in
-    ``samples_2d``), shared tensors from everything.
+    ``samples_2d``), shared tensors from everything. The classes are those of
+    :mod:`fed_unimiss.models.classify`.
     """
-    if tensor_class == "3d":
+    from fed_unimiss.models.classify import DIM_2D, DIM_3D, SHARED
+
+    if tensor_class == DIM_3D:
         return float(samples_3d)
-    if tensor_class == "2d":
+    if tensor_class == DIM_2D:
         return float(samples_2d)
-    if tensor_class == "shared":
+    if tensor_class == SHARED:
         return float(samples_2d) + float(samples_3d)
     raise ValueError(f"unknown tensor class {tensor_class!r}; expected '2d', '3d' or 'shared'")
 
@@ -157,7 +157,3 @@ def site_seed(recipe_seed: int, round_num: int, site_label: str) -> int:
     digest = hashlib.sha256(f"{recipe_seed}:{round_num}:{site_label}".encode()).digest()
     return int.from_bytes(digest[:8], "little") % (2**63 - 1)
 
-
-def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:
-    """Bytes of tensor payload in a state dict (what dominates the wire)."""
-    return sum(t.numel() * t.element_size() for t in state.values())

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import yaml
+from fed_unimiss.config import ConfigError, load_yaml, read_yaml
 
-from fed_unimiss.config import ConfigError, load_yaml
+if TYPE_CHECKING:  # the recipe pulls in the model package (torch); federation.py stays light
+    from fed_unimiss.ssl.config import Recipe
 
 __all__ = ["FederationConfig", "load_federation", "resolve_recipe"]
 
@@ -82,7 +83,7 @@ def load_federation(path: str | Path) -> FederationConfig:
     return load_yaml(FederationConfig, path)
 
 
-def resolve_recipe(cfg: FederationConfig, config_path: str | Path) -> Any:
+def resolve_recipe(cfg: FederationConfig, config_path: str | Path) -> Recipe:
     """The ``Recipe`` the federation trains, loaded from its path or its inline mapping."""
     from fed_unimiss.ssl.config import recipe_from_dict
 
@@ -93,11 +94,9 @@ def resolve_recipe(cfg: FederationConfig, config_path: str | Path) -> Any:
         if not recipe_path.is_absolute():
             recipe_path = Path(config_path).resolve().parent / recipe_path
         try:
-            data = yaml.safe_load(recipe_path.read_text())
-        except OSError as e:
-            raise ConfigError(f"{config_path}: recipe: cannot read {recipe_path} ({e.strerror})") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{recipe_path}: not valid YAML: {e}") from e
+            data = read_yaml(recipe_path, "recipe")
+        except ConfigError as e:
+            raise ConfigError(f"{config_path}: recipe: {e}") from e
         where = str(recipe_path)
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping with model, data and ssl sections")

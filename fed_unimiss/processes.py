@@ -1,19 +1,19 @@
 """Child processes that never outlive us: own sessions, recorded PIDs, whole-tree termination.
 
 Flower's executables spawn grandchildren (the SuperExec, then one ``flwr-serverapp`` per run or
-one ``flwr-clientapp`` per message) and does not always reap them: a ``flwr-serverapp`` blocked on
+one ``flwr-clientapp`` per message) and do not always reap them: a ``flwr-serverapp`` blocked on
 "waiting for nodes" survives its SuperLink as an orphan (FLOWER-1.39.md section 4). Orphans are
 re-parented to init, so walking parent links is not enough. Every child is therefore started in a
 new session (``setsid``); its descendants inherit the session id unless they call setsid
-themselves, so scanning ``/proc/*/stat`` for that session id finds orphans too. Descendants by
-parent link are collected as well, for anything that did start its own session.
+themselves, so scanning every process for that session id finds orphans too. Descendants by
+parent link are collected as well, for anything that did start its own session. The process
+table is read with psutil; the session id with ``os.getsid``, which psutil does not expose.
 
-PIDs are written to ``<pid_dir>/<name>.pid`` so that a later ``aggregator start`` (or a person)
-can find and stop leftovers of a crashed coordinator.
+PIDs are written to ``<pid_dir>/<name>.pid`` so that a later start of the same command (or a
+person) can find and stop leftovers of a crashed one.
 
-Shared by the coordinator (``aggregator.deploy``: SuperLink, demo sites) and the site
-(``site_client.supernode``: the SuperNode and its ``flwr-clientapp`` processes); pure stdlib and
-Linux ``/proc``, so either side can import it without the other.
+Shared by the coordinator's and the site's process handling (SuperLink, demo sites, the SuperNode
+and its ``flwr-clientapp`` processes), which must not import each other.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+
+import psutil
 
 __all__ = [
     "ProcessSet",
@@ -40,55 +42,40 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def _stat_fields(pid: int) -> tuple[int, int, str] | None:
-    """(ppid, session id, state) of ``pid`` from /proc, or None when it is gone."""
+def _sid(pid: int) -> int | None:
+    """Session id of ``pid``, or None when it is gone."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError, OSError):
+        return os.getsid(pid)
+    except (ProcessLookupError, PermissionError):
         return None
-    # comm may contain spaces and parentheses: split after the last ')'
-    rest = raw[raw.rfind(")") + 2:].split()
-    return int(rest[1]), int(rest[3]), rest[0]
-
-
-def _all_pids() -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
 
 
 def alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie."""
-    st = _stat_fields(pid)
-    return st is not None and st[2] != "Z"
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def session_members(sid: int) -> list[int]:
     """Every live process whose session id is ``sid`` (orphans included)."""
-    out = []
-    for pid in _all_pids():
-        st = _stat_fields(pid)
-        if st is not None and st[1] == sid and st[2] != "Z":
-            out.append(pid)
-    return out
+    return [p.pid for p in psutil.process_iter() if _sid(p.pid) == sid and alive(p.pid)]
 
 
 def descendants(root: int) -> list[int]:
     """Live descendants of ``root`` by parent link (not including ``root``)."""
-    children: dict[int, list[int]] = {}
-    for pid in _all_pids():
-        st = _stat_fields(pid)
-        if st is not None:
-            children.setdefault(st[0], []).append(pid)
-    out, stack = [], [root]
-    while stack:
-        for c in children.get(stack.pop(), []):
-            out.append(c)
-            stack.append(c)
-    return out
+    try:
+        return [p.pid for p in psutil.Process(root).children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
-def _sid(pid: int) -> int | None:
-    st = _stat_fields(pid)
-    return None if st is None else st[1]
+def _cmdline(pid: int) -> str:
+    try:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return ""
 
 
 def _tree(roots: Iterable[int], sessions: Iterable[int] = ()) -> set[int]:
@@ -182,23 +169,12 @@ def kill_recorded(pid_dir: Path) -> list[int]:
         except (OSError, ValueError, KeyError, IndexError, TypeError):
             continue
         for sid in recorded_sessions:  # orphans of Flower's detached SuperExec
-            if any(_cmd_has(p, "flwr") or _cmd_has(p, "flower") for p in session_members(sid)):
+            if any("flwr" in _cmdline(p) or "flower" in _cmdline(p) for p in session_members(sid)):
                 sessions.add(sid)
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            cmdline = ""
-        if alive(pid) and Path(exe).name in cmdline:
+        if alive(pid) and Path(exe).name in _cmdline(pid):
             roots.append(pid)
         f.unlink(missing_ok=True)
     return terminate_pids(roots, sessions=sessions) if roots or sessions else []
-
-
-def _cmd_has(pid: int, text: str) -> bool:
-    try:
-        return text in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return False
 
 
 class ProcessSet:
@@ -284,12 +260,7 @@ class ProcessSet:
         if proc is None:
             return
         terminate_pids([proc.pid], grace_s, self.sessions.pop(name, set()))
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-        if self.pid_dir is not None:
-            (self.pid_dir / f"{name}.pid").unlink(missing_ok=True)
+        self._reap(name, proc, grace_s)
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.children.values()]
@@ -303,10 +274,14 @@ class ProcessSet:
             terminate_pids(roots, grace_s, sessions)
         self.sessions.clear()
         for name, proc in list(self.children.items()):
-            try:
-                proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-            if self.pid_dir is not None:
-                (self.pid_dir / f"{name}.pid").unlink(missing_ok=True)
+            self._reap(name, proc, grace_s)
         self.children.clear()
+
+    def _reap(self, name: str, proc: subprocess.Popen, grace_s: float) -> None:
+        """Collect an ended child's exit status and forget its PID record."""
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        if self.pid_dir is not None:
+            (self.pid_dir / f"{name}.pid").unlink(missing_ok=True)

@@ -7,8 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from fed_unimiss.privacy.config import DP_KEYS
 from site_client.supernode import (
-    DP_FLAG_FIELDS,
     SiteError,
     check_site_data,
     load_site_kit,
@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 def _start(args: argparse.Namespace) -> int:
     try:
         kit = load_site_kit(args.kit)
-        privacy = site_privacy_settings(kit, {k: getattr(args, k, None) for k in DP_FLAG_FIELDS})
+        dests = [key.replace("-", "_") for key in DP_KEYS]
+        privacy = site_privacy_settings(kit, {d: getattr(args, d, None) for d in dests})
         summary = check_site_data(args.data)
         print(f"site {kit.settings.site_name}: data ok: {summary['ct_volumes']} CT volume(s), "
               f"{summary['xrays']} X-ray(s), {summary['rejected']} file(s) skipped "

@@ -1,33 +1,34 @@
 """The site's Flower ClientApp (component reference ``site_client.client_app:app``).
 
-Adapters only: Message -> recipe, global state and site data -> the shared trainer -> Message.
-A reply carries the model-state tensors, numeric counts and metrics, and at most the site's
-self-declared label; any failure becomes an error reply with a fixed text (the details, which may
-name local files, go to the site's own log only).
+The protocol, as it reads below: receive the global state and the round's instruction; train
+locally with the one trainer (:func:`fed_unimiss.ssl.local.run_local`, plain or DP-SGD under the
+site's budget ledger, see site_client/privacy_ledger.py); reply with the new state and the
+metrics that may leave the site, or with the budget refusal. A reply carries only model-state
+tensors, numeric counts and metrics, and at most the site's self-declared label; any failure
+becomes an error reply with a fixed text (the details, which may name local files, go to the
+site's own log only).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fed_unimiss import exchange as ex
+from fed_unimiss.privacy import ERROR_DP_REQUIRED, REQUIRE_DP, LedgerError
+from fed_unimiss.ssl.config import Recipe, recipe_from_dict
+from fed_unimiss.ssl.engine import SelfDistillation
+from fed_unimiss.ssl.gradient_step import GradientStep
+from fed_unimiss.ssl.local import run_local, training_mode
 from site_client.local_state import SiteState
-from site_client.privacy_ledger import (
-    dp_evaluate,
-    dp_required,
-    dp_train,
-    refuse_without_dp,
-    site_privacy,
-)
+from site_client.privacy_ledger import ERROR_DP_EVALUATE, ERROR_LEDGER, site_privacy
 
-__all__ = ["app"]
+__all__ = ["app", "Instruction", "ERROR_TRAIN", "ERROR_EVALUATE"]
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +38,33 @@ ERROR_TRAIN, ERROR_EVALUATE = 5001, 5002
 app = ClientApp()
 
 
-def _setup(msg: Message, context: Context) -> tuple[Any, SiteState, Any, dict[str, Any]]:
-    """Recipe and schedule from the instruction, site data from node config, global state loaded."""
-    from fed_unimiss.ssl.config import recipe_from_dict
-    from fed_unimiss.ssl.engine import SelfDistillation
+@dataclass(frozen=True)
+class Instruction:
+    """What the aggregator asks of every site this round (the same for all sites)."""
 
-    config = msg.content.config_records[ex.CONFIG]
-    recipe = recipe_from_dict(json.loads(str(config[ex.RECIPE_JSON])), "instruction recipe")
-    job = {k: int(config[k]) for k in (ex.ROUND, ex.LOCAL_STEPS, ex.START_STEP, ex.TOTAL_STEPS,
-                                       ex.EVAL_BATCHES)}
-    torch.set_num_threads(recipe.ssl.threads)
-    site = SiteState.from_node_config(context.node_config)
-    data = site.site_data(recipe.data, context.run_id)
-    trainer = SelfDistillation(recipe, job[ex.TOTAL_STEPS])
-    trainer.load_exchange_state(msg.content.array_records[ex.ARRAYS].to_torch_state_dict())
-    return trainer, site, data, {**job, "seed": recipe.ssl.seed}
+    recipe: Recipe
+    round: int
+    local_steps: int
+    start_step: int
+    total_steps: int
+    eval_batches: int
+    require_dp: bool  # the federation accepts updates from DP sites only
+
+    @classmethod
+    def from_message(cls, msg: Message) -> Instruction:
+        config = msg.content.config_records[ex.CONFIG]
+        recipe = recipe_from_dict(json.loads(str(config[ex.RECIPE_JSON])), "instruction recipe")
+        return cls(recipe, int(config[ex.ROUND]), int(config[ex.LOCAL_STEPS]),
+                   int(config[ex.START_STEP]), int(config[ex.TOTAL_STEPS]),
+                   int(config[ex.EVAL_BATCHES]), bool(config.get(REQUIRE_DP, False)))
+
+
+def _engine(msg: Message, job: Instruction, step: GradientStep | None = None
+            ) -> SelfDistillation:
+    """The trainer of this round's recipe, holding the received global state."""
+    engine = SelfDistillation(job.recipe, job.total_steps, gradient_step=step)
+    engine.load_exchange_state(msg.content.array_records[ex.ARRAYS].to_torch_state_dict())
+    return engine
 
 
 def _reply(msg: Message, site: SiteState, metrics: dict[str, float],
@@ -64,58 +77,62 @@ def _reply(msg: Message, site: SiteState, metrics: dict[str, float],
     return Message(content, reply_to=msg)
 
 
-def _finite_metrics(stats: Any) -> dict[str, float]:
-    """The trainer's scalar metrics that are finite numbers (NaN = "not measured")."""
-    out = {}
-    for key in ex.TRAIN_METRICS:
-        value = getattr(stats, key, None)
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            out[key] = float(value)
-    return out
+def _error(msg: Message, code: int, text: str) -> Message:
+    return Message(Error(code, text), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train ``local_steps`` on local data from the received global state; reply the new state."""
     try:
-        # Differential privacy (issue 7): a site with dp-* node config trains under its budget
-        # ledger and may refuse the round; see site_client/privacy_ledger.py.
+        job = Instruction.from_message(msg)
         privacy = site_privacy(context.node_config)
-        if privacy is not None:
-            return dp_train(msg, context, privacy)
-        if dp_required(msg):  # federation require_dp: never release a non-private update
-            return refuse_without_dp(msg)
-        trainer, site, data, job = _setup(msg, context)
+        if privacy is None and job.require_dp:  # never release a non-private update
+            log.warning("the federation requires differential privacy and this site has none "
+                        "configured: refusing to train. Restart the site with --dp-epsilon E (or "
+                        "a privacy section in site.yaml) to take part.")
+            return _error(msg, ERROR_DP_REQUIRED, "federation requires differential privacy; "
+                          "this site trains without it and refuses")
+        torch.set_num_threads(job.recipe.ssl.threads)
+        site = SiteState.from_node_config(context.node_config)
+        data = site.site_data(job.recipe.data, context.run_id)
+        try:
+            step, guard = training_mode(job.recipe, privacy, site.state_dir, data,
+                                        job.local_steps)
+        except LedgerError:
+            log.exception("privacy ledger unusable: refusing to train (fail closed)")
+            return _error(msg, ERROR_LEDGER, "site privacy ledger unreadable; site refuses to "
+                          "train until it is restored")
+        engine = _engine(msg, job, step)
         label = site.site_name or f"node-{context.node_id}"
-        torch.manual_seed(ex.site_seed(job["seed"], job[ex.ROUND], label))
-        stats = trainer.train_steps(data, job[ex.START_STEP], job[ex.LOCAL_STEPS])
-        site.record_position(job[ex.ROUND], job[ex.START_STEP], job[ex.LOCAL_STEPS],
-                             job[ex.TOTAL_STEPS])
-        metrics = {
-            ex.SAMPLES_2D: int(stats.samples_2d),
-            ex.SAMPLES_3D: int(stats.samples_3d),
-            ex.NUM_EXAMPLES: int(stats.samples_2d) + int(stats.samples_3d),
-            **_finite_metrics(stats),
-        }
-        return _reply(msg, site, metrics, trainer.exchange_state())
+        torch.manual_seed(ex.site_seed(job.recipe.ssl.seed, job.round, label))
+        local = run_local(engine, data, job.start_step, job.local_steps, guard,
+                          interval=job.round)
+        if not local.trained:  # the budget refused: metrics only, nothing trained
+            return _reply(msg, site, local.public)
+        site.record_position(job.round, job.start_step, job.local_steps, job.total_steps)
+        return _reply(msg, site, local.public, engine.exchange_state())
     except Exception:  # noqa: BLE001 - a site must answer, never crash, on any failure
         log.exception("training failed in this round")
-        return Message(Error(ERROR_TRAIN, "site could not train this round; see the site log"),
-                       reply_to=msg)
+        return _error(msg, ERROR_TRAIN, "site could not train this round; see the site log")
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Self-distillation loss of the received global model on a few local batches."""
     try:
-        if site_privacy(context.node_config) is not None:  # issue 7: no un-noised metrics
-            return dp_evaluate(msg)
-        trainer, site, data, job = _setup(msg, context)
-        result = trainer.evaluate(data, job[ex.EVAL_BATCHES])
+        if site_privacy(context.node_config) is not None:  # an un-noised loss is not covered
+            log.info("evaluation request declined: this site releases only DP-trained state")
+            return _error(msg, ERROR_DP_EVALUATE, "DP site: local evaluation metrics are not "
+                          "released")
+        job = Instruction.from_message(msg)
+        torch.set_num_threads(job.recipe.ssl.threads)
+        site = SiteState.from_node_config(context.node_config)
+        data = site.site_data(job.recipe.data, context.run_id)
+        result = _engine(msg, job).evaluate(data, job.eval_batches)
         metrics = {ex.LOSS: float(result["loss"]),
                    ex.NUM_EXAMPLES: int(result.get("batches", 1))}
         return _reply(msg, site, metrics)
     except Exception:  # noqa: BLE001 - see train
         log.exception("evaluation failed in this round")
-        return Message(Error(ERROR_EVALUATE, "site could not evaluate; see the site log"),
-                       reply_to=msg)
+        return _error(msg, ERROR_EVALUATE, "site could not evaluate; see the site log")

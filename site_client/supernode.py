@@ -34,10 +34,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fed_unimiss.config import ConfigError, from_dict, load_yaml, to_dict
+from fed_unimiss.config import ConfigError, load_yaml
 from fed_unimiss.exchange import NODE_DATA_PATH, NODE_SITE_NAME, NODE_STATE_DIR
-from fed_unimiss.privacy.config import PrivacyConfig
+from fed_unimiss.privacy.config import PrivacyConfig, with_dp_settings
 from fed_unimiss.processes import terminate_pids
+from site_client.privacy_ledger import privacy_node_config
 
 __all__ = [
     "SiteSettings",
@@ -180,17 +181,6 @@ def check_site_data(data: str | Path) -> dict[str, int]:
 
 # ---------------------------------------------------------------- privacy and node config
 
-# ``site start`` flag (argparse dest) -> PrivacyConfig field; ``--dp-epsilon`` also turns DP on.
-DP_FLAG_FIELDS: dict[str, str] = {
-    "dp_epsilon": "target_epsilon",
-    "dp_delta": "target_delta",
-    "dp_clip": "max_grad_norm",
-    "dp_noise_multiplier": "noise_multiplier",
-    "dp_planned_rounds": "planned_rounds",
-    "dp_patients_per_step": "patients_per_step",
-}
-
-
 def site_privacy_settings(kit: SiteKit, flags: dict[str, Any] | None = None) -> PrivacyConfig:
     """The site's PrivacyConfig: site.yaml's ``privacy`` section with the ``--dp-*`` flags on top.
 
@@ -200,22 +190,13 @@ def site_privacy_settings(kit: SiteKit, flags: dict[str, Any] | None = None) -> 
         SiteError: (code 2) a DP flag other than --dp-epsilon given while DP is off, or a value
             out of range (the message names the flag and the file).
     """
-    given = {k: v for k, v in (flags or {}).items() if v is not None}
-    unknown = sorted(set(given) - set(DP_FLAG_FIELDS))
-    if unknown:
-        raise SiteError(f"unknown privacy flag {unknown[0]!r}", EXIT_BAD_INPUT)
-    base = kit.settings.privacy
-    values = to_dict(base)
-    values.update({DP_FLAG_FIELDS[k]: v for k, v in given.items()})
-    if "dp_epsilon" in given:
-        values["enabled"] = True
-    if not values["enabled"] and given:
-        flag = "--" + sorted(given)[0].replace("_", "-")
-        raise SiteError(f"{flag} given but differential privacy is off for this site: add "
-                        f"--dp-epsilon E, or set privacy.enabled: true in {kit.root / 'site.yaml'}",
-                        EXIT_BAD_INPUT)
+    given = {k.replace("_", "-"): v for k, v in (flags or {}).items() if v is not None}
     try:
-        return from_dict(PrivacyConfig, values, where=f"{kit.root / 'site.yaml'} privacy + flags")
+        return with_dp_settings(kit.settings.privacy, given,
+                                f"{kit.root / 'site.yaml'} privacy + flags",
+                                spell=lambda key: f"--{key}",
+                                fix=f"add --dp-epsilon E, or set privacy.enabled: true in "
+                                    f"{kit.root / 'site.yaml'}")
     except ConfigError as e:
         raise SiteError(str(e), EXIT_BAD_INPUT) from e
 
@@ -227,8 +208,6 @@ def site_node_config(kit: SiteKit, data: Path, state: Path,
     The ClientApp reads it back with ``site_client.privacy_ledger.site_privacy`` for every
     message; it stays on the site's machine (Flower never sends node config to the SuperLink).
     """
-    from site_client.privacy_ledger import privacy_node_config  # imports flwr: only when run
-
     return {
         NODE_DATA_PATH: str(Path(data).resolve()),
         NODE_STATE_DIR: str(state),

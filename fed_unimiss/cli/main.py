@@ -1,32 +1,34 @@
 """Entry point of the ``fed-unimiss`` command.
 
-Each subcommand lives next to the code it drives and exposes ``register(subparsers)``, which adds
-its parser and sets ``func`` (a callable taking the parsed namespace and returning an exit code).
-Only the module of the chosen subcommand is imported, so ``fed-unimiss data check`` never pays for
-Flower's import and the science package never imports flwr.
+Subcommands are not listed here: every installed package declares its own in the
+``fed_unimiss.commands`` entry-point group of its pyproject.toml (``name = "module:register"``).
+``register(subparsers)`` adds the subcommand's parser and sets ``func`` (a callable taking the
+parsed namespace and returning an exit code). Only the module of the chosen subcommand is
+imported, so ``fed-unimiss data check`` never pays for Flower's import, and the science package
+neither imports nor names the packages built on it.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
+from importlib.metadata import EntryPoint, entry_points
 from typing import NoReturn
 
-# name -> (module that registers it, one-line help shown in `fed-unimiss --help`)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("fed_unimiss.data.cli", "check a site's image folder; generate phantom data"),
-    "pretrain": ("fed_unimiss.ssl.cli", "centralized / single-site self-distillation"),
-    "export": ("fed_unimiss.finetune.export_cli", "export a checkpoint as a loadable model"),
-    "finetune": ("fed_unimiss.finetune.cli", "fine-tune a pretrained model on a 2D/3D task"),
-    "simulate": ("aggregator.simulate_cli", "run a federation in one process (no sockets)"),
-    "provision": ("aggregator.provision_cli", "create the consortium CA, certificates and kits"),
-    "aggregator": ("aggregator.cli", "start or inspect the coordinator's aggregator"),
-    "site": ("site_client.cli", "start a hospital's site client"),
-    "demo": ("aggregator.demo", "a whole federation on loopback with built-in data"),
-}
+COMMAND_GROUP = "fed_unimiss.commands"
+
+
+def commands() -> dict[str, EntryPoint]:
+    """The installed subcommands by name; two packages claiming one name is an error."""
+    found: dict[str, EntryPoint] = {}
+    for ep in entry_points(group=COMMAND_GROUP):
+        if ep.name in found and found[ep.name].value != ep.value:
+            raise RuntimeError(f"subcommand {ep.name!r} is registered twice: by {ep.value} and "
+                               f"{found[ep.name].value}; uninstall one of the packages")
+        found[ep.name] = ep
+    return found
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,25 +40,26 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
-    """Build the parser; only ``selected`` gets its full sub-parser (importing its module)."""
+    """Build the parser; ``selected`` (or, for the overview, every command) gets its full
+    sub-parser, which imports its module."""
     parser = _Parser(
         prog="fed-unimiss",
         description="Federated UniMiSS pretraining for medical imaging.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
-        if name == selected:
-            importlib.import_module(module_name).register(sub)
+    for name, ep in commands().items():
+        if selected is None or name == selected:
+            ep.load()(sub)
         else:
-            sub.add_parser(name, help=help_text, add_help=False)
+            sub.add_parser(name, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     selected = next((a for a in argv if not a.startswith("-")), None)
-    if selected not in COMMANDS:
+    if selected not in commands():
         selected = None
     parser = build_parser(selected)
     args = parser.parse_args(argv)

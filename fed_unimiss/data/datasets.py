@@ -3,14 +3,16 @@
 Arrays are opened with ``np.load(mmap_mode="r")``, so a dataset costs no memory up front and
 DataLoader workers share the page cache. A cache entry that cannot be read (deleted, truncated,
 wrong shape, non-finite) does not stop training: ``__getitem__`` logs it (site-local log, may name
-the file), counts it in ``skipped`` and returns ``None``; :func:`collate_skip_none` drops the
-Nones. ``skipped`` counts in the process that reads the item, so with ``num_workers > 0`` each
+the file), counts it in ``skipped`` and returns ``None`` (the trainer's ``SiteData.load`` skips it).
+``skipped`` counts in the process that reads the item, so with ``num_workers > 0`` each
 worker keeps its own count (use ``num_workers=0`` when the count matters).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,9 +20,24 @@ from torch.utils.data import Dataset
 
 from fed_unimiss.data.cache import CacheEntry, SiteIndex
 
-__all__ = ["CTTileDataset", "XrayDataset", "collate_skip_none"]
+__all__ = ["CTTileDataset", "XrayDataset", "array_problem"]
 
 logger = logging.getLogger(__name__)
+
+
+def array_problem(item: Any, expected: str, shape_ok: Callable[[tuple[int, ...]], bool],
+                  dtype: np.dtype | None = None) -> str | None:
+    """Why ``item`` cannot be trained on (missing, not an array, wrong shape or dtype,
+    non-finite), or None: the one item check of the cache's datasets and the trainer's stream."""
+    if item is None:
+        return "corrupt cache entry"
+    if not isinstance(item, (torch.Tensor, np.ndarray)):
+        return f"expected an array, got {type(item).__name__}"
+    shape = tuple(item.shape)
+    if not shape_ok(shape) or (dtype is not None and item.dtype != dtype):
+        return f"holds {item.dtype} {shape}, expected {expected}"
+    finite = torch.isfinite(item).all() if isinstance(item, torch.Tensor) else np.isfinite(item).all()
+    return None if bool(finite) else "non-finite values"
 
 
 class _CachedArrays(Dataset):
@@ -50,14 +67,12 @@ class _CachedArrays(Dataset):
         except (OSError, ValueError, EOFError) as e:
             self._skip(i, f"unreadable ({type(e).__name__}: {e})")
             return None
-        if array.shape != expected or array.dtype != np.float32:
-            self._skip(i, f"holds {array.dtype} {array.shape}, expected float32 {expected}")
+        problem = array_problem(array, f"float32 {expected}", lambda shape: shape == expected,
+                                np.dtype(np.float32))
+        if problem is not None:
+            self._skip(i, problem)
             return None
-        tensor = torch.from_numpy(np.array(array))
-        if not torch.isfinite(tensor).all():
-            self._skip(i, "non-finite values")
-            return None
-        return tensor.unsqueeze(0)
+        return torch.from_numpy(np.array(array)).unsqueeze(0)
 
 
 class CTTileDataset(_CachedArrays):
@@ -79,10 +94,3 @@ class XrayDataset(_CachedArrays):
         size = index.xray_size
         super().__init__(index.xrays, [(size, size)] * len(index.xrays))
 
-
-def collate_skip_none(batch: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """Stack the non-None items; return None when nothing is left (the caller skips the step)."""
-    items = [b for b in batch if b is not None]
-    if not items:
-        return None
-    return torch.stack(items)

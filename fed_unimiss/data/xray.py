@@ -53,6 +53,15 @@ def _spacing(ds: pydicom.Dataset) -> tuple[float, float]:
     return UNKNOWN_SPACING
 
 
+def _check_frame(array: np.ndarray, min_side: int, not_2d: str) -> None:
+    """A radiograph is one 2-D frame with both sides at least ``min_side`` pixels."""
+    if array.ndim != 2:
+        raise DataError(not_2d)
+    if min(array.shape) < min_side:
+        raise DataError(f"radiograph of {array.shape[0]} x {array.shape[1]} pixels is smaller "
+                        f"than the minimum side of {min_side}")
+
+
 def read_xray_dicom(ds: pydicom.Dataset, min_side: int = 64) -> tuple[np.ndarray,
                                                                       tuple[float, float]]:
     """Decode a CR/DX dataset into ([0, 1] image with bone white, pixel spacing in mm)."""
@@ -60,11 +69,8 @@ def read_xray_dicom(ds: pydicom.Dataset, min_side: int = 64) -> tuple[np.ndarray
         raw = ds.pixel_array
     except Exception as e:
         raise DataError(f"cannot decode pixel data ({type(e).__name__}: {e})") from e
-    if raw.ndim != 2:
-        raise DataError(f"expected one greyscale frame, got pixel array of shape {raw.shape}")
-    if min(raw.shape) < min_side:
-        raise DataError(f"radiograph of {raw.shape[0]} x {raw.shape[1]} pixels is smaller than "
-                        f"the minimum side of {min_side}")
+    _check_frame(raw, min_side, f"expected one greyscale frame, got pixel array of shape "
+                                f"{raw.shape}")
     image = apply_modality_lut(raw, ds)
     windowed = "VOILUTSequence" in ds or "WindowCenter" in ds
     if windowed:
@@ -99,11 +105,7 @@ def read_xray_image(path: Path, min_side: int = 64) -> tuple[np.ndarray, tuple[f
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"not a readable PNG/JPEG image ({type(e).__name__}: {e})") from e
-    if array.ndim != 2:
-        raise DataError(f"unexpected image shape {array.shape}")
-    if min(array.shape) < min_side:
-        raise DataError(f"radiograph of {array.shape[0]} x {array.shape[1]} pixels is smaller "
-                        f"than the minimum side of {min_side}")
+    _check_frame(array, min_side, f"unexpected image shape {array.shape}")
     if float(array.max() - array.min()) <= 0:
         raise DataError("radiograph is blank (all pixels have the same value)")
     return np.ascontiguousarray(np.clip(array, 0, 1), dtype=np.float32), UNKNOWN_SPACING

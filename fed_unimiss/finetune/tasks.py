@@ -22,16 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import torch
 import torch.nn.functional as F
-from pydicom.errors import InvalidDicomError
 from torch import Tensor
 
-from fed_unimiss.data.nifti import read_metaimage, read_nifti
 from fed_unimiss.data.preprocess import resample_volume
+from fed_unimiss.data.readers import read_file
 from fed_unimiss.data.sample import DataError
-from fed_unimiss.data.xray import read_xray_dicom, read_xray_image
 
 from .config import FinetuneConfig
 from .labels import (
@@ -132,23 +129,16 @@ def find_seg_pairs(root: str | Path) -> list[tuple[Path, Path]]:
 
 # ------------------------------------------------------------------------------------ reading
 def _read_volume(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    reader = read_metaimage if path.name.lower().endswith(".mhd") else read_nifti
     try:
-        volume, _, spacing = reader(path)
+        volume, spacing = read_file(path)
     except DataError as e:
         raise DataError(f"{path}: {e}") from e
-    return volume, spacing
+    return volume, spacing  # type: ignore[return-value]
 
 
 def _read_2d(path: Path) -> np.ndarray:
     try:
-        if path.name.lower().endswith(".dcm"):
-            try:
-                ds = pydicom.dcmread(path)
-            except (InvalidDicomError, OSError) as e:
-                raise DataError(f"not a readable DICOM file ({e})") from e
-            return read_xray_dicom(ds, min_side=16)[0]
-        return read_xray_image(path, min_side=16)[0]
+        return read_file(path, min_xray_side=16)[0]
     except DataError as e:
         raise DataError(f"{path}: {e}") from e
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from fed_unimiss.checkpoint import append_jsonl, atomic_write_json, save_checkpoint
 from fed_unimiss.config import to_dict
+from fed_unimiss.optim import cosine_at, decay_groups
 
 from .cls_model import ClassificationNet
 from .config import FinetuneConfig
@@ -91,19 +92,13 @@ def build_task_model(
 
 def _optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and norms (tensors with ndim <= 1)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    return torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr)
 
 
 def _lr_at(step: int, total: int, cfg: FinetuneConfig) -> float:
-    """Linear warm-up for ``warmup_steps``, then cosine from lr to min_lr."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+    """Linear warm-up for ``warmup_steps`` (reaching lr at its last step), then cosine to min_lr."""
+    return cosine_at(step, cfg.lr, cfg.min_lr, max(total, 1), cfg.warmup_steps,
+                     warmup_inclusive=True)
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from typing import Literal
 from torch import nn
 
 __all__ = [
+    "TensorClass",
     "DIM_2D",
     "DIM_3D",
     "SHARED",

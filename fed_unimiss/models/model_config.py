@@ -1,6 +1,6 @@
 """``ModelConfig``: every architecture choice of the MiT backbone and its DINO head, as data.
 
-Loaded from YAML with :func:`fed_unimiss.config.load_yaml` (``configs/model/*.yaml``) or built by
+Loaded from YAML with :func:`fed_unimiss.config.load_yaml` (``fed_unimiss/models/presets/*.yaml``) or built by
 :func:`fed_unimiss.models.create_model` from a preset name. The defaults are the UniMiSS reference
 ``small`` configuration (YtongXie/UniMiSS-code, ``models/MiT.py`` + ``models/MiT_encoder.py``);
 ``validate()`` runs the cross-field checks so a bad YAML file fails at load time, naming the field.

@@ -2,15 +2,15 @@
 
 ``small`` and ``tiny`` are the UniMiSS reference configurations (their parameter counts are
 checked against the reference in the tests); ``micro`` is a few-million-parameter model with the
-same structure that tests, CI and the demo train on CPU. Each preset is mirrored by
-``configs/model/<name>.yaml`` (a test keeps the two equal).
+same structure that tests, CI and the demo train on CPU. Each preset is defined once, in
+``presets/<name>.yaml`` next to this file; a recipe names it (``model: {preset: micro, ...}``)
+and overrides fields through :func:`preset_with_overrides`, as :func:`create_model` does.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,33 +19,21 @@ from fed_unimiss.config import ConfigError, from_dict, load_yaml, to_dict
 from .model_config import ModelConfig
 from .net import UniMiSSNet
 
-__all__ = ["PRESETS", "MODELS", "list_presets", "get_config", "create_model"]
+__all__ = ["PRESETS", "MODELS", "list_presets", "get_config", "create_model",
+           "preset_with_overrides"]
 
-PRESETS: dict[str, ModelConfig] = {
-    # The reference default ("encoder_small" + "model_small"): 43.9 M backbone, 21.7 M head.
-    "small": ModelConfig(preset="small"),
-    # The reference "tiny": one block per stage, 20.4 M backbone.
-    "tiny": ModelConfig(preset="tiny", depths=(1, 1, 1, 1), decoder_depths=(1, 1, 1)),
-    # Same structure, narrow and shallow: trains on 2D 64x64 and 3D 8x64x64 in CI. The sr ratios
-    # fit those grids (16^2 / 4x16x16 at stage 1) and still exercise every sr conv path.
-    "micro": ModelConfig(
-        preset="micro",
-        stem_dim=16,
-        embed_dims=(32, 64, 128, 192),
-        num_heads=(1, 2, 4, 6),
-        depths=(1, 1, 1, 1),
-        sr_ratios=(4, 2, 2, 1),
-        decoder_dims=(128, 64, 32),
-        decoder_heads=(4, 2, 1),
-        decoder_depths=(1, 1, 1),
-        decoder_sr_ratios=(2, 2, 4),
-        img_size_2d=64,
-        img_size_3d=(8, 64, 64),
-        head_hidden_dim=256,
-        head_bottleneck_dim=64,
-        head_out_dim=1024,
-    ),
-}
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def _load_presets() -> dict[str, ModelConfig]:
+    """``presets/<name>.yaml`` -> ModelConfig: the one source of every preset."""
+    return {path.stem: load_yaml(ModelConfig, path) for path in sorted(PRESET_DIR.glob("*.yaml"))}
+
+
+# small: the reference default ("encoder_small" + "model_small"), 43.9 M backbone, 21.7 M head;
+# tiny: the reference "tiny", one block per stage, 20.4 M backbone; micro: same structure,
+# narrow and shallow, trains on 2D 64x64 and 3D 8x64x64 in CI.
+PRESETS: dict[str, ModelConfig] = _load_presets()
 
 
 def _preset_factory(name: str) -> Callable[..., UniMiSSNet]:
@@ -70,6 +58,22 @@ def _looks_like_path(spec: str) -> bool:
     return spec.endswith((".yaml", ".yml")) or "/" in spec or Path(spec).is_file()
 
 
+def preset_with_overrides(name: str, overrides: Mapping[str, Any], where: str) -> ModelConfig:
+    """The preset ``name`` with some fields replaced, validated like YAML fields.
+
+    Raises ``ConfigError`` naming ``where`` for an unknown preset (with a "did you mean") and for
+    a misspelt or invalid override.
+    """
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, list(PRESETS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"{where}.preset: unknown model preset {name!r}{hint} (valid presets: "
+            f"{', '.join(list_presets())}; or pass a path to a model YAML file)"
+        )
+    return from_dict(ModelConfig, {**to_dict(PRESETS[name]), **overrides}, where)
+
+
 def get_config(preset_or_config: str | Path | ModelConfig, **overrides: Any) -> ModelConfig:
     """Resolve a preset name, a ``ModelConfig`` or a YAML path, then apply overrides.
 
@@ -77,6 +81,7 @@ def get_config(preset_or_config: str | Path | ModelConfig, **overrides: Any) -> 
     others are type-checked and validated like YAML fields, so a typo raises a ``ConfigError``
     naming the field with a "did you mean".
     """
+    changes = {k: v for k, v in overrides.items() if v is not None}
     if isinstance(preset_or_config, ModelConfig):
         base, where = preset_or_config, f"ModelConfig({preset_or_config.preset!r})"
     elif isinstance(preset_or_config, Path) or (
@@ -84,20 +89,12 @@ def get_config(preset_or_config: str | Path | ModelConfig, **overrides: Any) -> 
     ):
         base, where = load_yaml(ModelConfig, preset_or_config), str(preset_or_config)
     elif isinstance(preset_or_config, str):
-        if preset_or_config not in PRESETS:
-            close = difflib.get_close_matches(preset_or_config, list(PRESETS), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(
-                f"unknown model preset {preset_or_config!r}{hint} (valid presets: "
-                f"{', '.join(list_presets())}; or pass a path to a model YAML file)"
-            )
-        base, where = PRESETS[preset_or_config], f"preset {preset_or_config!r}"
+        return preset_with_overrides(preset_or_config, changes, "model")
     else:
         raise TypeError(
             "create_model expects a preset name, a ModelConfig or a YAML path, got "
             f"{type(preset_or_config).__name__}"
         )
-    changes = {k: v for k, v in overrides.items() if v is not None}
     if not changes:
         try:
             base.validate()
@@ -111,12 +108,8 @@ def create_model(preset_or_config: str | Path | ModelConfig, **overrides: Any) -
     """Build the backbone + projection head that self-distillation trains.
 
     Examples: ``create_model("micro")``, ``create_model("small", head_out_dim=8192)``,
-    ``create_model("configs/model/tiny.yaml", head_weight_norm=False)``.
+    ``create_model("my_model.yaml", head_weight_norm=False)``.
     """
     cfg = get_config(preset_or_config, **overrides)
     return UniMiSSNet(cfg)
 
-
-def config_fields() -> list[str]:
-    """Field names of ``ModelConfig`` (for CLI flag mapping and error messages)."""
-    return [f.name for f in dataclasses.fields(ModelConfig)]

@@ -4,12 +4,14 @@
 - :class:`PatientPoissonSampler` Poisson sampling of patients, one row per patient;
 - :func:`per_sample_gradients`, :class:`DPSGD` per-patient gradients (the head's last layer
   ghost-clipped), Opacus noise;
-- :class:`PrivacyLedger` the accountant history persisted in the site's state directory;
-- :class:`DPSelfDistillation` the self-distillation engine with DP-SGD on the student.
+- :class:`PrivacyLedger` the accountant history persisted in the site's state directory.
 
-The guarantee and every choice behind it are in docs/privacy.md. Nothing here imports flwr.
+The DP gradient step of the self-distillation engine built from these is
+:class:`fed_unimiss.ssl.dp_step.DPStep`; this package is the mechanism and the accounting only
+and imports nothing from ``fed_unimiss.ssl``. The guarantee and every choice behind it are in
+docs/privacy.md. Nothing here imports flwr.
 
-The config and the reply vocabulary are imported eagerly (stdlib only); everything that needs
+The config and the reply vocabulary are imported eagerly (no torch); everything that needs
 torch or Opacus is imported on first use (PEP 562), so ``fed-unimiss site start`` can read a
 site's privacy settings without paying ~10 s of torch/Opacus import before its kit checks.
 """
@@ -46,17 +48,12 @@ _LAZY = {
     "epsilon_of": "ledger",
     "PatientPoissonSampler": "sampling",
     "sample_rate_for": "sampling",
-    "DPSelfDistillation": "trainer",
-    "check_dp_recipe": "trainer",
-    "public_train_metrics": "trainer",
-    "site_sample_rate": "trainer",
 }
 
 __all__ = [
     "CENTER_FROZEN",
     "CENTER_GAUSSIAN",
     "DPSGD",
-    "DPSelfDistillation",
     "DP_REFUSED",
     "EPSILON",
     "ERROR_DP_REQUIRED",
@@ -69,7 +66,6 @@ __all__ = [
     "RoundPlan",
     "accounted_multiplier",
     "calibrate_noise_multiplier",
-    "check_dp_recipe",
     "clear_accounting_cache",
     "epsilon_of",
     "noised_mean",
@@ -77,10 +73,8 @@ __all__ = [
     "GhostFactors",
     "linear_layers",
     "privacy_refusal",
-    "public_train_metrics",
     "reported_epsilon",
     "sample_rate_for",
-    "site_sample_rate",
 ]
 
 

@@ -1,18 +1,22 @@
 """``PrivacyConfig``: a site's differential-privacy settings, as data.
 
-Loaded from the ``privacy`` section of a site or federation YAML with
-:func:`fed_unimiss.config.load_yaml` / :func:`fed_unimiss.config.from_dict`, or built from the
-``--dp-epsilon/--dp-delta/--dp-clip`` flags. What the numbers mean is in docs/privacy.md: the
+Loaded from the ``privacy`` section of a site YAML with :func:`fed_unimiss.config.from_dict`;
+the ``--dp-*`` flags of ``site start`` / ``pretrain`` and the ``dp-*`` node-config keys a site's
+ClientApp reads are one vocabulary, :data:`DP_KEYS`, applied by :func:`with_dp_settings`. What the numbers mean is in docs/privacy.md: the
 guarantee is (target_epsilon, target_delta)-DP *per patient at the site*, cumulative over every
 round and every restart of the site.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-__all__ = ["PrivacyConfig", "CENTER_FROZEN", "CENTER_GAUSSIAN"]
+from fed_unimiss.config import ConfigError, from_dict, to_dict
+
+__all__ = ["PrivacyConfig", "CENTER_FROZEN", "CENTER_GAUSSIAN", "DP_KEYS", "with_dp_settings",
+           "dp_settings_of"]
 
 CENTER_FROZEN = "frozen"
 CENTER_GAUSSIAN = "gaussian"
@@ -76,3 +80,59 @@ class PrivacyConfig:
     def mechanisms_per_step(self) -> int:
         """Subsampled Gaussian mechanisms composed per optimiser step (gradient [+ center])."""
         return 2 if self.center == CENTER_GAUSSIAN else 1
+
+
+# dp-* setting (node-config key; the flag is --dp-*) -> PrivacyConfig field. dp-epsilon turns DP on.
+DP_KEYS: dict[str, str] = {
+    "dp-epsilon": "target_epsilon",
+    "dp-delta": "target_delta",
+    "dp-clip": "max_grad_norm",
+    "dp-noise-multiplier": "noise_multiplier",
+    "dp-planned-rounds": "planned_rounds",
+    "dp-patients-per-step": "patients_per_step",
+    "dp-center": "center",
+    "dp-accountant": "accountant",
+    "dp-center-clip": "center_clip",
+    "dp-secure-mode": "secure_mode",
+}
+_INTEGER_FIELDS = ("planned_rounds",)
+
+
+def with_dp_settings(base: PrivacyConfig, settings: Mapping[str, Any], where: str,
+                     spell: Callable[[str], str] = repr, fix: str = "") -> PrivacyConfig:
+    """``base`` with the given ``dp-*`` settings applied and everything validated.
+
+    ``dp-epsilon`` turns DP on. An unknown key, or a setting while DP stays off, is a
+    ``ConfigError`` naming the key as the caller's users write it (``spell``: a node-config key,
+    or a ``--flag``); ``fix`` says how to turn DP on there. Values are checked like YAML fields
+    (errors name ``where`` and the field).
+    """
+    unknown = sorted(set(settings) - set(DP_KEYS))
+    if unknown:
+        raise ConfigError(f"{spell(unknown[0])}: unknown DP setting (valid: "
+                          f"{', '.join(spell(k) for k in DP_KEYS)})")
+    values = to_dict(base)
+    for key, value in settings.items():
+        field = DP_KEYS[key]
+        if field in _INTEGER_FIELDS and isinstance(value, float) and value.is_integer():
+            value = int(value)  # node config and flag values may arrive as floats
+        values[field] = value
+    if "dp-epsilon" in settings:
+        values["enabled"] = True
+    if not values["enabled"] and settings:
+        raise ConfigError(f"{spell(sorted(settings)[0])} given but differential privacy is off, "
+                          f"without {spell('dp-epsilon')}{': ' + fix if fix else ''}")
+    return from_dict(PrivacyConfig, values, where)
+
+
+def dp_settings_of(privacy: PrivacyConfig | None) -> dict[str, Any]:
+    """The ``dp-*`` settings that make :func:`with_dp_settings` rebuild ``privacy``.
+
+    Empty when ``privacy`` is None or disabled; a None value (noise multiplier: calibrate) is
+    simply absent.
+    """
+    if privacy is None or not privacy.enabled:
+        return {}
+    privacy.validate()
+    return {key: getattr(privacy, field) for key, field in DP_KEYS.items()
+            if getattr(privacy, field) is not None}

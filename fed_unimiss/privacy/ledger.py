@@ -7,7 +7,8 @@ process) would start counting from zero and under-report. So the accountant's wh
 site's state directory, and epsilon is always recomputed from it by an Opacus accountant (never by
 hand).
 
-The protocol, per round (``site_client`` drives it):
+The protocol, per round (the site's ClientApp drives it through
+:class:`fed_unimiss.ssl.local.LedgerGuard`):
 
 1. :meth:`PrivacyLedger.open` reads the file. A missing file is a fresh site; a file that exists
    but cannot be read or parsed is a :class:`LedgerError` and the site must refuse to train

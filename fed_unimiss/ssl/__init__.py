@@ -5,9 +5,11 @@ The public API others build on:
 - :class:`Recipe`, :func:`load_recipe`, :func:`recipe_from_dict`, :func:`recipe_to_dict`,
   :class:`SSLConfig` (``config.py``);
 - :class:`SelfDistillation` (``engine.py``), the one trainer of centralized pretraining and of
-  the federated site client, with :class:`SiteData` and :class:`TrainStats`;
-- :func:`xray_step_loss`, :func:`ct_step_loss`, :func:`slice_logits` (``steps.py``) for the DP
-  trainer;
+  the federated site client, with :class:`SiteData` and :class:`TrainStats`; its gradient step is
+  ``PlainStep`` (``gradient_step.py``) or ``DPStep`` (``dp_step.py``), and ``run_local``
+  (``local.py``) runs it under a budget guard;
+- :func:`xray_step_loss`, :func:`ct_step_loss`, ``patient_step_loss`` (``steps.py``), the only
+  loss code;
 - :class:`DINOLoss`, :class:`Schedules`, :func:`phase_at`, :func:`collapse_stats`,
   :class:`CollapseWatch`;
 - :func:`pretrain` (``trainer.py``) behind ``fed-unimiss pretrain`` (``cli.py``).

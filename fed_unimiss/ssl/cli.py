@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fed_unimiss.privacy.config import PrivacyConfig
 
 __all__ = ["register"]
 
@@ -75,16 +79,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _privacy(args: argparse.Namespace):
+def _privacy(args: argparse.Namespace) -> PrivacyConfig | None:
     """A PrivacyConfig from the --dp-* flags, or None when DP is not requested."""
+    from fed_unimiss.privacy.config import PrivacyConfig, with_dp_settings
+
     if args.dp_epsilon is None:
         if args.dp_delta is not None or args.dp_clip is not None:
             raise ValueError("--dp-delta/--dp-clip need --dp-epsilon (which enables DP)")
         return None
-    from fed_unimiss.config import replace
-    from fed_unimiss.privacy import PrivacyConfig
-
-    cfg = replace(PrivacyConfig(enabled=True), target_epsilon=args.dp_epsilon,
-                  target_delta=args.dp_delta, max_grad_norm=args.dp_clip)
-    cfg.validate()
-    return cfg
+    given = {"dp-epsilon": args.dp_epsilon, "dp-delta": args.dp_delta, "dp-clip": args.dp_clip}
+    return with_dp_settings(PrivacyConfig(), {k: v for k, v in given.items() if v is not None},
+                            "--dp-* flags", spell=lambda key: f"--{key}")

@@ -170,14 +170,10 @@ def resolve_model_config(mapping: Any, where: str = "model") -> ModelConfig:
     preset = mapping.get("preset", "custom")
     if preset in (None, "custom"):
         return from_dict(ModelConfig, mapping, where)
-    from fed_unimiss.models import get_config  # the model package owns the preset table
+    from fed_unimiss.models.registry import preset_with_overrides  # owns the preset table
 
     overrides = {k: v for k, v in mapping.items() if k != "preset"}
-    try:
-        base = get_config(str(preset))
-    except (KeyError, ValueError) as e:
-        raise ConfigError(f"{where}.preset: {e}") from e
-    return from_dict(ModelConfig, {**to_dict(base), **overrides}, where)
+    return preset_with_overrides(str(preset), overrides, where)
 
 
 def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:

@@ -154,5 +154,14 @@ class DINOLoss(nn.Module):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(batch_sum)
             torch.distributed.all_reduce(count)
-        batch_center = batch_sum / count
-        self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+        self.update_center_to(batch_sum / count)
+
+    @torch.no_grad()
+    def update_center_to(self, batch_center: Tensor) -> None:
+        """One EMA step of the center towards ``batch_center`` (1, out_dim).
+
+        The DP step calls it with a clipped, noised mean of per-patient teacher logits instead of
+        the batch mean, so both centers move by the same rule.
+        """
+        m = self.center_momentum
+        self.center.mul_(m).add_(batch_center.to(self.center) * (1 - m))

@@ -1,10 +1,12 @@
 """``SelfDistillation``: the one self-distillation trainer, used by centralized pretraining and by
-the federated site client alike.
+the federated site client alike, with or without differential privacy.
 
 It owns a student and an EMA teacher (UniMiSSNet each), the DINO loss with its shared center, and
 AdamW with three parameter groups (decay / no decay / head last layer). ``train_steps`` runs a
 range of GLOBAL steps; every schedule value, the 2D/3D phase, the batch and the views of a step
 are functions of (recipe, global step), so training can stop after any step and resume exactly.
+How a step turns its batch into an update is the engine's :class:`GradientStep`: plain DINO
+(:class:`PlainStep`, the default) or patient-level DP-SGD (:class:`fed_unimiss.ssl.dp_step.DPStep`).
 
 Exchanged state (what a site sends and receives, docs/architecture.md): ``student.<name>``,
 ``teacher.<name>`` for every state-dict entry of each network, and ``center`` (1, out_dim).
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,15 +25,25 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fed_unimiss.exchange import CENTER_KEY, STUDENT_PREFIX, TEACHER_PREFIX
 from fed_unimiss.models import UniMiSSNet, dimension_of
+from fed_unimiss.models.classify import DIM_3D
+from fed_unimiss.optim import decay_groups
 from fed_unimiss.ssl.config import Recipe
 from fed_unimiss.ssl.dino_loss import DINOLoss
+from fed_unimiss.ssl.gradient_step import (
+    Batch,
+    GradientStep,
+    PlainStep,
+    clip_gradients,
+    item_views,
+)
 from fed_unimiss.ssl.schedules import Phase, Schedules, phase_steps_before
 from fed_unimiss.ssl.site_data import SiteData
 from fed_unimiss.ssl.steps import StepOutput, ct_step_loss, xray_step_loss
-from fed_unimiss.ssl.views import ct_views, step_generator, xray_views
 
-__all__ = ["SelfDistillation", "TrainStats", "param_groups", "clip_gradients"]
+__all__ = ["SelfDistillation", "TrainStats", "param_groups", "clip_gradients", "GradientStep",
+           "PlainStep"]
 
 log = logging.getLogger(__name__)
 
@@ -61,31 +72,14 @@ class TrainStats:
 def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
     """AdamW groups: ``decay`` (ndim > 1), ``no_decay`` (biases, norms, 1-D), ``last_layer``.
 
-    Frozen tensors (weight-norm ``g``) are left out. Each group records its parameter names so
-    optimizer state can be saved by name.
+    The split is :func:`fed_unimiss.optim.decay_groups` with the head's last layer apart (DINO
+    freezes it for the first epoch). Weight decay is set per step from the schedule; each group
+    records its parameter names so optimizer state can be saved by name.
     """
-    groups: dict[str, dict[str, list]] = {g: {"params": [], "names": []}
-                                          for g in ("decay", "no_decay", "last_layer")}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        key = ("last_layer" if name.startswith(LAST_LAYER_PREFIX)
-               else "decay" if p.ndim > 1 else "no_decay")
-        groups[key]["params"].append(p)
-        groups[key]["names"].append(name)
-    return [{"name": k, "params": v["params"], "names": v["names"],
-             "weight_decay": 0.0, "decays": k != "no_decay"} for k, v in groups.items()]
-
-
-@torch.no_grad()
-def clip_gradients(model: torch.nn.Module, clip: float) -> None:
-    """Per-tensor gradient-norm clipping (DINO's ``clip_gradients``)."""
-    for p in model.parameters():
-        if p.grad is not None:
-            norm = p.grad.norm(2)
-            coef = clip / (norm + 1e-6)
-            if coef < 1:
-                p.grad.mul_(coef)
+    groups = decay_groups(model, apart=LAST_LAYER_PREFIX, apart_name="last_layer")
+    for group in groups:
+        group["weight_decay"] = 0.0
+    return groups
 
 
 class SelfDistillation:
@@ -96,9 +90,13 @@ class SelfDistillation:
         total_steps: length of the whole run in global steps (all rounds, for a federation);
             the cosine schedules span it.
         device: torch device.
+        gradient_step: how a step becomes an update; :class:`PlainStep` when None.
     """
 
-    def __init__(self, recipe: Recipe, total_steps: int, device: str | torch.device = "cpu"):
+    def __init__(self, recipe: Recipe, total_steps: int, device: str | torch.device = "cpu",
+                 gradient_step: GradientStep | None = None):
+        self.gradient_step: GradientStep = gradient_step or PlainStep()
+        self.gradient_step.check_recipe(recipe)
         self.recipe = recipe
         self.cfg = recipe.ssl
         self.device = torch.device(device)
@@ -115,15 +113,17 @@ class SelfDistillation:
                                 centering=recipe.ssl.teacher_centering).to(self.device)
         # ---- optimizer ----
         self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=0.0, weight_decay=0.0)
-        self._names_3d = [n for n, _ in self.student.named_parameters() if dimension_of(n) == "3d"]
+        self._names_3d = [n for n, _ in self.student.named_parameters() if dimension_of(n) == DIM_3D]
         self._params = dict(self.student.named_parameters())
 
     # ------------------------------------------------------------------ exchanged state
     def exchange_state(self) -> dict[str, Tensor]:
         """``student.*``, ``teacher.*`` and ``center``, detached CPU float tensors."""
-        out = {f"student.{k}": v.detach().cpu() for k, v in self.student.state_dict().items()}
-        out.update({f"teacher.{k}": v.detach().cpu() for k, v in self.teacher.state_dict().items()})
-        out["center"] = self.loss_fn.center.detach().cpu().clone()
+        out = {f"{STUDENT_PREFIX}{k}": v.detach().cpu()
+               for k, v in self.student.state_dict().items()}
+        out.update({f"{TEACHER_PREFIX}{k}": v.detach().cpu()
+                    for k, v in self.teacher.state_dict().items()})
+        out[CENTER_KEY] = self.loss_fn.center.detach().cpu().clone()
         return out
 
     def load_exchange_state(self, state: dict[str, Tensor], strict: bool = True) -> None:
@@ -151,11 +151,11 @@ class SelfDistillation:
         if problems:
             raise ValueError("cannot load self-distillation state: " + " | ".join(problems))
         with torch.no_grad():
-            for prefix, net in (("student.", self.student), ("teacher.", self.teacher)):
+            for prefix, net in ((STUDENT_PREFIX, self.student), (TEACHER_PREFIX, self.teacher)):
                 sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
                 net.load_state_dict(sub, strict=strict)
-            if "center" in state:
-                self.loss_fn.center.copy_(state["center"].to(self.loss_fn.center))
+            if CENTER_KEY in state:
+                self.loss_fn.center.copy_(state[CENTER_KEY].to(self.loss_fn.center))
 
     # ------------------------------------------------------------------ full checkpoints
     def optimizer_state_tensors(self) -> dict[str, Tensor]:
@@ -193,27 +193,22 @@ class SelfDistillation:
         self.load_optimizer_state_tensors(state)
 
     # ------------------------------------------------------------------ one step
-    def _batch(self, data: SiteData, phase: Phase, position: int, tag: str,
-               step: int) -> tuple[list[Tensor] | None, int, int]:
-        """Two stacked views of the batch at ``position`` of ``phase``'s stream, or None."""
+    def batch_at(self, data: SiteData, phase: Phase, position: int, tag: str,
+                 step: int) -> Batch:
+        """Two stacked views of the batch at ``position`` of ``phase``'s stream."""
         cfg = self.cfg
         bs = cfg.batch_size_2d if phase == "2d" else cfg.batch_size_3d
         idx = data.batch_indices(phase, position, bs, cfg.seed)
         items, skipped = data.load(phase, idx, min_depth=cfg.view_depth)
-        if not items:
-            return None, skipped, 0
-        make = xray_views if phase == "2d" else ct_views
-        per_sample = []
-        for j, item in enumerate(items):
-            try:
-                per_sample.append(make(item, step_generator(cfg.seed, tag, step, j), cfg))
-            except ValueError as e:
-                log.warning("skipping %s item %d of step %d: %s", phase, idx[j], step, e)
-                skipped += 1
+        per_sample, bad = item_views(items, idx, phase, cfg, tag, step)
         if not per_sample:
-            return None, skipped, 0
+            return Batch(None, 0, skipped + bad)
         views = [torch.stack([v[i] for v in per_sample]).to(self.device) for i in range(2)]
-        return views, skipped, len(per_sample)
+        return Batch(views, len(per_sample), skipped + bad)
+
+    def params_3d(self) -> list[torch.nn.Parameter]:
+        """The student's 3D-specific parameters (they sit out the X-ray steps)."""
+        return [self._params[name] for name in self._names_3d]
 
     def _set_hyperparameters(self, step: int, phase: Phase) -> None:
         lr = self.schedules.lr_at(step, phase)
@@ -223,24 +218,12 @@ class SelfDistillation:
             group["weight_decay"] = wd if group["decays"] else 0.0
 
     def step_loss(self, phase: Phase, views: list[Tensor], update_center: bool = True) -> StepOutput:
-        """The loss of one step (the DP trainer overrides the student forward, not this)."""
+        """The batch loss of one plain step (:mod:`fed_unimiss.ssl.steps`)."""
         if phase == "2d":
             return xray_step_loss(self.student, self.teacher, self.loss_fn, views,
                                   update_center=update_center, koleo_weight=self.cfg.koleo_weight)
         return ct_step_loss(self.student, self.teacher, self.loss_fn, views,
                             update_center=update_center, koleo_weight=self.cfg.koleo_weight)
-
-    def _optimizer_step(self, step: int, phase: Phase) -> None:
-        if phase == "2d":  # X-ray epochs: the 3D-specific tensors are frozen
-            for name in self._names_3d:
-                self._params[name].grad = None
-        if self.cfg.clip_grad > 0:
-            clip_gradients(self.student, self.cfg.clip_grad)
-        if self.schedules.last_layer_frozen(step):
-            for p in self.student.head.last_layer.parameters():
-                p.grad = None
-        self.optimizer.step()
-        self.student.head.renormalize_last_layer()
 
     @torch.no_grad()
     def _update_teacher(self, step: int) -> None:
@@ -263,48 +246,51 @@ class SelfDistillation:
         stats = TrainStats()
         self.student.train()
         self.teacher.train()
+        grad_step = self.gradient_step
         losses, view_samples, t0 = [], 0, time.perf_counter()
-        for step in range(start_step, start_step + num_steps):
-            phase = self.schedules.phase(step, data.has_2d, data.has_3d)
-            position = phase_steps_before(step, phase, self.schedules.steps_per_epoch,
-                                          self.cfg.alternate_interval, data.has_2d, data.has_3d)
-            views, skipped, n = self._batch(data, phase, position, "views", step)
-            stats.skipped += skipped
-            if views is None:
-                stats.empty_batches += 1
-                log.warning("step %d: every item of the %s batch was unusable; step skipped",
-                            step, phase)
-                continue
-            self._set_hyperparameters(step, phase)
-            out = self.step_loss(phase, views)
-            loss_value = float(out.loss.detach())
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"non-finite loss ({loss_value}) at global step {step} "
-                                         f"({phase} step); lower lr or check the data")
-            self.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            self._optimizer_step(step, phase)
-            self._update_teacher(step)
-            # ---- bookkeeping ----
-            stats.steps += 1
-            losses.append(loss_value)
-            if phase == "2d":
-                stats.samples_2d += n
-            else:
-                stats.samples_3d += n
-                stats.samples_2d += n * self.cfg.view_depth  # the slices of each sub-volume
-            view_samples += n
-            metrics = {"step": step, "phase": phase, "loss": loss_value, **out.parts,
-                       "lr": self.optimizer.param_groups[0]["lr"],
-                       "weight_decay": self.schedules.weight_decay_at(step),
-                       "momentum": self.schedules.momentum_at(step), "batch": n,
-                       "skipped": skipped}
-            if out.collapse is not None:
-                metrics.update(teacher_entropy=out.collapse.teacher_entropy,
-                               batch_entropy=out.collapse.batch_entropy, kl=out.collapse.kl)
-            stats.history.append(metrics)
-            if on_step is not None:
-                on_step(metrics)
+        grad_step.begin(self, data)
+        try:
+            for step in range(start_step, start_step + num_steps):
+                phase = self.schedules.phase(step, data.has_2d, data.has_3d)
+                position = phase_steps_before(step, phase, self.schedules.steps_per_epoch,
+                                              self.cfg.alternate_interval, data.has_2d,
+                                              data.has_3d)
+                batch = grad_step.batch(self, data, phase, position, step)
+                stats.skipped += batch.skipped
+                n = batch.size
+                if not n:
+                    stats.empty_batches += 1
+                    if not grad_step.steps_on_empty:
+                        log.warning("step %d: every item of the %s batch was unusable; step "
+                                    "skipped", step, phase)
+                        continue
+                self._set_hyperparameters(step, phase)
+                result = grad_step.update(self, step, phase, batch)
+                self._update_teacher(step)
+                # ---- bookkeeping ----
+                stats.steps += 1
+                if n:
+                    losses.append(result.loss)
+                if phase == "2d":
+                    stats.samples_2d += n
+                else:
+                    stats.samples_3d += n
+                    stats.samples_2d += n * self.cfg.view_depth  # the slices of each sub-volume
+                view_samples += n
+                metrics = {"step": step, "phase": phase, "loss": result.loss, **result.parts,
+                           "lr": self.optimizer.param_groups[0]["lr"],
+                           "weight_decay": self.schedules.weight_decay_at(step),
+                           "momentum": self.schedules.momentum_at(step), "batch": n,
+                           "skipped": batch.skipped}
+                if result.collapse is not None:
+                    c = result.collapse
+                    metrics.update(teacher_entropy=c.teacher_entropy,
+                                   batch_entropy=c.batch_entropy, kl=c.kl)
+                stats.history.append(metrics)
+                if on_step is not None:
+                    on_step(metrics)
+        finally:
+            grad_step.end(self)
         stats.seconds = time.perf_counter() - t0
         if losses:
             stats.loss = sum(losses) / len(losses)
@@ -330,11 +316,11 @@ class SelfDistillation:
                 continue
             losses, stats_list = [], []
             for b in range(max_batches):
-                views, skipped, _ = self._batch(data, phase, b, "eval-views", b)
-                result["skipped"] += skipped
-                if views is None:
+                batch = self.batch_at(data, phase, b, "eval-views", b)
+                result["skipped"] += batch.skipped
+                if batch.views is None:
                     continue
-                out = self.step_loss(phase, views, update_center=False)
+                out = self.step_loss(phase, batch.views, update_center=False)
                 losses.append(float(out.loss))
                 stats_list.append(out.collapse)
             if losses:

@@ -3,6 +3,7 @@
 DINO's schedules are arrays indexed by the global iteration; here every value is a closed-form
 function of the global step (plus the run length), so a federated round can resume the schedule
 exactly where the previous round stopped, and a site never needs the history to know where it is.
+The cosine itself is :func:`fed_unimiss.optim.cosine_at`, shared with fine-tuning;
 :func:`cosine_schedule` returns the same values as an array (for plots and tests).
 
 The UniMiSS reference indexes its schedules by sample count, so they move once per epoch; we move
@@ -11,44 +12,15 @@ them every step, which is the intended DINO behaviour (docs/pretraining.md).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
+from fed_unimiss.optim import cosine_at, cosine_schedule
 
 __all__ = ["Phase", "cosine_at", "cosine_schedule", "phase_at", "phase_steps_before",
            "Schedules"]
 
 Phase = Literal["2d", "3d"]
-
-
-def cosine_at(step: int, base: float, final: float, total_steps: int, warmup_steps: int = 0,
-              warmup_start: float = 0.0) -> float:
-    """Linear warm-up from ``warmup_start`` to ``base``, then half a cosine from ``base`` to ``final``.
-
-    Steps at or past ``total_steps`` return ``final`` (a run extended past its plan stays at the
-    floor instead of wrapping around the cosine).
-    """
-    if total_steps < 1:
-        raise ValueError(f"total_steps must be at least 1, got {total_steps}")
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    warmup_steps = min(max(warmup_steps, 0), total_steps)
-    if step < warmup_steps:
-        return warmup_start + (base - warmup_start) * step / warmup_steps
-    if step >= total_steps:
-        return final
-    span = total_steps - warmup_steps
-    t = (step - warmup_steps) / span
-    return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * t))
-
-
-def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
-                    warmup_start: float = 0.0) -> np.ndarray:
-    """The whole schedule as an array of ``total_steps`` values (DINO's ``cosine_scheduler``)."""
-    return np.array([cosine_at(s, base, final, total_steps, warmup_steps, warmup_start)
-                     for s in range(total_steps)])
 
 
 def phase_at(step: int, steps_per_epoch: int, interval: int, has_2d: bool, has_3d: bool) -> Phase:

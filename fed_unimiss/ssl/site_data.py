@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fed_unimiss.data.datasets import array_problem
 from fed_unimiss.ssl.views import step_generator
 
 __all__ = ["SiteData", "Kind"]
@@ -113,16 +114,8 @@ class SiteData:
 
 def _check_item(kind: Kind, item: Any, min_depth: int) -> str | None:
     """Why ``item`` cannot be trained on, or None if it is fine."""
-    if item is None:
-        return "corrupt cache entry"
-    if not isinstance(item, (Tensor, np.ndarray)):
-        return f"expected an array, got {type(item).__name__}"
-    shape = tuple(item.shape)
-    if kind == "2d" and (len(shape) != 3 or shape[0] != 1):
-        return f"expected an X-ray of shape (1, H, W), got {shape}"
-    if kind == "3d" and (len(shape) != 4 or shape[0] != 1 or shape[1] < min_depth):
-        return f"expected a CT tile of shape (1, D>={min_depth}, H, W), got {shape}"
-    finite = torch.isfinite(torch.as_tensor(item)).all()
-    if not bool(finite):
-        return "non-finite values"
-    return None
+    if kind == "2d":
+        return array_problem(item, "an X-ray of shape (1, H, W)",
+                             lambda s: len(s) == 3 and s[0] == 1)
+    return array_problem(item, f"a CT tile of shape (1, D>={min_depth}, H, W)",
+                         lambda s: len(s) == 4 and s[0] == 1 and s[1] >= min_depth)

@@ -29,9 +29,12 @@ from typing import Any
 import torch
 
 from fed_unimiss.checkpoint import append_jsonl, latest_checkpoint, load_checkpoint, save_checkpoint
+from fed_unimiss.privacy.config import PrivacyConfig
+from fed_unimiss.privacy.report import EPSILON
 from fed_unimiss.ssl.collapse import CollapseStats, CollapseWatch
 from fed_unimiss.ssl.config import Recipe, recipe_from_dict, recipe_to_dict
 from fed_unimiss.ssl.engine import SelfDistillation
+from fed_unimiss.ssl.local import run_local, training_mode, with_planned_intervals
 from fed_unimiss.ssl.site_data import SiteData
 
 __all__ = ["pretrain", "resolve_steps_per_epoch", "CHECKPOINT_PREFIX", "checkpoint_meta"]
@@ -129,7 +132,7 @@ def _progress(enabled: bool):
 
 def pretrain(recipe: Recipe, data_dirs: Sequence[str | Path], run: str | Path, *,
              steps: int | None = None, resume: bool = False,
-             progress: bool = True, privacy: Any = None) -> dict[str, Any]:
+             progress: bool = True, privacy: PrivacyConfig | None = None) -> dict[str, Any]:
     """Train centrally on ``data_dirs``, checkpointing to ``run``; returns a summary dict.
 
     Args:
@@ -139,9 +142,11 @@ def pretrain(recipe: Recipe, data_dirs: Sequence[str | Path], run: str | Path, *
         steps: stop at this global step (default: the end of the schedule).
         resume: continue from the newest complete checkpoint in ``run``.
         progress: show the rich progress bar.
-        privacy: a ``fed_unimiss.privacy.PrivacyConfig`` to train the student with patient-level
-            DP-SGD under a budget ledger in ``run/state`` (see fed_unimiss/privacy/pretrain.py);
-            training stops at the first checkpoint interval the budget does not allow.
+        privacy: train the student with patient-level DP-SGD under a budget ledger in
+            ``run/state``. A single-site DP run spends the same per-patient budget as a federated
+            site: every checkpoint interval is one "round" of the ledger, the budget is spread
+            over the run's intervals, and ``--resume`` keeps counting from what was spent.
+            Training stops at the first checkpoint interval the budget does not allow.
     """
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
@@ -167,12 +172,11 @@ def pretrain(recipe: Recipe, data_dirs: Sequence[str | Path], run: str | Path, *
     total = total or recipe.ssl.epochs * recipe.ssl.steps_per_epoch
     end = total if steps is None else steps
     # ---------------- engine ----------------
-    dp = None
+    every = recipe.ssl.checkpoint_every
     if privacy is not None:
-        from fed_unimiss.privacy.pretrain import DPPretrain  # privacy builds on this package
-
-        dp = DPPretrain(privacy, run, recipe, data, total)
-    engine = dp.engine if dp is not None else SelfDistillation(recipe, total_steps=total)
+        privacy = with_planned_intervals(privacy, total, every)
+    gradient_step, guard = training_mode(recipe, privacy, run / "state", data, every)
+    engine = SelfDistillation(recipe, total_steps=total, gradient_step=gradient_step)
     if state is not None:
         engine.load_state_dict(state)
     # ---------------- train ----------------
@@ -185,15 +189,17 @@ def pretrain(recipe: Recipe, data_dirs: Sequence[str | Path], run: str | Path, *
         logger.end_step = end
         try:
             while step < end:
-                chunk_end = min(end, (step // recipe.ssl.checkpoint_every + 1)
-                                * recipe.ssl.checkpoint_every)
-                if dp is not None and (refusal := dp.allow(step, chunk_end - step)):
-                    log.warning("stopping at step %d: %s", step, refusal)
-                    stats_total["refused"] = refusal
+                chunk_end = min(end, (step // every + 1) * every)
+                # the ledger (if any) is persisted before the checkpoint is released
+                local = run_local(engine, data, step, chunk_end - step, guard,
+                                  interval=step // every + 1, on_step=logger)
+                if local.stats is None:
+                    log.warning("stopping at step %d: %s", step, local.refusal)
+                    stats_total["refused"] = local.refusal
                     break
-                st = engine.train_steps(data, step, chunk_end - step, on_step=logger)
-                if dp is not None:  # the ledger is persisted before the checkpoint is released
-                    stats_total["epsilon"] = dp.commit()
+                st = local.stats
+                if EPSILON in local.public:
+                    stats_total["epsilon"] = local.public[EPSILON]
                 step = chunk_end
                 for k in ("steps", "samples_2d", "samples_3d", "skipped", "seconds"):
                     stats_total[k] += getattr(st, k)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,6 @@ def _offenders(package: str, forbidden: set[str], skip: tuple[str, ...] = ()) ->
 
 
 def test_science_package_never_imports_flower_or_the_apps():
-    # The CLI table names the app modules as strings and imports them lazily; nothing else may.
     assert _offenders("fed_unimiss", {"flwr", "site_client", "aggregator"}) == []
 
 
@@ -53,3 +53,32 @@ def test_importing_the_science_package_does_not_load_flower():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# A module name, a path or a quoted name of either app package; "the aggregator" (the role)
+# is allowed.
+_APP_NAME = re.compile(r"site_client|\baggregator[./:]\w|[`'\"]aggregator[`'\"]")
+
+
+def test_science_package_does_not_even_name_the_apps():
+    bad = [f"{path.relative_to(REPO).as_posix()}:{n}: {line.strip()}"
+           for path in sorted((REPO / "fed_unimiss").rglob("*.py"))
+           for n, line in enumerate(path.read_text().splitlines(), start=1)
+           if _APP_NAME.search(line)]
+    assert bad == []
+
+
+def test_privacy_is_a_leaf_under_ssl():
+    """ssl builds its DP gradient step on privacy; privacy never imports ssl (no cycle)."""
+    privacy = REPO / "fed_unimiss" / "privacy"
+    assert not any(_imports_anywhere(p, "fed_unimiss.ssl") for p in privacy.rglob("*.py"))
+
+
+def _imports_anywhere(path: Path, module: str) -> bool:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) and any(a.name.startswith(module) for a in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(module):
+            return True
+    return False

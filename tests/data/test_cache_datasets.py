@@ -13,7 +13,7 @@ import torch
 
 from fed_unimiss.data.cache import SiteIndex, build_cache
 from fed_unimiss.data.config import DataConfig
-from fed_unimiss.data.datasets import CTTileDataset, XrayDataset, collate_skip_none
+from fed_unimiss.data.datasets import CTTileDataset, XrayDataset
 from fed_unimiss.data.preprocess import resample_volume, tile_volume
 
 CFG = DataConfig(ct_spacing=(6.0, 4.0, 4.0), ct_tile_depth=8, ct_tile_stride=8, xray_size=64)
@@ -76,9 +76,6 @@ def test_datasets_return_tensors_and_skip_corrupt_entries(site, tmp_path):
     index.xrays[0].path.write_bytes(b"not an npy file")
     np.save(index.xrays[1].path, np.zeros((10, 10), np.float32))
     assert xr[0] is None and xr[1] is None and xr.skipped == 2
-    assert collate_skip_none([xr[0], xr[1]]) is None
-    batch = collate_skip_none([ct[0], None, ct[0]])
-    assert batch.shape == (2, 1, *index.ct_tiles[0].shape)
 
 
 def test_dataset_order_is_the_same_for_a_copy_with_new_mtimes(site, tmp_path):

@@ -60,7 +60,7 @@ def test_micro_is_a_few_million_parameters(micro):
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_yaml_config_equals_preset(name):
-    assert load_yaml(ModelConfig, REPO / "configs" / "model" / f"{name}.yaml") == PRESETS[name]
+    assert load_yaml(ModelConfig, REPO / "fed_unimiss" / "models" / "presets" / f"{name}.yaml") == PRESETS[name]
 
 
 def test_registry_lists_every_preset():
@@ -86,7 +86,7 @@ def test_create_model_accepts_name_config_and_yaml_path():
     torch.manual_seed(0)
     b = create_model(PRESETS["micro"])
     torch.manual_seed(0)
-    c = create_model(str(REPO / "configs" / "model" / "micro.yaml"))
+    c = create_model(str(REPO / "fed_unimiss" / "models" / "presets" / "micro.yaml"))
     assert isinstance(a, UniMiSSNet)
     for other in (b, c):
         assert other.config == a.config

@@ -13,8 +13,9 @@ from opacus.accountants import RDPAccountant
 
 from fed_unimiss.data.cache import build_cache
 from fed_unimiss.privacy import PrivacyConfig, PrivacyLedger
-from fed_unimiss.privacy.trainer import DPSelfDistillation, site_sample_rate
 from fed_unimiss.ssl.config import load_recipe
+from fed_unimiss.ssl.dp_step import DPStep, site_sample_rate
+from fed_unimiss.ssl.engine import SelfDistillation
 from fed_unimiss.ssl.site_data import SiteData
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,8 +40,8 @@ def test_three_dp_rounds_epsilon_grows_matches_opacus_and_loss_falls(xray_site, 
         ledger = PrivacyLedger.open(tmp_path / "state", privacy)  # fresh, as a new process
         plan = ledger.plan(rnd + 1, STEPS, q)
         assert plan.allowed, plan.message
-        engine = DPSelfDistillation(recipe, 3 * STEPS, privacy, plan.noise_multiplier,
-                                    dp_seed=rnd)
+        engine = SelfDistillation(recipe, 3 * STEPS, gradient_step=DPStep(
+            privacy, plan.noise_multiplier, dp_seed=rnd))
         if state is not None:
             engine.load_exchange_state(state)
         stats = engine.train_steps(data, rnd * STEPS, STEPS)

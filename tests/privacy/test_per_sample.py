@@ -14,19 +14,22 @@ from fed_unimiss.privacy import (
     linear_layers,
     per_sample_gradients,
 )
-from fed_unimiss.privacy.trainer import DPSelfDistillation
 from fed_unimiss.ssl.config import load_recipe
+from fed_unimiss.ssl.dp_step import DPStep
+from fed_unimiss.ssl.engine import SelfDistillation
+from fed_unimiss.ssl.steps import patient_step_loss, per_sample_teacher_logits
 
 LAST = ("head.last_layer",)
 RECIPE = "configs/pretrain/micro.yaml"
 
 
-def _engine() -> DPSelfDistillation:
+def _engine() -> SelfDistillation:
     recipe = load_recipe(RECIPE)
     recipe = dataclasses.replace(
         recipe, model=dataclasses.replace(recipe.model, head_weight_norm=False),
         ssl=dataclasses.replace(recipe.ssl, koleo_weight=0.0))
-    return DPSelfDistillation(recipe, 10, PrivacyConfig(enabled=True), 1.0, dp_seed=0)
+    return SelfDistillation(recipe, 10,
+                            gradient_step=DPStep(PrivacyConfig(enabled=True), 1.0, dp_seed=0))
 
 
 @pytest.mark.parametrize("ghost", [(), LAST, "all"], ids=["materialised", "ghost-last", "ghost-all"])
@@ -37,8 +40,8 @@ def test_per_patient_rows_equal_single_patient_backward(phase, shape, ghost):
     torch.manual_seed(0)
     engine = _engine()
     views = torch.randn(shape)
-    targets = engine._teacher_targets(phase, views)
-    loss = engine._patient_loss(phase)
+    targets = per_sample_teacher_logits(engine.teacher, phase, views)
+    loss = patient_step_loss(engine.loss_fn, phase)
     student = engine.student
     ghost = linear_layers(student) if ghost == "all" else ghost
     grads, losses = per_sample_gradients(student, loss, [views, *targets], ghost=ghost)
@@ -70,7 +73,7 @@ def test_empty_poisson_batch_still_takes_a_noisy_step():
     dp = DPSGD(engine.student, opt, noise_multiplier=1.0, max_grad_norm=1.0,
                expected_batch_size=2.0, generator=torch.Generator().manual_seed(0))
     before = {n: p.detach().clone() for n, p in engine.student.named_parameters()}
-    losses = dp.step(engine._patient_loss("2d"), [], batch_size=0)
+    losses = dp.step(patient_step_loss(engine.loss_fn, "2d"), [], batch_size=0)
     assert losses.numel() == 0
     moved = [n for n, p in engine.student.named_parameters() if not torch.equal(p, before[n])]
     assert len(moved) == len(before)  # every parameter received noise
@@ -84,9 +87,9 @@ def test_clipping_bounds_each_patient_contribution():
     clip = 1e-3
     dp = DPSGD(student, opt, noise_multiplier=1e-12, max_grad_norm=clip, expected_batch_size=1.0)
     views = torch.randn(2, 2, 3, 48, 48)
-    targets = engine._teacher_targets("2d", views)
+    targets = per_sample_teacher_logits(engine.teacher, "2d", views)
     before = torch.cat([p.detach().flatten().clone() for p in student.parameters()])
-    dp.step(engine._patient_loss("2d"), [views, *targets], batch_size=2)
+    dp.step(patient_step_loss(engine.loss_fn, "2d"), [views, *targets], batch_size=2)
     after = torch.cat([p.detach().flatten() for p in student.parameters()])
     # SGD lr 1, divisor 1: the update is the sum of two clipped rows, so its norm <= 2 x clip.
     assert 0 < float((after - before).norm()) <= 2 * clip * (1 + 1e-4)
@@ -100,8 +103,8 @@ def test_ghost_clipped_sum_equals_materialised_clipped_sum(phase, shape):
     engine = _engine()
     student = engine.student
     views = torch.randn(shape) * torch.linspace(0.2, 3.0, shape[0]).view(-1, *[1] * (len(shape) - 1))
-    targets = engine._teacher_targets(phase, views)
-    loss, inputs = engine._patient_loss(phase), [views, *targets]
+    targets = per_sample_teacher_logits(engine.teacher, phase, views)
+    loss, inputs = patient_step_loss(engine.loss_fn, phase), [views, *targets]
     params = {n: p for n, p in student.named_parameters() if p.requires_grad}
     opt = torch.optim.SGD(student.parameters(), lr=1.0)
     full, _ = per_sample_gradients(student, loss, inputs, params)

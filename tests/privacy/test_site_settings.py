@@ -103,8 +103,8 @@ def test_dp_refuses_recipes_it_cannot_train_soundly():
 
     import pytest
 
-    from fed_unimiss.privacy.trainer import check_dp_recipe
     from fed_unimiss.ssl.config import load_recipe
+    from fed_unimiss.ssl.dp_step import check_dp_recipe
 
     recipe = load_recipe(Path(__file__).resolve().parents[2] / "configs/pretrain/micro.yaml")
     with pytest.raises(ValueError, match="model.head_weight_norm: DP training needs"):

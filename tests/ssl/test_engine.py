@@ -39,7 +39,7 @@ def test_center_moves_by_the_teacher_batch_mean(site_data, recipe_factory):
     engine = SelfDistillation(recipe_factory(), total_steps=8)
     engine.loss_fn.center.normal_()
     c0 = engine.loss_fn.center.clone()
-    views, _, _ = engine._batch(site_data, "2d", 0, "views", 0)  # step 0 is an X-ray step
+    views = engine.batch_at(site_data, "2d", 0, "views", 0).views  # step 0 is an X-ray step
     with torch.no_grad():
         t = engine.teacher(torch.cat(views))
     engine.train_steps(site_data, 0, 1)

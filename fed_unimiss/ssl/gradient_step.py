@@ -1,0 +1,169 @@
+"""How one optimizer step of :class:`~fed_unimiss.ssl.engine.SelfDistillation` is taken.
+
+The engine owns what every step shares: the 2D/3D phase, the schedules, the teacher EMA and the
+bookkeeping. A :class:`GradientStep` owns what differs between plain training and DP-SGD:
+
+- :meth:`~GradientStep.batch` which items the step trains on (the seeded stream position, or a
+  Poisson sample of patients) and how their views are stacked;
+- :meth:`~GradientStep.update` the loss, the gradient (batch backward, or per-patient rows with
+  clipping and noise), the optimizer step, and what happens to the DINO center;
+- :meth:`~GradientStep.begin` / :meth:`~GradientStep.end` per call of ``train_steps``;
+- ``steps_on_empty``: whether a step with no usable item is still taken (DP-SGD must: the
+  accountant counts every step).
+
+:class:`PlainStep` is the ordinary DINO step; :class:`fed_unimiss.ssl.dp_step.DPStep` is DP-SGD.
+Both compute their loss with :mod:`fed_unimiss.ssl.steps`, the only loss code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import Tensor
+
+from fed_unimiss import exchange as ex
+from fed_unimiss.ssl.collapse import CollapseStats
+from fed_unimiss.ssl.config import Recipe, SSLConfig
+from fed_unimiss.ssl.schedules import Phase
+from fed_unimiss.ssl.site_data import SiteData
+from fed_unimiss.ssl.views import ct_views, step_generator, xray_views
+
+if TYPE_CHECKING:  # the engine imports this module; the hooks only receive an engine
+    from fed_unimiss.ssl.engine import SelfDistillation, TrainStats
+
+__all__ = ["Batch", "StepResult", "GradientStep", "PlainStep", "clip_gradients", "item_views",
+           "check_finite"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """The items of one step: ``views`` stacked as the step's loss wants them, or None."""
+
+    views: list[Tensor] | Tensor | None
+    size: int      # samples (plain) or sampled patients (DP) that made it into ``views``
+    skipped: int   # corrupt or unusable items
+
+
+@dataclass
+class StepResult:
+    """The loss of a step taken (NaN for an empty DP step) and what it measured on the way."""
+
+    loss: float
+    parts: dict[str, float] = field(default_factory=dict)
+    collapse: CollapseStats | None = None
+
+
+class GradientStep(Protocol):
+    """The hooks the engine calls around and inside every step (see the module docstring)."""
+
+    steps_on_empty: bool
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        """Raise ``ValueError`` if ``recipe`` cannot be trained with this step."""
+
+    def begin(self, engine: SelfDistillation, data: SiteData) -> None:
+        """Prepare a ``train_steps`` call on ``data``."""
+
+    def batch(self, engine: SelfDistillation, data: SiteData, phase: Phase, position: int,
+              step: int) -> Batch:
+        """The items of global step ``step`` (``position``: its index in ``phase``'s stream)."""
+
+    def update(self, engine: SelfDistillation, step: int, phase: Phase, batch: Batch
+               ) -> StepResult:
+        """Loss, gradient and optimizer step of the student (hyperparameters are already set)."""
+
+    def end(self, engine: SelfDistillation) -> None:
+        """Undo what :meth:`begin` changed on the engine (called even after an error)."""
+
+    def public_metrics(self, engine: SelfDistillation, data: SiteData, start_step: int,
+                       num_steps: int, stats: TrainStats) -> dict[str, float]:
+        """The counts and metrics of a ``train_steps`` call that may leave the site."""
+
+
+def item_views(items: list[Tensor], indices: list[int], phase: Phase, cfg: SSLConfig, tag: str,
+               step: int) -> tuple[list[list[Tensor]], int]:
+    """The two seeded views of every item, and how many items could not be viewed."""
+    make = xray_views if phase == "2d" else ct_views
+    per_sample, skipped = [], 0
+    for j, item in enumerate(items):
+        try:
+            per_sample.append(make(item, step_generator(cfg.seed, tag, step, j), cfg))
+        except ValueError as e:
+            log.warning("skipping %s item %d of step %d: %s", phase, indices[j], step, e)
+            skipped += 1
+    return per_sample, skipped
+
+
+def check_finite(loss: float, step: int, what: str) -> None:
+    """Stop the run at a non-finite loss, naming the global step."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss ({loss}) at global step {step} ({what}); "
+                                 "lower lr or check the data")
+
+
+@torch.no_grad()
+def clip_gradients(model: torch.nn.Module, clip: float) -> None:
+    """Per-tensor gradient-norm clipping (DINO's ``clip_gradients``)."""
+    for p in model.parameters():
+        if p.grad is not None:
+            norm = p.grad.norm(2)
+            coef = clip / (norm + 1e-6)
+            if coef < 1:
+                p.grad.mul_(coef)
+
+
+class PlainStep:
+    """DINO's step: the batch at the step's stream position, backward of the batch loss,
+    per-tensor clipping, AdamW; the loss moves the center."""
+
+    steps_on_empty = False
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        return None
+
+    def begin(self, engine: SelfDistillation, data: SiteData) -> None:
+        return None
+
+    def end(self, engine: SelfDistillation) -> None:
+        return None
+
+    def batch(self, engine: SelfDistillation, data: SiteData, phase: Phase, position: int,
+              step: int) -> Batch:
+        return engine.batch_at(data, phase, position, "views", step)
+
+    def update(self, engine: SelfDistillation, step: int, phase: Phase, batch: Batch
+               ) -> StepResult:
+        out = engine.step_loss(phase, batch.views)
+        loss = float(out.loss.detach())
+        check_finite(loss, step, f"{phase} step")
+        engine.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if phase == "2d":  # X-ray epochs: the 3D-specific tensors are frozen
+            for p in engine.params_3d():
+                p.grad = None
+        if engine.cfg.clip_grad > 0:
+            clip_gradients(engine.student, engine.cfg.clip_grad)
+        if engine.schedules.last_layer_frozen(step):
+            for p in engine.student.head.last_layer.parameters():
+                p.grad = None
+        engine.optimizer.step()
+        engine.student.head.renormalize_last_layer()
+        return StepResult(loss, out.parts, out.collapse)
+
+    def public_metrics(self, engine: SelfDistillation, data: SiteData, start_step: int,
+                       num_steps: int, stats: TrainStats) -> dict[str, float]:
+        """Samples trained on and the finite summary metrics (NaN = "not measured": not sent)."""
+        out: dict[str, float] = {ex.SAMPLES_2D: int(stats.samples_2d),
+                                 ex.SAMPLES_3D: int(stats.samples_3d),
+                                 ex.NUM_EXAMPLES: int(stats.samples_2d) + int(stats.samples_3d)}
+        for key in ex.TRAIN_METRICS:
+            value = getattr(stats, key, None)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                out[key] = float(value)
+        return out
