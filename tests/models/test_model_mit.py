@@ -3,6 +3,8 @@ state-dict round trip."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -207,6 +209,30 @@ def test_attention_equals_explicit_softmax(sr, grid):
     weights = (q @ kv[0].transpose(-2, -1) * 4**-0.5).softmax(-1)
     expected = attn.proj((weights @ kv[1]).transpose(1, 2).reshape(b, -1, c))
     assert torch.allclose(attn(x, grid), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "sr, grid",
+    [(6, (8, 24, 24)), (4, (4, 12, 12)), (2, (2, 6, 6)), (3, (7, 8, 10)), (6, (56, 56)), (3, (7, 11))],
+)
+def test_spatial_reduction_equals_the_unpadded_conv(sr, grid):
+    """The reduction (a block matmul in 3D) is the sr conv on the token map, floored like the
+    conv, in values and in gradients w.r.t. the tokens and the conv's weight and bias."""
+    torch.manual_seed(0)
+    attn = Attention(dim=8, num_heads=2, qkv_bias=True, sr_ratio=sr)
+    conv = attn.sr_2d if len(grid) == 2 else attn.sr_3d
+    n = torch.Size(grid).numel()
+    x = torch.randn(2, n, 8, requires_grad=True)
+    got = attn._reduce(x, grid)
+    grad_out = torch.randn_like(got)
+    got_grads = torch.autograd.grad(got, (x, conv.weight, conv.bias), grad_out)
+    fmap = x.transpose(1, 2).reshape(2, 8, *grid)
+    conv_fn = F.conv2d if len(grid) == 2 else F.conv3d
+    expected = conv_fn(fmap, conv.weight, conv.bias, stride=sr).flatten(2).transpose(1, 2)
+    expected_grads = torch.autograd.grad(expected, (x, conv.weight, conv.bias), grad_out)
+    assert got.shape == expected.shape == (2, math.prod(g // sr for g in grid), 8)
+    for a, b in zip((got, *got_grads), (expected, *expected_grads), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), float((a - b).abs().max())
 
 
 def test_deterministic_under_a_seed():
