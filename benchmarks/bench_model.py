@@ -11,8 +11,11 @@ and never copied into this repository) each row runs the reference student, buil
 ``main.py`` builds it, and ours side by side: ``--rounds`` alternating pairs of fresh processes,
 so load from other jobs on the machine hits both alike. Parameter counts must be identical. The
 table gives seconds per step (median over all timed steps), the speed ratio (reference s/step
-divided by ours) and the peak-RSS ratio (ours divided by the reference). With ``--write`` the
-table goes into the "## Model training step" section of docs/benchmarks.md.
+divided by ours) and the peak-RSS ratio (ours divided by the reference). Unless ``--no-check``,
+each row also loads the reference's weights into ours (state-dict names mapped) and compares the
+same step: loss, logits and every parameter's gradient, as the largest difference relative to
+that tensor's largest magnitude. With ``--write`` the table goes into the "## Model training
+step" section of docs/benchmarks.md.
 
     .venv/bin/python benchmarks/bench_model.py --reference /path/to/UniMiSS-code --write docs/benchmarks.md
     .venv/bin/python benchmarks/bench_model.py --presets micro --steps 2   # ours only, quick look
@@ -84,6 +87,84 @@ def build_reference(root: Path, preset: str):
     )
     head = ref_mit.Head(backbone.embed_dim, HEAD_OUT, use_bn=False, norm_last_layer=True)
     return ref_utils.ModuleWrapper(backbone, head)
+
+
+_KEY_RULES = [  # reference state-dict name -> ours (our names are the exchange contract)
+    (r"backbone\.transformer\.patch_embed(\d)D0\.", r"backbone.encoder.stem_\1d."),
+    (r"backbone\.transformer\.patch_embed(\d)D(\d)\.proj\.", r"backbone.encoder.patch_embed_\1d.<\2-1>."),
+    (r"backbone\.transformer\.pos_embed(\d)D(\d)$", r"backbone.encoder.pos_embed_\1d.<\2-1>.weight"),
+    (r"backbone\.transformer\.cls_tokens1$", r"backbone.encoder.cls_token.weight"),
+    (r"backbone\.transformer\.cls_tokens(\d)\.", r"backbone.encoder.cls_proj.<\1-2>."),
+    (r"backbone\.transformer\.block(\d)\.", r"backbone.encoder.stages.<\1-1>."),
+    (r"backbone\.DecPosEmbed(\d)D(\d)$", r"backbone.decoder.pos_embed_\1d.\2.weight"),
+    (r"backbone\.DecEmbed(\d)D(\d)\.proj\.", r"backbone.decoder.up_\1d.\2."),
+    (r"backbone\.Decblock(\d)\.", r"backbone.decoder.stages.\1."),
+    (r"backbone\.cls_tokens(\d)\.", r"backbone.decoder.cls_proj.\1."),
+    (r"backbone\.norm\.", r"backbone.decoder.norm."),
+    (r"\.sr(\d)D\.", r".sr_\1d."),
+]
+
+
+def our_name(ref_name: str) -> str:
+    """Our state-dict name of a reference tensor (the head's names are the same)."""
+    import re
+
+    name = ref_name
+    for pattern, repl in _KEY_RULES:
+        name = re.sub(pattern, repl, name)
+    return re.sub(r"<(\d+)-(\d+)>", lambda m: str(int(m[1]) - int(m[2])), name)
+
+
+def check_equivalence(ref: Path, preset: str, kind: str, batch: int, threads: int) -> dict:
+    """Ours with the reference's weights: the same step's loss, logits and every gradient.
+
+    Returns the largest difference of each relative to that tensor's largest magnitude.
+    """
+    import contextlib
+    import io
+
+    import torch
+
+    from fed_unimiss.models import create_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        reference = build_reference(ref, preset)
+    ours = create_model(preset)
+    ref_state = reference.state_dict()
+    mapped = {our_name(k): v for k, v in ref_state.items()}
+    if set(mapped) != set(ours.state_dict()):
+        raise SystemExit(f"{preset}: reference names do not map one to one onto ours")
+    ours.load_state_dict(mapped)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, *INPUTS[kind], generator=gen)
+    teacher = torch.randn(batch, HEAD_OUT, generator=gen)
+    results = {}
+    for name, model in (("ref", reference), ("ours", ours)):
+        model.zero_grad(set_to_none=True)
+        logits = model(x)
+        loss = dino_loss(logits, teacher)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        if name == "ref":
+            grads = {our_name(n): g for n, g in grads.items()}
+        results[name] = (loss.detach(), logits.detach(), grads)
+
+    def rel(a, b):
+        return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+    (l_r, z_r, g_r), (l_o, z_o, g_o) = results["ref"], results["ours"]
+    if set(g_r) != set(g_o):
+        raise SystemExit(f"{preset} {kind}: different tensors got gradients")
+    worst = max(g_r, key=lambda n: rel(g_o[n], g_r[n]))
+    return {
+        "loss": rel(l_o, l_r),
+        "logits": rel(z_o, z_r),
+        "grad_worst": rel(g_o[worst], g_r[worst]),
+        "grad_worst_name": worst,
+        "grads": len(g_r),
+    }
 
 
 def run_one(
@@ -161,6 +242,8 @@ def measure(args: argparse.Namespace, preset: str, kind: str) -> dict:
         for impl in impls if r % 2 == 0 else list(reversed(impls)):
             runs[impl].append(_child(args, impl, preset, kind))
     row = {"preset": preset, "input": _input_label(kind)}
+    if args.reference and args.check:
+        row["check"] = _child(args, "check", preset, kind)
     for impl, rs in runs.items():
         times = [t for run in rs for t in run["times"]]
         row[impl] = {
@@ -183,16 +266,20 @@ def _table(rows: list[dict], batch: int) -> str:
     if "ref" in rows[0]:
         lines = [
             "| preset | input | params (M) | reference s/step | ours s/step | speed vs reference "
-            "| reference peak RSS (MB) | ours peak RSS (MB) | RSS vs reference |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| reference peak RSS (MB) | ours peak RSS (MB) | RSS vs reference "
+            "| same weights: logits / worst gradient, max rel. diff |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             ref, ours = r["ref"], r["ours"]
+            chk = r.get("check")
+            same = f"{chk['logits']:.1e} / {chk['grad_worst']:.1e}" if chk else "not checked"
             lines.append(
                 f"| {r['preset']} | {r['input']} | {ours['params'] / 1e6:.2f} | "
                 f"{ref['median_s']:.3f} | {ours['median_s']:.3f} | "
                 f"**{ref['median_s'] / ours['median_s']:.2f}x** | {ref['peak_rss_mb']:.0f} | "
-                f"{ours['peak_rss_mb']:.0f} | {ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x |"
+                f"{ours['peak_rss_mb']:.0f} | {ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x | "
+                f"{same} |"
             )
         return "\n".join(lines)
     lines = [
@@ -238,6 +325,13 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="checkout of YtongXie/UniMiSS-code: measure its student side by side with ours",
     )
+    parser.add_argument(
+        "--no-check",
+        dest="check",
+        action="store_false",
+        help="skip the equivalence check (ours loaded with the reference's weights, same step: "
+        "loss, logits and every gradient compared); it runs by default with --reference",
+    )
     parser.add_argument("--write", type=Path, help="markdown file whose section to update")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -246,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.child:  # one configuration, result as JSON on stdout
         impl, preset, kind = args.child.split(":")
+        if impl == "check":
+            print(json.dumps(check_equivalence(args.reference, preset, kind, args.batch, args.threads)))
+            return 0
         result = run_one(
             impl, preset, kind, args.batch, args.steps, args.warmup, args.threads, args.reference
         )
