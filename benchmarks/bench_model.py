@@ -367,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         f"--inputs {' '.join(args.inputs)} --batch {args.batch} --steps {args.steps} "
         f"--warmup {args.warmup} --rounds {args.rounds} --threads {args.threads}"
         + (" --reference UniMiSS-code" if args.reference else "")
+        + ("" if args.check or not args.reference else " --no-check")
         + "`"
     )
     what = (
