@@ -26,6 +26,55 @@ def test_weight_norm_head_matches_reference_layout():
     assert [type(m) for m in head.mlp] == [nn.Linear, nn.GELU, nn.Linear, nn.GELU, nn.Linear]
 
 
+def _explicit_weight_norm(x, v, g):
+    """The straightforward computation: build g * v / ||v|| row-wise, then a linear layer."""
+    return x @ (g * v / v.norm(dim=1, keepdim=True)).T
+
+
+@pytest.mark.parametrize("train_g", [False, True])
+def test_weight_norm_linear_equals_explicit_normalised_weight(train_g):
+    """The fused path (scale the outputs, never build the normalised matrix) gives the same
+    outputs and gradients as building the weight, within float rounding."""
+    torch.manual_seed(0)
+    layer = WeightNormLinear(16, 300)
+    with torch.no_grad():
+        layer.weight_g.uniform_(0.5, 2.0)
+    layer.weight_g.requires_grad_(train_g)
+    x = torch.randn(2, 3, 16, requires_grad=True)  # extra leading axis: any batch shape
+    grad_out = torch.randn(2, 3, 300)
+    out = layer(x)
+    out.backward(grad_out)
+    got = [out.detach(), x.grad, layer.weight_v.grad] + ([layer.weight_g.grad] if train_g else [])
+    x2 = x.detach().clone().requires_grad_(True)
+    v2 = layer.weight_v.detach().clone().requires_grad_(True)
+    g2 = layer.weight_g.detach().clone().requires_grad_(train_g)
+    expected_out = _explicit_weight_norm(x2, v2, g2)
+    expected_out.backward(grad_out)
+    expected = [expected_out.detach(), x2.grad, v2.grad] + ([g2.grad] if train_g else [])
+    for a, b in zip(got, expected, strict=True):
+        err = float((a - b).abs().max() / b.abs().max())
+        assert err < 1e-6, err
+
+
+def test_weight_norm_linear_under_torch_func():
+    """Per-sample gradients through the layer (vmap of grad) equal one-sample autograd."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    layer = WeightNormLinear(8, 32)
+    x = torch.randn(3, 8)
+    params = {"weight_v": layer.weight_v.detach()}
+
+    def loss(p, xi):
+        return functional_call(layer, p, (xi[None],)).square().sum()
+
+    rows = vmap(grad(loss), in_dims=(None, 0))(params, x)["weight_v"]
+    for i in range(3):
+        v = layer.weight_v.detach().clone().requires_grad_(True)
+        _explicit_weight_norm(x[i : i + 1], v, layer.weight_g).square().sum().backward()
+        assert torch.allclose(rows[i], v.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_plain_last_layer_for_dp_is_renormalised():
     torch.manual_seed(0)
     model = create_model("micro", head_weight_norm=False)
