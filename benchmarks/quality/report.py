@@ -28,6 +28,57 @@ LABELS = {
 CLASSES = ["lung", "liver", "kidney", "bone", "lesion"]
 
 
+def _t_halfwidth(vals: list[float]) -> float:
+    """Half-width of the 95 % t-interval of the mean (NaN for fewer than two values)."""
+    if len(vals) < 2:
+        return math.nan
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, len(vals) - 1) * statistics.stdev(vals) / math.sqrt(len(vals)))
+
+
+def paired_difference(rows: list[dict], a: str, b: str, frac: float) -> dict | None:
+    """Mean and 95 % t-interval of Dice(a) - Dice(b) over seeds run by both (paired by seed:
+    the seed fixes the labelled subset, the patches and the new layers for every arm)."""
+    da = {r["seed"]: r["dice_mean"] for r in rows if r["arm"] == a and r["fraction"] == frac}
+    db = {r["seed"]: r["dice_mean"] for r in rows if r["arm"] == b and r["fraction"] == frac}
+    diffs = [da[s] - db[s] for s in sorted(da.keys() & db.keys())
+             if da[s] is not None and db[s] is not None]
+    if len(diffs) < 2:
+        return None
+    return {"mean": statistics.mean(diffs), "ci95": _t_halfwidth(diffs), "n": len(diffs)}
+
+
+# The three questions of docs/quality.md, as paired comparisons.
+QUESTIONS = [
+    ("does pretraining beat scratch at few labels?", "central", "scratch"),
+    ("do X-rays + CT beat CT only?", "central", "central_3d"),
+    ("does federated pretraining reach centralized?", "federated", "central"),
+]
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """One line per question: the paired difference and what it supports."""
+    frac = min({r["fraction"] for r in rows})
+    lines = []
+    for question, a, b in QUESTIONS:
+        d = paired_difference(rows, a, b, frac)
+        if d is None:
+            lines.append(f"- {question} Not measured ({a} or {b} missing).")
+            continue
+        lo, hi = d["mean"] - d["ci95"], d["mean"] + d["ci95"]
+        if lo > 0:
+            word = f"yes: {a} is above {b}"
+        elif hi < 0:
+            word = f"no: {a} is below {b}"
+        else:
+            word = "cannot be told at this size: the interval holds 0"
+        lines.append(f"- {question} Dice({a}) - Dice({b}) = {d['mean']:+.3f}, 95 % CI "
+                     f"[{lo:+.3f}, {hi:+.3f}], n = {d['n']} paired seeds, "
+                     f"{int(frac * 100)} % labels: {word}.")
+    return lines
+
+
 def summarise(rows: list[dict]) -> dict[tuple[str, float], dict]:
     """(arm, fraction) -> mean, sd, n of dice_mean and the per-class means."""
     out = {}
@@ -45,6 +96,7 @@ def summarise(rows: list[dict]) -> dict[tuple[str, float], dict]:
             out[(arm, frac)] = {
                 "mean": statistics.mean(vals),
                 "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                "ci95": _t_halfwidth(vals),
                 "n": len(vals),
                 "seeds": [round(v, 3) for v in vals],
                 "per_class": per_class,
@@ -67,10 +119,11 @@ def markdown(results: dict, summary: dict) -> str:
         f"(10 % = {max(1, round(0.1 * s['train_ct']))} volume), validation on {s['val_ct']} CT, "
         f"{s['epochs']} epochs x {s['steps_per_epoch']} steps, batch 2, patch "
         f"{'x'.join(map(str, results['patch']))} at {results['ct_spacing']} mm, lr {s['lr']}; "
-        f"seeds {s['seeds']}. Model: micro preset. **This is a small run**: read it as a "
-        "smoke test of the pipeline and of the direction of effects, not as a result.",
+        f"seeds {s['seeds']}. Model: micro preset."
+        + (f" Real unlabelled CT added to the pretraining sites: {s['real_ct']}."
+           if s.get("real_ct") else ""),
         "",
-        "| init | " + " | ".join(f"Dice @ {int(f * 100)} % labels (mean ± sd, n)" for f in fracs)
+        "| init | " + " | ".join(f"Dice @ {int(f * 100)} % labels (mean ± 95 % CI, n)" for f in fracs)
         + " |",
         "|---|" + "---|" * len(fracs),
     ]
@@ -78,10 +131,11 @@ def markdown(results: dict, summary: dict) -> str:
         cells = []
         for f in fracs:
             m = summary.get((arm, f))
-            cells.append(f"{m['mean']:.3f} ± {m['sd']:.3f} (n={m['n']})" if m else "-")
+            cells.append(f"{m['mean']:.3f} ± {m['ci95']:.3f} (n={m['n']})" if m else "-")
         if any(c != "-" for c in cells):
             lines.append(f"| {LABELS[arm]} | " + " | ".join(cells) + " |")
-    lines += ["", "Per-class Dice at 100 % labels (mean over seeds):", "",
+    lines += ["", "The three questions (paired by seed):", "", *verdicts(results["rows"])]
+    lines += ["", f"Per-class Dice at {int(max(fracs) * 100)} % labels (mean over seeds):", "",
               "| init | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES)]
     top = max(fracs)
     for arm in ARMS:
@@ -108,14 +162,14 @@ def plot(summary: dict, rows: list[dict], path: Path) -> None:
     for i, arm in enumerate(arms):
         xs = [j + (i - (len(arms) - 1) / 2) * width for j in range(len(fracs))]
         means = [summary.get((arm, f), {}).get("mean", math.nan) for f in fracs]
-        sds = [summary.get((arm, f), {}).get("sd", 0.0) for f in fracs]
+        sds = [summary.get((arm, f), {}).get("ci95", 0.0) for f in fracs]
         ax.bar(xs, means, width, yerr=sds, capsize=3, label=LABELS[arm])
         for x, f in zip(xs, fracs, strict=True):
             pts = [r["dice_mean"] for r in rows if r["arm"] == arm and r["fraction"] == f]
             ax.scatter([x] * len(pts), pts, color="black", s=8, zorder=3)
     ax.set_xticks(range(len(fracs)), [f"{int(f * 100)} % labels" for f in fracs])
     ax.set_ylabel("validation mean Dice (5 organs)")
-    ax.set_title("seg3d on phantom CT: init vs label fraction (bars: mean ± sd, dots: seeds)")
+    ax.set_title("seg3d on phantom CT: init vs label fraction (bars: mean ± 95 % CI, dots: seeds)")
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -18,6 +18,8 @@ measures what users run. Results: ``WORK/results.json``; ``report.py`` turns the
 section of docs/quality.md and the plot docs/quality.png.
 
     python benchmarks/quality/run_quality.py --size small --work /tmp/quality   # ~1 h, 2 cores
+    python benchmarks/quality/run_quality.py --size medium --work /tmp/quality \
+        --real-ct .cache/real-samples                                           # ~1 h
     python benchmarks/quality/run_quality.py --size full --work runs/quality    # hours
     python benchmarks/quality/report.py --work /tmp/quality
 
@@ -44,6 +46,12 @@ SIZES = {
     "small": dict(ct_per_site=4, xray_per_site=12, train_ct=8, val_ct=2, pretrain_steps=24,
                   local_steps=4, epochs=3, steps_per_epoch=4, seeds=[0, 1, 2],
                   fractions=[0.1, 1.0]),
+    # The run in docs/quality.md (about an hour on 2 cores): pretraining long enough for the
+    # teacher to learn (docs/pretraining.md), fine-tuning long enough for scratch to be well
+    # above the floor, few labels (one volume of eight), five seeds, no teacher arm.
+    "medium": dict(ct_per_site=6, xray_per_site=24, train_ct=8, val_ct=3, pretrain_steps=300,
+                   local_steps=10, epochs=1, steps_per_epoch=200, seeds=[0, 1, 2, 3, 4],
+                   fractions=[0.125], arms=["scratch", "central", "federated", "central_3d"]),
     # For a machine with more CPU time: more data, longer pretraining and fine-tuning.
     "full": dict(ct_per_site=24, xray_per_site=96, train_ct=40, val_ct=10, pretrain_steps=600,
                  local_steps=10, epochs=30, steps_per_epoch=20, seeds=[0, 1, 2, 3, 4],
@@ -59,7 +67,7 @@ PATCH = [8, 48, 48]  # = the micro recipe's 3D view (view_depth 8, view_size 48)
 def _run(cmd: list[str], log: Path) -> float:
     """Run one project command, its output to ``log``; raise with the log tail on failure."""
     start = time.perf_counter()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     if proc.returncode != 0:
@@ -77,8 +85,24 @@ def _phantom(out: Path, ct: int, xray: int, seed: int, labels: bool, logs: Path)
     return out
 
 
+def _add_real_ct(site: Path, real: Path, names: list[str]) -> None:
+    """Copy real unlabelled CT (fetch-real-samples.sh) into a pretraining site's folder."""
+    import shutil
+
+    for name in names:
+        src, dst = real / name, site / "real" / name
+        if dst.exists() or not src.exists():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+
+
 def make_data(work: Path, a: argparse.Namespace, logs: Path) -> dict[str, Path]:
-    """Three non-IID pretraining sites (+ C split by modality) and the labelled seg3d set."""
+    """Three non-IID pretraining sites (+ C split by modality) and the labelled seg3d set.
+
+    With ``--real-ct DIR`` (the folder of ../shared/data/fetch-real-samples.sh) site A also holds
+    the real head CT NIfTI and MetaImage and site C's CT the real sinus DICOM series.
+    """
     d = work / "data"
     sites = {
         "A": _phantom(d / "siteA", a.ct_per_site, 0, 101, False, logs),  # CT only
@@ -90,6 +114,9 @@ def make_data(work: Path, a: argparse.Namespace, logs: Path) -> dict[str, Path]:
     _phantom(d / "siteC" / "xray", 0, a.xray_per_site, 104, False, logs)
     sites["C"] = d / "siteC"
     sites["C_ct"] = d / "siteC" / "ct"
+    if a.real_ct is not None:
+        _add_real_ct(sites["A"], a.real_ct, ["headct.nii.gz", "fullhead-ct"])
+        _add_real_ct(sites["C_ct"], a.real_ct, ["sinus-ct-dicom"])
     sites["train"] = _phantom(d / "seg-train", a.train_ct, 0, 201, True, logs)
     sites["val"] = _phantom(d / "seg-val", a.val_ct, 0, 202, True, logs)
     return sites
@@ -103,7 +130,7 @@ def write_configs(work: Path, a: argparse.Namespace) -> tuple[Path, Path, Path]:
     recipe["ssl"]["epochs"] = max(1, a.pretrain_steps // a.local_steps)
     recipe["ssl"]["warmup_epochs"] = min(recipe["ssl"]["warmup_epochs"], recipe["ssl"]["epochs"])
     recipe["ssl"]["checkpoint_every"] = a.pretrain_steps
-    recipe["ssl"]["threads"] = 2
+    recipe["ssl"]["threads"] = 1  # 2 threads on 2 shared cores oversubscribe badly
     recipe_path = work / "pretrain.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     fed = yaml.safe_load((REPO / "configs" / "federation" / "micro.yaml").read_text())
@@ -117,8 +144,9 @@ def write_configs(work: Path, a: argparse.Namespace) -> tuple[Path, Path, Path]:
     fed_path.write_text(yaml.safe_dump(fed, sort_keys=False))
     ft = {"task": "seg3d", "model": "micro", "num_classes": 6, "epochs": a.epochs,
           "steps_per_epoch": a.steps_per_epoch, "batch_size": 2, "lr": a.lr,
-          "warmup_steps": 2, "patch_3d": PATCH, "ct_spacing": CT_SPACING,
-          "foreground_prob": 0.5, "sw_overlap": 0.25, "val_every": a.epochs, "threads": 2}
+          "patch_3d": PATCH, "ct_spacing": CT_SPACING,
+          "foreground_prob": 0.5, "sw_overlap": 0.25, "val_every": a.epochs, "threads": 1,
+          "warmup_steps": min(20, a.epochs * a.steps_per_epoch // 10)}
     ft_path = work / "finetune.yaml"
     ft_path.write_text(yaml.safe_dump(ft, sort_keys=False))
     return recipe_path, fed_path, ft_path
@@ -162,6 +190,7 @@ def pretrain_arms(work: Path, a, sites, recipe: Path, fed: Path, logs: Path) -> 
 def finetune_all(work: Path, a, sites, ft_cfg: Path, arms: dict, logs: Path) -> list[dict]:
     rows = []
     inits = {"scratch": None, **{k: v["dir"] for k, v in arms.items()}}
+    inits = {k: v for k, v in inits.items() if k in a.arms}
     for frac in a.fractions:
         for seed in a.seeds:
             for arm, init in inits.items():
@@ -197,10 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning lr (all arms)")
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--fractions", type=float, nargs="+")
+    p.add_argument("--arms", nargs="+", help="fine-tuning arms (default: the size's, or all)")
+    p.add_argument("--real-ct", type=Path, default=None, metavar="DIR",
+                   help="real unlabelled CT for pretraining (fetch-real-samples.sh's folder)")
     a = p.parse_args(argv)
     for key, value in SIZES[a.size].items():
         if getattr(a, key) is None:
             setattr(a, key, value)
+    if a.arms is None:
+        a.arms = ["scratch", "central", "central_teacher", "federated", "central_3d"]
     work = a.work.resolve()
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
