@@ -91,33 +91,41 @@ class RunOutcome:
 
 
 class RoundsTail:
-    """New complete lines of RUN/rounds.jsonl since the last call (a torn last line waits)."""
+    """Rows of RUN/rounds.jsonl not yet seen, by round number (a torn last line waits).
+
+    Rows are told apart by their round, not by byte offsets: a resumed run repairs the file
+    (rewrites it to its complete rounds) and then appends, so an offset taken before the repair
+    can land in the middle of the next row and lose it.
+    """
 
     def __init__(self, path: Path, skip_existing: bool = True) -> None:
         self.path = path
-        self.offset = path.stat().st_size if skip_existing and path.exists() else 0
+        self.seen: set[Any] = set()
+        if skip_existing:
+            self.seen = {self._key(row) for row in self._rows()}
 
-    def read_new(self) -> list[dict[str, Any]]:
+    @staticmethod
+    def _key(row: dict[str, Any]) -> Any:
+        return row.get("round", json.dumps(row, sort_keys=True))
+
+    def _rows(self) -> list[dict[str, Any]]:
         try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                chunk = f.read()
+            data = self.path.read_bytes()
         except FileNotFoundError:
             return []
-        if self.offset > 0 and not chunk and self.path.stat().st_size < self.offset:
-            self.offset = 0  # the file was rewritten (resume repair)
-        end = chunk.rfind(b"\n")
-        if end < 0:
-            return []
-        self.offset += end + 1
         rows = []
-        for line in chunk[: end + 1].splitlines():
+        for line in data[: data.rfind(b"\n") + 1].splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
             if isinstance(row, dict):
                 rows.append(row)
+        return rows
+
+    def read_new(self) -> list[dict[str, Any]]:
+        rows = [row for row in self._rows() if self._key(row) not in self.seen]
+        self.seen.update(self._key(row) for row in rows)
         return rows
 
 
@@ -307,6 +315,9 @@ def run_aggregator(
                         on_round(row, state)
                 if state.finished:
                     time.sleep(0.5)  # the ServerApp's last log lines arrive just after
+                    for row in tail.read_new():
+                        if on_round is not None:
+                            on_round(row, state)
                     try:
                         _save_server_log(client, run_id, log_after, logs)
                     except ControlError:

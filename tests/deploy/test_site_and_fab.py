@@ -77,6 +77,19 @@ def test_rounds_tail_returns_complete_lines_once(tmp_path):
     assert tail.read_new() == []
 
 
+def test_rounds_tail_survives_a_resume_repair_followed_by_an_append(tmp_path):
+    """A resumed run rewrites rounds.jsonl (shorter rows) and appends the next round before the
+    tail looks again: that round must still come out, exactly once, and round 1 not again."""
+    log = tmp_path / "rounds.jsonl"
+    log.write_text(json.dumps({"round": 1, "sites": ["A", "B"], "note": "x" * 80}) + "\n")
+    tail = RoundsTail(log)  # the resumed aggregator starts here
+    log.write_text(json.dumps({"round": 1, "sites": ["A", "B"]}) + "\n")  # the repair
+    with open(log, "a") as f:
+        f.write(json.dumps({"round": 2, "sites": ["A", "B"]}) + "\n")
+    assert tail.read_new() == [{"round": 2, "sites": ["A", "B"]}]
+    assert tail.read_new() == []
+
+
 def test_status_of_a_run_folder(tmp_path, capsys):
     run = tmp_path / "RUN"
     run.mkdir()
