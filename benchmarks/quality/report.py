@@ -75,7 +75,7 @@ def verdicts(rows: list[dict]) -> list[str]:
             word = "cannot be told at this size: the interval holds 0"
         lines.append(f"- {question} Dice({a}) - Dice({b}) = {d['mean']:+.3f}, 95 % CI "
                      f"[{lo:+.3f}, {hi:+.3f}], n = {d['n']} paired seeds, "
-                     f"{int(frac * 100)} % labels: {word}.")
+                     f"{frac:.1%} labels: {word}.")
     return lines
 
 
@@ -116,14 +116,15 @@ def markdown(results: dict, summary: dict) -> str:
         f"{s['pretrain_steps']} optimiser steps per pretraining arm (federated: "
         f"{results['pretraining']['federated'].get('rounds')} rounds x {s['local_steps']} local "
         f"steps x 3 sites); seg3d fine-tuning on {s['train_ct']} labelled CT "
-        f"(10 % = {max(1, round(0.1 * s['train_ct']))} volume), validation on {s['val_ct']} CT, "
+        f"({min(s['fractions']):.1%} = {max(1, round(min(s['fractions']) * s['train_ct']))} volume), "
+        f"validation on {s['val_ct']} CT, "
         f"{s['epochs']} epochs x {s['steps_per_epoch']} steps, batch 2, patch "
         f"{'x'.join(map(str, results['patch']))} at {results['ct_spacing']} mm, lr {s['lr']}; "
         f"seeds {s['seeds']}. Model: micro preset."
         + (f" Real unlabelled CT added to the pretraining sites: {s['real_ct']}."
            if s.get("real_ct") else ""),
         "",
-        "| init | " + " | ".join(f"Dice @ {int(f * 100)} % labels (mean ± 95 % CI, n)" for f in fracs)
+        "| init | " + " | ".join(f"Dice @ {f:.1%} labels (mean ± 95 % CI, n)" for f in fracs)
         + " |",
         "|---|" + "---|" * len(fracs),
     ]
@@ -135,7 +136,7 @@ def markdown(results: dict, summary: dict) -> str:
         if any(c != "-" for c in cells):
             lines.append(f"| {LABELS[arm]} | " + " | ".join(cells) + " |")
     lines += ["", "The three questions (paired by seed):", "", *verdicts(results["rows"])]
-    lines += ["", f"Per-class Dice at {int(max(fracs) * 100)} % labels (mean over seeds):", "",
+    lines += ["", f"Per-class Dice at {max(fracs):.1%} labels (mean over seeds):", "",
               "| init | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES)]
     top = max(fracs)
     for arm in ARMS:
@@ -167,7 +168,7 @@ def plot(summary: dict, rows: list[dict], path: Path) -> None:
         for x, f in zip(xs, fracs, strict=True):
             pts = [r["dice_mean"] for r in rows if r["arm"] == arm and r["fraction"] == f]
             ax.scatter([x] * len(pts), pts, color="black", s=8, zorder=3)
-    ax.set_xticks(range(len(fracs)), [f"{int(f * 100)} % labels" for f in fracs])
+    ax.set_xticks(range(len(fracs)), [f"{f:.1%} labels" for f in fracs])
     ax.set_ylabel("validation mean Dice (5 organs)")
     ax.set_title("seg3d on phantom CT: init vs label fraction (bars: mean ± 95 % CI, dots: seeds)")
     ax.legend(fontsize=7, loc="upper left")
