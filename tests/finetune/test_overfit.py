@@ -5,9 +5,9 @@ between patch sampling, network, loss and inference (issue history: every arm pr
 background only on a real CT). These tests train through the public ``finetune`` entry point on
 files written by the data layer, and validate on the same files by whole-image inference.
 
-Measured foreground Dice after the stated steps: 3D 0.937-0.941 (seeds 0 and 1 at 1 thread,
-seed 0 at 2 threads; bone, the thin class, 0.86); 2D 1.00 (seed 0, whole 128 px image). A
-stock MONAI U-Net reached 0.84 on the same 3D volume in half the steps (250), ours 0.75-0.79.
+Measured foreground Dice after the stated steps, seeds 0-2 at 1 and 2 threads (3D seed 2 at 1
+thread only): 3D 0.935-0.943 (bone, the thinnest class, 0.85-0.86); 2D 1.00 on the whole
+128 px image. A stock MONAI U-Net reached 0.84 on the same 3D volume in 250 steps, ours 0.75-0.79.
 """
 
 from __future__ import annotations
