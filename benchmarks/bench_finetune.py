@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -71,15 +70,8 @@ def run_arm(arm: str, init: Path | None, data: Path, out: Path, a, seed: int,
         model = unet(s["num_classes"])
     start = time.perf_counter()
     m = finetune(cfg, init, data / "train", data / "val", out, model=model)
-    n_params = None
-    if (out / "finetuned.safetensors").exists():
-        from safetensors import safe_open
-
-        with safe_open(str(out / "finetuned.safetensors"), "pt") as f:
-            n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     return {"arm": arm, "seed": seed, "fraction": fraction, "dice_mean": m["dice_mean"],
-            "dice_per_class": m["dice_per_class"], "seconds": time.perf_counter() - start,
-            "params": n_params, "first_loss": m["history"][0]["train_loss"]}
+            "dice_per_class": m["dice_per_class"], "seconds": time.perf_counter() - start}
 
 
 def summarise(rows: list[dict]) -> dict:

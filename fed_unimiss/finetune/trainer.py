@@ -103,7 +103,7 @@ def _lr_at(step: int, total: int, cfg: FinetuneConfig) -> float:
 
 @torch.no_grad()
 def evaluate_segmentation(
-    model: SegmentationNet, cases: list[SegCase], cfg: FinetuneConfig, num_classes: int
+    model: nn.Module, cases: list[SegCase], cfg: FinetuneConfig, num_classes: int
 ) -> dict[str, Any]:
     """Sliding-window prediction of every whole case; Dice pooled over all cases."""
     model.eval()
