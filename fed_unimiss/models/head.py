@@ -83,15 +83,18 @@ class _WeightNormLinearFn(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor, *_unused: Tensor):
         x, v, y, scale, norm = ctx.saved_tensors
         need_x, need_v, need_g = ctx.needs_input_grad
-        grad_y = grad_out * scale  # (..., out)
+        # Under autocast the forward's matmul ran in y's dtype (bf16/fp16): so do the backward
+        # matmuls, while the per-row scale terms stay fp32. In fp32 every cast is a no-op.
+        low = y.dtype
+        grad_y = (grad_out * scale).to(low)  # (..., out)
         grad_x = grad_v = grad_g = None
         if need_x:
-            grad_x = grad_y @ v
+            grad_x = (grad_y @ v.to(low)).to(x.dtype)
         if need_v or need_g:
-            grad_scale = (grad_out * y).reshape(-1, y.shape[-1]).sum(0)  # (out,)
+            grad_scale = (grad_out.float() * y.float()).reshape(-1, y.shape[-1]).sum(0)  # (out,)
         if need_v:
-            x2, grad_y2 = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, y.shape[-1])
-            grad_v = grad_y2.t() @ x2  # (out, in)
+            x2, grad_y2 = x.to(low).reshape(-1, x.shape[-1]), grad_y.reshape(-1, y.shape[-1])
+            grad_v = (grad_y2.t() @ x2).to(v.dtype)  # (out, in)
             coef = -grad_scale * scale / (norm * norm)  # d scale / d v = -scale v / ||v||^2
             if torch._C._are_functorch_transforms_active():  # vmap: no in-place into v's grad
                 grad_v = grad_v.addcmul(v, coef.unsqueeze(1))

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from fed_unimiss.privacy.config import PrivacyConfig
 
+from fed_unimiss.cli.runtime_args import add_runtime_arguments, runtime_from_args
+
 __all__ = ["register"]
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in RUN")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)")
+    add_runtime_arguments(p, workers=True)
     dp = p.add_argument_group(
         "differential privacy", "patient-level DP-SGD for a single-site run (docs/privacy.md); "
         "the model section must have head_weight_norm: false and ssl.koleo_weight: 0")
@@ -51,17 +54,23 @@ def run(args: argparse.Namespace) -> int:
     from fed_unimiss.checkpoint import CheckpointError
     from fed_unimiss.config import ConfigError
     from fed_unimiss.ssl.config import load_recipe
+    from fed_unimiss.ssl.distributed import WorkerFailed
     from fed_unimiss.ssl.trainer import pretrain
 
     if args.steps is not None and args.steps < 0:
         print(f"error: --steps must be >= 0, got {args.steps}", file=sys.stderr)
         return 2
     try:
+        runtime = runtime_from_args(args)
         recipe = load_recipe(args.config)
         privacy = _privacy(args)
         summary = pretrain(recipe, args.data, args.out, steps=args.steps, resume=args.resume,
                            progress=not args.no_progress and sys.stderr.isatty(),
-                           privacy=privacy)
+                           privacy=privacy, runtime=runtime)
+    except WorkerFailed as e:
+        print(f"error: {e}; no checkpoint was written for the unfinished interval "
+              f"(--resume continues from the last complete one)", file=sys.stderr)
+        return 1
     except (ConfigError, CheckpointError, ValueError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -69,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"pretrained steps {summary['start_step']}..{summary['end_step']} of "
           f"{summary['total_steps']}: loss {last.get('loss', float('nan')):.4f}, "
           f"{summary['samples_2d']} 2D / {summary['samples_3d']} 3D samples, "
-          f"{summary['skipped']} skipped, checkpoints in {args.out}")
+          f"{summary['skipped']} skipped, on {summary['device']} in {summary['precision']} "
+          f"x {summary['world_size']} process(es), checkpoints in {args.out}")
     if "epsilon" in summary:
         print(f"DP: epsilon spent so far {summary['epsilon']:.3f} per patient "
               f"(ledger in {args.out}/state)")

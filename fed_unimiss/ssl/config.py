@@ -38,6 +38,10 @@ class SSLConfig:
     batch_size_3d: int = 192
     # Training length in epochs; the schedules span epochs x steps_per_epoch steps.
     epochs: int = 200
+    # Micro-batches per optimizer step (gradient accumulation): a step's batch is cut into this
+    # many parts, one forward/backward each, so a recipe's batch fits fewer or smaller devices.
+    # The update is the whole batch's; KoLeo and Sinkhorn-Knopp then see one micro-batch at a time.
+    accumulate: int = 1
     # Optimizer steps per "epoch". Fixed so that federated sites of different sizes share one
     # schedule (null: centralized pretraining derives it from the data size; a federation must
     # set it).
@@ -109,7 +113,7 @@ class SSLConfig:
     collapse_window: int = 20
 
     def validate(self) -> None:
-        for name in ("batch_size_2d", "batch_size_3d", "epochs", "alternate_interval",
+        for name in ("batch_size_2d", "batch_size_3d", "accumulate", "epochs", "alternate_interval",
                      "crop_2d", "view_depth", "view_size", "log_every", "checkpoint_every",
                      "threads", "collapse_window"):
             if getattr(self, name) < 1:

@@ -13,12 +13,14 @@ step calls the loss four times and moves the center four times (as the reference
 
 Differences to the DINO code: views arrive as a list of per-view tensors (never one concatenated
 student batch, which would break per-sample gradients for DP-SGD), the teacher temperature is
-constant (as in UniMiSS), and the center is all-reduced only when a process group exists.
+constant (as in UniMiSS), the loss is computed in fp32 under mixed precision, and the center
+and the Sinkhorn-Knopp marginals are all-reduced only when a process group exists.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,13 +40,31 @@ def sinkhorn_knopp(logits: Tensor, temp: float, iterations: int = 3) -> Tensor:
     otherwise at temperature 0.04).
     """
     scores = logits.detach().float() / temp
-    q = torch.exp(scores - scores.max()).t()  # (K, B)
-    q = q / q.sum()
-    k, b = q.shape
+    top = scores.max()
+    _all_reduce(top, torch.distributed.ReduceOp.MAX if _distributed() else None)
+    q = torch.exp(scores - top).t()  # (K, B)
+    k = q.shape[0]
+    b = torch.tensor(float(q.shape[1]), device=q.device)
+    _all_reduce(b)  # with several processes the batch is all ranks' samples
+    total = q.sum()
+    _all_reduce(total)
+    q = q / total
     for _ in range(iterations):
-        q = q / q.sum(dim=1, keepdim=True).clamp_min(1e-30) / k
+        rows = q.sum(dim=1, keepdim=True)
+        _all_reduce(rows)
+        q = q / rows.clamp_min(1e-30) / k
         q = q / q.sum(dim=0, keepdim=True).clamp_min(1e-30) / b
     return (q * b).t()
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _all_reduce(t: Tensor, op: object = None) -> None:
+    """Sum (or ``op``) over data-parallel processes, in place; nothing with one process."""
+    if _distributed():
+        torch.distributed.all_reduce(t, op=op or torch.distributed.ReduceOp.SUM)
 
 
 def koleo_loss(features: Tensor, eps: float = 1e-8) -> Tensor:
@@ -99,10 +119,12 @@ class DINOLoss(nn.Module):
         self.sinkhorn_iterations = sinkhorn_iterations
         # Kept (and still updated) with Sinkhorn-Knopp too: it is exchanged state either way.
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self._pending: _PendingCenter | None = None
 
     def teacher_probs(self, teacher_logits: Tensor) -> Tensor:
         """Centred and sharpened teacher distribution of one view, gradient stopped."""
-        return F.softmax((teacher_logits.detach() - self.center) / self.teacher_temp, dim=-1)
+        return F.softmax((teacher_logits.detach().float() - self.center) / self.teacher_temp,
+                         dim=-1)
 
     def forward(self, student_out: Sequence[Tensor], teacher_out: Sequence[Tensor],
                 update_center: bool = True) -> Tensor:
@@ -117,6 +139,9 @@ class DINOLoss(nn.Module):
         if len(student_out) != len(teacher_out) or len(student_out) < 2:
             raise ValueError(f"DINOLoss needs the same number (>= 2) of student and teacher "
                              f"views, got {len(student_out)} and {len(teacher_out)}")
+        # The softmaxes and cross-entropies run in fp32 whatever the forward's autocast dtype.
+        student_out = [s.float() for s in student_out]
+        teacher_out = [t.float() for t in teacher_out]
         total = student_out[0].new_zeros(())
         n_terms = 0
         teacher_p = self.teacher_targets(teacher_out)
@@ -143,18 +168,44 @@ class DINOLoss(nn.Module):
         sizes = [t.shape[0] for t in teacher_out]
         q = sinkhorn_knopp(torch.cat(list(teacher_out)), self.teacher_temp,
                            self.sinkhorn_iterations)
-        return list(q.to(teacher_out[0].dtype).split(sizes))
+        return list(q.split(sizes))
 
     @torch.no_grad()
     def update_center(self, teacher_out: Sequence[Tensor]) -> None:
         """EMA of the teacher's batch-mean logits (all views pooled)."""
-        logits = torch.cat([t.detach() for t in teacher_out])
+        logits = torch.cat([t.detach().float() for t in teacher_out])
         batch_sum = logits.sum(dim=0, keepdim=True)
         count = torch.tensor(float(logits.shape[0]), device=logits.device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(batch_sum)
-            torch.distributed.all_reduce(count)
+        if self._pending is not None:  # inside accumulated_center: collect, apply later
+            self._pending.add(batch_sum, count)
+            return
+        _all_reduce(batch_sum)
+        _all_reduce(count)
         self.update_center_to(batch_sum / count)
+
+    @contextlib.contextmanager
+    def accumulated_center(self, enabled: bool = True) -> Iterator[_PendingCenter]:
+        """Gradient accumulation: the center moves as it would for the whole batch at once.
+
+        Inside, each micro-batch's center updates are only summed, by their order within the
+        micro-batch (a CT step updates four times); when the block ends without an error the
+        center takes those updates in order, each with the whole batch's mean. Only the targets
+        of a CT step's later terms differ from one big batch: they use the step's starting
+        center, not one already moved by the earlier terms. Disabled, it changes nothing.
+        """
+        pending = _PendingCenter()
+        if not enabled:
+            yield pending
+            return
+        self._pending = pending
+        try:
+            yield pending
+        finally:
+            self._pending = None
+        for batch_sum, count in pending.sums:
+            _all_reduce(batch_sum)
+            _all_reduce(count)
+            self.update_center_to(batch_sum / count)
 
     @torch.no_grad()
     def update_center_to(self, batch_center: Tensor) -> None:
@@ -165,3 +216,23 @@ class DINOLoss(nn.Module):
         """
         m = self.center_momentum
         self.center.mul_(m).add_(batch_center.to(self.center) * (1 - m))
+
+
+class _PendingCenter:
+    """Center-update sums of the micro-batches of one step, by call order."""
+
+    def __init__(self) -> None:
+        self.sums: list[tuple[Tensor, Tensor]] = []
+        self._call = 0
+
+    def next_micro_batch(self) -> None:
+        self._call = 0
+
+    def add(self, batch_sum: Tensor, count: Tensor) -> None:
+        if self._call == len(self.sums):
+            self.sums.append((batch_sum.clone(), count.clone()))
+        else:
+            total, n = self.sums[self._call]
+            total += batch_sum
+            n += count
+        self._call += 1

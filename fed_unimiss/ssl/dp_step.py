@@ -106,6 +106,8 @@ class DPStep:
     """
 
     steps_on_empty = True  # an empty Poisson sample still takes a noisy step
+    mixed_precision = False  # per-patient gradients are clipped and noised in fp32
+    data_parallel = False    # one Poisson sample and one noise draw per step
 
     def __init__(self, privacy: PrivacyConfig, noise_multiplier: float,
                  dp_seed: int | None = None) -> None:
@@ -142,7 +144,8 @@ class DPStep:
         """Views of the sampled patients stacked as (B, 2, C, ...); ``position`` is unused."""
         idx = self._require_sampler().sample(phase, self._dp_gen)
         items, skipped = data.load(phase, idx, min_depth=engine.cfg.view_depth)
-        per_sample, bad = item_views(items, idx, phase, engine.cfg, "dp-views", step)
+        per_sample, bad = item_views(items, list(range(len(items))), phase, engine.cfg,
+                                     "dp-views", step)
         if not per_sample:
             return Batch(None, 0, skipped + bad)
         views = torch.stack([torch.stack(v) for v in per_sample]).to(engine.device)

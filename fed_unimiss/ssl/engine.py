@@ -8,6 +8,12 @@ are functions of (recipe, global step), so training can stop after any step and 
 How a step turns its batch into an update is the engine's :class:`GradientStep`: plain DINO
 (:class:`PlainStep`, the default) or patient-level DP-SGD (:class:`fed_unimiss.ssl.dp_step.DPStep`).
 
+Where it computes is the caller's :class:`~fed_unimiss.runtime.Runtime`: every tensor the engine
+creates lives on its device; ``bf16``/``fp16`` autocast the forward passes while the weights,
+AdamW's state, the EMA teacher and the center stay fp32. When a torch.distributed process group
+exists, each process takes its shard of every global batch and the processes average their
+gradients and the center (:mod:`fed_unimiss.ssl.distributed`), so they train one model.
+
 Exchanged state (what a site sends and receives, docs/architecture.md): ``student.<name>``,
 ``teacher.<name>`` for every state-dict entry of each network, and ``center`` (1, out_dim).
 Full checkpoints (:meth:`state_dict`) add the AdamW state as ``optim.<param name>.<key>``.
@@ -29,6 +35,8 @@ from fed_unimiss.exchange import CENTER_KEY, STUDENT_PREFIX, TEACHER_PREFIX
 from fed_unimiss.models import UniMiSSNet, dimension_of
 from fed_unimiss.models.classify import DIM_3D
 from fed_unimiss.optim import decay_groups
+from fed_unimiss.runtime import autocast, autocast_dtype, grad_scaler
+from fed_unimiss.ssl import distributed
 from fed_unimiss.ssl.config import Recipe
 from fed_unimiss.ssl.dino_loss import DINOLoss
 from fed_unimiss.ssl.gradient_step import (
@@ -60,7 +68,7 @@ class TrainStats:
     samples_3d: int = 0         # CT sub-volumes through the 3D path
     loss: float = float("nan")  # mean loss over the steps taken
     seconds: float = 0.0
-    samples_per_s: float = 0.0  # (samples_2d-from-X-rays + samples_3d) / seconds
+    samples_per_s: float = 0.0  # (X-ray images + CT sub-volumes) / seconds, all processes
     skipped: int = 0            # corrupt or unreadable items
     empty_batches: int = 0      # steps skipped because every item of the batch was bad
     teacher_entropy: float = float("nan")
@@ -89,17 +97,28 @@ class SelfDistillation:
         recipe: resolved recipe; ``recipe.ssl.steps_per_epoch`` must be set.
         total_steps: length of the whole run in global steps (all rounds, for a federation);
             the cosine schedules span it.
-        device: torch device.
+        device: torch device (resolve a setting with :func:`fed_unimiss.runtime.resolve_device`).
         gradient_step: how a step becomes an update; :class:`PlainStep` when None.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast of the forward passes).
     """
 
     def __init__(self, recipe: Recipe, total_steps: int, device: str | torch.device = "cpu",
-                 gradient_step: GradientStep | None = None):
+                 gradient_step: GradientStep | None = None, precision: str = "fp32"):
         self.gradient_step: GradientStep = gradient_step or PlainStep()
         self.gradient_step.check_recipe(recipe)
+        autocast_dtype(precision)  # validates the name
+        if precision != "fp32" and not self.gradient_step.mixed_precision:
+            raise ValueError(f"precision {precision}: {type(self.gradient_step).__name__} "
+                             "trains in fp32 only (per-sample gradients are clipped and noised "
+                             "in full precision); use precision fp32")
+        if distributed.world_size() > 1 and not self.gradient_step.data_parallel:
+            raise ValueError(f"{type(self.gradient_step).__name__} runs in one process only "
+                             "(its sampling and noise are drawn once per step); use 1 worker")
         self.recipe = recipe
         self.cfg = recipe.ssl
         self.device = torch.device(device)
+        self.precision = precision
+        self.scaler = grad_scaler(self.device, precision)
         self.schedules = Schedules.from_config(recipe.ssl, total_steps)
         torch.manual_seed(recipe.ssl.seed)  # same seed -> same initial student at every site
         # ---- student and teacher (teacher = copy of the student, no gradients) ----
@@ -193,14 +212,26 @@ class SelfDistillation:
         self.load_optimizer_state_tensors(state)
 
     # ------------------------------------------------------------------ one step
+    def autocast(self):
+        """The forward's mixed-precision context (a no-op in fp32)."""
+        return autocast(self.device, self.precision)
+
     def batch_at(self, data: SiteData, phase: Phase, position: int, tag: str,
                  step: int) -> Batch:
-        """Two stacked views of the batch at ``position`` of ``phase``'s stream."""
+        """Two stacked views of this process's shard of the batch at ``position`` of ``phase``.
+
+        The views of an item are seeded by its position in the global batch, so one process and
+        N processes see the same views of the same items.
+        """
         cfg = self.cfg
         bs = cfg.batch_size_2d if phase == "2d" else cfg.batch_size_3d
-        idx = data.batch_indices(phase, position, bs, cfg.seed)
-        items, skipped = data.load(phase, idx, min_depth=cfg.view_depth)
-        per_sample, bad = item_views(items, idx, phase, cfg, tag, step)
+        items, positions, skipped = [], [], 0
+        for pos, i in distributed.shard(data.batch_indices(phase, position, bs, cfg.seed)):
+            good, bad = data.load(phase, [i], min_depth=cfg.view_depth)
+            items += good
+            positions += [pos] * len(good)
+            skipped += bad
+        per_sample, bad = item_views(items, positions, phase, cfg, tag, step)
         if not per_sample:
             return Batch(None, 0, skipped + bad)
         views = [torch.stack([v[i] for v in per_sample]).to(self.device) for i in range(2)]
@@ -251,12 +282,22 @@ class SelfDistillation:
         grad_step.begin(self, data)
         try:
             for step in range(start_step, start_step + num_steps):
+                t_step = time.perf_counter()
                 phase = self.schedules.phase(step, data.has_2d, data.has_3d)
                 position = phase_steps_before(step, phase, self.schedules.steps_per_epoch,
                                               self.cfg.alternate_interval, data.has_2d,
                                               data.has_3d)
                 batch = grad_step.batch(self, data, phase, position, step)
                 stats.skipped += batch.skipped
+                # every process must take the same steps and micro-batches (they meet in
+                # collectives), so a shard too small for its micro-batches skips the step for all
+                sizes = distributed.agree_on_sizes(batch.size, self.device)
+                batch.total = sum(sizes)
+                if len(sizes) > 1 and batch.size and min(sizes) < self.cfg.accumulate:
+                    log.warning("step %d: a data-parallel shard has fewer than %d usable %s "
+                                "item(s); every process skips the step", step,
+                                self.cfg.accumulate, phase)
+                    batch = Batch(None, 0, batch.skipped)
                 n = batch.size
                 if not n:
                     stats.empty_batches += 1
@@ -271,17 +312,20 @@ class SelfDistillation:
                 stats.steps += 1
                 if n:
                     losses.append(result.loss)
+                n_all = batch.total or n  # every process's items (= n in one process)
                 if phase == "2d":
-                    stats.samples_2d += n
+                    stats.samples_2d += n_all
                 else:
-                    stats.samples_3d += n
-                    stats.samples_2d += n * self.cfg.view_depth  # the slices of each sub-volume
-                view_samples += n
+                    stats.samples_3d += n_all
+                    stats.samples_2d += n_all * self.cfg.view_depth  # each sub-volume's slices
+                view_samples += n_all
+                seconds = time.perf_counter() - t_step
                 metrics = {"step": step, "phase": phase, "loss": result.loss, **result.parts,
                            "lr": self.optimizer.param_groups[0]["lr"],
                            "weight_decay": self.schedules.weight_decay_at(step),
-                           "momentum": self.schedules.momentum_at(step), "batch": n,
-                           "skipped": batch.skipped}
+                           "momentum": self.schedules.momentum_at(step), "batch": n_all,
+                           "skipped": batch.skipped, "world_size": distributed.world_size(),
+                           "samples_per_s": n_all / seconds if seconds > 0 else 0.0}
                 if result.collapse is not None:
                     c = result.collapse
                     metrics.update(teacher_entropy=c.teacher_entropy,

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from fed_unimiss import exchange as ex
+from fed_unimiss.ssl import distributed
 from fed_unimiss.ssl.collapse import CollapseStats
 from fed_unimiss.ssl.config import Recipe, SSLConfig
 from fed_unimiss.ssl.schedules import Phase
@@ -36,7 +37,7 @@ if TYPE_CHECKING:  # the engine imports this module; the hooks only receive an e
     from fed_unimiss.ssl.engine import SelfDistillation, TrainStats
 
 __all__ = ["Batch", "StepResult", "GradientStep", "PlainStep", "clip_gradients", "item_views",
-           "check_finite"]
+           "check_finite", "micro_batches"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class Batch:
     views: list[Tensor] | Tensor | None
     size: int      # samples (plain) or sampled patients (DP) that made it into ``views``
     skipped: int   # corrupt or unusable items
+    total: int = 0  # usable items over all data-parallel processes (the engine sets it)
 
 
 @dataclass
@@ -63,6 +65,8 @@ class GradientStep(Protocol):
     """The hooks the engine calls around and inside every step (see the module docstring)."""
 
     steps_on_empty: bool
+    mixed_precision: bool  # may the forward run under bf16/fp16 autocast
+    data_parallel: bool    # may several processes run it as one model
 
     def check_recipe(self, recipe: Recipe) -> None:
         """Raise ``ValueError`` if ``recipe`` cannot be trained with this step."""
@@ -86,16 +90,20 @@ class GradientStep(Protocol):
         """The counts and metrics of a ``train_steps`` call that may leave the site."""
 
 
-def item_views(items: list[Tensor], indices: list[int], phase: Phase, cfg: SSLConfig, tag: str,
+def item_views(items: list[Tensor], positions: list[int], phase: Phase, cfg: SSLConfig, tag: str,
                step: int) -> tuple[list[list[Tensor]], int]:
-    """The two seeded views of every item, and how many items could not be viewed."""
+    """The two views of every item, and how many items could not be viewed.
+
+    An item's views are seeded by (seed, tag, step, its position in the step's global batch), so
+    they do not depend on which process of a data-parallel group makes them.
+    """
     make = xray_views if phase == "2d" else ct_views
     per_sample, skipped = [], 0
-    for j, item in enumerate(items):
+    for item, pos in zip(items, positions, strict=True):
         try:
-            per_sample.append(make(item, step_generator(cfg.seed, tag, step, j), cfg))
+            per_sample.append(make(item, step_generator(cfg.seed, tag, step, pos), cfg))
         except ValueError as e:
-            log.warning("skipping %s item %d of step %d: %s", phase, indices[j], step, e)
+            log.warning("skipping %s item at position %d of step %d: %s", phase, pos, step, e)
             skipped += 1
     return per_sample, skipped
 
@@ -105,6 +113,22 @@ def check_finite(loss: float, step: int, what: str) -> None:
     if not math.isfinite(loss):
         raise FloatingPointError(f"non-finite loss ({loss}) at global step {step} ({what}); "
                                  "lower lr or check the data")
+
+
+def check_finite_gradients(params: list[torch.nn.Parameter], step: int, what: str) -> None:
+    """Stop the run before an optimizer step that would write NaN/inf into the weights."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+        raise FloatingPointError(f"non-finite gradient at global step {step} ({what}); lower "
+                                 "lr, raise precision to fp32, or check the data")
+
+
+def micro_batches(views: list[Tensor], parts: int) -> list[list[Tensor]]:
+    """``views`` cut along the batch into at most ``parts`` micro-batches (gradient accumulation)."""
+    n = views[0].shape[0]
+    parts = max(1, min(parts, n))
+    chunks = [v.tensor_split(parts) for v in views]
+    return [[c[k] for c in chunks] for k in range(parts)]
 
 
 @torch.no_grad()
@@ -120,9 +144,18 @@ def clip_gradients(model: torch.nn.Module, clip: float) -> None:
 
 class PlainStep:
     """DINO's step: the batch at the step's stream position, backward of the batch loss,
-    per-tensor clipping, AdamW; the loss moves the center."""
+    per-tensor clipping, AdamW; the loss moves the center.
+
+    With ``ssl.accumulate`` = K the batch is cut into K micro-batches whose weighted gradients add
+    up to the whole batch's; their center updates are collected and applied once per step
+    (:meth:`DINOLoss.accumulated_center`). With several processes the gradients are averaged
+    over processes, weighted by their items, before clipping. In fp16 a gradient scaler skips
+    steps whose gradients overflow (``amp_skipped`` in the step's metrics).
+    """
 
     steps_on_empty = False
+    mixed_precision = True
+    data_parallel = True
 
     def check_recipe(self, recipe: Recipe) -> None:
         return None
@@ -139,22 +172,42 @@ class PlainStep:
 
     def update(self, engine: SelfDistillation, step: int, phase: Phase, batch: Batch
                ) -> StepResult:
-        out = engine.step_loss(phase, batch.views)
-        loss = float(out.loss.detach())
-        check_finite(loss, step, f"{phase} step")
         engine.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        chunks = micro_batches(batch.views, engine.cfg.accumulate)
+        loss, parts = 0.0, {}
+        with engine.loss_fn.accumulated_center(len(chunks) > 1) as center:
+            for views in chunks:
+                center.next_micro_batch()
+                weight = views[0].shape[0] / batch.size
+                with engine.autocast():
+                    out = engine.step_loss(phase, views)
+                part_loss = float(out.loss.detach())
+                check_finite(part_loss, step, f"{phase} step")
+                engine.scaler.scale(out.loss * weight).backward()
+                loss += part_loss * weight
+                for k, v in out.parts.items():
+                    parts[k] = parts.get(k, 0.0) + v * weight
+        params = list(engine.student.parameters())
+        distributed.average_gradients(params, batch.size, batch.total or batch.size)
+        engine.scaler.unscale_(engine.optimizer)
         if phase == "2d":  # X-ray epochs: the 3D-specific tensors are frozen
             for p in engine.params_3d():
                 p.grad = None
+        if not engine.scaler.is_enabled():  # fp16: the scaler finds overflows and skips
+            check_finite_gradients(params, step, f"{phase} step")
         if engine.cfg.clip_grad > 0:
             clip_gradients(engine.student, engine.cfg.clip_grad)
         if engine.schedules.last_layer_frozen(step):
             for p in engine.student.head.last_layer.parameters():
                 p.grad = None
-        engine.optimizer.step()
+        scale = engine.scaler.get_scale() if engine.scaler.is_enabled() else 1.0
+        engine.scaler.step(engine.optimizer)
+        engine.scaler.update()
+        if engine.scaler.is_enabled():
+            parts["amp_skipped"] = float(engine.scaler.get_scale() < scale)
         engine.student.head.renormalize_last_layer()
-        return StepResult(loss, out.parts, out.collapse)
+        loss = distributed.all_reduce_mean(loss, batch.size, engine.device)
+        return StepResult(loss, parts, out.collapse)
 
     def public_metrics(self, engine: SelfDistillation, data: SiteData, start_step: int,
                        num_steps: int, stats: TrainStats) -> dict[str, float]:

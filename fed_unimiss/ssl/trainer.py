@@ -20,17 +20,27 @@ epochs x steps_per_epoch), so N steps, then ``--resume --steps N+M``, equals N+M
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fed_unimiss.checkpoint import append_jsonl, latest_checkpoint, load_checkpoint, save_checkpoint
+from fed_unimiss.checkpoint import (
+    append_jsonl,
+    atomic_write_json,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fed_unimiss.privacy.config import PrivacyConfig
 from fed_unimiss.privacy.report import EPSILON
+from fed_unimiss.runtime import Runtime
+from fed_unimiss.ssl import distributed
 from fed_unimiss.ssl.collapse import CollapseStats, CollapseWatch
 from fed_unimiss.ssl.config import Recipe, recipe_from_dict, recipe_to_dict
 from fed_unimiss.ssl.engine import SelfDistillation
@@ -130,9 +140,25 @@ def _progress(enabled: bool):
                     disable=not enabled)
 
 
+@dataclass(frozen=True)
+class _Job:
+    """Everything a (data-parallel) training process needs: picklable, no open resources."""
+
+    recipe: Recipe
+    run: Path
+    start: int
+    total: int
+    end: int
+    state: dict[str, torch.Tensor] | None
+    privacy: PrivacyConfig | None
+    runtime: Runtime
+    progress: bool
+
+
 def pretrain(recipe: Recipe, data_dirs: Sequence[str | Path], run: str | Path, *,
              steps: int | None = None, resume: bool = False,
-             progress: bool = True, privacy: PrivacyConfig | None = None) -> dict[str, Any]:
+             progress: bool = True, privacy: PrivacyConfig | None = None,
+             runtime: Runtime | None = None) -> dict[str, Any]:
     """Train centrally on ``data_dirs``, checkpointing to ``run``; returns a summary dict.
 
     Args:
@@ -147,7 +173,12 @@ def pretrain(recipe: Recipe, data_dirs: Sequence[str | Path], run: str | Path, *
             site: every checkpoint interval is one "round" of the ledger, the budget is spread
             over the run's intervals, and ``--resume`` keeps counting from what was spent.
             Training stops at the first checkpoint interval the budget does not allow.
+        runtime: device, precision and data-parallel workers (default: auto device, fp32, one
+            process). With N workers, N processes train one model on shards of every global
+            batch; rank 0 alone logs and writes checkpoints, which are the same as one process's.
     """
+    runtime = runtime or Runtime()
+    runtime.validate()
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     # ---------------- resume point ----------------
@@ -165,28 +196,71 @@ def pretrain(recipe: Recipe, data_dirs: Sequence[str | Path], run: str | Path, *
         recipe = recipe_from_dict(meta["recipe"], f"{ckpt.with_suffix('.json')}:recipe")
         start, total = int(meta["step"]), int(meta["total_steps"])
         log.info("resuming from %s at step %d", ckpt.name, start)
-    torch.set_num_threads(recipe.ssl.threads)
-    # ---------------- data ----------------
+    # ---------------- data (scanned and cached once, here) ----------------
     data = _load_site_data(recipe, data_dirs, run)
     recipe = resolve_steps_per_epoch(recipe, data)
     total = total or recipe.ssl.epochs * recipe.ssl.steps_per_epoch
     end = total if steps is None else steps
-    # ---------------- engine ----------------
-    every = recipe.ssl.checkpoint_every
+    job = _Job(recipe, run, start, total, end, state, privacy, runtime, progress)
+    if runtime.workers == 1:
+        return _train(job, data)
+    _check_data_parallel(recipe, privacy, runtime)
+    summary_file = run / "work" / "last_run.json"
+    summary_file.unlink(missing_ok=True)
+    distributed.launch(_train_worker, (job,), runtime.workers,
+                       device=runtime.torch_device(), threads=recipe.ssl.threads)
+    return json.loads(summary_file.read_text())
+
+
+def _check_data_parallel(recipe: Recipe, privacy: PrivacyConfig | None, runtime: Runtime) -> None:
     if privacy is not None:
-        privacy = with_planned_intervals(privacy, total, every)
+        raise ValueError(f"--nproc {runtime.workers}: differential privacy trains in one process "
+                         "(one Poisson sample and one noise draw per step); use --nproc 1")
+    need = runtime.workers * recipe.ssl.accumulate
+    for name in ("batch_size_2d", "batch_size_3d"):
+        if getattr(recipe.ssl, name) < need:
+            raise ValueError(f"ssl.{name}: {getattr(recipe.ssl, name)} is smaller than workers x "
+                             f"accumulate = {need}; every process needs at least one item per "
+                             "micro-batch")
+
+
+def _train_worker(job: _Job) -> None:
+    """One data-parallel process: the same loop on this rank's shards (rank 0 logs and saves)."""
+    from fed_unimiss.data.cache import SiteIndex
+
+    data = SiteData.from_index(SiteIndex.load(job.run / "work"))
+    summary = _train(job, data)
+    if distributed.rank() == 0:
+        atomic_write_json(job.run / "work" / "last_run.json", summary)
+
+
+def _train(job: _Job, data: SiteData) -> dict[str, Any]:
+    """The training loop of one process: steps [start, end), checkpoint every interval."""
+    recipe, run, runtime = job.recipe, job.run, job.runtime
+    lead = distributed.rank() == 0
+    torch.set_num_threads(recipe.ssl.threads)
+    device = runtime.torch_device(distributed.rank())
+    every = recipe.ssl.checkpoint_every
+    privacy = job.privacy
+    if privacy is not None:
+        privacy = with_planned_intervals(privacy, job.total, every)
     gradient_step, guard = training_mode(recipe, privacy, run / "state", data, every)
-    engine = SelfDistillation(recipe, total_steps=total, gradient_step=gradient_step)
-    if state is not None:
-        engine.load_state_dict(state)
+    engine = SelfDistillation(recipe, total_steps=job.total, device=device,
+                              gradient_step=gradient_step, precision=runtime.precision)
+    if job.state is not None:
+        engine.load_state_dict(job.state)
+    log.info("training on %s in %s with %d process(es)", device, runtime.precision,
+             distributed.world_size())
     # ---------------- train ----------------
-    stats_total = {"steps": 0, "samples_2d": 0, "samples_3d": 0, "skipped": 0, "seconds": 0.0}
-    step = start
-    with _progress(progress) as bar:
-        task = bar.add_task("pretrain", total=max(end - start, 0), loss=float("nan"), phase="",
+    stats_total: dict[str, Any] = {"steps": 0, "samples_2d": 0, "samples_3d": 0, "skipped": 0,
+                                   "seconds": 0.0}
+    step, end = job.start, job.end
+    with _progress(job.progress and lead) as bar:
+        task = bar.add_task("pretrain", total=max(end - step, 0), loss=float("nan"), phase="",
                             rate="")
-        logger = _Logger(run, engine, bar, task)
-        logger.end_step = end
+        logger = _Logger(run, engine, bar, task) if lead else None
+        if logger is not None:
+            logger.end_step = end
         try:
             while step < end:
                 chunk_end = min(end, (step // every + 1) * every)
@@ -204,11 +278,15 @@ def pretrain(recipe: Recipe, data_dirs: Sequence[str | Path], run: str | Path, *
                 for k in ("steps", "samples_2d", "samples_3d", "skipped", "seconds"):
                     stats_total[k] += getattr(st, k)
                 bar.update(task, rate=f"{st.samples_per_s:.1f} samples/s")
-                path = save_checkpoint(run, f"{CHECKPOINT_PREFIX}{step:08d}",
-                                       engine.state_dict(),
-                                       checkpoint_meta(engine, step, data, logger.last))
-                log.info("checkpoint %s (loss %.4f)", path.name, st.loss)
+                if lead:
+                    path = save_checkpoint(run, f"{CHECKPOINT_PREFIX}{step:08d}",
+                                           engine.state_dict(),
+                                           checkpoint_meta(engine, step, data, logger.last))
+                    log.info("checkpoint %s (loss %.4f)", path.name, st.loss)
         finally:
-            logger.close()
-    return {**stats_total, "start_step": start, "end_step": step, "total_steps": total,
-            "last": logger.last, "data": data.summary}
+            if logger is not None:
+                logger.close()
+    return {**stats_total, "start_step": job.start, "end_step": step, "total_steps": job.total,
+            "last": logger.last if logger else None, "data": data.summary,
+            "device": str(device), "precision": runtime.precision,
+            "world_size": distributed.world_size()}
