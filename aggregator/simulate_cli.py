@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 from fed_unimiss import exchange as ex
+from fed_unimiss.cli.runtime_args import add_runtime_arguments, runtime_from_args
 from fed_unimiss.config import ConfigError
 
 __all__ = ["register", "parse_site", "simulate"]
@@ -71,8 +72,12 @@ def site_dp_configs(config: Path, names: list[str],
 
 def simulate(config: Path, sites: list[tuple[str, Path]], rounds: int, out: Path,
              resume: bool = False, grid_cls: type | None = None,
-             dp_flags: dict[str, list[str]] | None = None) -> None:
-    """Run the federation in-process; ``grid_cls`` lets tests inject faults into the transport."""
+             dp_flags: dict[str, list[str]] | None = None,
+             runtime: dict[str, object] | None = None) -> None:
+    """Run the federation in-process; ``grid_cls`` lets tests inject faults into the transport.
+
+    ``runtime`` is every simulated site's hardware as node config (``Runtime.to_node_config``).
+    """
     from aggregator.deploy.fab import CLIENTAPP
     from aggregator.inprocess import InProcessGrid, SiteSpec, load_component, run_inprocess
     from aggregator.server_app import app as server_app
@@ -83,7 +88,8 @@ def simulate(config: Path, sites: list[tuple[str, Path]], rounds: int, out: Path
 
     out = out.resolve()
     dp = site_dp_configs(config, [name for name, _ in sites], dp_flags or {})  # issue 7
-    specs = [SiteSpec(name, folder.resolve(), dp[name]) for name, folder in sites]
+    specs = [SiteSpec(name, folder.resolve(), {**(runtime or {}), **dp[name]})
+             for name, folder in sites]
     grid = (grid_cls or InProcessGrid)(client_app, specs, out / "sites")
     run_config = {ex.RUN_CONFIG: str(config.resolve()), ex.RUN_OUT: str(out),
                   ex.RUN_ROUNDS: rounds, ex.RUN_RESUME: resume}
@@ -103,8 +109,10 @@ def _run(args: argparse.Namespace) -> int:
             print(f"error: --site {name}={folder}: not a folder")
             return 2
     try:
+        runtime = runtime_from_args(args)
         simulate(args.config, args.site, args.rounds, args.out, args.resume,
-                 dp_flags={k: getattr(args, k.replace("-", "_")) or [] for k in DP_FLAGS})
+                 dp_flags={k: getattr(args, k.replace("-", "_")) or [] for k in DP_FLAGS},
+                 runtime=runtime.to_node_config())
     except (ConfigError, ResumeError, RoundFailed, ValueError) as e:
         print(f"error: {e}")
         return 1
@@ -129,6 +137,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="RUN directory for checkpoints and rounds.jsonl (a new one per run)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out after its last complete round")
+    add_runtime_arguments(p)
+    p.add_argument("--workers", dest="nproc", type=int, default=1, metavar="N",
+                   help="data-parallel processes per simulated site and round (not with DP)")
     for key, what in DP_FLAGS.items():  # issue 7: differential privacy per site
         p.add_argument(f"--{key}", action="append", metavar="[NAME=]VALUE",
                        help=f"{what}; VALUE for every site or NAME=VALUE for one (repeatable); "

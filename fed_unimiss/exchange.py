@@ -75,6 +75,10 @@ MAX_SITE_NAME_LEN = 64
 NODE_DATA_PATH = "data-path"  # the site's image folder
 NODE_STATE_DIR = "state-dir"  # site-local state: data cache, schedule position, ledger
 NODE_SITE_NAME = "site-name"  # optional label, see SITE_NAME_KEY
+# The site's hardware (fed_unimiss.runtime.Runtime); site-local, never sent to the aggregator.
+NODE_DEVICE = "device"        # auto | cpu | cuda | cuda:N | mps
+NODE_PRECISION = "precision"  # fp32 | bf16 | fp16
+NODE_WORKERS = "workers"      # data-parallel processes per round
 
 # ---------------------------------------------------------------- run config (ServerApp)
 RUN_CONFIG = "config"  # absolute path of the federation YAML (read at the coordinator)

@@ -16,9 +16,9 @@ come from the command line (``--device``, ``--precision``, ``--nproc``) or a sit
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -119,3 +119,21 @@ class Runtime:
         if device.type == "cuda" and self.workers > 1 and device.index is None:
             return torch.device("cuda", rank % torch.cuda.device_count())
         return device
+
+    # ---- a site's node config (the SuperNode hands it to every ClientApp message) ----
+    def to_node_config(self) -> dict[str, Any]:
+        from fed_unimiss import exchange as ex
+
+        return {ex.NODE_DEVICE: self.device, ex.NODE_PRECISION: self.precision,
+                ex.NODE_WORKERS: self.workers}
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> Runtime:
+        """The site's runtime; keys that are absent take the defaults. Validated."""
+        from fed_unimiss import exchange as ex
+
+        runtime = cls(device=str(node_config.get(ex.NODE_DEVICE, "auto")),
+                      precision=str(node_config.get(ex.NODE_PRECISION, "fp32")),  # type: ignore[arg-type]
+                      workers=int(node_config.get(ex.NODE_WORKERS, 1)))
+        runtime.validate()
+        return runtime

@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 
 from fed_unimiss.privacy.config import DP_KEYS
+from fed_unimiss.runtime import Runtime
 from site_client.supernode import (
+    EXIT_BAD_INPUT,
     SiteError,
+    check_runtime,
     check_site_data,
     load_site_kit,
     run_supernode,
@@ -26,6 +29,7 @@ def _start(args: argparse.Namespace) -> int:
         kit = load_site_kit(args.kit)
         dests = [key.replace("-", "_") for key in DP_KEYS]
         privacy = site_privacy_settings(kit, {d: getattr(args, d, None) for d in dests})
+        runtime = site_runtime(kit, args, privacy)
         summary = check_site_data(args.data)
         print(f"site {kit.settings.site_name}: data ok: {summary['ct_volumes']} CT volume(s), "
               f"{summary['xrays']} X-ray(s), {summary['rejected']} file(s) skipped "
@@ -37,16 +41,34 @@ def _start(args: argparse.Namespace) -> int:
         else:
             print(f"site {kit.settings.site_name}: differential privacy off "
                   "(--dp-epsilon E turns it on)", flush=True)
+        print(f"site {kit.settings.site_name}: training on {runtime.torch_device()} in "
+              f"{runtime.precision} with {runtime.workers} process(es)", flush=True)
         if args.check_only:
             return 0
         return run_supernode(
             kit, Path(args.data), superlink=args.superlink,
             state_dir=Path(args.state_dir) if args.state_dir else None,
-            clientapp_port=args.clientapp_port, privacy=privacy,
+            clientapp_port=args.clientapp_port, privacy=privacy, runtime=runtime,
         )
     except SiteError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.code
+
+
+def site_runtime(kit, args: argparse.Namespace, privacy) -> Runtime:
+    """site.yaml's device/precision/workers with the flags on top; errors name both."""
+    import dataclasses
+
+    settings = kit.settings
+    runtime = dataclasses.replace(
+        settings.runtime(),
+        **{k: v for k, v in (("device", args.device), ("precision", args.precision),
+                             ("workers", args.workers)) if v is not None})
+    try:
+        check_runtime(runtime, privacy)
+    except ValueError as e:
+        raise SiteError(f"{kit.root / 'site.yaml'} + flags: {e}", EXIT_BAD_INPUT) from None
+    return runtime
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -72,6 +94,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "default: a free one")
     s.add_argument("--check-only", action="store_true",
                    help="check the kit and the data, then exit without connecting")
+    hw = s.add_argument_group("hardware", "override site.yaml's device, precision and workers "
+                              "(docs/site-guide.md, 'Hardware')")
+    hw.add_argument("--device", metavar="DEV",
+                    help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps")
+    hw.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                    help="fp32, or bf16/fp16 forward passes with fp32 weights (not with DP)")
+    hw.add_argument("--workers", type=int, metavar="N",
+                    help="data-parallel processes per round, one GPU each on CUDA (not with DP)")
     dp = s.add_argument_group(
         "differential privacy (issue 7, docs/privacy.md)",
         "Override the privacy section of the kit's site.yaml. The guarantee is per patient at "

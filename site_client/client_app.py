@@ -11,6 +11,7 @@ site's own log only).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -21,10 +22,12 @@ from flwr.clientapp import ClientApp
 
 from fed_unimiss import exchange as ex
 from fed_unimiss.privacy import ERROR_DP_REQUIRED, REQUIRE_DP, LedgerError
+from fed_unimiss.runtime import Runtime
 from fed_unimiss.ssl.config import Recipe, recipe_from_dict
 from fed_unimiss.ssl.engine import SelfDistillation
 from fed_unimiss.ssl.gradient_step import GradientStep
 from fed_unimiss.ssl.local import run_local, training_mode
+from fed_unimiss.ssl.local_parallel import run_local_data_parallel, usable_workers
 from site_client.local_state import SiteState
 from site_client.privacy_ledger import ERROR_DP_EVALUATE, ERROR_LEDGER, site_privacy
 
@@ -59,11 +62,16 @@ class Instruction:
                    int(config[ex.EVAL_BATCHES]), bool(config.get(REQUIRE_DP, False)))
 
 
-def _engine(msg: Message, job: Instruction, step: GradientStep | None = None
+def _global_state(msg: Message) -> dict[str, torch.Tensor]:
+    return msg.content.array_records[ex.ARRAYS].to_torch_state_dict()
+
+
+def _engine(msg: Message, job: Instruction, runtime: Runtime, step: GradientStep | None = None
             ) -> SelfDistillation:
-    """The trainer of this round's recipe, holding the received global state."""
-    engine = SelfDistillation(job.recipe, job.total_steps, gradient_step=step)
-    engine.load_exchange_state(msg.content.array_records[ex.ARRAYS].to_torch_state_dict())
+    """The trainer of this round's recipe on the site's device, holding the global state."""
+    engine = SelfDistillation(job.recipe, job.total_steps, device=runtime.torch_device(),
+                              gradient_step=step, precision=runtime.precision)
+    engine.load_exchange_state(_global_state(msg))
     return engine
 
 
@@ -95,7 +103,24 @@ def train(msg: Message, context: Context) -> Message:
                           "this site trains without it and refuses")
         torch.set_num_threads(job.recipe.ssl.threads)
         site = SiteState.from_node_config(context.node_config)
+        runtime = Runtime.from_node_config(context.node_config)
         data = site.site_data(job.recipe.data, context.run_id)
+        label = site.site_name or f"node-{context.node_id}"
+        seed = ex.site_seed(job.recipe.ssl.seed, job.round, label)
+        workers = usable_workers(job.recipe, runtime.workers)
+        if workers < runtime.workers:
+            log.warning("the federation's recipe has batches of %d (2D) and %d (3D) with "
+                        "accumulate %d: %d of this site's %d workers can take part; training "
+                        "with %d", job.recipe.ssl.batch_size_2d, job.recipe.ssl.batch_size_3d,
+                        job.recipe.ssl.accumulate, workers, runtime.workers, workers)
+            runtime = dataclasses.replace(runtime, workers=workers)
+        if runtime.workers > 1 and privacy is None:  # several processes, one update
+            public, state = run_local_data_parallel(
+                job.recipe, job.total_steps, _global_state(msg), site.state_dir,
+                job.start_step, job.local_steps, interval=job.round, runtime=runtime, seed=seed,
+                scratch_root=site.state_dir / "rounds")
+            site.record_position(job.round, job.start_step, job.local_steps, job.total_steps)
+            return _reply(msg, site, public, state)
         try:
             step, guard = training_mode(job.recipe, privacy, site.state_dir, data,
                                         job.local_steps)
@@ -103,9 +128,8 @@ def train(msg: Message, context: Context) -> Message:
             log.exception("privacy ledger unusable: refusing to train (fail closed)")
             return _error(msg, ERROR_LEDGER, "site privacy ledger unreadable; site refuses to "
                           "train until it is restored")
-        engine = _engine(msg, job, step)
-        label = site.site_name or f"node-{context.node_id}"
-        torch.manual_seed(ex.site_seed(job.recipe.ssl.seed, job.round, label))
+        engine = _engine(msg, job, runtime, step)
+        torch.manual_seed(seed)
         local = run_local(engine, data, job.start_step, job.local_steps, guard,
                           interval=job.round)
         if not local.trained:  # the budget refused: metrics only, nothing trained
@@ -129,7 +153,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         torch.set_num_threads(job.recipe.ssl.threads)
         site = SiteState.from_node_config(context.node_config)
         data = site.site_data(job.recipe.data, context.run_id)
-        result = _engine(msg, job).evaluate(data, job.eval_batches)
+        runtime = Runtime.from_node_config(context.node_config)
+        result = _engine(msg, job, runtime).evaluate(data, job.eval_batches)
         metrics = {ex.LOSS: float(result["loss"]),
                    ex.NUM_EXAMPLES: int(result.get("batches", 1))}
         return _reply(msg, site, metrics)

@@ -38,6 +38,7 @@ from fed_unimiss.config import ConfigError, load_yaml
 from fed_unimiss.exchange import NODE_DATA_PATH, NODE_SITE_NAME, NODE_STATE_DIR
 from fed_unimiss.privacy.config import PrivacyConfig, with_dp_settings
 from fed_unimiss.processes import terminate_pids
+from fed_unimiss.runtime import Runtime
 from site_client.privacy_ledger import privacy_node_config
 
 __all__ = [
@@ -86,6 +87,13 @@ class SiteSettings:
     # Differential privacy of everything this site sends (issue 7, docs/privacy.md); off unless
     # `privacy.enabled: true` here or `site start --dp-epsilon E`. The flags override this.
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    # Where this site trains (docs/site-guide.md, "Hardware"); `site start --device/--precision/
+    # --workers` override. auto = CUDA if present, else Apple MPS, else CPU.
+    device: str = "auto"
+    # fp32, or bf16/fp16 autocast with fp32 weights (bf16 on recent CPUs and GPUs).
+    precision: str = "fp32"
+    # Data-parallel processes per round (one GPU each on CUDA); DP sites train with 1.
+    workers: int = 1
 
     def validate(self) -> None:
         if not self.site_name:
@@ -99,6 +107,28 @@ class SiteSettings:
             self.privacy.validate()
         except ValueError as e:
             raise ValueError(f"privacy.{e}") from None
+        check_runtime(self.runtime(), self.privacy)
+
+    def runtime(self) -> Runtime:
+        return Runtime(device=self.device, precision=self.precision,  # type: ignore[arg-type]
+                       workers=self.workers)
+
+
+def check_runtime(runtime: Runtime, privacy: PrivacyConfig | None) -> None:
+    """Raise ``ValueError`` naming the setting if this site cannot train with ``runtime``."""
+    try:
+        runtime.validate()
+    except ValueError as e:
+        raise ValueError(str(e).replace("device ", "device: ", 1)
+                         .replace("precision ", "precision: ", 1)) from None
+    if privacy is not None and privacy.enabled:
+        if runtime.precision != "fp32":
+            raise ValueError(f"precision: {runtime.precision} with differential privacy; DP-SGD "
+                             "clips and noises per-patient gradients in fp32 (set fp32)")
+        if runtime.workers > 1:
+            raise ValueError(f"workers: {runtime.workers} with differential privacy; DP-SGD "
+                             "draws one Poisson sample and one noise per step in one process "
+                             "(set 1)")
 
 
 @dataclass(frozen=True)
@@ -202,8 +232,10 @@ def site_privacy_settings(kit: SiteKit, flags: dict[str, Any] | None = None) -> 
 
 
 def site_node_config(kit: SiteKit, data: Path, state: Path,
-                     privacy: PrivacyConfig | None = None) -> dict[str, Any]:
-    """The SuperNode's node config: data path, state dir, site name and the dp-* keys.
+                     privacy: PrivacyConfig | None = None,
+                     runtime: Runtime | None = None) -> dict[str, Any]:
+    """The SuperNode's node config: data path, state dir, site name, the site's runtime
+    (device, precision, workers) and the dp-* keys.
 
     The ClientApp reads it back with ``site_client.privacy_ledger.site_privacy`` for every
     message; it stays on the site's machine (Flower never sends node config to the SuperLink).
@@ -212,6 +244,7 @@ def site_node_config(kit: SiteKit, data: Path, state: Path,
         NODE_DATA_PATH: str(Path(data).resolve()),
         NODE_STATE_DIR: str(state),
         NODE_SITE_NAME: kit.settings.site_name,
+        **(runtime or kit.settings.runtime()).to_node_config(),
         **privacy_node_config(privacy),
     }
 
@@ -319,6 +352,7 @@ def run_supernode(
     state_dir: Path | None = None,
     clientapp_port: int | None = None,
     privacy: PrivacyConfig | None = None,
+    runtime: Runtime | None = None,
 ) -> int:
     """Run the site's SuperNode until we are stopped; returns the exit code.
 
@@ -341,7 +375,8 @@ def run_supernode(
     if privacy is None:
         privacy = site_privacy_settings(kit)
     node_config = state / "node-config.toml"
-    node_config.write_bytes(tomli_w.dumps(site_node_config(kit, data, state, privacy)).encode())
+    node_config.write_bytes(
+        tomli_w.dumps(site_node_config(kit, data, state, privacy, runtime)).encode())
     if privacy.enabled:
         log.info("site %s: differential privacy on (epsilon %g, delta %g, clip %g); budget "
                  "ledger in %s", kit.settings.site_name, privacy.target_epsilon,

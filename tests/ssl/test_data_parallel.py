@@ -20,11 +20,14 @@ import torch
 import yaml
 
 from fed_unimiss.checkpoint import latest_checkpoint, load_checkpoint
+from fed_unimiss.data.phantom import write_phantoms
 from fed_unimiss.runtime import Runtime
 from fed_unimiss.ssl.config import recipe_from_dict
 from fed_unimiss.ssl.trainer import CHECKPOINT_PREFIX, pretrain
 
 pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
 
 SSL = {"batch_size_2d": 4, "batch_size_3d": 2, "steps_per_epoch": 2, "epochs": 4,
        "alternate_interval": 1, "crop_2d": 48, "view_depth": 8, "view_size": 48,
@@ -142,3 +145,39 @@ def test_a_killed_worker_fails_the_run_cleanly_and_resume_continues(phantom_dir,
     assert out.returncode == 0, out.stderr
     assert f"pretrained steps {done}..{done + 2}" in out.stdout
     assert "x 2 process(es)" in out.stdout
+
+
+def test_a_site_with_two_workers_returns_one_update_per_round(phantom_dir, tmp_path):
+    """The real ServerApp and ClientApp in-process: each site trains its round with 2 gloo
+    processes (bf16) and the aggregator receives exactly one update per site and round."""
+    from aggregator.simulate_cli import simulate
+
+    other = tmp_path / "site-b"
+    write_phantoms(other, n_ct=1, n_xray=4, seed=9)
+    federation = yaml.safe_load((REPO / "configs" / "federation" / "micro.yaml").read_text())
+    federation["recipe"] = str(REPO / "configs" / "pretrain" / "micro.yaml")
+    federation["recipe_overrides"]["ssl"]["batch_size_3d"] = 2  # a CT item per process
+    config = tmp_path / "federation.yaml"
+    config.write_text(yaml.safe_dump(federation))
+    runtime = Runtime(device="cpu", precision="bf16", workers=2)
+    simulate(config, [("A", phantom_dir), ("B", other)], 2, tmp_path / "run",
+             runtime=runtime.to_node_config())
+    rows = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").open()]
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:
+        assert sorted(row["per_site"]) == ["A", "B"] and not row["rejected"]
+        assert all(site["steps"] == 4 for site in row["per_site"].values())
+    assert rows[1]["per_site"]["A"]["samples_3d"] == 4 * 2  # round 2: CT steps, global batch 2
+    assert not list((tmp_path / "run" / "sites" / "A" / "rounds").iterdir())  # scratch cleaned
+
+
+def test_site_settings_refuse_runtimes_dp_cannot_train():
+    from fed_unimiss.privacy.config import PrivacyConfig
+    from site_client.supernode import check_runtime
+
+    dp = PrivacyConfig(enabled=True)
+    with pytest.raises(ValueError, match="precision: bf16 with differential privacy"):
+        check_runtime(Runtime(device="cpu", precision="bf16"), dp)
+    with pytest.raises(ValueError, match="workers: 2 with differential privacy"):
+        check_runtime(Runtime(device="cpu", workers=2), dp)
+    check_runtime(Runtime(device="cpu", precision="bf16", workers=2), None)

@@ -170,3 +170,12 @@ def test_accumulation_reaches_the_whole_batch_update(site_data, recipe_factory, 
     tolerance = 1e-4 if phase == "2d" else 0.02
     assert _relative(gradient(parts), gradient(whole)) < tolerance
     assert _relative(parts.loss_fn.center, whole.loss_fn.center) < 1e-5
+
+
+def test_a_site_uses_only_the_workers_the_recipes_batches_can_feed(recipe_factory):
+    from fed_unimiss.ssl.local_parallel import usable_workers
+
+    assert usable_workers(recipe_factory(batch_size_2d=8, batch_size_3d=2), 4) == 2
+    assert usable_workers(recipe_factory(batch_size_2d=8, batch_size_3d=1), 4) == 1
+    assert usable_workers(recipe_factory(batch_size_2d=8, batch_size_3d=8, accumulate=2), 8) == 4
+    assert usable_workers(recipe_factory(batch_size_2d=8, batch_size_3d=8), 2) == 2
