@@ -99,6 +99,8 @@ def _status(args: argparse.Namespace) -> int:
     print(f"  sites seen:  {', '.join(summary['sites_seen']) or 'none yet'}")
     print(f"  last loss:   {loss:.4f}" if isinstance(loss, (int, float)) else "  last loss:   -")
     print(f"  last run:    {summary['run_id'] or '-'} ({summary['status']})")
+    why = f" ({summary['why']})" if summary["why"] else ""
+    print(f"  state:       {summary['state']}{why}")
     eps = summary.get("epsilon") or {}
     spent = ", ".join(f"{site} {value:.3f}" for site, value in eps.items())
     print(f"  DP epsilon:  {spent} (per patient, spent so far)" if spent

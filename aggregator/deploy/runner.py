@@ -29,6 +29,7 @@ from typing import Any
 
 from aggregator.deploy.control import ControlClient, ControlError, RunState, load_site_public_key
 from aggregator.deploy.fab import CLIENTAPP, SERVERAPP, FabSpec, build_fab
+from aggregator.run_status import STATUS_FILE, read_json, run_state
 from aggregator.deploy.superlink import (
     CoordinatorKit,
     flower_env,
@@ -156,15 +157,21 @@ def run_summary(out: str | Path) -> dict[str, Any]:
             state = json.loads((out / STATE_FILE).read_text())
         except (OSError, json.JSONDecodeError):
             state = {}
+    done = max((int(r.get("round", 0)) for r in rows), default=0)
+    target = state.get("rounds") or read_json(out / STATUS_FILE).get("rounds")
+    target = target if isinstance(target, int) and not isinstance(target, bool) else None
+    run_state_, why = run_state(out, done, target)  # also what the dashboard shows
     return {
         "out": str(out),
-        "rounds_done": max((int(r.get("round", 0)) for r in rows), default=0),
+        "rounds_done": done,
         "sites_seen": sorted(sites),
         "last_loss": rows[-1].get("loss") if rows else None,
         "run_id": state.get("run_id"),
         "status": state.get("status", "never started" if not rows else "unknown"),
-        "rounds_target": state.get("rounds"),
+        "rounds_target": target,
         "epsilon": epsilon,
+        "state": run_state_,
+        "why": why,
     }
 
 
