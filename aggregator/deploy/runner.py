@@ -29,13 +29,13 @@ from typing import Any
 
 from aggregator.deploy.control import ControlClient, ControlError, RunState, load_site_public_key
 from aggregator.deploy.fab import CLIENTAPP, SERVERAPP, FabSpec, build_fab
-from aggregator.run_status import STATUS_FILE, read_json, run_state
 from aggregator.deploy.superlink import (
     CoordinatorKit,
     flower_env,
     load_coordinator_kit,
     superlink_command,
 )
+from aggregator.run_status import STATUS_FILE, read_json, run_state
 from fed_unimiss.checkpoint import atomic_write_json
 from fed_unimiss.exchange import RUN_CONFIG, RUN_OUT, RUN_RESUME, RUN_ROUNDS
 from fed_unimiss.processes import ProcessSet, kill_recorded
