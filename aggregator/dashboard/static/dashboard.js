@@ -114,6 +114,9 @@ function drawPlot(id, xs, series, opts) {
     legend: {live: true},
   };
   if (opts && opts.bars) {
+    // Whole bars: half a round of room at both ends, seconds from zero.
+    uopts.scales = {x: {time: false, range: (u, lo, hi) => [lo - 0.5, hi + 0.5]},
+                    y: {range: (u, lo, hi) => [0, (hi > 0 ? hi : 1) * 1.1]}};
     const bars = uPlot.paths.bars({size: [0.6, 60]});
     uopts.series.slice(1).forEach((s, i) => { s.paths = bars; s.fill = shown[i].fill; s.points = {show: false}; });
   }
