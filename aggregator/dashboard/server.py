@@ -108,6 +108,9 @@ class TokenGate:
         return (cookie[COOKIE].value if COOKIE in cookie else None), False
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":  # no route speaks it (and uvicorn runs with ws off)
+            await send({"type": "websocket.close", "code": 1008})
+            return
         if scope["type"] != "http" or self.token is None:
             await self.app(scope, receive, send)
             return
@@ -172,7 +175,7 @@ class DashboardServer:
         self.cfg = cfg
         self.server = uvicorn.Server(uvicorn.Config(
             build_app(cfg), host=cfg.host, port=cfg.port, log_level="warning",
-            access_log=False, server_header=False, lifespan="off"))
+            access_log=False, server_header=False, lifespan="off", ws="none"))
         self._thread: threading.Thread | None = None
 
     @property
