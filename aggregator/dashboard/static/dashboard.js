@@ -141,7 +141,8 @@ function renderPlots(rounds, sites) {
   ].concat(perSite("teacher_entropy")));
   const mb = v => v == null ? null : v / 1e6;
   drawPlot("plot-bytes", xs, [
-    {label: "received from sites", color: "#2563eb", values: rounds.map(r => mb(r.bytes_in))},
+    // drawn wide underneath: equal to "sent" whenever every site's reply was folded in
+    {label: "received from sites", color: "#93c5fd", width: 6, values: rounds.map(r => mb(r.bytes_in))},
     {label: "sent to sites", color: "#ea580c", values: rounds.map(r => mb(r.bytes_out))},
   ]);
   // Stacked bars: the total is drawn behind the site-compute part.
