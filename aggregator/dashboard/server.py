@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -190,7 +190,8 @@ class DashboardServer:
         """The address to open, with ``?token=`` when one is needed (as printed at start)."""
         host = self.cfg.host if self.cfg.host not in ("0.0.0.0", "::") else "127.0.0.1"
         host = f"[{host}]" if ":" in host else host
-        query = f"/?token={self.cfg.token}" if with_token and self.cfg.token else "/"
+        query = f"/?token={quote(self.cfg.token, safe='')}" if with_token and self.cfg.token \
+            else "/"
         return f"http://{host}:{self.port}{query}"
 
     def run(self) -> None:
