@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from aggregator.dashboard.cli import add_dashboard_command, add_start_flags
+
 __all__ = ["register", "format_round", "format_bytes"]
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,13 @@ def _start(args: argparse.Namespace) -> int:
                              control_address=args.control_address,
                              wait_for_sites=args.wait_for_sites,
                              wait_for_sites_timeout_s=args.wait_timeout)
+    from aggregator.dashboard.cli import start_beside
+
+    try:
+        dashboard = start_beside(args)  # issue 16: the live page beside the federation
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         outcome = run_aggregator(
             opts,
@@ -65,6 +74,9 @@ def _start(args: argparse.Namespace) -> int:
     except (ConfigError, ControlError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if dashboard is not None:
+            dashboard.stop()
     if not outcome.ok:
         print(f"error: {outcome.error}", file=sys.stderr)
         return 1
@@ -99,6 +111,8 @@ def _status(args: argparse.Namespace) -> int:
     print(f"  sites seen:  {', '.join(summary['sites_seen']) or 'none yet'}")
     print(f"  last loss:   {loss:.4f}" if isinstance(loss, (int, float)) else "  last loss:   -")
     print(f"  last run:    {summary['run_id'] or '-'} ({summary['status']})")
+    why = f" ({summary['why']})" if summary["why"] else ""
+    print(f"  state:       {summary['state']}{why}")
     eps = summary.get("epsilon") or {}
     spent = ", ".join(f"{site} {value:.3f}" for site, value in eps.items())
     print(f"  DP epsilon:  {spent} (per patient, spent so far)" if spent
@@ -135,6 +149,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--wait-timeout", type=float, default=600.0, metavar="S",
                    help="give up when fewer than --wait-for-sites sites are online after S "
                    "seconds (default 600)")
+    add_start_flags(s)
     s.set_defaults(func=_start)
 
     st = sub.add_parser("status", help="rounds done, sites seen, last loss, DP epsilon spent per site of a RUN folder")
@@ -143,3 +158,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     which.add_argument("--kit", help="the coordinator kit: show its latest RUN")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=_status)
+
+    add_dashboard_command(sub)

@@ -26,6 +26,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from aggregator.rounds import FederationRun, run_federation
+from aggregator.run_status import recorded_status
 from fed_unimiss import exchange as ex
 
 __all__ = ["app", "serverapp_log", "SERVERAPP_LOG", "COORDINATOR_LOGGERS"]
@@ -92,7 +93,8 @@ def main(grid: Grid, context: Context) -> None:
         rounds = int(rounds)
     run = FederationRun.from_files(str(rc[ex.RUN_CONFIG]), str(rc[ex.RUN_OUT]), rounds)
     resume = bool(rc.get(ex.RUN_RESUME, False))
-    with serverapp_log(run.out):
+    # RUN/status.json: running, then finished or failed and why (status and dashboard read it)
+    with serverapp_log(run.out), recorded_status(run.out, run.rounds):
         if run.cfg.require_dp:
             log.info("federation requires differential privacy: non-DP sites are refused")
         try:

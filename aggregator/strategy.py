@@ -39,6 +39,7 @@ from fed_unimiss.privacy.report import (
     ERROR_DP_REQUIRED,
     REQUIRE_DP,
     privacy_refusal,
+    reported_budget,
     reported_epsilon,
 )
 
@@ -117,6 +118,7 @@ class _RoundState:
     rejected: dict[str, BudgetRefusal | Rejection] = field(default_factory=dict)
     evaluated: dict[str, dict[str, float]] = field(default_factory=dict)
     epsilon: dict[str, float] = field(default_factory=dict)  # DP sites: epsilon spent so far
+    epsilon_budget: dict[str, float] = field(default_factory=dict)  # DP sites: their target
 
 
 class DimensionAwareStrategy:
@@ -201,6 +203,9 @@ class DimensionAwareStrategy:
             return Rejection(label, f"site reported an error (code {reply.error.code})")
         content = reply.content
         metrics = content.metric_records.get(ex.METRICS)
+        budget = reported_budget(metrics)
+        if budget is not None:  # a DP site's target epsilon (a setting; issue 16's dashboard)
+            rnd.epsilon_budget[label] = budget
         refusal = privacy_refusal(metrics)  # a DP site whose budget is spent: metrics only
         if refusal is not None:
             return BudgetRefusal(label, refusal)
@@ -291,6 +296,7 @@ class DimensionAwareStrategy:
             "bytes_out_per_site": bytes_out_per_site,
             "bytes_in": sum(r.bytes_in for r in accepted),
             "epsilon": dict(sorted(rnd.epsilon.items())),  # issue 7: site -> epsilon spent
+            "epsilon_budget": dict(sorted(rnd.epsilon_budget.items())),  # site -> its target
         }
         if rnd.evaluated:
             weight = sum(v[ex.NUM_EXAMPLES] for v in rnd.evaluated.values()) or 1.0

@@ -11,7 +11,7 @@ the ClientApp (site_client/client_app.py) runs the protocol:
 - an unreadable ledger is an error reply: the site fails closed until the file is restored;
 - after training, the ledger is committed *before* the reply is released;
 - the reply carries only the model state, counts derived from the public schedule and config,
-  and ``epsilon``; losses, batch sizes and timings computed from private data stay in the log;
+  ``epsilon`` and ``epsilon_budget`` (the target, a setting); losses, batch sizes and timings computed from private data stay in the log;
 - evaluation requests are declined: an un-noised loss on local data is not covered.
 
 The node config keys (kebab-case, like every ``--node-config`` key) map to

@@ -35,6 +35,7 @@ from aggregator.deploy.superlink import (
     load_coordinator_kit,
     superlink_command,
 )
+from aggregator.run_status import STATUS_FILE, read_json, run_state
 from fed_unimiss.checkpoint import atomic_write_json
 from fed_unimiss.exchange import RUN_CONFIG, RUN_OUT, RUN_RESUME, RUN_ROUNDS
 from fed_unimiss.processes import ProcessSet, kill_recorded
@@ -156,15 +157,21 @@ def run_summary(out: str | Path) -> dict[str, Any]:
             state = json.loads((out / STATE_FILE).read_text())
         except (OSError, json.JSONDecodeError):
             state = {}
+    done = max((int(r.get("round", 0)) for r in rows), default=0)
+    target = state.get("rounds") or read_json(out / STATUS_FILE).get("rounds")
+    target = target if isinstance(target, int) and not isinstance(target, bool) else None
+    run_state_, why = run_state(out, done, target)  # also what the dashboard shows
     return {
         "out": str(out),
-        "rounds_done": max((int(r.get("round", 0)) for r in rows), default=0),
+        "rounds_done": done,
         "sites_seen": sorted(sites),
         "last_loss": rows[-1].get("loss") if rows else None,
         "run_id": state.get("run_id"),
         "status": state.get("status", "never started" if not rows else "unknown"),
-        "rounds_target": state.get("rounds"),
+        "rounds_target": target,
         "epsilon": epsilon,
+        "state": run_state_,
+        "why": why,
     }
 
 

@@ -1,7 +1,8 @@
 """What a DP site says about privacy in its reply: the shared vocabulary of both sides.
 
-A DP site's train reply carries ``epsilon`` (spent so far, per patient, at its delta). A site
-whose budget would be exceeded replies metrics only: ``dp_refused = 1`` and ``epsilon``, no state.
+A DP site's train reply carries ``epsilon`` (spent so far, per patient, at its delta) and
+``epsilon_budget`` (its target, a setting, not computed from data). A site whose budget would be
+exceeded replies metrics only: ``dp_refused = 1``, ``epsilon`` and ``epsilon_budget``, no state.
 Numbers only; the aggregator records them per site in rounds.jsonl (``epsilon``).
 
 A federation whose config sets ``require_dp: true`` stamps :data:`REQUIRE_DP` into every train
@@ -17,10 +18,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["EPSILON", "DP_REFUSED", "REQUIRE_DP", "ERROR_DP_REQUIRED", "privacy_refusal",
-           "reported_epsilon"]
+__all__ = ["EPSILON", "EPSILON_BUDGET", "DP_REFUSED", "REQUIRE_DP", "ERROR_DP_REQUIRED", "privacy_refusal",
+           "reported_epsilon", "reported_budget"]
 
 EPSILON = "epsilon"
+EPSILON_BUDGET = "epsilon_budget"  # the site's target epsilon (the coordinator's dashboard shows it)
 DP_REFUSED = "dp_refused"
 # Train-instruction config key (bool): the federation accepts updates from DP sites only.
 REQUIRE_DP = "require-dp"
@@ -46,3 +48,14 @@ def reported_epsilon(metrics: Mapping[str, Any] | None) -> float | None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
         return None
     return float(eps)
+
+
+def reported_budget(metrics: Mapping[str, Any] | None) -> float | None:
+    """The finite, positive ``epsilon_budget`` a DP site reported in ``metrics``, or None."""
+    if metrics is None:
+        return None
+    value = metrics.get(EPSILON_BUDGET)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value <= 0:
+        return None
+    return float(value)

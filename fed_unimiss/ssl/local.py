@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from fed_unimiss.privacy.config import PrivacyConfig
 from fed_unimiss.privacy.ledger import PrivacyLedger, RoundPlan
-from fed_unimiss.privacy.report import DP_REFUSED, EPSILON
+from fed_unimiss.privacy.report import DP_REFUSED, EPSILON, EPSILON_BUDGET
 from fed_unimiss.ssl.config import Recipe
 from fed_unimiss.ssl.dp_step import DPStep, check_dp_recipe, site_sample_rate
 from fed_unimiss.ssl.engine import SelfDistillation, TrainStats
@@ -98,13 +98,15 @@ class LedgerGuard:
     def refusal_metrics(self) -> dict[str, float]:
         if self._refused is None:
             raise RuntimeError("refusal_metrics() without a refused plan")
-        return {DP_REFUSED: 1, EPSILON: self._refused.epsilon_before}
+        return {DP_REFUSED: 1, EPSILON: self._refused.epsilon_before,
+                EPSILON_BUDGET: float(self.ledger.config.target_epsilon)}
 
     def commit(self) -> dict[str, float]:
         if self._plan is None:
             raise RuntimeError("commit() without an allowed plan")
         epsilon, self._plan = self.ledger.commit(self._plan), None
-        return {EPSILON: epsilon, DP_REFUSED: 0}
+        return {EPSILON: epsilon, DP_REFUSED: 0,
+                EPSILON_BUDGET: float(self.ledger.config.target_epsilon)}
 
     def epsilon(self) -> float:
         return self.ledger.epsilon()
