@@ -33,7 +33,7 @@ __all__ = ["ReplyRejected", "SiteReport", "CountBound", "parse_report", "validat
 PARTS = ("student", "teacher", ex.CENTER_KEY)
 # Adam moves a coordinate by at most ~lr per step (|m_hat / sqrt(v_hat)| <= 1 for steady
 # gradients); 3 leaves room for bias-correction transients. Measured honest micro updates reach
-# 0.13-0.37 of lr x steps x sqrt(P) (docs/federation.md, "Robustness").
+# up to 0.38 of lr x steps x sqrt(P) (docs/federation.md, "Robustness").
 ADAM_STEP_FACTOR = 3.0
 
 class ReplyRejected(ValueError):

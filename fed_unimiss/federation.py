@@ -40,9 +40,9 @@ class FederationConfig:
     round_timeout: float = 600.0
     # Absolute bound on the L2 norm of each part of an update (student, teacher and center, each
     # reply - global). null (the default): the Adam step bound of the recipe, 3 x peak lr x
-    # local_steps x sqrt(student parameters) + the weight-decay pull, which is 2.7-8x the
-    # largest honest micro update measured (docs/federation.md, "Robustness"). A number
-    # overrides it; raise it only for optimisers that move faster than Adam.
+    # local_steps x sqrt(student parameters) + the weight-decay pull: 7.2 for the micro
+    # federation, 8x the largest honest micro update measured (docs/federation.md,
+    # "Robustness"). A number overrides it; raise it only for optimisers that move faster than Adam.
     max_update_norm: float | None = None
     # Round-relative check: a reply is rejected when the norm of its student, teacher or center
     # update exceeds norm_factor x that part's median over the round's replies. Honest micro
