@@ -184,6 +184,15 @@ def test_clipped_mean_clips_to_the_median_and_folds_the_clipped_state():
     assert check_state(clipped, g, 1e4)["student"] == pytest.approx(medians["student"])
 
 
+def test_clipped_mean_federation_names_the_clipped_sites(tmp_path):
+    rows = _run(tmp_path, {}, aggregation="clipped_mean")
+    for row in rows:
+        assert row["rejected"] == {} and len(row["sites"]) == 4
+        clipped = [s for s, d in row["decisions"].items() if d["action"] == "clipped"]
+        assert clipped and all("clipped to the round's median norm" in
+                               row["decisions"][s]["reason"] for s in clipped)
+
+
 def test_cosines_to_median_sign():
     g = _initial()
     up = {k: v + 0.1 for k, v in g.items()}
