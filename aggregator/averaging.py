@@ -124,7 +124,11 @@ def make_aggregator(
     classes: Mapping[str, str],
     trim_fraction: float = 0.1,
 ) -> Aggregator:
-    """The aggregator for ``FederationConfig.aggregation``."""
-    if mode == "mean":
+    """The aggregator for ``FederationConfig.aggregation``.
+
+    ``clipped_mean`` is the weighted mean of updates the strategy has already clipped to the
+    round's median norm (:mod:`aggregator.screening`): the clip needs the whole round.
+    """
+    if mode in ("mean", "clipped_mean"):
         return WeightedMean(global_state, classes)
     return CoordinateRobust(global_state, classes, mode, trim_fraction)

@@ -117,7 +117,22 @@ def _status(args: argparse.Namespace) -> int:
     spent = ", ".join(f"{site} {value:.3f}" for site, value in eps.items())
     print(f"  DP epsilon:  {spent} (per patient, spent so far)" if spent
           else "  DP epsilon:  - (no site reported differential privacy)")
+    _print_screening(summary.get("screening") or {})
     return 0
+
+
+def _print_screening(screening: dict[str, Any]) -> None:
+    """Per site: update norm / round median (student, teacher, center), clips and rejections."""
+    if not screening:
+        return
+    print("  updates (last round; norm / round median for student, teacher, center):")
+    for site, s in screening.items():
+        ratios = s.get("vs_median") or {}
+        shown = " ".join(f"{p} {ratios[p]:.2f}x" if isinstance(ratios.get(p), (int, float))
+                         else f"{p} -" for p in ("student", "teacher", "center"))
+        print(f"    {site}: round {s.get('last_round')} {s.get('last_action')}, {shown}")
+        for e in s.get("events", []):
+            print(f"      round {e['round']}: {e['action']}: {e['reason']}")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

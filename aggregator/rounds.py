@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,12 +24,14 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from aggregator.run_store import RunStore
-from aggregator.strategy import DimensionAwareStrategy
+from aggregator.strategy import DimensionAwareStrategy, ReplyLimits
+from aggregator.validation import count_bound, default_max_update_norm
 from fed_unimiss import exchange as ex
 from fed_unimiss.config import ConfigError, to_dict
 from fed_unimiss.federation import FederationConfig, load_federation, resolve_recipe
 
-__all__ = ["RoundFailed", "FederationRun", "collect_replies", "initial_state", "run_federation"]
+__all__ = ["RoundFailed", "FederationRun", "collect_replies", "initial_state", "reply_limits",
+           "run_federation"]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +120,29 @@ class FederationRun:
         return {"federation": cfg, "recipe": recipe_to_dict(self.recipe), "rounds": self.rounds}
 
 
+def reply_limits(cfg: FederationConfig, recipe: Any,
+                 state: dict[str, torch.Tensor]) -> ReplyLimits:
+    """The run's per-reply bounds: update norm (config or the recipe's Adam bound) and counts."""
+    from fed_unimiss.privacy.config import PrivacyConfig
+
+    ssl = recipe.ssl
+    bound = cfg.max_update_norm
+    if bound is None:
+        student = [v for k, v in state.items() if k.startswith(ex.STUDENT_PREFIX)]
+        weight_norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in student))
+        bound = default_max_update_norm(
+            lr_peak=ssl.lr * max(ssl.batch_size_2d, ssl.batch_size_3d) / 256,
+            weight_decay_max=max(ssl.weight_decay, ssl.weight_decay_end),
+            local_steps=cfg.local_steps, num_params=sum(v.numel() for v in student),
+            weight_norm=weight_norm)
+    per_step = cfg.max_patients_per_step
+    if per_step is None:
+        per_step = float((cfg.site_privacy or {}).get("dp-patients-per-step",
+                                                       PrivacyConfig.patients_per_step))
+    sizes = (cfg.local_steps, ssl.batch_size_2d, ssl.batch_size_3d, ssl.view_depth)
+    return ReplyLimits(bound, count_bound(*sizes), count_bound(*sizes, patients_per_step=per_step))
+
+
 def _run_round(
     grid: Grid, run: FederationRun, strategy: DimensionAwareStrategy, round_num: int,
     state: dict[str, torch.Tensor],
@@ -129,6 +155,7 @@ def _run_round(
     bytes_out = messages[0].content.array_records[ex.ARRAYS].count_bytes() if messages else 0
     log.info("round %d/%d: training on %d site(s)", round_num, run.rounds, len(nodes))
     missing = collect_replies(grid, messages, strategy.accept_train, deadline, cfg.poll_interval)
+    strategy.close_round()  # screen the replies against each other, fold the survivors
     if strategy.num_accepted < cfg.min_sites:
         raise RoundFailed(
             f"round {round_num}: {strategy.num_accepted} valid replie(s) from {len(nodes)} "
@@ -177,7 +204,10 @@ def run_federation(
         state = initial if initial is not None else initial_state(run.recipe, total_steps)
     classes = ex.classify_exchange_keys(state)
     recipe_json = json.dumps(recipe_to_dict(run.recipe), sort_keys=True)
-    strategy = DimensionAwareStrategy(run.cfg, recipe_json, run.rounds, classes)
+    limits = reply_limits(run.cfg, run.recipe, state)
+    log.info("reply bounds: update norm %.4g per part; counts %s", limits.max_update_norm,
+             limits.counts)
+    strategy = DimensionAwareStrategy(run.cfg, recipe_json, run.rounds, classes, limits)
     row: dict[str, Any] = {}
     if done >= run.rounds:
         log.info("%s already holds all %d round(s); nothing to do", run.out, run.rounds)

@@ -1,10 +1,14 @@
 """``fed-unimiss simulate``: a whole federation in one process (real ServerApp and ClientApps).
 
     fed-unimiss simulate --config configs/federation/micro.yaml \\
-        --site A=/data/siteA --site B=/data/siteB --rounds 2 --out runs/sim1 [--resume]
+        --site A=/data/siteA --site B=/data/siteB --rounds 2 --out runs/sim1 [--resume] \
+        [--attack B=signflip]
 
 Sites get node ids 1..N in the order given and keep their state in ``OUT/sites/NAME``.
-RUN gets ``global_round_NNNN.safetensors/.json`` and ``rounds.jsonl``.
+RUN gets ``global_round_NNNN.safetensors/.json`` and ``rounds.jsonl``. ``--attack NAME=KIND``
+makes site NAME misbehave (replace, inflate, signflip, noise, nan, stale; see
+aggregator/attacks.py); each round's ``decisions`` in rounds.jsonl say what the aggregator did
+with it.
 """
 
 from __future__ import annotations
@@ -73,9 +77,12 @@ def site_dp_configs(config: Path, names: list[str],
 def simulate(config: Path, sites: list[tuple[str, Path]], rounds: int, out: Path,
              resume: bool = False, grid_cls: type | None = None,
              dp_flags: dict[str, list[str]] | None = None,
+             attacks: dict[str, str] | None = None,
              runtime: dict[str, object] | None = None) -> None:
     """Run the federation in-process; ``grid_cls`` lets tests inject faults into the transport.
 
+    ``attacks`` (site name -> kind, issue 17) runs those sites as attackers
+    (:class:`aggregator.attacks.AttackGrid`); it cannot be combined with ``grid_cls``.
     ``runtime`` is every simulated site's hardware as node config (``Runtime.to_node_config``).
     """
     from aggregator.deploy.fab import CLIENTAPP
@@ -90,7 +97,14 @@ def simulate(config: Path, sites: list[tuple[str, Path]], rounds: int, out: Path
     dp = site_dp_configs(config, [name for name, _ in sites], dp_flags or {})  # issue 7
     specs = [SiteSpec(name, folder.resolve(), {**(runtime or {}), **dp[name]})
              for name, folder in sites]
-    grid = (grid_cls or InProcessGrid)(client_app, specs, out / "sites")
+    if attacks:
+        from aggregator.attacks import AttackGrid
+
+        if grid_cls is not None:
+            raise ValueError("attacks and grid_cls cannot be combined")
+        grid = AttackGrid(client_app, specs, out / "sites", attacks)
+    else:
+        grid = (grid_cls or InProcessGrid)(client_app, specs, out / "sites")
     run_config = {ex.RUN_CONFIG: str(config.resolve()), ex.RUN_OUT: str(out),
                   ex.RUN_ROUNDS: rounds, ex.RUN_RESUME: resume}
     run_inprocess(server_app, grid, run_config)
@@ -112,7 +126,7 @@ def _run(args: argparse.Namespace) -> int:
         runtime = runtime_from_args(args)
         simulate(args.config, args.site, args.rounds, args.out, args.resume,
                  dp_flags={k: getattr(args, k.replace("-", "_")) or [] for k in DP_FLAGS},
-                 runtime=runtime.to_node_config())
+                 attacks=dict(args.attack or []), runtime=runtime.to_node_config())
     except (ConfigError, ResumeError, RoundFailed, ValueError) as e:
         print(f"error: {e}")
         return 1
@@ -144,4 +158,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument(f"--{key}", action="append", metavar="[NAME=]VALUE",
                        help=f"{what}; VALUE for every site or NAME=VALUE for one (repeatable); "
                             "overrides the federation YAML's site_privacy")
+    p.add_argument("--attack", type=_parse_attack, action="append", metavar="NAME=KIND",
+                   help="make site NAME misbehave: replace, inflate, signflip, noise, nan or "
+                        "stale (aggregator/attacks.py); check the config's defences before a "
+                        "real run: rounds.jsonl 'decisions' name what was done with it")
     p.set_defaults(func=_run)
+
+
+def _parse_attack(text: str) -> tuple[str, str]:
+    from aggregator.attacks import parse_attack
+
+    return parse_attack(text)

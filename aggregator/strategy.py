@@ -1,14 +1,18 @@
 """The federation's strategy: build instructions, check and fold replies, summarise a round.
 
-Shaped like Flower's strategies (configure_train / aggregate / configure_evaluate), but replies
-are folded one at a time as they arrive (``accept_train``) instead of all at once, so the
-aggregator holds one running sum per tensor plus the reply in hand. The round loop that drives it
-(push, poll, deadline, quorum) is in :mod:`aggregator.rounds`.
+Shaped like Flower's strategies (configure_train / aggregate / configure_evaluate). Each reply is
+checked on its own as it arrives (``accept_train``: shape, finite values, absolute norm bound,
+count bound, replay) and held; when the round closes (``close_round``) the held replies are
+screened against each other (norm against the round's median, direction; see
+:mod:`aggregator.screening`), clipped if the aggregation says so, and folded one at a time into
+the aggregator. The round loop that drives it (push, poll, deadline, quorum) is in
+:mod:`aggregator.rounds`.
 
 Every train reply ends as one typed outcome (:data:`TrainOutcome`): a :class:`SiteResult`
 folded in, a :class:`BudgetRefusal` (a DP site whose budget is spent), or a :class:`Rejection`
-(an error reply, a malformed or out-of-bounds update, or, with ``require_dp``, a reply that
-reports no DP). ``require_dp`` is the strategy's too: it stamps every train instruction with
+(an error reply, a malformed or out-of-bounds update, counts above what the round could have
+trained, a replayed state, an update far from the round's others, or, with ``require_dp``, a
+reply that reports no DP). Every outcome is one entry of the round row's ``decisions``. ``require_dp`` is the strategy's too: it stamps every train instruction with
 :data:`~fed_unimiss.privacy.REQUIRE_DP` (a non-DP site then refuses with error 5103) and
 rejects any train reply that carries no ``epsilon``. That is a protocol check, not a proof: the
 aggregator trusts a site's report that it trained with DP (docs/privacy.md).
@@ -26,12 +30,22 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from aggregator.averaging import Aggregator, make_aggregator
+from aggregator.screening import (
+    REJECTED,
+    ReplayGuard,
+    Verdict,
+    clip_state,
+    screen_round,
+    state_digest,
+)
 from aggregator.validation import (
+    CountBound,
     ReplyRejected,
     SiteReport,
+    check_counts,
+    check_state,
     parse_report,
     site_label,
-    validate_state,
 )
 from fed_unimiss import exchange as ex
 from fed_unimiss.federation import FederationConfig
@@ -44,7 +58,7 @@ from fed_unimiss.privacy.report import (
 )
 
 __all__ = ["DimensionAwareStrategy", "SiteResult", "BudgetRefusal", "Rejection", "TrainOutcome",
-           "state_to_record", "record_to_state"]
+           "ReplyLimits", "state_to_record", "record_to_state"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +79,15 @@ def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return state
 
 
+@dataclass(frozen=True)
+class ReplyLimits:
+    """The per-reply bounds of a run, resolved from the federation config and the recipe."""
+
+    max_update_norm: float = math.inf  # per part (student, teacher, center)
+    counts: CountBound | None = None  # replies without DP
+    dp_counts: CountBound | None = None  # replies reporting epsilon (Poisson plan)
+
+
 @dataclass
 class SiteResult:
     """One accepted train reply, as recorded in rounds.jsonl (numbers only)."""
@@ -74,6 +97,8 @@ class SiteResult:
     report: SiteReport
     update_norm: float
     bytes_in: int
+    norms: dict[str, float] = field(default_factory=dict)  # per part
+    verdict: Verdict = field(default_factory=Verdict)  # the round's screening
 
     def as_row(self) -> dict[str, Any]:
         return {
@@ -83,6 +108,8 @@ class SiteResult:
             "update_norm": self.update_norm,
             "bytes_in": self.bytes_in,
             **self.report.metrics,
+            "norms": self.norms,
+            **self.verdict.as_row(),
         }
 
 
@@ -104,6 +131,8 @@ class Rejection:
 
     label: str
     reason: str
+    # Numbers behind a screening rejection (norms, norm / round median, cosine), else None.
+    detail: dict[str, Any] | None = None
 
 
 TrainOutcome = SiteResult | BudgetRefusal | Rejection
@@ -116,6 +145,10 @@ class _RoundState:
     aggregator: Aggregator
     accepted: list[SiteResult] = field(default_factory=list)
     rejected: dict[str, BudgetRefusal | Rejection] = field(default_factory=dict)
+    # Replies that passed the per-reply checks, held (with their states) until close_round.
+    held: list[tuple[SiteResult, dict[str, torch.Tensor]]] = field(default_factory=list)
+    closed: bool = False
+    medians: dict[str, float] = field(default_factory=dict)
     evaluated: dict[str, dict[str, float]] = field(default_factory=dict)
     epsilon: dict[str, float] = field(default_factory=dict)  # DP sites: epsilon spent so far
     epsilon_budget: dict[str, float] = field(default_factory=dict)  # DP sites: their target
@@ -134,12 +167,17 @@ class DimensionAwareStrategy:
         recipe_json: str,
         num_rounds: int,
         classes: Mapping[str, str],
+        limits: ReplyLimits | None = None,
     ):
         self.cfg = cfg
         self.recipe_json = recipe_json
         self.num_rounds = num_rounds
         self.classes = dict(classes)
+        if limits is None:
+            limits = ReplyLimits(cfg.max_update_norm or math.inf)
+        self.limits = limits
         self._round: _RoundState | None = None
+        self._replays = ReplayGuard()
 
     # ------------------------------------------------------------------ train
     def train_config(self, round_num: int) -> ConfigRecord:
@@ -170,6 +208,8 @@ class DimensionAwareStrategy:
             global_state,
             make_aggregator(self.cfg.aggregation, global_state, self.classes, self.cfg.trim_fraction),
         )
+        self._replays.remember(state_digest(global_state), f"the global state sent in round "
+                               f"{round_num}")
         arrays, config = state_to_record(global_state), self._instruction(round_num, ex.TRAIN)
         return [
             Message(RecordDict({ex.ARRAYS: arrays, ex.CONFIG: config}), node_id, ex.TRAIN,
@@ -178,24 +218,63 @@ class DimensionAwareStrategy:
         ]
 
     def accept_train(self, reply: Message) -> TrainOutcome:
-        """Validate one reply and fold it in; a bad reply is logged, recorded and dropped."""
+        """Check one reply on its own and hold it for the round's screening (``close_round``).
+
+        A bad reply is logged, recorded and dropped at once. A ``SiteResult`` returned here is
+        provisional: the round's screening may still reject or clip it.
+        """
         rnd = self._require_round()
+        if rnd.closed:
+            raise RuntimeError(f"round {rnd.round_num} is closed; start the next with "
+                               "configure_train")
         label = self._label(reply)
-        if label in rnd.rejected or any(r.label == label for r in rnd.accepted):
+        if label in rnd.rejected or any(r.label == label for r, _ in rnd.held):
             label = f"{label}@node-{reply.metadata.src_node_id}"  # two sites declared one name
         outcome = self._judge(reply, label, rnd)
-        if isinstance(outcome, SiteResult):
-            rnd.accepted.append(outcome)
-            log.info("round %d: folded %s (2d=%d, 3d=%d, loss=%s)", rnd.round_num, label,
-                     outcome.report.samples_2d, outcome.report.samples_3d,
-                     outcome.report.metrics.get(ex.LOSS))
-        else:
-            rnd.rejected[label] = outcome
-            if isinstance(outcome, BudgetRefusal):
-                rnd.epsilon[label] = outcome.epsilon
-            log.warning("round %d: rejected reply of %s: %s", rnd.round_num, label,
-                        outcome.reason)
+        if not isinstance(outcome, SiteResult):
+            self._reject(rnd, outcome)
         return outcome
+
+    def _reject(self, rnd: _RoundState, outcome: BudgetRefusal | Rejection) -> None:
+        rnd.rejected[outcome.label] = outcome
+        if isinstance(outcome, BudgetRefusal):
+            rnd.epsilon[outcome.label] = outcome.epsilon
+        log.warning("round %d: rejected reply of %s: %s", rnd.round_num, outcome.label,
+                    outcome.reason)
+
+    def close_round(self) -> None:
+        """Screen the held replies against each other, then fold the survivors one at a time.
+
+        Idempotent. Afterwards ``num_accepted`` counts the replies that will shape the model.
+        """
+        rnd = self._require_round()
+        if rnd.closed:
+            return
+        rnd.closed = True
+        held, rnd.held = rnd.held, []
+        norms = {r.label: r.norms for r, _ in held}
+        states = {r.label: state for r, state in held}
+        rnd.medians, verdicts = screen_round(
+            norms, states, rnd.global_state, self.cfg.norm_factor, self.cfg.min_cosine,
+            clip_to_median=self.cfg.aggregation == "clipped_mean")
+        for result, state in held:
+            verdict = result.verdict = verdicts[result.label]
+            if verdict.action == REJECTED:
+                detail = {"norms": result.norms, **verdict.as_row()}
+                detail.pop("action", None)
+                detail.pop("reason", None)
+                self._reject(rnd, Rejection(result.label, verdict.reason or "", detail))
+                continue
+            if verdict.scales:
+                state = clip_state(state, rnd.global_state, verdict.scales)
+                log.warning("round %d: %s %s", rnd.round_num, result.label, verdict.reason)
+            rnd.aggregator.add(state, result.report.samples_2d, result.report.samples_3d)
+            self._replays.remember(state_digest(states[result.label]),
+                                   f"a reply of {result.label} in round {rnd.round_num}")
+            rnd.accepted.append(result)
+            log.info("round %d: folded %s (2d=%d, 3d=%d, loss=%s)", rnd.round_num,
+                     result.label, result.report.samples_2d, result.report.samples_3d,
+                     result.report.metrics.get(ex.LOSS))
 
     def _judge(self, reply: Message, label: str, rnd: _RoundState) -> TrainOutcome:
         node_id = reply.metadata.src_node_id
@@ -219,16 +298,25 @@ class DimensionAwareStrategy:
             if ex.ARRAYS not in content.array_records or metrics is None:
                 raise ReplyRejected("reply lacks the arrays or metrics record")
             report = parse_report(metrics)
+            bound = self.limits.counts if epsilon is None else self.limits.dp_counts
+            if bound is not None:
+                check_counts(report, bound)
             record = content.array_records[ex.ARRAYS]
             bytes_in = record.count_bytes()
             state = record_to_state(record)
-            norm = validate_state(state, rnd.global_state, self.cfg.max_update_norm)
+            norms = check_state(state, rnd.global_state, self.limits.max_update_norm)
+            replayed = self._replays.replayed(state_digest(state))
+            if replayed is not None:
+                raise ReplyRejected(f"state identical to {replayed} (nothing trained, or a "
+                                    "stale replay)")
         except ReplyRejected as e:
             return Rejection(label, str(e))
         if epsilon is not None:  # DP sites report what they spent so far
             rnd.epsilon[label] = epsilon
-        rnd.aggregator.add(state, report.samples_2d, report.samples_3d)
-        return SiteResult(node_id, label, report, norm, bytes_in)
+        result = SiteResult(node_id, label, report, math.sqrt(sum(n * n for n in norms.values())),
+                            bytes_in, norms)
+        rnd.held.append((result, state))
+        return result
 
     def only_budget_refusals(self) -> bool:
         """True when the round rejected replies and every one was a privacy-budget refusal."""
@@ -237,10 +325,13 @@ class DimensionAwareStrategy:
 
     @property
     def num_accepted(self) -> int:
-        return len(self._require_round().accepted)
+        """Replies folded into this round (after ``close_round``), or held so far (before)."""
+        rnd = self._require_round()
+        return len(rnd.accepted) + len(rnd.held)
 
     def aggregate_train(self) -> dict[str, torch.Tensor]:
         """The new global state from the folded replies (tensors nobody trained keep theirs)."""
+        self.close_round()
         new_state = self._require_round().aggregator.result()
         for name, tensor in new_state.items():
             if not bool(torch.isfinite(tensor).all()):  # cannot happen after validation
@@ -291,6 +382,11 @@ class DimensionAwareStrategy:
             "samples": total,
             "per_site": {r.label: r.as_row() for r in accepted},
             "rejected": {k: v.reason for k, v in sorted(rnd.rejected.items())},
+            "decisions": self._decisions(rnd),  # issue 17: every site, what was done and why
+            "screening": {"median_norm": rnd.medians, "norm_factor": self.cfg.norm_factor,
+                          "min_cosine": self.cfg.min_cosine,
+                          "max_update_norm": self.limits.max_update_norm,
+                          "aggregation": self.cfg.aggregation},
             "missing_nodes": sorted(missing),
             "seconds": seconds,
             "bytes_out_per_site": bytes_out_per_site,
@@ -304,6 +400,20 @@ class DimensionAwareStrategy:
                                    for v in rnd.evaluated.values()) / weight
             row["eval_per_site"] = {k: v[ex.LOSS] for k, v in sorted(rnd.evaluated.items())}
         return row
+
+    @staticmethod
+    def _decisions(rnd: _RoundState) -> dict[str, dict[str, Any]]:
+        """label -> {action, reason, norms, vs_median, ...}: accepted, clipped, rejected, refused."""
+        out: dict[str, dict[str, Any]] = {}
+        for r in rnd.accepted:
+            out[r.label] = {"norms": r.norms, **r.verdict.as_row()}
+        for label, outcome in rnd.rejected.items():
+            action = "refused" if isinstance(outcome, BudgetRefusal) else REJECTED
+            entry: dict[str, Any] = {"action": action, "reason": outcome.reason}
+            if isinstance(outcome, Rejection) and outcome.detail:
+                entry.update(outcome.detail)
+            out[label] = entry
+        return dict(sorted(out.items()))
 
     def _require_round(self) -> _RoundState:
         if self._round is None:

@@ -2,9 +2,16 @@
 
 A reply is dropped, with a reason, when its tensors do not match the global state (names,
 shapes, dtypes), hold a non-finite value, move too far from the global state (L2 norm of the
-update above ``max_update_norm``), or when its counts are not non-negative integers with at least
-one of them positive. Reasons are built from our own tensor names and numbers only, never from
-text the site sent, so nothing a site controls reaches the aggregator's logs.
+student, teacher or center update above the absolute bound, :func:`default_max_update_norm`),
+or when its counts are not non-negative integers with at least one of them positive, or exceed
+what the round could have trained (:func:`count_bound`). Counts above the bound are *rejected*,
+not capped: the bound is what our own trainer can report, so only a broken or lying client
+exceeds it, and the rest of such a reply deserves no more trust than its counts.
+Reasons are built from our own tensor names and numbers only, never from text the site sent, so
+nothing a site controls reaches the aggregator's logs.
+
+The checks relative to the round (norm against the round's median, direction) need every reply
+of the round and live in :mod:`aggregator.screening`.
 """
 
 from __future__ import annotations
@@ -18,7 +25,16 @@ import torch
 
 from fed_unimiss import exchange as ex
 
-__all__ = ["ReplyRejected", "SiteReport", "parse_report", "validate_state", "site_label"]
+__all__ = ["ReplyRejected", "SiteReport", "CountBound", "parse_report", "validate_state",
+           "check_state", "update_norms", "count_bound", "check_counts", "default_max_update_norm",
+           "site_label", "PARTS", "part_of"]
+
+# The parts of the exchanged state, each checked on its own (its norms differ by 10-100x).
+PARTS = ("student", "teacher", ex.CENTER_KEY)
+# Adam moves a coordinate by at most ~lr per step (|m_hat / sqrt(v_hat)| <= 1 for steady
+# gradients); 3 leaves room for bias-correction transients. Measured honest micro updates reach
+# up to 0.38 of lr x steps x sqrt(P) (docs/federation.md, "Robustness").
+ADAM_STEP_FACTOR = 3.0
 
 class ReplyRejected(ValueError):
     """A reply the aggregator will not use; ``str(e)`` is the reason logged and recorded."""
@@ -35,6 +51,66 @@ class SiteReport:
     @property
     def samples(self) -> int:
         return self.samples_2d + self.samples_3d
+
+
+def part_of(name: str) -> str:
+    """``student``, ``teacher`` or ``center`` for an exchanged tensor name."""
+    if name == ex.CENTER_KEY:
+        return ex.CENTER_KEY
+    return name.split(".", 1)[0]
+
+
+@dataclass(frozen=True)
+class CountBound:
+    """The largest counts one reply may claim this round, and where the numbers come from."""
+
+    max_2d: int
+    max_3d: int
+    basis: str  # e.g. "local_steps 4 x batch_size_2d 4" (our config, never site text)
+
+
+def count_bound(local_steps: int, batch_size_2d: int, batch_size_3d: int, view_depth: int,
+                patients_per_step: float | None = None) -> CountBound:
+    """What one round of ``local_steps`` could have trained, per kind.
+
+    Without DP a 2D step counts at most ``batch_size_2d`` images and a 3D step at most
+    ``batch_size_3d`` sub-volumes, each also ``view_depth`` slices through the 2D path
+    (fed_unimiss/ssl/engine.py). A DP site reports its Poisson plan's expected counts
+    (patients_per_step per step, fed_unimiss/ssl/dp_step.py), so its bound is that plan.
+    """
+    if patients_per_step is None:
+        per_2d = max(batch_size_2d, batch_size_3d * view_depth)
+        return CountBound(local_steps * per_2d, local_steps * batch_size_3d,
+                          f"local_steps {local_steps} x max(batch_size_2d {batch_size_2d}, "
+                          f"batch_size_3d {batch_size_3d} x view_depth {view_depth}) / x "
+                          f"batch_size_3d")
+    max_3d = math.ceil(patients_per_step * local_steps)
+    return CountBound(math.ceil(patients_per_step * local_steps * max(1, view_depth)), max_3d,
+                      f"DP plan: local_steps {local_steps} x patients_per_step "
+                      f"{patients_per_step:g} (x view_depth {view_depth} for 2D)")
+
+
+def check_counts(report: SiteReport, bound: CountBound) -> None:
+    """Raise ``ReplyRejected`` when a count exceeds what the round could have trained."""
+    for key, value, limit in ((ex.SAMPLES_2D, report.samples_2d, bound.max_2d),
+                              (ex.SAMPLES_3D, report.samples_3d, bound.max_3d)):
+        if value > limit:
+            raise ReplyRejected(f"count {key} {value} above the round's bound {limit} "
+                                f"({bound.basis})")
+
+
+def default_max_update_norm(lr_peak: float, weight_decay_max: float, local_steps: int,
+                            num_params: int, weight_norm: float) -> float:
+    """The absolute bound on one part's update norm when the config leaves it null.
+
+    Adam's step bound (``ADAM_STEP_FACTOR`` x peak lr per coordinate per step) over
+    ``local_steps`` steps and ``num_params`` student parameters, plus AdamW's decoupled weight
+    decay (lr x weight decay x the weights' norm per step). Derived from the recipe, so every
+    preset gets its own; the micro measurements behind it are in docs/federation.md.
+    """
+    adam = ADAM_STEP_FACTOR * lr_peak * local_steps * math.sqrt(num_params)
+    decay = lr_peak * weight_decay_max * local_steps * weight_norm
+    return adam + decay
 
 
 def _count(metrics: Mapping[str, Any], key: str) -> int:
@@ -67,15 +143,36 @@ def parse_report(metrics: Mapping[str, Any]) -> SiteReport:
     return SiteReport(samples_2d, samples_3d, scalars)
 
 
+def update_norms(state: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor]
+                 ) -> dict[str, float]:
+    """L2 norm of (state - global) per part (student, teacher, center), in float64."""
+    sq = dict.fromkeys(PARTS, 0.0)
+    for name, ref in global_state.items():
+        diff = state[name].to(torch.float64) - ref.to(torch.float64)
+        sq[part_of(name)] = sq.get(part_of(name), 0.0) + float(diff.pow(2).sum())
+    return {part: math.sqrt(value) for part, value in sq.items()}
+
+
 def validate_state(
     state: Mapping[str, torch.Tensor],
     global_state: Mapping[str, torch.Tensor],
     max_update_norm: float,
 ) -> float:
-    """Check a reply state against the global state; returns the update's L2 norm.
+    """:func:`check_state`, returning the whole update's L2 norm."""
+    norms = check_state(state, global_state, max_update_norm)
+    return math.sqrt(sum(n * n for n in norms.values()))
+
+
+def check_state(
+    state: Mapping[str, torch.Tensor],
+    global_state: Mapping[str, torch.Tensor],
+    max_update_norm: float,
+) -> dict[str, float]:
+    """Check a reply state against the global state; returns the update norm of each part.
 
     Raises ``ReplyRejected`` naming the first problem: missing or unexpected tensors, a shape or
-    dtype mismatch, a non-finite value, or an update norm above ``max_update_norm``.
+    dtype mismatch, a non-finite value, or a student, teacher or center update norm above
+    ``max_update_norm``.
     """
     missing = [name for name in global_state if name not in state]
     if missing:
@@ -84,7 +181,6 @@ def validate_state(
     unexpected = sum(1 for name in state if name not in global_state)
     if unexpected:
         raise ReplyRejected(f"{unexpected} unexpected tensor(s)")
-    sq = 0.0
     for name, ref in global_state.items():
         value = state[name]
         if tuple(value.shape) != tuple(ref.shape):
@@ -95,11 +191,12 @@ def validate_state(
             raise ReplyRejected(f"{name}: dtype {value.dtype} != expected {ref.dtype}")
         if not bool(torch.isfinite(value).all()):
             raise ReplyRejected(f"{name}: non-finite values")
-        sq += float((value.to(torch.float64) - ref.to(torch.float64)).pow(2).sum())
-    norm = math.sqrt(sq)
-    if not math.isfinite(norm) or norm > max_update_norm:
-        raise ReplyRejected(f"update norm {norm:.4g} exceeds max_update_norm {max_update_norm:.4g}")
-    return norm
+    norms = update_norms(state, global_state)
+    for part, norm in norms.items():
+        if not math.isfinite(norm) or norm > max_update_norm:
+            raise ReplyRejected(f"{part} update norm {norm:.4g} exceeds max_update_norm "
+                                f"{max_update_norm:.4g}")
+    return norms
 
 
 def site_label(declared: Any, node_id: int) -> str:

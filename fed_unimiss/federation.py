@@ -38,12 +38,29 @@ class FederationConfig:
     min_sites: int = 1
     # Seconds a round waits for replies. Set it above the slowest site's local training time.
     round_timeout: float = 600.0
-    # Replies whose L2 distance to the global state exceeds this are dropped (a diverged or
-    # malicious site). Raise it for long rounds with high learning rates.
-    max_update_norm: float = 1.0e4
-    # mean: sample-weighted mean (FedAvg). median / trimmed_mean: coordinate-wise robust
-    # statistics over eligible sites, unweighted; they hold every reply of a round in memory.
-    aggregation: Literal["mean", "median", "trimmed_mean"] = "mean"
+    # Absolute bound on the L2 norm of each part of an update (student, teacher and center, each
+    # reply - global). null (the default): the Adam step bound of the recipe, 3 x peak lr x
+    # local_steps x sqrt(student parameters) + the weight-decay pull: 7.2 for the micro
+    # federation, 8x the largest honest micro update measured (docs/federation.md,
+    # "Robustness"). A number overrides it; raise it only for optimisers that move faster than Adam.
+    max_update_norm: float | None = None
+    # Round-relative check: a reply is rejected when the norm of its student, teacher or center
+    # update exceeds norm_factor x that part's median over the round's replies. Honest micro
+    # sites reach 2.7x (an X-ray site among CT-phase sites); lower it only for uniform sites.
+    norm_factor: float = 5.0
+    # Direction check: a reply is rejected when the cosine between its student (or teacher)
+    # update and the coordinate-wise median update of the round is below this (a sign-flipped
+    # update). Honest micro sites measured >= 0.04; null turns the check off.
+    min_cosine: float | None = -0.1
+    # The largest expected patients per step a DP site may use (its Poisson plan bounds its
+    # counts). null: site_privacy's dp-patients-per-step, else the DP default (4).
+    max_patients_per_step: float | None = None
+    # mean: sample-weighted mean (FedAvg) of the screened replies. clipped_mean: the same after
+    # clipping every update part to the round's median norm (changes honest rounds too).
+    # median / trimmed_mean: coordinate-wise robust statistics over eligible sites, unweighted.
+    # All modes hold the round's replies in memory until the round closes (screening needs the
+    # round's medians). Measured costs and robustness: docs/benchmarks.md, "Robustness".
+    aggregation: Literal["mean", "clipped_mean", "median", "trimmed_mean"] = "mean"
     # Fraction cut from each end per coordinate in trimmed_mean (0.1 = drop top and bottom 10%).
     trim_fraction: float = 0.1
     # Also ask every site for the self-distillation loss of the new global model each round.
@@ -68,8 +85,17 @@ class FederationConfig:
             raise ValueError(f"min_sites: must be >= 1, got {self.min_sites}")
         if not self.round_timeout > 0:
             raise ValueError(f"round_timeout: must be > 0 seconds, got {self.round_timeout}")
-        if not self.max_update_norm > 0:
-            raise ValueError(f"max_update_norm: must be > 0, got {self.max_update_norm}")
+        if self.max_update_norm is not None and not self.max_update_norm > 0:
+            raise ValueError(f"max_update_norm: must be > 0 (or null for the recipe's Adam "
+                             f"bound), got {self.max_update_norm}")
+        if not self.norm_factor > 1:
+            raise ValueError(f"norm_factor: must be > 1 (a multiple of the round's median "
+                             f"update norm), got {self.norm_factor}")
+        if self.min_cosine is not None and not -1 <= self.min_cosine < 1:
+            raise ValueError(f"min_cosine: must be in [-1, 1) or null, got {self.min_cosine}")
+        if self.max_patients_per_step is not None and not self.max_patients_per_step > 0:
+            raise ValueError(f"max_patients_per_step: must be > 0 or null, got "
+                             f"{self.max_patients_per_step}")
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ValueError(f"trim_fraction: must be in [0, 0.5), got {self.trim_fraction}")
         if self.eval_batches < 1:

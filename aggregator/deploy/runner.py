@@ -172,7 +172,32 @@ def run_summary(out: str | Path) -> dict[str, Any]:
         "epsilon": epsilon,
         "state": run_state_,
         "why": why,
+        "screening": screening_summary(rows),
     }
+
+
+def screening_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per site: the last round's update norm against the median, and every clip or rejection.
+
+    From each rounds.jsonl row's ``decisions`` (issue 17); rows without them are skipped.
+    """
+    sites: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        decisions = row.get("decisions")
+        if not isinstance(decisions, dict):
+            continue
+        for site, d in decisions.items():
+            if not isinstance(d, dict):
+                continue
+            entry = sites.setdefault(str(site), {"events": []})
+            entry["last_round"] = row.get("round")
+            entry["last_action"] = d.get("action")
+            entry["norms"] = d.get("norms")
+            entry["vs_median"] = d.get("vs_median")
+            if d.get("action") in ("clipped", "rejected", "refused"):
+                entry["events"].append({"round": row.get("round"), "action": d.get("action"),
+                                        "reason": d.get("reason")})
+    return dict(sorted(sites.items()))
 
 
 def epsilon_spent(rows: list[dict[str, Any]]) -> dict[str, float]:

@@ -1,0 +1,203 @@
+"""Checks of a round's replies against each other: norm against the round's median, direction.
+
+Per-reply checks (:mod:`aggregator.validation`) cannot tell a large honest update from a large
+malicious one; these compare every reply with the round it belongs to. Each part of the state
+(student, teacher, center) is judged on its own, since their norms differ by 10-100x:
+
+1. **Norm.** A part whose update norm exceeds ``norm_factor`` x the median of that part over the
+   round's replies is an outlier and the reply is *rejected* (not clipped): a step 5x larger
+   than the round's typical one is outside the measured honest spread (2.7x), and clipping it
+   would still let its direction in at the site's full weight. ``clipped_mean`` clips what
+   remains to the median (:func:`clip_scales`).
+2. **Direction.** The cosine between a reply's student (and teacher) update and the
+   coordinate-wise median update of the surviving replies; below ``min_cosine`` the reply is
+   rejected (a sign-flipped update). Needs at least 3 surviving replies; the center is not
+   checked (honest center updates measured cosines down to -0.77).
+3. **Replay.** A reply byte-identical to a global state the aggregator sent or to a reply it
+   accepted before is rejected (:class:`ReplayGuard`): nothing was trained, or it is stale.
+
+Pure torch, no flwr; every function takes plain mappings so a streaming caller can use them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import statistics
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from aggregator.validation import PARTS, part_of
+
+__all__ = ["ACCEPTED", "CLIPPED", "REJECTED", "Verdict", "ReplayGuard", "round_medians", "norm_outliers", "cosines_to_median",
+           "clip_scales", "clip_state", "state_digest", "screen_round", "DIRECTION_PARTS",
+           "MIN_SITES_FOR_DIRECTION"]
+
+ACCEPTED, CLIPPED, REJECTED = "accepted", "clipped", "rejected"
+DIRECTION_PARTS = ("student", "teacher")
+MIN_SITES_FOR_DIRECTION = 3
+
+
+@dataclass
+class Verdict:
+    """What the round's screening decided for one reply (a rounds.jsonl ``decisions`` entry)."""
+
+    action: str = ACCEPTED  # accepted | clipped | rejected
+    reason: str | None = None
+    vs_median: dict[str, float | None] = field(default_factory=dict)  # norm / round median
+    cosine: dict[str, float] = field(default_factory=dict)  # vs the coordinate-wise median
+    scales: dict[str, float] = field(default_factory=dict)  # clip factors < 1, by part
+
+    def as_row(self) -> dict:
+        row: dict = {"action": self.action, "vs_median": self.vs_median}
+        if self.reason is not None:
+            row["reason"] = self.reason
+        if self.cosine:
+            row["cosine"] = self.cosine
+        if self.scales:
+            row["clip_scale"] = self.scales
+        return row
+
+
+def round_medians(norms: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """The median update norm of each part over the round's replies (label -> part -> norm)."""
+    return {part: statistics.median(n[part] for n in norms.values()) for part in PARTS} \
+        if norms else {}
+
+
+def _ratio(norm: float, median: float) -> float | None:
+    if median > 0:
+        return norm / median
+    return 0.0 if norm == 0 else None  # every other site left this part unchanged
+
+
+def norm_outliers(norms: Mapping[str, Mapping[str, float]], medians: Mapping[str, float],
+                  factor: float) -> dict[str, str]:
+    """label -> reason, for replies with a part above ``factor`` x that part's median."""
+    out: dict[str, str] = {}
+    for label, parts in norms.items():
+        for part in PARTS:
+            ratio = _ratio(parts[part], medians[part])
+            if ratio is None or ratio > factor:
+                shown = "a part every other site left unchanged" if ratio is None \
+                    else f"{ratio:.3g} x the round median {medians[part]:.4g}"
+                out[label] = (f"{part} update norm {parts[part]:.4g} is {shown} "
+                              f"(norm_factor {factor:g})")
+                break
+    return out
+
+
+@torch.no_grad()
+def cosines_to_median(states: Mapping[str, Mapping[str, torch.Tensor]],
+                      global_state: Mapping[str, torch.Tensor],
+                      parts: tuple[str, ...] = DIRECTION_PARTS) -> dict[str, dict[str, float]]:
+    """Cosine of each reply's update with the coordinate-wise median update, per part.
+
+    The median of an even count is the mean of the two middle values. One tensor at a time, so
+    the extra memory is the round's updates of one tensor.
+    """
+    labels = list(states)
+    dot = {lb: dict.fromkeys(parts, 0.0) for lb in labels}
+    own = {lb: dict.fromkeys(parts, 0.0) for lb in labels}
+    ref = dict.fromkeys(parts, 0.0)
+    for name, g in global_state.items():
+        part = part_of(name)
+        if part not in parts:
+            continue
+        g64 = g.to(torch.float64)
+        deltas = torch.stack([states[lb][name].to(torch.float64) - g64 for lb in labels])
+        ordered = deltas.sort(dim=0).values
+        n = len(labels)
+        median = 0.5 * (ordered[(n - 1) // 2] + ordered[n // 2])
+        ref[part] += float(median.pow(2).sum())
+        for i, lb in enumerate(labels):
+            dot[lb][part] += float((deltas[i] * median).sum())
+            own[lb][part] += float(deltas[i].pow(2).sum())
+    out: dict[str, dict[str, float]] = {}
+    for lb in labels:
+        out[lb] = {}
+        for part in parts:
+            denom = math.sqrt(own[lb][part] * ref[part])
+            out[lb][part] = dot[lb][part] / denom if denom > 0 else 1.0  # no direction to judge
+    return out
+
+
+def clip_scales(norms: Mapping[str, float], medians: Mapping[str, float]) -> dict[str, float]:
+    """Per part, the factor (< 1) that brings a reply's update down to the round's median."""
+    return {part: medians[part] / norms[part] for part in PARTS
+            if norms[part] > medians[part] > 0}
+
+
+@torch.no_grad()
+def clip_state(state: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor],
+               scales: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    """global + scale x (state - global) for the tensors of each scaled part."""
+    out = dict(state)
+    for name, g in global_state.items():
+        scale = scales.get(part_of(name))
+        if scale is not None:
+            g64 = g.to(torch.float64)
+            out[name] = (g64 + scale * (state[name].to(torch.float64) - g64)).to(g.dtype)
+    return out
+
+
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of the names and bytes of a state (replay detection)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class ReplayGuard:
+    """Digests of every global state sent and every reply accepted in this run (32 B each)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, str] = {}
+
+    def remember(self, digest: str, what: str) -> None:
+        self._seen.setdefault(digest, what)
+
+    def replayed(self, digest: str) -> str | None:
+        """What ``digest`` repeats (e.g. "the global state sent in round 1"), or None."""
+        return self._seen.get(digest)
+
+
+def screen_round(
+    norms: Mapping[str, Mapping[str, float]],
+    states: Mapping[str, Mapping[str, torch.Tensor]],
+    global_state: Mapping[str, torch.Tensor],
+    norm_factor: float,
+    min_cosine: float | None,
+    clip_to_median: bool,
+) -> tuple[dict[str, float], dict[str, Verdict]]:
+    """Judge the round's validated replies; returns the part medians and a verdict per label."""
+    medians = round_medians(norms)
+    verdicts = {lb: Verdict(vs_median={p: _ratio(n[p], medians[p]) for p in PARTS})
+                for lb, n in norms.items()}
+    for label, reason in norm_outliers(norms, medians, norm_factor).items():
+        verdicts[label].action, verdicts[label].reason = REJECTED, reason
+    survivors = [lb for lb in norms if verdicts[lb].action != REJECTED]
+    if min_cosine is not None and len(survivors) >= MIN_SITES_FOR_DIRECTION:
+        cosines = cosines_to_median({lb: states[lb] for lb in survivors}, global_state)
+        for label in survivors:
+            verdicts[label].cosine = cosines[label]
+            low = [p for p, c in cosines[label].items() if c < min_cosine]
+            if low:
+                verdicts[label].action = REJECTED
+                verdicts[label].reason = (
+                    f"{low[0]} update points against the round's median update (cosine "
+                    f"{cosines[label][low[0]]:.3f} < min_cosine {min_cosine:g})")
+    if clip_to_median:
+        for label in norms:
+            v = verdicts[label]
+            if v.action != REJECTED:
+                v.scales = clip_scales(norms[label], medians)
+                if v.scales:
+                    v.action = CLIPPED
+                    v.reason = "clipped to the round's median norm (" + ", ".join(
+                        f"{p} x{s:.3g}" for p, s in v.scales.items()) + ")"
+    return medians, verdicts

@@ -1,0 +1,192 @@
+"""One attacking site against each aggregation mode (issue 17): the robustness table.
+
+For every aggregation mode (mean, clipped_mean, median, trimmed_mean) this runs, with the real
+ServerApp and ClientApps in process (``simulate``) on phantom sites and the micro federation
+(local_steps 4, batches 4/1, 2-step epochs, as configs/federation/micro.yaml):
+
+- the honest run: 3 honest sites (CT only, X-ray only, both), the reference;
+- the honest 4-site run: the same plus a 4th honest site, for the loss curve and to count honest
+  sites that the screening clipped or rejected;
+- one run per attack (``simulate --attack M=KIND``): the 3 honest sites + site M attacking.
+
+Distance = ||student_attack - student_honest|| / ||student_honest - student_init|| after the
+last round (how far the attacker moved the model, relative to how far honest training moved it).
+
+    .venv/bin/python benchmarks/bench_robustness.py --write docs/benchmarks.md
+    .venv/bin/python benchmarks/bench_robustness.py --modes mean --attacks signflip --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from markdown_section import replace_section  # sibling: benchmarks/ is sys.path[0] as a script
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SECTION = "## Robustness to one attacking site (issue 17)"
+MODES = ("mean", "clipped_mean", "median", "trimmed_mean")
+ATTACKS = ("replace", "inflate", "signflip", "noise", "nan", "stale")
+HONEST = (("ct", 2, 0, 1), ("xr", 0, 4, 2), ("both", 1, 2, 3))
+ATTACKER = ("M", 1, 3, 4)
+
+
+def _config(root: Path, mode: str, local_steps: int) -> Path:
+    body = {"recipe": str(REPO / "configs" / "pretrain" / "micro.yaml"),
+            "recipe_overrides": {"ssl": {"steps_per_epoch": 2, "batch_size_2d": 4,
+                                         "batch_size_3d": 1, "threads": 1}},
+            "local_steps": local_steps, "min_sites": 2, "round_timeout": 900,
+            "evaluate": False, "poll_interval": 0.05, "aggregation": mode,
+            "trim_fraction": 0.25}  # with 4 sites: drop the top and bottom value per coordinate
+    path = root / f"fed-{mode}.yaml"
+    path.write_text(json.dumps(body))
+    return path
+
+
+def _run(cfg: Path, sites: dict[str, Path], rounds: int, out: Path,
+         attacks: dict[str, str] | None = None) -> tuple[dict, list[dict]]:
+    from aggregator.simulate_cli import simulate
+    from fed_unimiss.checkpoint import load_checkpoint
+
+    simulate(cfg, list(sites.items()), rounds, out, attacks=attacks)
+    rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    state, _ = load_checkpoint(out / f"global_round_{rounds:04d}")
+    return state, rows
+
+
+def _student_distance(a: dict, b: dict, init: dict) -> float:
+    num = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a
+              if k.startswith("student."))
+    den = sum(float((b[k].double() - init[k].double()).pow(2).sum()) for k in b
+              if k.startswith("student."))
+    return math.sqrt(num / den)
+
+
+def _flagged(rows: list[dict], label: str) -> int:
+    return sum(1 for r in rows
+               if (r.get("decisions", {}).get(label, {}).get("action") in ("clipped", "rejected")))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--local-steps", type=int, default=4)
+    ap.add_argument("--write", type=Path, help="update this markdown file's section")
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    logging.basicConfig(level=logging.ERROR)
+    import torch
+
+    from aggregator.rounds import initial_state
+    from fed_unimiss.data.phantom import write_phantoms
+
+    torch.set_num_threads(1)
+    results: dict = {"modes": {}, "rounds": args.rounds, "local_steps": args.local_steps}
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        sites = {}
+        for name, ct, xr, seed in (*HONEST, ATTACKER):
+            write_phantoms(root / "data" / name, n_ct=ct, n_xray=xr, seed=seed)
+            sites[name] = root / "data" / name
+        honest = {k: v for k, v in sites.items() if k != ATTACKER[0]}
+        init = None
+        for mode in args.modes:
+            cfg = _config(root, mode, args.local_steps)
+            if init is None:
+                from aggregator.rounds import FederationRun
+
+                run = FederationRun.from_files(cfg, root / "x", args.rounds)
+                init = initial_state(run.recipe, args.rounds * args.local_steps)
+            ref, ref_rows = _run(cfg, honest, args.rounds, root / f"{mode}-honest3")
+            _, rows4 = _run(cfg, sites, args.rounds, root / f"{mode}-honest4")
+            entry = {"loss3": [r["loss"] for r in ref_rows], "loss4": [r["loss"] for r in rows4],
+                     "honest_flagged": {s: _flagged(rows4, s) for s in sites},
+                     "medians": [r["screening"]["median_norm"] for r in rows4],
+                     "vs_median": [{s: d.get("vs_median") for s, d in r["decisions"].items()}
+                                   for r in rows4],
+                     "cosine": [{s: d.get("cosine") for s, d in r["decisions"].items()}
+                                for r in rows4],
+                     "norms": [{s: d.get("norms") for s, d in r["decisions"].items()}
+                               for r in rows4],
+                     "max_update_norm": rows4[0]["screening"]["max_update_norm"],
+                     "attacks": {}}
+            for kind in args.attacks:
+                with contextlib.redirect_stdout(sys.stderr):
+                    state, rows = _run(cfg, sites, args.rounds, root / f"{mode}-{kind}",
+                                       {ATTACKER[0]: kind})
+                entry["attacks"][kind] = {
+                    "distance": _student_distance(state, ref, init),
+                    "attacker_flagged": _flagged(rows, ATTACKER[0]),
+                    "honest_flagged": sum(_flagged(rows, s) for s in honest),
+                    "reasons": sorted({r["decisions"].get(ATTACKER[0], {}).get("reason", "")
+                                       for r in rows}),
+                }
+                print(mode, kind, entry["attacks"][kind], flush=True)
+            results["modes"][mode] = entry
+            print(mode, "honest loss", entry["loss3"], entry["loss4"], entry["honest_flagged"],
+                  flush=True)
+    results["seconds"] = time.time() - t0
+    print(json.dumps(results, indent=1))
+    if args.write:
+        replace_section(args.write, SECTION, _markdown(results, args))
+
+
+def _markdown(res: dict, args: argparse.Namespace) -> str:
+    modes = list(res["modes"])
+    lines = [SECTION, "",
+             f"`{' '.join(['.venv/bin/python', 'benchmarks/bench_robustness.py'] + sys.argv[1:])}`"
+             f" on {platform.node() or 'this machine'} (2 shared CPU cores, OMP_NUM_THREADS=1), "
+             f"{res['seconds'] / 60:.1f} min. Micro federation (local_steps "
+             f"{res['local_steps']}, batches 4/1, 2-step epochs), {res['rounds']} rounds, "
+             "phantom sites ct (2 CT), xr (4 X-rays), both (1 CT + 2 X-rays); attacker M "
+             "(1 CT + 3 X-rays). Default checks on (count bound, the recipe's Adam norm bound, "
+             "norm_factor 5, min_cosine -0.1, replay); trimmed_mean with trim_fraction 0.25.",
+             "",
+             "Distance = ||student(attack) - student(honest)|| / ||student(honest) - "
+             "student(init)|| after the last round, against the same mode's 3-site honest run "
+             f"(0 = the attacker had no effect). In brackets: rounds (of {res['rounds']}) in which "
+             "the attacker was clipped or rejected.", "",
+             "| attack | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+    for kind in next(iter(res["modes"].values()))["attacks"]:
+        cells = []
+        for m in modes:
+            a = res["modes"][m]["attacks"][kind]
+            cells.append(f"{a['distance']:.3g} ({a['attacker_flagged']}/{res['rounds']})")
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    lines += ["", "Honest runs, training loss per round (sample-weighted mean of site losses); "
+              "honest sites clipped or rejected in the 4-site honest run:", "",
+              "| mode | 3 sites | 4 sites | honest sites flagged (4 sites) |", "|---|---|---|---|"]
+    for m in modes:
+        e = res["modes"][m]
+        fl = ", ".join(f"{s} {n}" for s, n in e["honest_flagged"].items())
+        lines.append(f"| {m} | {' '.join(f'{x:.3f}' for x in e['loss3'])} | "
+                     f"{' '.join(f'{x:.3f}' for x in e['loss4'])} | {fl} |")
+    mean = res["modes"].get("mean") or next(iter(res["modes"].values()))
+    ratios = [v[p] for r in mean["vs_median"] for v in r.values() if v
+              for p in v if v[p] is not None]
+    cosines = [v[p] for r in mean["cosine"] for v in r.values() if v for p in v]
+    student = [v["student"] for r in mean["norms"] for v in r.values() if v]
+    lines += ["", f"Honest 4-site run ({'mean' if 'mean' in res['modes'] else modes[0]}): "
+              f"update norm / round median {min(ratios):.2f}-{max(ratios):.2f}; cosine to the "
+              f"median update {min(cosines):.3f}-{max(cosines):.3f}; student update norms "
+              f"{min(student):.3f}-{max(student):.3f} against the Adam bound "
+              f"{mean['max_update_norm']:.3g} per part."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
