@@ -119,12 +119,13 @@ class DINOLoss(nn.Module):
         self.sinkhorn_iterations = sinkhorn_iterations
         # Kept (and still updated) with Sinkhorn-Knopp too: it is exchanged state either way.
         self.register_buffer("center", torch.zeros(1, out_dim))
-        self._pending: _PendingCenter | None = None
+        self._schedule: list[Tensor] | None = None  # see scheduled_centers
+        self._call = 0
 
     def teacher_probs(self, teacher_logits: Tensor) -> Tensor:
         """Centred and sharpened teacher distribution of one view, gradient stopped."""
-        return F.softmax((teacher_logits.detach().float() - self.center) / self.teacher_temp,
-                         dim=-1)
+        center = self._current_center()
+        return F.softmax((teacher_logits.detach().float() - center) / self.teacher_temp, dim=-1)
 
     def forward(self, student_out: Sequence[Tensor], teacher_out: Sequence[Tensor],
                 update_center: bool = True) -> Tensor:
@@ -176,36 +177,51 @@ class DINOLoss(nn.Module):
         logits = torch.cat([t.detach().float() for t in teacher_out])
         batch_sum = logits.sum(dim=0, keepdim=True)
         count = torch.tensor(float(logits.shape[0]), device=logits.device)
-        if self._pending is not None:  # inside accumulated_center: collect, apply later
-            self._pending.add(batch_sum, count)
+        if self._schedule is not None:  # inside scheduled_centers: the center is precomputed
+            self._call += 1
             return
         _all_reduce(batch_sum)
         _all_reduce(count)
         self.update_center_to(batch_sum / count)
 
-    @contextlib.contextmanager
-    def accumulated_center(self, enabled: bool = True) -> Iterator[_PendingCenter]:
-        """Gradient accumulation: the center moves as it would for the whole batch at once.
+    # ---- gradient accumulation: the centers of a whole batch, used by its micro-batches ----
+    @torch.no_grad()
+    def center_schedule(self, updates: Sequence[tuple[Tensor, Tensor]]) -> list[Tensor]:
+        """The center before each of a step's center updates, and after the last.
 
-        Inside, each micro-batch's center updates are only summed, by their order within the
-        micro-batch (a CT step updates four times); when the block ends without an error the
-        center takes those updates in order, each with the whole batch's mean. Only the targets
-        of a CT step's later terms differ from one big batch: they use the step's starting
-        center, not one already moved by the earlier terms. Disabled, it changes nothing.
+        ``updates`` holds, per update of the step in order, the teacher logits' row sum and row
+        count over the whole (local) batch; they are all-reduced over data-parallel processes.
+        The result is what the sequence of :meth:`update_center` calls of one big batch gives.
         """
-        pending = _PendingCenter()
-        if not enabled:
-            yield pending
-            return
-        self._pending = pending
-        try:
-            yield pending
-        finally:
-            self._pending = None
-        for batch_sum, count in pending.sums:
+        centers = [self.center.clone()]
+        for batch_sum, count in updates:
+            batch_sum, count = batch_sum.clone(), count.clone()
             _all_reduce(batch_sum)
             _all_reduce(count)
-            self.update_center_to(batch_sum / count)
+            m = self.center_momentum
+            centers.append(centers[-1] * m + (batch_sum / count).to(self.center) * (1 - m))
+        return centers
+
+    @contextlib.contextmanager
+    def scheduled_centers(self, centers: list[Tensor]) -> Iterator[DINOLoss]:
+        """Micro-batches of one step see the centers one big batch would have seen.
+
+        Inside, the i-th center update of each micro-batch (:meth:`restart_schedule` starts a
+        micro-batch) centres its targets with ``centers[i]`` and moves nothing; on a clean exit
+        the center becomes ``centers[-1]`` (:meth:`center_schedule`).
+        """
+        self._schedule, self._call = centers, 0
+        try:
+            yield self
+        finally:
+            self._schedule = None
+        self.center.copy_(centers[-1])
+
+    def restart_schedule(self) -> None:
+        self._call = 0
+
+    def _current_center(self) -> Tensor:
+        return self.center if self._schedule is None else self._schedule[self._call]
 
     @torch.no_grad()
     def update_center_to(self, batch_center: Tensor) -> None:
@@ -216,23 +232,3 @@ class DINOLoss(nn.Module):
         """
         m = self.center_momentum
         self.center.mul_(m).add_(batch_center.to(self.center) * (1 - m))
-
-
-class _PendingCenter:
-    """Center-update sums of the micro-batches of one step, by call order."""
-
-    def __init__(self) -> None:
-        self.sums: list[tuple[Tensor, Tensor]] = []
-        self._call = 0
-
-    def next_micro_batch(self) -> None:
-        self._call = 0
-
-    def add(self, batch_sum: Tensor, count: Tensor) -> None:
-        if self._call == len(self.sums):
-            self.sums.append((batch_sum.clone(), count.clone()))
-        else:
-            total, n = self.sums[self._call]
-            total += batch_sum
-            n += count
-        self._call += 1

@@ -248,13 +248,12 @@ class SelfDistillation:
             group["lr"] = lr
             group["weight_decay"] = wd if group["decays"] else 0.0
 
-    def step_loss(self, phase: Phase, views: list[Tensor], update_center: bool = True) -> StepOutput:
+    def step_loss(self, phase: Phase, views: list[Tensor], update_center: bool = True,
+                  teacher_out: list[Tensor] | None = None) -> StepOutput:
         """The batch loss of one plain step (:mod:`fed_unimiss.ssl.steps`)."""
-        if phase == "2d":
-            return xray_step_loss(self.student, self.teacher, self.loss_fn, views,
-                                  update_center=update_center, koleo_weight=self.cfg.koleo_weight)
-        return ct_step_loss(self.student, self.teacher, self.loss_fn, views,
-                            update_center=update_center, koleo_weight=self.cfg.koleo_weight)
+        loss = xray_step_loss if phase == "2d" else ct_step_loss
+        return loss(self.student, self.teacher, self.loss_fn, views, update_center=update_center,
+                    koleo_weight=self.cfg.koleo_weight, teacher_out=teacher_out)
 
     @torch.no_grad()
     def _update_teacher(self, step: int) -> None:

@@ -17,8 +17,10 @@ Both compute their loss with :mod:`fed_unimiss.ssl.steps`, the only loss code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -31,6 +33,7 @@ from fed_unimiss.ssl.collapse import CollapseStats
 from fed_unimiss.ssl.config import Recipe, SSLConfig
 from fed_unimiss.ssl.schedules import Phase
 from fed_unimiss.ssl.site_data import SiteData
+from fed_unimiss.ssl.steps import center_updates, teacher_logits
 from fed_unimiss.ssl.views import ct_views, step_generator, xray_views
 
 if TYPE_CHECKING:  # the engine imports this module; the hooks only receive an engine
@@ -142,13 +145,36 @@ def clip_gradients(model: torch.nn.Module, clip: float) -> None:
                 p.grad.mul_(coef)
 
 
+@contextlib.contextmanager
+def _whole_batch_centers(engine: SelfDistillation, phase: Phase, chunks: list[list[Tensor]]
+                         ) -> Iterator[list[list[Tensor] | None]]:
+    """Teacher logits of every micro-batch, and the DINO centers of the whole batch around them.
+
+    One micro-batch (no accumulation): nothing precomputed, the loss moves the center itself.
+    Several: the teacher runs first on every micro-batch (no gradients), the step's sequence of
+    centers is computed from the whole batch (:meth:`DINOLoss.center_schedule`), and each
+    micro-batch's loss centres its targets with them, so the gradient and the center are the
+    whole batch's.
+    """
+    if len(chunks) == 1:
+        yield [None]
+        return
+    with torch.no_grad(), engine.autocast():
+        teacher = [teacher_logits(engine.teacher, phase, torch.cat(views)) for views in chunks]
+    per_update = zip(*(center_updates(phase, t) for t in teacher), strict=True)
+    sums = [(sum(x.float().sum(0, keepdim=True) for x in xs),
+             torch.tensor(float(sum(x.shape[0] for x in xs)), device=xs[0].device))
+            for xs in per_update]
+    with engine.loss_fn.scheduled_centers(engine.loss_fn.center_schedule(sums)):
+        yield teacher
+
+
 class PlainStep:
     """DINO's step: the batch at the step's stream position, backward of the batch loss,
     per-tensor clipping, AdamW; the loss moves the center.
 
     With ``ssl.accumulate`` = K the batch is cut into K micro-batches whose weighted gradients add
-    up to the whole batch's; their center updates are collected and applied once per step
-    (:meth:`DINOLoss.accumulated_center`). With several processes the gradients are averaged
+    up to the whole batch's, with the whole batch's DINO centers (:func:`_whole_batch_centers`). With several processes the gradients are averaged
     over processes, weighted by their items, before clipping. In fp16 a gradient scaler skips
     steps whose gradients overflow (``amp_skipped`` in the step's metrics).
     """
@@ -175,12 +201,12 @@ class PlainStep:
         engine.optimizer.zero_grad(set_to_none=True)
         chunks = micro_batches(batch.views, engine.cfg.accumulate)
         loss, parts = 0.0, {}
-        with engine.loss_fn.accumulated_center(len(chunks) > 1) as center:
-            for views in chunks:
-                center.next_micro_batch()
+        with _whole_batch_centers(engine, phase, chunks) as teacher:
+            for views, teacher_out in zip(chunks, teacher, strict=True):
+                engine.loss_fn.restart_schedule()
                 weight = views[0].shape[0] / batch.size
                 with engine.autocast():
-                    out = engine.step_loss(phase, views)
+                    out = engine.step_loss(phase, views, teacher_out=teacher_out)
                 part_loss = float(out.loss.detach())
                 check_finite(part_loss, step, f"{phase} step")
                 engine.scaler.scale(out.loss * weight).backward()

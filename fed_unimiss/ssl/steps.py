@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from fed_unimiss.ssl.collapse import CollapseStats, collapse_stats
 from fed_unimiss.ssl.dino_loss import DINOLoss, koleo_loss
 
-__all__ = ["StepOutput", "slice_logits", "teacher_logits", "ct_terms", "xray_step_loss",
+__all__ = ["StepOutput", "slice_logits", "teacher_logits", "ct_terms", "center_updates",
+           "xray_step_loss",
            "ct_step_loss", "per_sample_teacher_logits", "patient_step_loss"]
 
 
@@ -101,15 +102,28 @@ def ct_terms(loss_fn: DINOLoss, s_vol: list[Tensor], s_slc: list[Tensor], t_vol:
     }
 
 
+def center_updates(phase: str, teacher_out: list[Tensor]) -> list[Tensor]:
+    """The teacher logits each center update of a step pools, in the order the step makes them:
+    one for an X-ray step, four for a CT step (:func:`ct_terms`: volume, volume, slice-mean,
+    slice-mean). ``teacher_out`` is :func:`teacher_logits` of the step's views."""
+    if phase == "2d":
+        return [teacher_out[0]]
+    t_vol, t_slc = teacher_out
+    return [t_vol, t_vol, t_slc, t_slc]
+
+
 def xray_step_loss(student: nn.Module, teacher: nn.Module, loss_fn: DINOLoss,
                    views: list[Tensor], *, update_center: bool = True,
-                   koleo_weight: float = 0.0) -> StepOutput:
+                   koleo_weight: float = 0.0, teacher_out: list[Tensor] | None = None
+                   ) -> StepOutput:
     """Two-view DINO loss of an X-ray batch; ``views`` are [(B, 3, S, S)] x 2.
 
     ``koleo_weight`` > 0 adds the KoLeo term of the student's head bottleneck (not DP-safe).
+    ``teacher_out``: :func:`teacher_logits` of these views, if already computed.
     """
     center = loss_fn.center.clone()
-    t_out = list(teacher_logits(teacher, "2d", torch.cat(views))[0].chunk(len(views)))
+    t_all = teacher_out or teacher_logits(teacher, "2d", torch.cat(views))
+    t_out = list(t_all[0].chunk(len(views)))
     targets = loss_fn.teacher_targets(t_out)  # before the loss moves the center
     s_out, koleo = _student_views(student, views, koleo_weight)
     loss = loss_fn(s_out, t_out, update_center=update_center)
@@ -123,7 +137,8 @@ def xray_step_loss(student: nn.Module, teacher: nn.Module, loss_fn: DINOLoss,
 
 
 def ct_step_loss(student: nn.Module, teacher: nn.Module, loss_fn: DINOLoss, views: list[Tensor],
-                 *, update_center: bool = True, koleo_weight: float = 0.0) -> StepOutput:
+                 *, update_center: bool = True, koleo_weight: float = 0.0,
+                 teacher_out: list[Tensor] | None = None) -> StepOutput:
     """UniMiSS volume-slice consistency (:func:`ct_terms`) on [(B, 1, D, H, W)] x 2 views.
 
     volume->volume, slice-mean->volume, slice-mean->slice-mean and volume->slice-mean, summed
@@ -132,7 +147,7 @@ def ct_step_loss(student: nn.Module, teacher: nn.Module, loss_fn: DINOLoss, view
     """
     center = loss_fn.center.clone()
     t_vol, t_slc = (list(t.chunk(len(views)))
-                    for t in teacher_logits(teacher, "3d", torch.cat(views)))
+                    for t in teacher_out or teacher_logits(teacher, "3d", torch.cat(views)))
     targets = loss_fn.teacher_targets(t_vol)  # before the loss moves the center
     s_vol, koleo = _student_views(student, views, koleo_weight)
     s_slc = [slice_logits(student, v) for v in views]
