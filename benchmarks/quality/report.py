@@ -49,12 +49,16 @@ def paired_difference(rows: list[dict], a: str, b: str, frac: float) -> dict | N
     return {"mean": statistics.mean(diffs), "ci95": _t_halfwidth(diffs), "n": len(diffs)}
 
 
-# The three questions of docs/quality.md, as paired comparisons.
+# The three questions of docs/quality.md, as paired comparisons. The third asks whether federated
+# pretraining *reaches* centralized, a non-inferiority question: it holds when the whole interval
+# of Dice(federated) - Dice(central) lies above -REACH_MARGIN.
 QUESTIONS = [
     ("does pretraining beat scratch at few labels?", "central", "scratch"),
     ("do X-rays + CT beat CT only?", "central", "central_3d"),
     ("does federated pretraining reach centralized?", "federated", "central"),
 ]
+REACH = "federated"
+REACH_MARGIN = 0.02  # Dice; a difference this small is below what the task's seeds resolve
 
 
 def verdicts(rows: list[dict]) -> list[str]:
@@ -67,7 +71,10 @@ def verdicts(rows: list[dict]) -> list[str]:
             lines.append(f"- {question} Not measured ({a} or {b} missing).")
             continue
         lo, hi = d["mean"] - d["ci95"], d["mean"] + d["ci95"]
-        if lo > 0:
+        if a == REACH and lo > -REACH_MARGIN:
+            word = (f"yes, within the margin: {a} is not below {b} by more than "
+                    f"{REACH_MARGIN} Dice (non-inferiority)")
+        elif lo > 0:
             word = f"yes: {a} is above {b}"
         elif hi < 0:
             word = f"no: {a} is below {b}"
