@@ -81,8 +81,13 @@ class FinetuneConfig:
     # mean AUC (ChestX-ray14). False: one softmax over num_classes, cross-entropy.
     multi_label: bool = False
     # Class (finding) names of a multi-label task, in output order; null = the sorted names
-    # found in the training table. A name in a table outside this list is an error.
+    # found in the training table. A name in a table outside this list is an error. For
+    # segmentation without dataset.json: the names of classes 0..K-1 (background first), which
+    # metrics.json then reports Dice under.
     class_names: tuple[str, ...] | None = None
+    # Segmentation label maps whose values are codes, not 0..K-1 (MM-WHS: 0, 205, 420, ...):
+    # the raw value of class 0, 1, ... in order; any other value is an error naming the file.
+    label_values: tuple[int, ...] | None = None
     # The table in DIR: "labels.csv" (file,label[,patient]) or NIH's "Data_Entry_2017.csv"
     # (Image Index, Finding Labels with '|', Patient ID), read as it comes.
     label_table: str = "labels.csv"
@@ -150,13 +155,22 @@ class FinetuneConfig:
             if len(set(self.class_names)) != len(self.class_names) or not self.class_names:
                 raise ValueError(f"class_names: expected distinct names, got "
                                  f"{list(self.class_names)}")
-            if self.negative_label in self.class_names:
+            if self.multi_label and self.negative_label in self.class_names:
                 raise ValueError(f"class_names: {self.negative_label!r} is the negative_label "
                                  "(all classes negative), not a class")
-            if (self.multi_label and self.num_classes is not None
-                    and self.num_classes != len(self.class_names)):
+            if self.num_classes is not None and self.num_classes != len(self.class_names):
                 raise ValueError(f"num_classes: {self.num_classes} differs from the "
                                  f"{len(self.class_names)} class_names")
+        if self.label_values is not None:
+            if len(set(self.label_values)) != len(self.label_values) or len(self.label_values) < 2:
+                raise ValueError(f"label_values: expected at least 2 distinct values, got "
+                                 f"{list(self.label_values)}")
+            for name in ("num_classes", "class_names"):
+                value = getattr(self, name)
+                n = len(value) if isinstance(value, tuple) else value
+                if n is not None and n != len(self.label_values):
+                    raise ValueError(f"label_values: {len(self.label_values)} values, but "
+                                     f"{name} gives {n} classes")
         if not 0 <= self.sw_overlap < 1:
             raise ValueError(f"sw_overlap: expected a value in [0, 1), got {self.sw_overlap}")
 

@@ -76,7 +76,7 @@ log = logging.getLogger(__name__)
 VOLUME_EXTS = (".nii.gz", ".nii", ".mhd")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".dcm")
 LABEL_EXTS = (".nii.gz", ".nii", ".png")
-LABEL_DIRS = ("labels", "labelsTr", "labelsTs", "masks")
+LABEL_DIRS = ("labels", "labelsTr", "labelsTs", "masks", "label")
 
 
 @dataclass
@@ -133,6 +133,10 @@ def _label_candidates(image: Path, root: Path) -> list[Path]:
     stem = _stem(image)
     bare = stem[:-5] if stem.endswith("_0000") else stem  # nnU-Net channel suffix
     out = [image.parent / f"{stem}{s}{e}" for s in LABEL_MAP_SUFFIXES for e in LABEL_EXTS]
+    if stem.endswith("_image"):  # MM-WHS: ct_train_1001_image + ct_train_1001_label
+        out += [image.parent / f"{stem[:-6]}{s}{e}" for s in LABEL_MAP_SUFFIXES for e in LABEL_EXTS]
+    if image.parent.name == "img" and stem.startswith("img"):  # BCV: img/img0001, label/label0001
+        out += [image.parent.parent / "label" / f"label{stem[3:]}{e}" for e in LABEL_EXTS]
     # labels/NAME, labelsTr/NAME (nnU-Net), labels/seg/NAME (`fed-unimiss data phantom`)
     dirs = [*LABEL_DIRS, "labels/seg"]
     for folder in (root, image.parent, image.parent.parent):
@@ -208,17 +212,32 @@ def _labels_to_grid(labels: np.ndarray, shape) -> np.ndarray:
     return F.interpolate(t, size=tuple(shape), mode="nearest")[0, 0].numpy().astype(np.int64)
 
 
+def _map_label_values(labels: np.ndarray, cfg: FinetuneConfig, path: Path) -> np.ndarray:
+    """Raw label codes -> classes 0..K-1 by ``cfg.label_values`` (identity when it is null)."""
+    if cfg.label_values is None:
+        return labels
+    codes = np.asarray(cfg.label_values)
+    order = np.argsort(codes)
+    pos = np.clip(np.searchsorted(codes[order], labels), 0, len(codes) - 1)
+    found = codes[order][pos] == labels
+    if not found.all():
+        bad = sorted(set(np.unique(labels[~found]).tolist()))[:5]
+        raise LabelError(f"{path}: label value(s) {bad} are not in label_values "
+                         f"{list(cfg.label_values)}; add them or fix the label map")
+    return order[pos].astype(np.int64)
+
+
 def _load_pair(image: Path, label: Path, cfg: FinetuneConfig, num_classes: int | None,
                mode: str = "hu"):
     """(image on the training grid, labels on the same grid, spatial rank of the file)."""
     if _ext(image) in VOLUME_EXTS:
         volume, spacing = _read_volume(image)
-        labels = read_label_map(label)
+        labels = _map_label_values(read_label_map(label), cfg, label)
         check_label_map(labels, volume.shape, num_classes, label)
         grid = _ct_to_grid(volume, spacing, cfg, mode)
         return grid, _labels_to_grid(labels, grid.shape), 3
     picture = _read_2d(image)
-    labels = read_label_map(label)
+    labels = _map_label_values(read_label_map(label), cfg, label)
     check_label_map(labels, picture.shape, num_classes, label)
     return picture, labels, 2
 
@@ -261,7 +280,7 @@ def load_seg_data(
             raise LabelError(f"{root / 'dataset.json'}: {len(names)} labels, but num_classes "
                              f"is {num_classes}; drop num_classes or fix it")
     else:
-        pairs, names, modality = find_seg_pairs(root), None, None
+        pairs, names, modality = find_seg_pairs(root), cfg.class_names, None
     pairs = _split_pairs(pairs, root, cfg, side)
     if not pairs:
         raise LabelError(f"{root}: split {cfg.split!r} leaves no {side} case")
