@@ -355,7 +355,7 @@ def load_cls_data(
     """The labelled cases of a classification folder (this ``side`` of ``cfg.split``).
 
     Multi-label targets follow ``class_names`` (default: ``cfg.class_names``, else the sorted
-    findings of the rows of this side). ``fraction`` < 1 keeps a seeded subset, stratified by
+    findings of the whole table). ``fraction`` < 1 keeps a seeded subset, stratified by
     class for single-label tasks (at least one per class). Images are resized to the network
     input now (``preload``) or each time they are batched.
     """
@@ -384,7 +384,8 @@ def load_cls_data(
         rows = [r for r in rows if r.line in keep]
     names = None
     if cfg.multi_label:
-        names = class_names or cfg.class_names or class_names_of(rows)
+        # Inferred from the whole table, before the split, so both sides agree.
+        names = class_names or cfg.class_names or class_names_of(table.rows)
         if not names:
             raise LabelError(f"{table.path}: no finding in any {side} row; set class_names")
     cases = []
