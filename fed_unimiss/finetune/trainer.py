@@ -267,13 +267,16 @@ def finetune(
         row: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": lr,
                                "train_seconds": time.perf_counter() - start}
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
+            start = time.perf_counter()
             row.update(_validate(model, val, cfg, num_classes, names))
+            row["val_seconds"] = time.perf_counter() - start
         history.append(row)
         append_jsonl(out_dir / "history.jsonl", row)
         log.info("epoch %d/%d %s", epoch, cfg.epochs, _summary(row))
 
     # ============ report ... ============
-    final = {k: v for k, v in history[-1].items() if k not in ("epoch", "lr", "train_seconds")}
+    final = {k: v for k, v in history[-1].items()
+             if k not in ("epoch", "lr", "train_seconds", "val_seconds")}
     metrics = {
         "task": cfg.task,
         **final,
