@@ -149,26 +149,40 @@ def markdown(results: dict) -> str:
         HEADING, "",
         f"`{results['command']}` ({env['date']}, {env['cpu']}, torch {env['torch']}, "
         f"{env['threads']} thread(s) on a 2-core machine shared with other jobs: expect "
-        "noise of tens of percent). Each benchmark's one command, cut to one short epoch, "
-        "on synthetic data in its layout with the paper-sized `small` MiT from scratch "
-        "(an export has the same network). *Full protocol on CPU* multiplies the measured "
-        "seconds per step by the protocol's steps and adds its validations (sliding-window "
-        "counts for the volume sizes listed); *GPU* divides the FLOPs of a step by an assumed "
-        "10 TFLOP/s sustained fp32, an estimate, not a measurement (no GPU here).", "",
+        "noise of tens of percent, e.g. msd and msd-spleen below run the same network on "
+        "the same volume size). Each benchmark's one command, cut to one short epoch, on "
+        "synthetic data in its layout with the paper-sized `small` MiT from scratch (an "
+        "export has the same network); the first step is a separate warm-up run.", "",
+        "- *s / val item* is measured on the synthetic validation item (for volumes: a "
+        "48 x 160 x 160 grid, its sliding-window count given); *per real item* scales it to "
+        "the window count of the volume size listed (an assumption for the data set).",
+        "- *full protocol, CPU* = measured s / step x the protocol's steps + its validations "
+        "(every `val_every` epochs over the validation items): an extrapolation on one thread.",
+        "- *GPU* = FLOPs of one training step (torch FlopCounterMode, forward + backward) x "
+        "steps / 10 TFLOP/s sustained fp32: a compute-bound lower bound for the training "
+        "alone, not a measurement (no GPU here); data loading and validation come on top.", "",
         "| benchmark | input x batch | s / step (CPU) | GFLOP / step | s / val item (CPU) "
-        "| full protocol, CPU | full protocol, GPU (est.) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| per real item (CPU) | full protocol, CPU | training, one GPU (lower bound) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["benchmarks"]:
         size = "x".join(map(str, r["input_size"]))
-        val_note = (f" ({r['windows_real']} windows of a {'x'.join(map(str, r['real_volume']))} "
-                    "volume)" if "windows_real" in r else "")
+        if "windows_real" in r:
+            measured = f"{r['seconds_per_val_item']:.1f} ({r['windows_measured']} windows)"
+            real = (r["seconds_per_val_item"] / r["windows_measured"] * r["windows_real"])
+            per_real = (f"{real / 60:.0f} min ({r['windows_real']} windows, "
+                        f"{'x'.join(map(str, r['real_volume']))})")
+        else:
+            measured, per_real = f"{r['seconds_per_val_item']:.2f}", "same"
         gpu_train = r["flops_per_step"] * r["protocol_steps"] / 10e12 / 3600
+        gpu = (f"{gpu_train:.1f} h" if gpu_train >= 1 else f"{gpu_train * 60:.0f} min"
+               if gpu_train * 60 >= 1 else "< 1 min")
         lines.append(
             f"| {r['config']} | {size} x {r['batch_size']} | {r['seconds_per_step']:.1f} | "
-            f"{r['flops_per_step'] / 1e9:.0f} | {r['seconds_per_val_item']:.2f}{val_note} | "
-            f"{r['cpu_total_hours']:.0f} h ({r['protocol_steps']} steps) | "
-            f"{max(gpu_train, 0.1):.1f} h training |")
+            f"{r['flops_per_step'] / 1e9:.0f} | {measured} | {per_real} | "
+            f"{r['cpu_total_hours']:.0f} h ({r['protocol_steps']} steps, "
+            f"{r['protocol_validations']} x {r['protocol_val_items']} val items) | "
+            f"{gpu} |")
     return "\n".join(lines) + "\n"
 
 
@@ -178,8 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=2, help="timed training steps per benchmark")
     ap.add_argument("--only", nargs="*", default=list(PROTOCOL), choices=list(PROTOCOL))
     ap.add_argument("--doc", action="store_true", help="write the section of docs/reproduce.md")
+    ap.add_argument("--doc-only", action="store_true",
+                    help="rewrite the section from WORK/results.json without measuring")
     a = ap.parse_args(argv)
     os.chdir(REPO)
+    if a.doc_only:
+        replace_section(REPO / "docs" / "reproduce.md", HEADING,
+                        markdown(json.loads((a.work / "results.json").read_text())))
+        return 0
     import torch
 
     torch.set_num_threads(torch_threads())

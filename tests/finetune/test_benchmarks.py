@@ -127,3 +127,30 @@ def test_mmwhs_runs_on_its_label_codes(tmp_path):
                folder / "ct_train_1001_label.nii.gz", dtype=np.int16)
     with pytest.raises(LabelError, match=r"ct_train_1001_label\.nii\.gz: label value\(s\) \[421\]"):
         load_seg_data(folder, cfg, 8)
+
+
+def test_segmentation_split_lists_and_patients(tmp_path):
+    """Official lists name cases (file or case id); the patient split holds out whole cases."""
+    root = write_decathlon(tmp_path / "Task09_Spleen", n=5)
+    (root / "train.txt").write_text("organ_0.nii.gz\norgan_1\norgan_2\n")
+    (root / "val.txt").write_text("organ_3\norgan_4.nii.gz\n")
+    cfg = FinetuneConfig(task="seg3d", ct_spacing=None, split="lists", train_list="train.txt",
+                         val_list="val.txt")
+    assert load_seg_data(root, cfg, None, side="train").case_ids == ["organ_0", "organ_1",
+                                                                     "organ_2"]
+    assert load_seg_data(root, cfg, None, side="val").case_ids == ["organ_3", "organ_4"]
+    for seed in range(4):
+        cfg = FinetuneConfig(task="seg3d", ct_spacing=None, split="patients", val_fraction=0.4,
+                             seed=seed)
+        train = load_seg_data(root, cfg, None, side="train").case_ids
+        val = load_seg_data(root, cfg, None, side="val").case_ids
+        assert not set(train) & set(val) and len(val) == 2 and len(train) == 3
+
+
+def test_patient_split_needs_one_folder(tmp_path, caplog):
+    a = write_decathlon(tmp_path / "a", n=3)
+    b = write_decathlon(tmp_path / "b", n=3, seed=1)
+    code = cli_main(["finetune", "--config", "configs/finetune/msd-spleen.yaml", "--init",
+                     "scratch", "--model", "micro", "--train", str(a), "--val", str(b),
+                     "--out", str(tmp_path / "run"), *CPU_3D])
+    assert code == 2 and "split: 'patients' splits one folder by patient" in caplog.text
