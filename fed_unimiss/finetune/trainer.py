@@ -4,8 +4,10 @@
 for data, model, optimiser, training loop and the final report. It writes into ``out_dir``:
 
 - ``metrics.json``: final validation metrics at the top level (``dice_mean`` and
-  ``dice_per_class`` for segmentation, ``auc`` and ``accuracy`` for classification), the
-  per-epoch ``history``, the resolved config and where the initial weights came from;
+  ``dice_per_class`` for segmentation, with ``dice_per_label`` by name when dataset.json names
+  the classes; ``auc`` and ``accuracy`` for classification; for multi-label ``auc`` is the mean
+  of ``auc_per_class``, next to average precision, no threshold), the per-epoch ``history``, the
+  resolved config and where the initial weights came from;
 - ``history.jsonl``: the same per-epoch rows, appended as training goes (for watching a run);
 - ``finetuned.safetensors`` + ``finetuned.json``: the fine-tuned task model.
 
@@ -28,22 +30,25 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from fed_unimiss.checkpoint import append_jsonl, atomic_write_json, save_checkpoint
-from fed_unimiss.config import to_dict
+from fed_unimiss.config import ConfigError, to_dict
 from fed_unimiss.optim import cosine_at, decay_groups
 
 from .cls_model import ClassificationNet
 from .config import FinetuneConfig
+from .labels import LabelError
 from .load import load_pretrained, read_export_config
 from .losses import SegmentationLoss
-from .metrics import DiceCounter, classification_metrics
+from .metrics import DiceCounter, classification_metrics, multilabel_metrics
 from .seg_model import SegmentationNet
+from .splits import check_patient_disjoint
 from .tasks import (
     ClsCase,
     SegCase,
     SegPatchSampler,
+    cls_input,
     infer_num_classes,
-    load_cls_cases,
-    load_seg_cases,
+    load_cls_data,
+    load_seg_data,
     to_network_input,
 )
 
@@ -103,7 +108,8 @@ def _lr_at(step: int, total: int, cfg: FinetuneConfig) -> float:
 
 @torch.no_grad()
 def evaluate_segmentation(
-    model: nn.Module, cases: list[SegCase], cfg: FinetuneConfig, num_classes: int
+    model: nn.Module, cases: list[SegCase], cfg: FinetuneConfig, num_classes: int,
+    label_names: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """Sliding-window prediction of every whole case; Dice pooled over all cases."""
     model.eval()
@@ -114,32 +120,72 @@ def evaluate_segmentation(
                                           overlap=cfg.sw_overlap, mode="gaussian",
                                           padding_mode="replicate")  # (1, K, *spatial)
         counter.update(logits.argmax(dim=1)[0], torch.from_numpy(case.labels))
-    per_class = counter.per_class()
-    return {"dice_mean": counter.mean(),
-            "dice_per_class": [None if np.isnan(d) else float(d) for d in per_class]}
+    per_class = [None if np.isnan(d) else float(d) for d in counter.per_class()]
+    out: dict[str, Any] = {"dice_mean": counter.mean(), "dice_per_class": per_class}
+    if label_names is not None:  # foreground classes by their dataset.json names
+        out["dice_per_label"] = dict(zip(label_names[1:], per_class[1:], strict=True))
+    return out
 
 
 @torch.no_grad()
 def evaluate_classification(
-    model: ClassificationNet, cases: list[ClsCase], cfg: FinetuneConfig
+    model: ClassificationNet, cases: list[ClsCase], cfg: FinetuneConfig,
+    class_names: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
+    """Softmax AUC/accuracy, or for multi-label the threshold-free per-class report."""
     model.eval()
     probs = []
     for i in range(0, len(cases), cfg.batch_size):
-        x = torch.stack([to_network_input(c.image) for c in cases[i:i + cfg.batch_size]])
-        probs.append(model(x).softmax(dim=1))
-    labels = np.array([c.label for c in cases])
-    return classification_metrics(torch.cat(probs).numpy(), labels)
+        x = torch.stack([cls_input(c, cfg) for c in cases[i:i + cfg.batch_size]])
+        logits = model(x)
+        probs.append(logits.sigmoid() if cfg.multi_label else logits.softmax(dim=1))
+    scores = torch.cat(probs).numpy()
+    if cfg.multi_label:
+        return multilabel_metrics(scores, np.stack([c.label for c in cases]), class_names or ())
+    return classification_metrics(scores, np.array([c.label for c in cases]))
 
 
-def _cls_batches(cases: list[ClsCase], batch_size: int, rng: np.random.Generator):
-    """Endless shuffled batches of (x, y)."""
+def _cls_batches(cases: list[ClsCase], cfg: FinetuneConfig, rng: np.random.Generator):
+    """Endless shuffled batches of (x, y); y is (B,) classes or (B, K) multi-hot floats."""
     while True:
         order = rng.permutation(len(cases))
-        for i in range(0, len(order), batch_size):
-            chunk = [cases[j] for j in order[i:i + batch_size]]
-            x = torch.stack([to_network_input(c.image) for c in chunk])
-            yield x, torch.tensor([c.label for c in chunk])
+        for i in range(0, len(order), cfg.batch_size):
+            chunk = [cases[j] for j in order[i:i + cfg.batch_size]]
+            x = torch.stack([cls_input(c, cfg) for c in chunk])
+            if cfg.multi_label:
+                yield x, torch.from_numpy(np.stack([c.label for c in chunk]))
+            else:
+                yield x, torch.tensor([c.label for c in chunk])
+
+
+def _load_data(cfg: FinetuneConfig, train_dir: Path, val_dir: Path) -> dict[str, Any]:
+    """Training and validation items of this split, the class count and the class names."""
+    if cfg.split == "patients" and train_dir.resolve() != val_dir.resolve():
+        raise ConfigError(f"split: 'patients' splits one folder by patient; pass the same DIR "
+                         f"as --train and --val (got {train_dir} and {val_dir})")
+    if cfg.is_segmentation:
+        train_set = load_seg_data(train_dir, cfg, cfg.num_classes, cfg.label_fraction, "train")
+        num_classes = cfg.num_classes or (len(train_set.label_names) if train_set.label_names
+                                          else infer_num_classes(train_set.cases))
+        val_set = load_seg_data(val_dir, cfg, num_classes, side="val")
+        if train_dir.resolve() == val_dir.resolve() and cfg.split != "folders":
+            check_patient_disjoint(train_set.case_ids, val_set.case_ids, str(train_dir))
+        return {"train": train_set.cases, "val": val_set.cases, "num_classes": num_classes,
+                "names": train_set.label_names}
+    train_cls = load_cls_data(train_dir, cfg, cfg.num_classes, cfg.label_fraction, "train")
+    names = train_cls.class_names
+    if cfg.multi_label:
+        num_classes = len(names)  # type: ignore[arg-type]
+        if cfg.num_classes is not None and cfg.num_classes != num_classes:
+            raise LabelError(f"num_classes: {cfg.num_classes}, but the training table has "
+                             f"{num_classes} findings {list(names)}; set class_names")
+    else:
+        num_classes = cfg.num_classes or infer_num_classes(train_cls.cases)
+    val_cls = load_cls_data(val_dir, cfg, num_classes, side="val", class_names=names)
+    check_patient_disjoint([c.patient for c in train_cls.cases],
+                           [c.patient for c in val_cls.cases], f"{train_dir} / {val_dir}")
+    return {"train": train_cls.cases, "val": val_cls.cases, "num_classes": num_classes,
+            "names": names}
 
 
 def finetune(
@@ -167,12 +213,10 @@ def finetune(
     (out_dir / "history.jsonl").unlink(missing_ok=True)
 
     # ============ preparing data ... ============
-    loader = load_seg_cases if cfg.is_segmentation else load_cls_cases
-    train = loader(train_dir, cfg, cfg.num_classes, cfg.label_fraction)
-    num_classes = cfg.num_classes or infer_num_classes(train)
-    val = loader(val_dir, cfg, num_classes)  # labels outside the range are an error here
-    log.info("%s: %d training and %d validation items, %d classes", cfg.task, len(train),
-             len(val), num_classes)
+    data = _load_data(cfg, Path(train_dir), Path(val_dir))  # labels out of range: an error
+    train, val, num_classes, names = data["train"], data["val"], data["num_classes"], data["names"]
+    log.info("%s: %d training and %d validation items, %d classes (split %s)", cfg.task,
+             len(train), len(val), num_classes, cfg.split)
 
     # ============ building the model ... ============
     if model is None:
@@ -192,8 +236,8 @@ def finetune(
         sampler = SegPatchSampler(train, cfg.input_size, cfg, rng)
         batches = iter(lambda: sampler.sample(cfg.batch_size), None)
     else:
-        criterion = nn.CrossEntropyLoss()
-        batches = _cls_batches(train, cfg.batch_size, rng)
+        criterion = nn.BCEWithLogitsLoss() if cfg.multi_label else nn.CrossEntropyLoss()
+        batches = _cls_batches(train, cfg, rng)
     optimizer = _optimizer(model, cfg)
     steps = cfg.steps_per_epoch or max(1, math.ceil(len(train) / cfg.batch_size))
     total = steps * cfg.epochs
@@ -215,23 +259,30 @@ def finetune(
                                          f"step {step}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             losses.append(float(loss.detach()))
             step += 1
         row: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": lr,
                                "train_seconds": time.perf_counter() - start}
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
-            row.update(_validate(model, val, cfg, num_classes))
+            start = time.perf_counter()
+            row.update(_validate(model, val, cfg, num_classes, names))
+            row["val_seconds"] = time.perf_counter() - start
         history.append(row)
         append_jsonl(out_dir / "history.jsonl", row)
         log.info("epoch %d/%d %s", epoch, cfg.epochs, _summary(row))
 
     # ============ report ... ============
-    final = {k: v for k, v in history[-1].items() if k not in ("epoch", "lr", "train_seconds")}
+    final = {k: v for k, v in history[-1].items()
+             if k not in ("epoch", "lr", "train_seconds", "val_seconds")}
     metrics = {
         "task": cfg.task,
         **final,
         "num_classes": num_classes,
+        **({"label_names" if cfg.is_segmentation else "class_names": list(names)}
+           if names is not None else {}),
         "history": history,
         "data": {"train_items": len(train), "val_items": len(val),
                  "label_fraction": cfg.label_fraction},
@@ -245,14 +296,14 @@ def finetune(
     return metrics
 
 
-def _validate(model, val, cfg, num_classes) -> dict[str, Any]:
+def _validate(model, val, cfg, num_classes, names) -> dict[str, Any]:
     if cfg.is_segmentation:
-        return evaluate_segmentation(model, val, cfg, num_classes)
-    return evaluate_classification(model, val, cfg)
+        return evaluate_segmentation(model, val, cfg, num_classes, names)
+    return evaluate_classification(model, val, cfg, names)
 
 
 def _summary(row: dict[str, Any]) -> str:
-    keys = ("train_loss", "dice_mean", "auc", "accuracy")
+    keys = ("train_loss", "dice_mean", "auc", "ap", "accuracy")
     return " ".join(f"{k}={row[k]:.4f}" for k in keys if isinstance(row.get(k), float))
 
 
