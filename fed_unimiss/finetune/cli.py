@@ -7,6 +7,8 @@ import json
 import logging
 from pathlib import Path
 
+from fed_unimiss.cli.runtime_args import add_runtime_arguments, runtime_from_args
+
 log = logging.getLogger(__name__)
 
 
@@ -68,6 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="2D crop / sliding window side, and the cls2d input side")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (at most the cores you are given)")
+    add_runtime_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -87,12 +90,13 @@ def run(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, size_2d=args.size_2d, threads=args.threads,
                       patch_3d=tuple(args.patch_3d) if args.patch_3d else None)
         cfg.validate()
+        runtime = runtime_from_args(args)
     except (ConfigError, ValueError) as e:
         log.error("%s", e)
         return 2
     init = None if args.init == "scratch" else Path(args.init)
     try:
-        metrics = finetune(cfg, init, args.train, args.val, args.out)
+        metrics = finetune(cfg, init, args.train, args.val, args.out, runtime=runtime)
     except (DataError, LoadError, ConfigError, FloatingPointError) as e:
         log.error("%s", e)
         return 2

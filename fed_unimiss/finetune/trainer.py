@@ -32,6 +32,7 @@ from torch import nn
 from fed_unimiss.checkpoint import append_jsonl, atomic_write_json, save_checkpoint
 from fed_unimiss.config import ConfigError, to_dict
 from fed_unimiss.optim import cosine_at, decay_groups
+from fed_unimiss.runtime import Runtime, autocast, grad_scaler
 
 from .cls_model import ClassificationNet
 from .config import FinetuneConfig
@@ -106,19 +107,31 @@ def _lr_at(step: int, total: int, cfg: FinetuneConfig) -> float:
                      warmup_inclusive=True)
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def evaluate_segmentation(
     model: nn.Module, cases: list[SegCase], cfg: FinetuneConfig, num_classes: int,
-    label_names: tuple[str, ...] | None = None,
+    label_names: tuple[str, ...] | None = None, precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Sliding-window prediction of every whole case; Dice pooled over all cases."""
+    """Sliding-window prediction of every whole case; Dice pooled over all cases.
+
+    Windows run on the model's device (in ``precision``); the whole-volume logits are
+    assembled on the CPU, so a large volume never has to fit on the GPU at once.
+    """
     model.eval()
+    device = _device_of(model)
     counter = DiceCounter(num_classes)
     for case in cases:
         x = to_network_input(case.image)[None]  # (1, C, *spatial)
-        logits = sliding_window_inference(x, cfg.input_size, cfg.batch_size, model,
-                                          overlap=cfg.sw_overlap, mode="gaussian",
-                                          padding_mode="replicate")  # (1, K, *spatial)
+        with autocast(device, precision):
+            logits = sliding_window_inference(x, cfg.input_size, cfg.batch_size, model,
+                                              overlap=cfg.sw_overlap, mode="gaussian",
+                                              padding_mode="replicate", sw_device=device,
+                                              device=torch.device("cpu"))  # (1, K, *spatial)
+        logits = logits.float()
         counter.update(logits.argmax(dim=1)[0], torch.from_numpy(case.labels))
     per_class = [None if np.isnan(d) else float(d) for d in counter.per_class()]
     out: dict[str, Any] = {"dice_mean": counter.mean(), "dice_per_class": per_class}
@@ -130,15 +143,17 @@ def evaluate_segmentation(
 @torch.no_grad()
 def evaluate_classification(
     model: ClassificationNet, cases: list[ClsCase], cfg: FinetuneConfig,
-    class_names: tuple[str, ...] | None = None,
+    class_names: tuple[str, ...] | None = None, precision: str = "fp32",
 ) -> dict[str, Any]:
     """Softmax AUC/accuracy, or for multi-label the threshold-free per-class report."""
     model.eval()
+    device = _device_of(model)
     probs = []
     for i in range(0, len(cases), cfg.batch_size):
-        x = torch.stack([cls_input(c, cfg) for c in cases[i:i + cfg.batch_size]])
-        logits = model(x)
-        probs.append(logits.sigmoid() if cfg.multi_label else logits.softmax(dim=1))
+        x = torch.stack([cls_input(c, cfg) for c in cases[i:i + cfg.batch_size]]).to(device)
+        with autocast(device, precision):
+            logits = model(x).float()
+        probs.append((logits.sigmoid() if cfg.multi_label else logits.softmax(dim=1)).cpu())
     scores = torch.cat(probs).numpy()
     if cfg.multi_label:
         return multilabel_metrics(scores, np.stack([c.label for c in cases]), class_names or ())
@@ -195,6 +210,7 @@ def finetune(
     val_dir: str | Path,
     out_dir: str | Path,
     model: nn.Module | None = None,
+    runtime: Runtime | None = None,
 ) -> dict[str, Any]:
     """Fine-tune on ``train_dir``, validate on ``val_dir``; returns (and writes) the metrics.
 
@@ -205,6 +221,9 @@ def finetune(
     None with it.
     """
     cfg.validate()
+    runtime = runtime or Runtime()
+    runtime.validate()
+    device, precision = runtime.torch_device(), runtime.precision
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -225,9 +244,10 @@ def finetune(
         raise ValueError("finetune: pass either init weights or a model, not both")
     else:
         init_info = {"init": "scratch", "network": type(model).__name__}
+    model.to(device)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("model from %s, %.2f M trainable parameters (%s mode)", init_info["init"],
-             n_train / 1e6, cfg.mode)
+    log.info("model from %s, %.2f M trainable parameters (%s mode), on %s in %s",
+             init_info["init"], n_train / 1e6, cfg.mode, device, precision)
 
     # ============ loss, optimiser and batches ... ============
     if cfg.is_segmentation:
@@ -239,6 +259,7 @@ def finetune(
         criterion = nn.BCEWithLogitsLoss() if cfg.multi_label else nn.CrossEntropyLoss()
         batches = _cls_batches(train, cfg, rng)
     optimizer = _optimizer(model, cfg)
+    scaler = grad_scaler(device, precision)
     steps = cfg.steps_per_epoch or max(1, math.ceil(len(train) / cfg.batch_size))
     total = steps * cfg.epochs
 
@@ -253,22 +274,32 @@ def finetune(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = next(batches)
-            loss = criterion(model(x), y)
+            x, y = x.to(device), y.to(device)
+            with autocast(device, precision):
+                out = model(x)
+            loss = criterion(_as_fp32(out), y)  # the loss in fp32 whatever the forward's dtype
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite fine-tuning loss at epoch {epoch}, "
                                          f"step {step}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            if not scaler.is_enabled():  # fp16: the scaler skips steps that overflow
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                if not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+                    raise FloatingPointError(f"non-finite fine-tuning gradient at epoch "
+                                             f"{epoch}, step {step}; lower --lr")
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             losses.append(float(loss.detach()))
             step += 1
         row: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": lr,
                                "train_seconds": time.perf_counter() - start}
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
             start = time.perf_counter()
-            row.update(_validate(model, val, cfg, num_classes, names))
+            row.update(_validate(model, val, cfg, num_classes, names, precision))
             row["val_seconds"] = time.perf_counter() - start
         history.append(row)
         append_jsonl(out_dir / "history.jsonl", row)
@@ -290,16 +321,22 @@ def finetune(
         "config": to_dict(cfg),
     }
     atomic_write_json(out_dir / "metrics.json", _jsonable(metrics))
-    save_checkpoint(out_dir, "finetuned", model.state_dict(),
+    save_checkpoint(out_dir, "finetuned",
+                    {k: v.detach().cpu() for k, v in model.state_dict().items()},
                     {"task": cfg.task, "num_classes": num_classes, "init": init_info,
                      "config": to_dict(cfg)})
     return metrics
 
 
-def _validate(model, val, cfg, num_classes, names) -> dict[str, Any]:
+def _validate(model, val, cfg, num_classes, names, precision) -> dict[str, Any]:
     if cfg.is_segmentation:
-        return evaluate_segmentation(model, val, cfg, num_classes, names)
-    return evaluate_classification(model, val, cfg, names)
+        return evaluate_segmentation(model, val, cfg, num_classes, names, precision)
+    return evaluate_classification(model, val, cfg, names, precision)
+
+
+def _as_fp32(out: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """Logits (or deep-supervision logits, fine to coarse) as fp32 for the loss."""
+    return [o.float() for o in out] if isinstance(out, (list, tuple)) else out.float()
 
 
 def _summary(row: dict[str, Any]) -> str:
