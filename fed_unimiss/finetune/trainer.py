@@ -108,7 +108,9 @@ def _lr_at(step: int, total: int, cfg: FinetuneConfig) -> float:
 
 
 def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where the model's weights are (the CPU for a parameter-free callable)."""
+    params = model.parameters() if isinstance(model, nn.Module) else iter(())
+    return next((p.device for p in params), torch.device("cpu"))
 
 
 @torch.no_grad()
