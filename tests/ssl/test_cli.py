@@ -14,15 +14,21 @@ from fed_unimiss.cli.main import main
 from fed_unimiss.ssl.config import recipe_to_dict
 
 
-@pytest.mark.slow
-def test_pretrain_checkpoints_logs_and_resumes(phantom_dir, tmp_path, recipe_factory, capsys):
+def _pretrain_args(recipe_factory, data, tmp_path) -> list[str]:
+    """`pretrain` arguments for a tiny recipe written to tmp_path, checkpointing every 2 steps
+    into tmp_path/run."""
     recipe = recipe_factory(steps_per_epoch=2, alternate_interval=1, checkpoint_every=2,
                             log_every=1, threads=1)
     config = tmp_path / "recipe.yaml"
     config.write_text(yaml.safe_dump(recipe_to_dict(recipe)))
+    return ["pretrain", "--config", str(config), "--data", str(data), "--out",
+            str(tmp_path / "run"), "--no-progress"]
+
+
+@pytest.mark.slow
+def test_pretrain_checkpoints_logs_and_resumes(phantom_dir, tmp_path, recipe_factory, capsys):
     run = tmp_path / "run"
-    args = ["pretrain", "--config", str(config), "--data", str(phantom_dir), "--out", str(run),
-            "--no-progress"]
+    args = _pretrain_args(recipe_factory, phantom_dir, tmp_path)
     assert main(args + ["--steps", "2"]) == 0
     assert latest_checkpoint(run, "ckpt_").name == "ckpt_00000002.safetensors"
     assert main(args + ["--steps", "3", "--resume"]) == 0
@@ -60,13 +66,9 @@ def test_pretrain_missing_data_folder(tmp_path, capsys):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_pretrain_in_mixed_precision_resumes_with_finite_state(phantom_dir, tmp_path,
                                                                recipe_factory, capsys, precision):
-    recipe = recipe_factory(steps_per_epoch=2, alternate_interval=1, checkpoint_every=2,
-                            log_every=1, threads=1)
-    config = tmp_path / "recipe.yaml"
-    config.write_text(yaml.safe_dump(recipe_to_dict(recipe)))
     run = tmp_path / "run"
-    args = ["pretrain", "--config", str(config), "--data", str(phantom_dir), "--out", str(run),
-            "--no-progress", "--device", "cpu", "--precision", precision]
+    args = _pretrain_args(recipe_factory, phantom_dir, tmp_path) + [
+        "--device", "cpu", "--precision", precision]
     assert main(args + ["--steps", "2"]) == 0
     assert main(args + ["--steps", "4", "--resume"]) == 0
     assert "pretrained steps 2..4 of 8" in capsys.readouterr().out
