@@ -15,6 +15,13 @@ __all__ = ["register", "format_round", "format_bytes"]
 
 log = logging.getLogger(__name__)
 
+# `aggregator start` exit codes, one rule (docs/coordinator-guide.md, "Exit codes"): 0 the run
+# completed; 1 it started but did not complete (a round failed, the SuperLink died, the sites
+# did not come online in time, Ctrl-C); 2 refused before anything started (bad kit, config,
+# flags, or a resume that does not match RUN).
+EXIT_FAILED = 1
+EXIT_REFUSED = 2
+
 
 def format_bytes(n: float | None) -> str:
     if n is None:
@@ -48,7 +55,7 @@ def format_round(row: dict[str, Any], rounds: int | None, state: Any = None) -> 
 
 
 def _start(args: argparse.Namespace) -> int:
-    from aggregator.deploy.control import ControlError
+    from aggregator.deploy.control import ControlError, InputError
     from aggregator.deploy.runner import AggregatorOptions, run_aggregator
     from fed_unimiss.config import ConfigError
 
@@ -63,30 +70,34 @@ def _start(args: argparse.Namespace) -> int:
         dashboard = start_beside(args)  # issue 16: the live page beside the federation
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     try:
         outcome = run_aggregator(
             opts,
             on_round=lambda row, st: print(format_round(row, args.rounds, st), flush=True),
             on_started=lambda rid: print(f"run {rid} started; logs in {Path(args.out) / 'logs'}",
                                          flush=True),
+            on_note=lambda text: print(text, flush=True),
         )
-    except (ConfigError, ControlError, FileNotFoundError) as e:
+    except (ConfigError, InputError, FileNotFoundError) as e:  # refused before anything ran
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
+    except ControlError as e:  # started, but the run could not go on (docs: exit codes)
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         if dashboard is not None:
             dashboard.stop()
     if not outcome.ok:
         print(f"error: {outcome.error}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     print(f"run {outcome.state.run_id} completed: {len(outcome.rounds)} round(s) in "
           f"{Path(args.out).resolve()}")
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    from aggregator.deploy.runner import last_run_of_kit, run_summary
+    from aggregator.run_summary import last_run_of_kit, run_summary
 
     if args.out:
         out = Path(args.out)
@@ -95,11 +106,11 @@ def _status(args: argparse.Namespace) -> int:
         if found is None:
             print(f"error: --kit {args.kit}: this coordinator kit was never started "
                   "(no last-run record); pass --out RUN", file=sys.stderr)
-            return 2
+            return EXIT_REFUSED
         out = found
     if not out.is_dir():
         print(f"error: --out {out}: no such RUN folder", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     summary = run_summary(out)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -108,7 +119,13 @@ def _status(args: argparse.Namespace) -> int:
     target = f"/{summary['rounds_target']}" if summary["rounds_target"] else ""
     print(f"RUN {summary['out']}")
     print(f"  rounds done: {summary['rounds_done']}{target}")
-    print(f"  sites seen:  {', '.join(summary['sites_seen']) or 'none yet'}")
+    if summary["rounds_done"]:
+        missing = summary["sites_missing"]
+        print(f"  sites:       {', '.join(summary['sites_last_round']) or 'none'} in round "
+              f"{summary['rounds_done']}"
+              + (f"; not in it: {', '.join(missing)} (seen in earlier rounds)" if missing else ""))
+    else:
+        print("  sites:       none yet")
     print(f"  last loss:   {loss:.4f}" if isinstance(loss, (int, float)) else "  last loss:   -")
     print(f"  last run:    {summary['run_id'] or '-'} ({summary['status']})")
     why = f" ({summary['why']})" if summary["why"] else ""

@@ -58,12 +58,14 @@ SAMPLES_2D = "samples_2d"  # 2D samples trained on, X-rays and CT slices alike
 SAMPLES_3D = "samples_3d"  # 3D sub-volumes trained on
 STEPS = "steps"
 LOSS = "loss"
+LOSS_2D = "loss_2d"  # mean loss of the round's X-ray (2D) steps; absent without such steps
+LOSS_3D = "loss_3d"  # mean loss of the round's CT (3D) steps
 SECONDS = "seconds"
 SAMPLES_PER_S = "samples_per_s"
 SKIPPED = "skipped"
 TEACHER_ENTROPY = "teacher_entropy"
 KL = "kl"
-TRAIN_METRICS = (STEPS, LOSS, SECONDS, SAMPLES_PER_S, SKIPPED, TEACHER_ENTROPY, KL)
+TRAIN_METRICS = (STEPS, LOSS, LOSS_2D, LOSS_3D, SECONDS, SAMPLES_PER_S, SKIPPED, TEACHER_ENTROPY, KL)
 COUNT_METRICS = (SAMPLES_2D, SAMPLES_3D, NUM_EXAMPLES)
 
 # The only non-numeric value a site may send: its label, chosen by hospital IT in the node
