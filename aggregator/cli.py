@@ -33,11 +33,30 @@ def format_bytes(n: float | None) -> str:
     return f"{n:.1f} GB"
 
 
+def kind_losses(row: dict[str, Any]) -> dict[str, float]:
+    """The round's 2D and 3D losses apart: per kind, the mean of the sites' ``loss_2d`` /
+    ``loss_3d`` weighted by their samples of that kind (the two differ in scale, so their mix
+    in ``loss`` can hide the trend of either)."""
+    out: dict[str, float] = {}
+    for kind in ("2d", "3d"):
+        pairs = [(m.get(f"loss_{kind}"), m.get(f"samples_{kind}") or 1)
+                 for m in (row.get("per_site") or {}).values() if isinstance(m, dict)]
+        pairs = [(v, n) for v, n in pairs if isinstance(v, (int, float))
+                 and isinstance(n, (int, float)) and n > 0]
+        if pairs:
+            out[kind] = sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
+    return out
+
+
 def format_round(row: dict[str, Any], rounds: int | None, state: Any = None) -> str:
-    """One progress line: round, sites replied, loss, bytes (from the run's counters)."""
+    """One progress line: round, sites replied, loss (per kind), bytes, and every site whose
+    reply was not used with the aggregator's reason (a category, never a site's text)."""
     sites = row.get("sites") or []
     loss = row.get("loss")
     loss_s = f"{loss:.4f}" if isinstance(loss, (int, float)) else "-"
+    kinds = kind_losses(row)
+    if kinds:
+        loss_s += " (" + ", ".join(f"{k.upper()} {v:.3f}" for k, v in kinds.items()) + ")"
     of = f"/{rounds}" if rounds else ""
     text = (f"round {row.get('round', '?')}{of}: {len(sites)} site(s) replied "
             f"({', '.join(str(s) for s in sites) or 'none'}), loss {loss_s}")
@@ -51,6 +70,9 @@ def format_round(row: dict[str, Any], rounds: int | None, state: Any = None) -> 
     secs = row.get("seconds")
     if isinstance(secs, (int, float)):
         text += f", {secs:.1f} s"
+    rejected = row.get("rejected") or {}
+    if isinstance(rejected, dict) and rejected:
+        text += "; not used: " + "; ".join(f"{site} ({why})" for site, why in rejected.items())
     return text
 
 
