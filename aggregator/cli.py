@@ -17,8 +17,9 @@ log = logging.getLogger(__name__)
 
 # `aggregator start` exit codes, one rule (docs/coordinator-guide.md, "Exit codes"): 0 the run
 # completed; 1 it started but did not complete (a round failed, the SuperLink died, the sites
-# did not come online in time, Ctrl-C); 2 refused before anything started (bad kit, config,
-# flags, or a resume that does not match RUN).
+# did not come online in time); 2 refused before anything started (bad kit, config, flags, or a
+# resume that does not match RUN); 130 / 143 stopped by Ctrl-C / SIGTERM (fed_unimiss.cli.main,
+# fed_unimiss.processes).
 EXIT_FAILED = 1
 EXIT_REFUSED = 2
 
@@ -184,7 +185,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="start the SuperLink and run N federated rounds",
         description="Starts Flower's SuperLink with TLS and site authentication, registers the "
         "kit's site keys, runs N rounds and stops. Re-running with the same --out resumes after "
-        "the last complete round. Ctrl-C stops the run and every process cleanly.",
+        "the last complete round. Ctrl-C stops the run and every process cleanly. Exit codes: 0 "
+        "completed, 1 started but did not complete, 2 refused before starting (bad input, or a "
+        "resume that does not match RUN), 130/143 stopped by Ctrl-C/SIGTERM.",
     )
     s.add_argument("--kit", required=True, help="the coordinator kit (KITS/coordinator)")
     s.add_argument("--config", required=True, help="federation YAML (e.g. configs/federation/micro.yaml)")
