@@ -195,12 +195,15 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     if not series and not times:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    sites = sorted({name.split()[0] for name in series})
+    colour = {site: f"C{i}" for i, site in enumerate(sites)}  # one colour per site, both panels
     for ax, kind, title in ((axes[0], "2D", "2D loss (X-ray steps)"),
                             (axes[1], "3D", "3D loss (CT steps)")):
         for name, values in series.items():
             if name.endswith(kind):
                 xs = sorted(values)
-                ax.plot(xs, [values[x] for x in xs], marker="o", label=f"site {name[:-3]}")
+                ax.plot(xs, [values[x] for x in xs], marker="o", label=f"site {name[:-3]}",
+                        color=colour[name[:-3]])
         ax.set_title(title)
         ax.set_xlabel("round")
         ax.set_ylabel("mean loss of the round's local steps")
@@ -211,9 +214,9 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
             ax.text(0.5, 0.5, "no site trained this kind", ha="center", transform=ax.transAxes)
     ax = axes[2]
     xs = [n for n, _, _ in times]
-    ax.bar(xs, [t for _, t, _ in times], label="training (slowest site)")
+    ax.bar(xs, [t for _, t, _ in times], label="training (slowest site)", color="0.35")
     ax.bar(xs, [c for _, _, c in times], bottom=[t for _, t, _ in times],
-           label="coordination")
+           label="coordination", color="0.75")
     ax.set_title("round time")
     ax.set_xlabel("round")
     ax.set_ylabel("seconds")
