@@ -60,7 +60,6 @@ __all__ = ["AggregatorOptions", "RunOutcome", "RoundsTail", "run_aggregator", "r
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class AggregatorOptions:
     """Everything ``aggregator start`` needs; paths may be relative (resolved here)."""

@@ -7,7 +7,9 @@ the kit, start the aggregator with ``--wait-for-sites``, start three sites, one 
 site guide's DP flags against the non-DP micro federation. What a person would look for on each
 terminal is asserted: sites-online progress, "connected", per-round lines on the sites and at
 the coordinator (the DP site named with its reason's category, no private text), ``aggregator
-status`` with the right sites, and plain-text SuperNode logs.
+status`` with the right sites, plain-text SuperNode logs, and the exported model. The resume
+walk (kill -9, the same command again, another ``--rounds`` refused) is
+tests/deploy/test_deploy_e2e.py; the researcher guide is tests/core/test_researcher_guide.py.
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ def test_guides_walk_dp_site_on_a_non_dp_federation(tmp_path):
             procs.start(f"site-{s}", site_cmd[s], logs / f"site-{s}.log", env=env, cwd=tmp_path)
         _wait_for(lambda: agg.poll() is not None, 900, "the run to finish")
         status = run("aggregator", "status", "--out", "RUN")
+        # coordinator guide, 7. Publish: export the last round for researchers
+        export = run("export", "RUN/global_round_0002.safetensors", "--out", "model")
         for s in "ABC":  # the sites keep running until stopped, as the guide says
             procs.children[f"site-{s}"].send_signal(signal.SIGTERM)
         codes = {s: procs.children[f"site-{s}"].wait(timeout=60) for s in "ABC"}
@@ -119,6 +123,8 @@ def test_guides_walk_dp_site_on_a_non_dp_federation(tmp_path):
     for s in "ABC":  # plain text, no terminal colour codes
         assert "\x1b[" not in _text(tmp_path / f"state-{s}" / "logs" / "supernode.log")
 
+    assert export.returncode == 0, export.stderr
+    assert (tmp_path / "model" / "config.json").is_file()
     assert status.returncode == 0, status.stderr
     assert "sites:       B, C in round 2" in status.stdout, status.stdout
     assert "A" not in status.stdout.split("sites:")[1].splitlines()[0]
