@@ -354,8 +354,10 @@ class SiteProgress:
     """
 
     def __init__(self, site: str, superlink: str, state: Path, log_path: Path,
-                 say: Callable[[str], None] = print) -> None:
-        self.site, self.superlink, self.say = site, superlink, say
+                 say: Callable[[str], None] | None = None) -> None:
+        # flushed at once: a service's log or a redirected terminal must show it as it happens
+        self.say = say or (lambda text: print(text, flush=True))
+        self.site, self.superlink = site, superlink
         self.progress = state / PROGRESS_FILE
         self.log_path = log_path
         self.offset = self.progress.stat().st_size if self.progress.exists() else 0
