@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -114,8 +115,12 @@ def _register_sites(client: ControlClient, kit: CoordinatorKit) -> None:
             log.info("registered site %s (node %d)", site, node)
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # Flower colours its log lines unconditionally
+
+
 def _save_server_log(client: ControlClient, run_id: int, after: float, logs: Path) -> float:
     text, latest = client.fetch_logs(run_id, after)
+    text = ANSI.sub("", text)
     if text:
         with open(logs / "serverapp.log", "a") as f:
             f.write(text if text.endswith("\n") else text + "\n")
