@@ -85,22 +85,63 @@ def _reply(msg: Message, site: SiteState, metrics: dict[str, float],
     return Message(content, reply_to=msg)
 
 
-def _error(msg: Message, code: int, text: str) -> Message:
-    return Message(Error(code, text), reply_to=msg)
+def _error(msg: Message, code: int, text: str, site_name: str | None = None) -> Message:
+    """An error reply: the code, a fixed text and the site's label (so the coordinator can name
+    the site; an error reply has no content records)."""
+    return Message(Error(code, ex.error_reason(site_name, text)), reply_to=msg)
+
+
+def _site_name(context: Context) -> str | None:
+    name = context.node_config.get(ex.NODE_SITE_NAME)
+    return str(name) if ex.is_valid_site_name(name) else None
+
+
+def _record(context: Context, round_num: int, event: str, **fields: object) -> None:
+    """Best effort: the site's terminal line for this message (site_client/supernode.py)."""
+    try:
+        SiteState.from_node_config(context.node_config).record_event(round_num, event, **fields)
+    except Exception:  # noqa: BLE001 - progress display must never stop a reply
+        log.debug("progress not recorded", exc_info=True)
+
+
+def _untrainable(job: Instruction, privacy: object) -> str | None:
+    """Why this site's settings cannot train the announced recipe (site-local text), or None."""
+    if privacy is None:
+        return None
+    from fed_unimiss.ssl.dp_step import check_dp_recipe
+
+    try:
+        check_dp_recipe(job.recipe)
+    except ValueError as e:
+        return (f"differential privacy is on at this site, and the federation's recipe cannot "
+                f"be trained with DP: {e}. Ask the coordinator for a DP-capable federation "
+                "config (e.g. configs/federation/micro-dp.yaml), or start this site without "
+                "--dp-epsilon")
+    return None
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train ``local_steps`` on local data from the received global state; reply the new state."""
+    name, round_num = _site_name(context), 0
     try:
         job = Instruction.from_message(msg)
+        round_num = job.round
         privacy = site_privacy(context.node_config)
         if privacy is None and job.require_dp:  # never release a non-private update
-            log.warning("the federation requires differential privacy and this site has none "
-                        "configured: refusing to train. Restart the site with --dp-epsilon E (or "
-                        "a privacy section in site.yaml) to take part.")
+            why = ("the federation requires differential privacy and this site has none "
+                   "configured: refusing to train. Restart the site with --dp-epsilon E (or "
+                   "a privacy section in site.yaml) to take part.")
+            log.warning("%s", why)
+            _record(context, round_num, "refused", why=why)
             return _error(msg, ERROR_DP_REQUIRED, "federation requires differential privacy; "
-                          "this site trains without it and refuses")
+                          "this site trains without it and refuses", name)
+        why = _untrainable(job, privacy)
+        if why is not None:  # refuse before loading data or building a model: at once
+            log.error("%s", why)
+            _record(context, round_num, "refused", why=why)
+            return _error(msg, ex.ERROR_RECIPE, "this site's settings cannot train the "
+                          "federation's recipe", name)
         torch.set_num_threads(job.recipe.ssl.threads)
         site = SiteState.from_node_config(context.node_config)
         runtime = Runtime.from_node_config(context.node_config)
@@ -120,25 +161,38 @@ def train(msg: Message, context: Context) -> Message:
                 job.start_step, job.local_steps, interval=job.round, runtime=runtime, seed=seed,
                 scratch_root=site.state_dir / "rounds")
             site.record_position(job.round, job.start_step, job.local_steps, job.total_steps)
+            site.record_event(job.round, "trained", **_shown(public))
             return _reply(msg, site, public, state)
         try:
             step, guard = training_mode(job.recipe, privacy, site.state_dir, data,
                                         job.local_steps)
         except LedgerError:
             log.exception("privacy ledger unusable: refusing to train (fail closed)")
+            site.record_event(job.round, "refused", why="the privacy ledger is unreadable; "
+                              "restore STATE/privacy_ledger.json from its backup")
             return _error(msg, ERROR_LEDGER, "site privacy ledger unreadable; site refuses to "
-                          "train until it is restored")
+                          "train until it is restored", name)
         engine = _engine(msg, job, runtime, step)
         torch.manual_seed(seed)
         local = run_local(engine, data, job.start_step, job.local_steps, guard,
                           interval=job.round)
         if not local.trained:  # the budget refused: metrics only, nothing trained
+            site.record_event(job.round, "refused", why="the privacy budget is spent")
             return _reply(msg, site, local.public)
         site.record_position(job.round, job.start_step, job.local_steps, job.total_steps)
+        site.record_event(job.round, "trained", **_shown(local.public))
         return _reply(msg, site, local.public, engine.exchange_state())
-    except Exception:  # noqa: BLE001 - a site must answer, never crash, on any failure
+    except Exception as e:  # noqa: BLE001 - a site must answer, never crash, on any failure
         log.exception("training failed in this round")
-        return _error(msg, ERROR_TRAIN, "site could not train this round; see the site log")
+        _record(context, round_num, "failed", why=f"{type(e).__name__}: {e}")
+        return _error(msg, ERROR_TRAIN, "site could not train this round; see the site log",
+                      name)
+
+
+def _shown(public: dict[str, float]) -> dict[str, float]:
+    """What the site's terminal line shows of a round it trained."""
+    keys = (ex.STEPS, ex.LOSS_2D, ex.LOSS_3D, ex.SECONDS, "epsilon")
+    return {k: public[k] for k in keys if k in public}
 
 
 @app.evaluate()
@@ -148,7 +202,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         if site_privacy(context.node_config) is not None:  # an un-noised loss is not covered
             log.info("evaluation request declined: this site releases only DP-trained state")
             return _error(msg, ERROR_DP_EVALUATE, "DP site: local evaluation metrics are not "
-                          "released")
+                          "released", _site_name(context))
         job = Instruction.from_message(msg)
         torch.set_num_threads(job.recipe.ssl.threads)
         site = SiteState.from_node_config(context.node_config)
@@ -160,4 +214,5 @@ def evaluate(msg: Message, context: Context) -> Message:
         return _reply(msg, site, metrics)
     except Exception:  # noqa: BLE001 - see train
         log.exception("evaluation failed in this round")
-        return _error(msg, ERROR_EVALUATE, "site could not evaluate; see the site log")
+        return _error(msg, ERROR_EVALUATE, "site could not evaluate; see the site log",
+                      _site_name(context))
