@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import torch
 
+from fed_unimiss import exchange as ex
+
 __all__ = ["Runtime", "PRECISIONS", "resolve_device", "autocast", "autocast_dtype",
            "grad_scaler"]
 
@@ -122,16 +124,12 @@ class Runtime:
 
     # ---- a site's node config (the SuperNode hands it to every ClientApp message) ----
     def to_node_config(self) -> dict[str, Any]:
-        from fed_unimiss import exchange as ex
-
         return {ex.NODE_DEVICE: self.device, ex.NODE_PRECISION: self.precision,
                 ex.NODE_WORKERS: self.workers}
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> Runtime:
         """The site's runtime; keys that are absent take the defaults. Validated."""
-        from fed_unimiss import exchange as ex
-
         runtime = cls(device=str(node_config.get(ex.NODE_DEVICE, "auto")),
                       precision=str(node_config.get(ex.NODE_PRECISION, "fp32")),  # type: ignore[arg-type]
                       workers=int(node_config.get(ex.NODE_WORKERS, 1)))

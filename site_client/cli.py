@@ -7,11 +7,12 @@ import logging
 import sys
 from pathlib import Path
 
-from fed_unimiss.privacy.config import DP_KEYS
+from fed_unimiss.privacy.config import DP_KEYS, PrivacyConfig
 from fed_unimiss.runtime import Runtime
 from site_client.supernode import (
     EXIT_BAD_INPUT,
     SiteError,
+    SiteKit,
     check_runtime,
     check_site_data,
     load_site_kit,
@@ -55,7 +56,7 @@ def _start(args: argparse.Namespace) -> int:
         return e.code
 
 
-def site_runtime(kit, args: argparse.Namespace, privacy) -> Runtime:
+def site_runtime(kit: SiteKit, args: argparse.Namespace, privacy: PrivacyConfig) -> Runtime:
     """site.yaml's device/precision/workers with the flags on top; errors name both."""
     import dataclasses
 

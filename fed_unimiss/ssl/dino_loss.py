@@ -41,7 +41,7 @@ def sinkhorn_knopp(logits: Tensor, temp: float, iterations: int = 3) -> Tensor:
     """
     scores = logits.detach().float() / temp
     top = scores.max()
-    _all_reduce(top, torch.distributed.ReduceOp.MAX if _distributed() else None)
+    _all_reduce(top, maximum=True)
     q = torch.exp(scores - top).t()  # (K, B)
     k = q.shape[0]
     b = torch.tensor(float(q.shape[1]), device=q.device)
@@ -61,10 +61,11 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _all_reduce(t: Tensor, op: object = None) -> None:
-    """Sum (or ``op``) over data-parallel processes, in place; nothing with one process."""
+def _all_reduce(t: Tensor, maximum: bool = False) -> None:
+    """Sum (or maximum) over data-parallel processes, in place; nothing with one process."""
     if _distributed():
-        torch.distributed.all_reduce(t, op=op or torch.distributed.ReduceOp.SUM)
+        op = torch.distributed.ReduceOp.MAX if maximum else torch.distributed.ReduceOp.SUM
+        torch.distributed.all_reduce(t, op=op)
 
 
 def koleo_loss(features: Tensor, eps: float = 1e-8) -> Tensor:
