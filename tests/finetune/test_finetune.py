@@ -92,8 +92,8 @@ def test_phantom_generator_layout_is_understood(tmp_path):
 @pytest.mark.slow
 def test_seg3d_bf16_learns_like_fp32(tmp_path):
     """The same fine-tuning in bf16 autocast (fp32 weights, fp32 loss): finite, above chance,
-    and within 0.15 Dice of the fp32 run on the same seed (this task's seed-to-seed spread in
-    the fp32 test above is about that size)."""
+    and within 0.15 Dice of the fp32 run on the same seed. Measured for seeds 0-2 at 1 and 2
+    threads: bf16 0.425-0.444 (the bound is chance + 0.1 = 0.18), |bf16 - fp32| <= 0.002."""
     from fed_unimiss.runtime import Runtime
 
     train = write_seg_set(tmp_path / "train", 3, seed=1, shape=SHAPE)

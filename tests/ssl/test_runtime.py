@@ -101,6 +101,8 @@ def test_bf16_loss_and_gradients_agree_with_fp32(site_data, recipe_factory, phas
 
 
 def test_bf16_and_fp16_training_stays_finite_and_learns_like_fp32(site_data, recipe_factory):
+    """Measured for recipe seeds 0-2 at 1 and 2 threads: fp16 skipped at most 1 of 12 steps
+    (never one of the last 4; bound 6), bf16's mean loss within 0.2 % of fp32's (bound 10 %)."""
     recipe = recipe_factory(epochs=6)
     losses = {}
     for precision in ("fp32", "bf16", "fp16"):
