@@ -28,6 +28,7 @@ from aggregator.strategy import DimensionAwareStrategy, ReplyLimits
 from aggregator.validation import count_bound, default_max_update_norm
 from fed_unimiss import exchange as ex
 from fed_unimiss.config import ConfigError, to_dict
+from fed_unimiss.exchange_config import describe
 from fed_unimiss.federation import FederationConfig, load_federation, resolve_recipe
 
 __all__ = ["RoundFailed", "FederationRun", "collect_replies", "initial_state", "reply_limits",
@@ -152,7 +153,7 @@ def _run_round(
     deadline = started + cfg.round_timeout
     nodes = wait_for_nodes(grid, cfg.min_sites, cfg.round_timeout, cfg.poll_interval)
     messages = strategy.configure_train(round_num, state, nodes)
-    bytes_out = messages[0].content.array_records[ex.ARRAYS].count_bytes() if messages else 0
+    bytes_out = strategy.bytes_down()
     log.info("round %d/%d: training on %d site(s)", round_num, run.rounds, len(nodes))
     missing = collect_replies(grid, messages, strategy.accept_train, deadline, cfg.poll_interval)
     strategy.close_round()  # screen the replies against each other, fold the survivors
@@ -207,7 +208,9 @@ def run_federation(
     limits = reply_limits(run.cfg, run.recipe, state)
     log.info("reply bounds: update norm %.4g per part; counts %s", limits.max_update_norm,
              limits.counts)
-    strategy = DimensionAwareStrategy(run.cfg, recipe_json, run.rounds, classes, limits)
+    strategy = DimensionAwareStrategy(run.cfg, recipe_json, run.rounds, classes, limits,
+                                      spill_dir=run.out / ".spill")
+    log.info("exchange: %s", describe(run.cfg.exchange))
     row: dict[str, Any] = {}
     if done >= run.rounds:
         log.info("%s already holds all %d round(s); nothing to do", run.out, run.rounds)

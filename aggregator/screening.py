@@ -130,17 +130,34 @@ def clip_scales(norms: Mapping[str, float], medians: Mapping[str, float]) -> dic
             if norms[part] > medians[part] > 0}
 
 
-@torch.no_grad()
+class _Clipped(Mapping[str, torch.Tensor]):
+    """``global + scale x (state - global)``, computed per tensor as it is read."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor],
+                 scales: Mapping[str, float]):
+        self._state, self._global, self._scales = state, global_state, dict(scales)
+
+    @torch.no_grad()
+    def __getitem__(self, name: str) -> torch.Tensor:
+        value = self._state[name]
+        scale = self._scales.get(part_of(name))
+        if scale is None or name not in self._global:
+            return value
+        g64 = self._global[name].to(torch.float64)
+        return (g64 + scale * (value.to(torch.float64) - g64)).to(self._global[name].dtype)
+
+    def __iter__(self):
+        return iter(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+
 def clip_state(state: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor],
-               scales: Mapping[str, float]) -> dict[str, torch.Tensor]:
-    """global + scale x (state - global) for the tensors of each scaled part."""
-    out = dict(state)
-    for name, g in global_state.items():
-        scale = scales.get(part_of(name))
-        if scale is not None:
-            g64 = g.to(torch.float64)
-            out[name] = (g64 + scale * (state[name].to(torch.float64) - g64)).to(g.dtype)
-    return out
+               scales: Mapping[str, float]) -> Mapping[str, torch.Tensor]:
+    """global + scale x (state - global) for the tensors of each scaled part (read lazily, so
+    a reply parked on disk is clipped one tensor at a time)."""
+    return _Clipped(state, global_state, scales)
 
 
 def state_digest(state: Mapping[str, torch.Tensor]) -> str:

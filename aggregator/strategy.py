@@ -20,10 +20,14 @@ aggregator trusts a site's report that it trained with DP (docs/privacy.md).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import tempfile
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,18 +40,20 @@ from aggregator.screening import (
     Verdict,
     clip_state,
     screen_round,
-    state_digest,
 )
+from aggregator.spill import SpilledState, SpillWriter
 from aggregator.validation import (
+    PARTS,
     CountBound,
     ReplyRejected,
     SiteReport,
     check_counts,
-    check_state,
     parse_report,
+    part_of,
     site_label,
 )
 from fed_unimiss import exchange as ex
+from fed_unimiss import exchange_codec as codec
 from fed_unimiss.federation import FederationConfig
 from fed_unimiss.privacy.report import (
     ERROR_DP_REQUIRED,
@@ -66,6 +72,26 @@ log = logging.getLogger(__name__)
 def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """Global state -> ArrayRecord (float32 numpy arrays, names kept)."""
     return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+
+def encode_record(state: Mapping[str, torch.Tensor], keys: Iterable[str], down: str
+                  ) -> ArrayRecord:
+    """The global state as it travels to the sites (``exchange.down``), tensors ``keys`` only."""
+    return ArrayRecord({k: codec.encode_tensor(state[k], down) for k in keys})
+
+
+def wire_digest(record: ArrayRecord) -> str:
+    """SHA-256 of the names and bytes of a record as sent (replay detection)."""
+    h = hashlib.sha256()
+    for name in sorted(record.keys()):
+        h.update(name.encode())
+        h.update(record[name].data)
+    return h.hexdigest()
+
+
+# Our reason for a site's error code (never the site's own text).
+ERROR_REASONS = {5003: "the site cannot honour the announced exchange codec",
+                 5004: "the site's worker stopped during the round (it restarts)"}
 
 
 def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -99,6 +125,7 @@ class SiteResult:
     bytes_in: int
     norms: dict[str, float] = field(default_factory=dict)  # per part
     verdict: Verdict = field(default_factory=Verdict)  # the round's screening
+    digest: str = ""  # of the reply as sent (replay guard)
 
     def as_row(self) -> dict[str, Any]:
         return {
@@ -145,8 +172,14 @@ class _RoundState:
     aggregator: Aggregator
     accepted: list[SiteResult] = field(default_factory=list)
     rejected: dict[str, BudgetRefusal | Rejection] = field(default_factory=dict)
-    # Replies that passed the per-reply checks, held (with their states) until close_round.
-    held: list[tuple[SiteResult, dict[str, torch.Tensor]]] = field(default_factory=list)
+    # The tensors that travel this round (all, or without teacher.* with a site-local teacher).
+    reference: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    # Replies that passed the per-reply checks, decoded and parked on disk until close_round.
+    held: list[tuple[SiteResult, SpilledState]] = field(default_factory=list)
+    bytes_down: int = 0  # one instruction as sent (arrays + config)
+    bytes_up: dict[str, int] = field(default_factory=dict)  # label -> reply as sent
+    site_seconds: dict[str, float] = field(default_factory=dict)  # label -> local training s
+    spills: list[SpilledState] = field(default_factory=list)
     closed: bool = False
     medians: dict[str, float] = field(default_factory=dict)
     evaluated: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -168,8 +201,13 @@ class DimensionAwareStrategy:
         num_rounds: int,
         classes: Mapping[str, str],
         limits: ReplyLimits | None = None,
+        spill_dir: str | Path | None = None,
     ):
         self.cfg = cfg
+        self.exchange = cfg.exchange
+        # Decoded replies wait here for the round to close (aggregator/spill.py).
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else \
+            Path(tempfile.gettempdir()) / f"fed-unimiss-spill-{uuid.uuid4().hex[:8]}"
         self.recipe_json = recipe_json
         self.num_rounds = num_rounds
         self.classes = dict(classes)
@@ -191,6 +229,7 @@ class DimensionAwareStrategy:
             ex.START_STEP: (round_num - 1) * steps,
             ex.TOTAL_STEPS: self.num_rounds * steps,
             ex.EVAL_BATCHES: self.cfg.eval_batches,
+            **self.exchange.to_config(),
         })
 
     def _instruction(self, round_num: int, message_type: str) -> ConfigRecord:
@@ -203,14 +242,20 @@ class DimensionAwareStrategy:
         self, round_num: int, global_state: Mapping[str, torch.Tensor], node_ids: Iterable[int]
     ) -> list[Message]:
         """Start a round: reset the running sums and address the global state to every node."""
+        self._cleanup()
+        keys = codec.sent_keys(global_state, self.exchange)
+        reference = {k: global_state[k] for k in keys}
         self._round = _RoundState(
             round_num,
             global_state,
-            make_aggregator(self.cfg.aggregation, global_state, self.classes, self.cfg.trim_fraction),
+            make_aggregator(self.cfg.aggregation, reference, self.classes, self.cfg.trim_fraction),
+            reference=reference,
         )
-        self._replays.remember(state_digest(global_state), f"the global state sent in round "
+        arrays = encode_record(global_state, keys, self.exchange.down)
+        config = self._instruction(round_num, ex.TRAIN)
+        self._round.bytes_down = arrays.count_bytes() + config.count_bytes()
+        self._replays.remember(wire_digest(arrays), f"the global state sent in round "
                                f"{round_num}")
-        arrays, config = state_to_record(global_state), self._instruction(round_num, ex.TRAIN)
         return [
             Message(RecordDict({ex.ARRAYS: arrays, ex.CONFIG: config}), node_id, ex.TRAIN,
                     group_id=str(round_num))
@@ -255,7 +300,7 @@ class DimensionAwareStrategy:
         norms = {r.label: r.norms for r, _ in held}
         states = {r.label: state for r, state in held}
         rnd.medians, verdicts = screen_round(
-            norms, states, rnd.global_state, self.cfg.norm_factor, self.cfg.min_cosine,
+            norms, states, rnd.reference, self.cfg.norm_factor, self.cfg.min_cosine,
             clip_to_median=self.cfg.aggregation == "clipped_mean")
         for result, state in held:
             verdict = result.verdict = verdicts[result.label]
@@ -266,10 +311,10 @@ class DimensionAwareStrategy:
                 self._reject(rnd, Rejection(result.label, verdict.reason or "", detail))
                 continue
             if verdict.scales:
-                state = clip_state(state, rnd.global_state, verdict.scales)
+                state = clip_state(state, rnd.reference, verdict.scales)
                 log.warning("round %d: %s %s", rnd.round_num, result.label, verdict.reason)
             rnd.aggregator.add(state, result.report.samples_2d, result.report.samples_3d)
-            self._replays.remember(state_digest(states[result.label]),
+            self._replays.remember(result.digest,
                                    f"a reply of {result.label} in round {rnd.round_num}")
             rnd.accepted.append(result)
             log.info("round %d: folded %s (2d=%d, 3d=%d, loss=%s)", rnd.round_num,
@@ -279,7 +324,10 @@ class DimensionAwareStrategy:
     def _judge(self, reply: Message, label: str, rnd: _RoundState) -> TrainOutcome:
         node_id = reply.metadata.src_node_id
         if reply.has_error():  # the error text comes from the site; record only its code
-            return Rejection(label, f"site reported an error (code {reply.error.code})")
+            code = reply.error.code
+            known = ERROR_REASONS.get(code)
+            return Rejection(label, f"site reported an error (code {code})"
+                             + (f": {known}" if known else ""))
         content = reply.content
         metrics = content.metric_records.get(ex.METRICS)
         budget = reported_budget(metrics)
@@ -301,22 +349,92 @@ class DimensionAwareStrategy:
             bound = self.limits.counts if epsilon is None else self.limits.dp_counts
             if bound is not None:
                 check_counts(report, bound)
+            if ex.SECONDS in report.metrics:
+                rnd.site_seconds[label] = report.metrics[ex.SECONDS]
             record = content.array_records[ex.ARRAYS]
-            bytes_in = record.count_bytes()
-            state = record_to_state(record)
-            norms = check_state(state, rnd.global_state, self.limits.max_update_norm)
-            replayed = self._replays.replayed(state_digest(state))
+            scales = content.array_records.get(ex.SCALES)
+            bytes_in = record.count_bytes() + (scales.count_bytes() if scales else 0)
+            rnd.bytes_up[label] = bytes_in
+            digest = wire_digest(record)
+            replayed = self._replays.replayed(digest)
             if replayed is not None:
                 raise ReplyRejected(f"state identical to {replayed} (nothing trained, or a "
                                     "stale replay)")
+            norms, spilled = self._decode_validate_spill(record, scales, rnd, label)
         except ReplyRejected as e:
             return Rejection(label, str(e))
         if epsilon is not None:  # DP sites report what they spent so far
             rnd.epsilon[label] = epsilon
         result = SiteResult(node_id, label, report, math.sqrt(sum(n * n for n in norms.values())),
-                            bytes_in, norms)
-        rnd.held.append((result, state))
+                            bytes_in, norms, digest=digest)
+        rnd.held.append((result, spilled))
+        rnd.spills.append(spilled)
         return result
+
+    @torch.no_grad()
+    def _decode_validate_spill(self, record: ArrayRecord, scales: ArrayRecord | None,
+                               rnd: _RoundState, label: str
+                               ) -> tuple[dict[str, float], SpilledState]:
+        """Decode, check and park a reply one tensor at a time; returns its norms per part.
+
+        Raises ``ReplyRejected`` naming the first problem: missing or unexpected tensors, a
+        tensor that does not decode under the announced codec (dtype, shape, scales), a
+        non-finite value, or a part's update norm above ``max_update_norm``.
+        """
+        up = self.exchange.up
+        reference = rnd.reference
+        missing = [name for name in reference if name not in record]
+        if missing:
+            shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+            raise ReplyRejected(f"{len(missing)} tensor(s) missing: {shown}")
+        unexpected = sum(1 for name in record.keys() if name not in reference)
+        if unexpected:
+            raise ReplyRejected(f"{unexpected} unexpected tensor(s)")
+        if (scales is not None) != (up == "q8_delta"):
+            raise ReplyRejected(f"undecodable update: int8 scales {'present' if scales else 'missing'} "
+                                f"under the announced codec up={up}")
+        sq = dict.fromkeys(PARTS, 0.0)
+        writer = SpillWriter(self.spill_dir / f"round{rnd.round_num}-{uuid.uuid4().hex}.f32")
+        try:
+            for name, ref in reference.items():
+                try:
+                    wire = torch.from_numpy(record[name].numpy())
+                    scale = torch.from_numpy(scales[name].numpy()) \
+                        if scales is not None and name in scales else None
+                except (TypeError, ValueError) as e:
+                    raise ReplyRejected(f"tensor {name} is not a numeric array") from e
+                try:
+                    value = codec.decode_update_tensor(name, wire, scale, up, ref)
+                except codec.CodecError as e:
+                    reason = str(e) if up == "fp32" else f"undecodable update ({up}): {e}"
+                    raise ReplyRejected(reason) from None
+                if not bool(torch.isfinite(value).all()):
+                    raise ReplyRejected(f"{name}: non-finite values")
+                diff = value - ref.to(torch.float32)
+                sq[part_of(name)] += float(torch.linalg.vector_norm(diff, dtype=torch.float64)) ** 2
+                del diff
+                writer.add(name, value)
+            norms = {part: math.sqrt(v) for part, v in sq.items()}
+            if not any(norms.values()):
+                raise ReplyRejected("state identical to the global state sent (nothing trained)")
+            for part, norm in norms.items():
+                if not math.isfinite(norm) or norm > self.limits.max_update_norm:
+                    raise ReplyRejected(f"{part} update norm {norm:.4g} exceeds max_update_norm "
+                                        f"{self.limits.max_update_norm:.4g}")
+        except BaseException:
+            writer.abort()
+            raise
+        return norms, writer.finish()
+
+    def _cleanup(self) -> None:
+        if self._round is not None:
+            for spilled in self._round.spills:
+                spilled.delete()
+            self._round.spills.clear()
+
+    def bytes_down(self) -> int:
+        """One train instruction of this round as sent (arrays + config)."""
+        return self._require_round().bytes_down
 
     def only_budget_refusals(self) -> bool:
         """True when the round rejected replies and every one was a privacy-budget refusal."""
@@ -332,7 +450,15 @@ class DimensionAwareStrategy:
     def aggregate_train(self) -> dict[str, torch.Tensor]:
         """The new global state from the folded replies (tensors nobody trained keep theirs)."""
         self.close_round()
-        new_state = self._require_round().aggregator.result()
+        rnd = self._require_round()
+        folded = rnd.aggregator.result()
+        self._cleanup()
+        new_state = {name: folded.get(name, ref) for name, ref in rnd.global_state.items()}
+        if self.exchange.teacher == "local":  # the checkpoint's teacher: the new global student
+            for name in new_state:
+                if name.startswith(ex.TEACHER_PREFIX):
+                    student = ex.STUDENT_PREFIX + name[len(ex.TEACHER_PREFIX):]
+                    new_state[name] = new_state[student].clone()
         for name, tensor in new_state.items():
             if not bool(torch.isfinite(tensor).all()):  # cannot happen after validation
                 raise FloatingPointError(f"aggregated tensor {name} is not finite")
@@ -342,7 +468,9 @@ class DimensionAwareStrategy:
     def configure_evaluate(
         self, round_num: int, state: Mapping[str, torch.Tensor], node_ids: Iterable[int]
     ) -> list[Message]:
-        arrays, config = state_to_record(state), self._instruction(round_num, ex.EVALUATE)
+        keys = codec.sent_keys(state, self.exchange)
+        arrays = encode_record(state, keys, self.exchange.down)
+        config = self._instruction(round_num, ex.EVALUATE)
         return [
             Message(RecordDict({ex.ARRAYS: arrays, ex.CONFIG: config}), node_id, ex.EVALUATE,
                     group_id=f"{round_num}-eval")
@@ -391,6 +519,11 @@ class DimensionAwareStrategy:
             "seconds": seconds,
             "bytes_out_per_site": bytes_out_per_site,
             "bytes_in": sum(r.bytes_in for r in accepted),
+            # issue 15: every round's cost, per site (train message; bytes as sent)
+            "site_seconds": dict(sorted(rnd.site_seconds.items())),
+            "bytes_down": {lb: rnd.bytes_down for lb in sorted(rnd.bytes_up)},
+            "bytes_up": dict(sorted(rnd.bytes_up.items())),
+            "exchange": codec.describe(self.exchange),
             "epsilon": dict(sorted(rnd.epsilon.items())),  # issue 7: site -> epsilon spent
             "epsilon_budget": dict(sorted(rnd.epsilon_budget.items())),  # site -> its target
         }

@@ -1,0 +1,176 @@
+"""How the exchanged state travels: half-precision transport, int8 deltas, a site-local teacher.
+
+Both sides of the federation use these functions, so the encoding cannot drift between them.
+The federation YAML's ``exchange:`` section (:class:`ExchangeConfig`) picks one codec per
+direction and announces it in every instruction (:data:`CONFIG_KEYS`); a site that does not know
+a codec refuses the round (``site_client``), it never guesses.
+
+- ``down`` (global state to the sites): ``fp32`` as it is, or ``bf16`` / ``fp16`` full tensors.
+  bf16 travels as its raw 16 bits in an int16 array (numpy has no bfloat16).
+- ``up`` (a site's new state back): ``fp32`` / ``bf16`` / ``fp16`` full tensors, or ``q8_delta``:
+  the update against the state the site received, in blocks of :data:`BLOCK` values sharing one
+  float32 scale, rounded to int8. The rounding error is carried into the site's next update
+  (error feedback, Seide et al. 2014; Karimireddy et al. 2019), so nothing is lost over rounds,
+  only delayed. The residual is site-local memory and never travels.
+- ``teacher``: ``exchanged`` (the teacher travels both ways, the method of the paper) or
+  ``local``: each site keeps its own teacher between rounds, an EMA of its own students, and
+  only student and center travel. That is a change of the method, not a lossless encoding
+  (docs/benchmarks.md, "Rounds at the speed of the network").
+
+The aggregator decodes every update before it validates it (shape, finite, norm) and adds a
+``q8_delta`` update to its own fp32 global state; a reply that does not decode is rejected with
+:class:`CodecError`'s reason. Checkpoints are written from the decoded fp32 state.
+
+Pure torch, no flwr.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from fed_unimiss.exchange import SCALES
+from fed_unimiss.exchange_config import (
+    CONFIG_KEYS,
+    DOWN_CODECS,
+    TEACHER_MODES,
+    UP_CODECS,
+    CodecError,
+    ExchangeConfig,
+    describe,
+    sent_keys,
+)
+
+__all__ = ["ExchangeConfig", "CodecError", "CONFIG_KEYS", "DOWN_CODECS", "UP_CODECS",
+           "TEACHER_MODES", "BLOCK", "sent_keys", "encode_tensor", "decode_tensor",
+           "encode_state", "decode_state", "quantise", "dequantise", "encode_update",
+           "decode_update_tensor", "wire_names", "describe", "SCALES"]
+
+BLOCK = 256  # values per int8 block, one float32 scale each: 1.6 % overhead
+
+_WIRE_DTYPE = {"fp32": torch.float32, "bf16": torch.int16, "fp16": torch.float16}
+
+
+# ---------------------------------------------------------------- full tensors
+
+def encode_tensor(t: torch.Tensor, codec: str) -> torch.Tensor:
+    """One fp32 tensor as it travels with ``codec`` (fp32, bf16 bits as int16, fp16)."""
+    t = t.detach().cpu()
+    if codec == "fp32":
+        return t.to(torch.float32).contiguous()
+    if codec == "bf16":
+        return t.to(torch.bfloat16).contiguous().view(torch.int16)
+    if codec == "fp16":
+        return t.to(torch.float16).contiguous()
+    raise CodecError(f"unknown codec {codec!r}")
+
+
+def decode_tensor(name: str, wire: torch.Tensor, codec: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The fp32 tensor ``name`` from its wire form; ``CodecError`` if dtype or shape is wrong."""
+    expected = _WIRE_DTYPE.get(codec)
+    if expected is None:
+        raise CodecError(f"unknown codec {codec!r}")
+    if wire.dtype != expected:
+        raise CodecError(f"{name}: dtype {wire.dtype} does not match the codec {codec} "
+                         f"(expected {expected})")
+    if tuple(wire.shape) != tuple(shape):
+        raise CodecError(f"{name}: shape {tuple(wire.shape)} != expected {tuple(shape)}")
+    if codec == "bf16":
+        return wire.view(torch.bfloat16).to(torch.float32)
+    return wire.to(torch.float32)
+
+
+def encode_state(state: Mapping[str, torch.Tensor], codec: str,
+                 keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    return {k: encode_tensor(state[k], codec) for k in (keys if keys is not None else state)}
+
+
+def decode_state(wire: Mapping[str, torch.Tensor], codec: str,
+                 reference: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor of ``reference`` decoded from ``wire``; extra or missing names raise."""
+    missing = [k for k in reference if k not in wire]
+    if missing:
+        raise CodecError(f"{len(missing)} tensor(s) missing: {', '.join(missing[:3])}")
+    extra = sum(1 for k in wire if k not in reference)
+    if extra:
+        raise CodecError(f"{extra} unexpected tensor(s)")
+    return {k: decode_tensor(k, wire[k], codec, tuple(ref.shape)) for k, ref in reference.items()}
+
+
+# ---------------------------------------------------------------- int8 deltas
+
+def _blocks(numel: int) -> int:
+    return max(1, math.ceil(numel / BLOCK))
+
+
+def quantise(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values of length blocks x BLOCK, float32 scale per block) of a float tensor."""
+    flat = delta.detach().reshape(-1).to(torch.float32)
+    n = flat.numel()
+    padded = torch.zeros(_blocks(n) * BLOCK, dtype=torch.float32)
+    padded[:n] = flat
+    blocks = padded.view(-1, BLOCK)
+    scales = blocks.abs().amax(dim=1) / 127.0
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(blocks / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.view(-1), scales
+
+
+def dequantise(q: torch.Tensor, scales: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    n = math.prod(shape)
+    values = q.view(-1, BLOCK).to(torch.float32) * scales[:, None]
+    return values.view(-1)[:n].view(shape)
+
+
+def encode_update(new: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor],
+                  codec: str, keys: Iterable[str],
+                  residual: dict[str, torch.Tensor] | None = None,
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A site's reply tensors (and q8 scales) for ``keys``.
+
+    ``received`` is the decoded state the site started from. With ``q8_delta`` the update
+    ``new - received`` plus the carried ``residual`` is quantised and ``residual`` is updated in
+    place with what the rounding lost (error feedback); other codecs send full tensors.
+    """
+    if codec != "q8_delta":
+        return {k: encode_tensor(new[k], codec) for k in keys}, {}
+    wire, scales = {}, {}
+    for k in keys:
+        delta = new[k].detach().cpu().to(torch.float32) - received[k].to(torch.float32)
+        if residual is not None and k in residual and residual[k].shape == delta.shape:
+            delta = delta + residual[k]
+        q, s = quantise(delta)
+        wire[k], scales[k] = q, s
+        if residual is not None:
+            residual[k] = delta - dequantise(q, s, tuple(delta.shape))
+    return wire, scales
+
+
+def decode_update_tensor(name: str, wire: torch.Tensor, scale: torch.Tensor | None, codec: str,
+                         reference: torch.Tensor) -> torch.Tensor:
+    """One tensor of a site's new state, fp32: full tensor, or ``reference`` + the int8 delta.
+
+    ``reference`` is the aggregator's own fp32 global tensor. Raises ``CodecError``.
+    """
+    shape = tuple(reference.shape)
+    if codec != "q8_delta":
+        return decode_tensor(name, wire, codec, shape)
+    blocks = _blocks(math.prod(shape))
+    if wire.dtype != torch.int8 or tuple(wire.shape) != (blocks * BLOCK,):
+        raise CodecError(f"{name}: expected int8 values of shape ({blocks * BLOCK},), got "
+                         f"{wire.dtype} {tuple(wire.shape)}")
+    if scale is None:
+        raise CodecError(f"{name}: q8_delta scales missing")
+    if scale.dtype != torch.float32 or tuple(scale.shape) != (blocks,):
+        raise CodecError(f"{name}: expected float32 scales of shape ({blocks},), got "
+                         f"{scale.dtype} {tuple(scale.shape)}")
+    if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+        raise CodecError(f"{name}: scales not finite and non-negative")
+    return reference.to(torch.float32) + dequantise(wire, scale, shape)
+
+
+def wire_names(names: Iterable[str], cfg: ExchangeConfig) -> set[str]:
+    """Every ArrayRecord key a reply may hold under ``cfg`` (a privacy test reads this)."""
+    return set(sent_keys(names, cfg))
