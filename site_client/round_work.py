@@ -241,9 +241,10 @@ def handle(req: RoundRequest) -> RoundReply:
             return _evaluate(req)
         return RoundReply.failed(ERROR_TRAIN, "unknown message type")
     except Exception:  # noqa: BLE001 - a site must answer, never crash, on any failure
-        log.exception("%s failed in this round", req.kind)
         if req.kind == ex.EVALUATE:
+            log.exception("evaluation failed in this round")
             return RoundReply.failed(ERROR_EVALUATE, "site could not evaluate; see the site log")
+        log.exception("training failed in this round")
         return RoundReply.failed(ERROR_TRAIN, "site could not train this round; see the site log")
 
 
