@@ -23,6 +23,7 @@ from typing import Protocol
 
 import torch
 
+from aggregator.spill import chunk_size, read_slice
 from fed_unimiss.exchange import class_weight
 
 __all__ = ["Aggregator", "WeightedMean", "CoordinateRobust", "make_aggregator"]
@@ -116,12 +117,19 @@ class CoordinateRobust:
     def result(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for name, ref in self._global.items():
-            values = [state[name].detach().to(torch.float64) for state, s2, s3 in self._replies
-                      if class_weight(self._classes[name], s2, s3) > 0]
-            if values:
-                out[name] = self._reduce(torch.stack(values)).to(ref.dtype)
-            else:
+            eligible = [state for state, s2, s3 in self._replies
+                        if class_weight(self._classes[name], s2, s3) > 0]
+            if not eligible:
                 out[name] = ref.clone()
+                continue
+            flat = torch.empty(ref.numel(), dtype=ref.dtype)
+            step = chunk_size(len(eligible))
+            for start in range(0, ref.numel(), step):  # a slice of the tensor at a time
+                stop = min(start + step, ref.numel())
+                values = torch.stack([read_slice(s, name, start, stop).to(torch.float64)
+                                      for s in eligible])
+                flat[start:stop] = self._reduce(values).to(ref.dtype)
+            out[name] = flat.view(ref.shape)
         return out
 
 

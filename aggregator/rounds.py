@@ -214,9 +214,12 @@ def run_federation(
     row: dict[str, Any] = {}
     if done >= run.rounds:
         log.info("%s already holds all %d round(s); nothing to do", run.out, run.rounds)
-    for round_num in range(done + 1, run.rounds + 1):
-        state, row = _run_round(grid, run, strategy, round_num, state)
-        store.save_round(round_num, state, row, identity)
-        log.info("round %d/%d done: sites=%s loss=%s rejected=%d", round_num, run.rounds,
-                 row["sites"], row["loss"], len(row["rejected"]))
+    try:
+        for round_num in range(done + 1, run.rounds + 1):
+            state, row = _run_round(grid, run, strategy, round_num, state)
+            store.save_round(round_num, state, row, identity)
+            log.info("round %d/%d done: sites=%s loss=%s rejected=%d", round_num, run.rounds,
+                     row["sites"], row["loss"], len(row["rejected"]))
+    finally:
+        strategy.close()
     return row

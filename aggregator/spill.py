@@ -23,7 +23,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["SpilledState", "SpillWriter"]
+__all__ = ["SpilledState", "SpillWriter", "read_slice", "chunk_size"]
+
+# Elements per slice when many replies of one tensor are combined at once (median, cosine):
+# about 2**21 float64 values in all, whatever the number of replies (~50 MB with the sort's
+# copies), so one large tensor (tiny's 64 MB head layer) never needs a multiple of itself.
+SLICE_BUDGET = 2**21
+
+
+def chunk_size(replies: int) -> int:
+    return max(4096, SLICE_BUDGET // max(1, replies))
+
+
+def read_slice(state: Mapping[str, torch.Tensor], name: str, start: int, stop: int
+               ) -> torch.Tensor:
+    """Flat elements [start, stop) of ``state[name]``, reading no more than that when it can."""
+    sliced = getattr(state, "slice", None)
+    if sliced is not None:
+        return sliced(name, start, stop)
+    return state[name].reshape(-1)[start:stop]
 
 
 class SpilledState(Mapping[str, torch.Tensor]):
@@ -41,6 +59,17 @@ class SpilledState(Mapping[str, torch.Tensor]):
         if values.size != count:
             raise OSError(f"{self.path}: truncated spill file at {name}")
         return torch.from_numpy(values).view(shape)
+
+    def slice(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Flat elements [start, stop) of ``name`` (a partial read of the file)."""
+        offset, shape = self._layout[name]
+        stop = min(stop, math.prod(shape))
+        count = max(0, stop - start)
+        with open(self.path, "rb") as f:
+            values = np.fromfile(f, dtype=np.float32, count=count, offset=offset + 4 * start)
+        if values.size != count:
+            raise OSError(f"{self.path}: truncated spill file at {name}")
+        return torch.from_numpy(values)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._layout)

@@ -408,11 +408,12 @@ class DimensionAwareStrategy:
                 except codec.CodecError as e:
                     reason = str(e) if up == "fp32" else f"undecodable update ({up}): {e}"
                     raise ReplyRejected(reason) from None
-                if not bool(torch.isfinite(value).all()):
+                # A non-finite value makes the update's norm non-finite: one pass checks both
+                # (isfinite over the whole state would cost as much again).
+                norm = float(torch.linalg.vector_norm(value - ref.to(torch.float32)))
+                if not math.isfinite(norm) and not bool(torch.isfinite(value).all()):
                     raise ReplyRejected(f"{name}: non-finite values")
-                diff = value - ref.to(torch.float32)
-                sq[part_of(name)] += float(torch.linalg.vector_norm(diff, dtype=torch.float64)) ** 2
-                del diff
+                sq[part_of(name)] += norm * norm
                 writer.add(name, value)
             norms = {part: math.sqrt(v) for part, v in sq.items()}
             if not any(norms.values()):
@@ -425,6 +426,14 @@ class DimensionAwareStrategy:
             writer.abort()
             raise
         return norms, writer.finish()
+
+    def close(self) -> None:
+        """Delete whatever replies are still parked (a failed round) and the spill folder."""
+        self._cleanup()
+        try:
+            self.spill_dir.rmdir()
+        except OSError:
+            pass
 
     def _cleanup(self) -> None:
         if self._round is not None:

@@ -41,7 +41,7 @@ from fed_unimiss.exchange import RUN_CONFIG, RUN_OUT, RUN_RESUME, RUN_ROUNDS
 from fed_unimiss.processes import ProcessSet, kill_recorded
 
 __all__ = ["AggregatorOptions", "RunOutcome", "RoundsTail", "run_aggregator", "run_summary",
-           "epsilon_spent", "read_rounds", "last_run_of_kit"]
+           "epsilon_spent", "read_rounds", "last_run_of_kit", "round_costs"]
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,22 @@ def run_summary(out: str | Path) -> dict[str, Any]:
         "state": run_state_,
         "why": why,
         "screening": screening_summary(rows),
+        "costs": round_costs(rows),
     }
+
+
+def round_costs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 15: per round, its wall time, the exchange, and per site local seconds and bytes."""
+    out = []
+    for row in rows:
+        if "bytes_up" not in row and "site_seconds" not in row:
+            continue  # a row written before these fields existed
+        out.append({"round": row.get("round"), "seconds": row.get("seconds"),
+                    "exchange": row.get("exchange"),
+                    "site_seconds": row.get("site_seconds") or {},
+                    "bytes_down": row.get("bytes_down") or {},
+                    "bytes_up": row.get("bytes_up") or {}})
+    return out
 
 
 def screening_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -250,3 +250,22 @@ def test_compressed_wire_holds_only_student_center_scales_and_numbers(compressed
             assert all(a.dtype == "float32" and len(a.shape) == 1 for a in scales.values())
         else:
             assert set(content.array_records) == set()
+
+
+@pytest.mark.slow
+def test_status_shows_each_rounds_cost(compressed, capsys):
+    from aggregator.cli import _status
+
+    tmp, _ = compressed
+
+    class Args:
+        out, kit, json = str(tmp / "run"), None, False
+
+    assert _status(Args()) == 0
+    text = capsys.readouterr().out
+    assert "round costs (exchange down=bf16 up=q8_delta teacher=local" in text
+    for rnd in (1, 2):
+        line = next(x for x in text.splitlines()
+                    if x.strip().startswith(f"round {rnd}: ") and " MB / " in x)
+        assert all(f"{site} " in line for site in ("both", "ct", "xr")), line
+        assert " s " in line
