@@ -113,16 +113,17 @@ def cosines_to_median(states: Mapping[str, Mapping[str, torch.Tensor]],
         flat = g.reshape(-1)
         for start in range(0, flat.numel(), step):  # a slice of the tensor at a time
             stop = min(start + step, flat.numel())
-            g64 = flat[start:stop].to(torch.float64)
-            deltas = torch.stack([read_slice(states[lb], name, start, stop).to(torch.float64)
-                                  - g64 for lb in labels])
+            # float32 updates (a sort of float64 costs twice as much); sums in float64
+            g32 = flat[start:stop].to(torch.float32)
+            deltas = torch.stack([read_slice(states[lb], name, start, stop).to(torch.float32)
+                                  - g32 for lb in labels])
             ordered = deltas.sort(dim=0).values
             median = 0.5 * (ordered[(n - 1) // 2] + ordered[n // 2])
             del ordered
-            ref[part] += float(median.pow(2).sum())
+            ref[part] += float(median.pow(2).sum(dtype=torch.float64))
             for i, lb in enumerate(labels):
-                dot[lb][part] += float((deltas[i] * median).sum())
-                own[lb][part] += float(deltas[i].pow(2).sum())
+                dot[lb][part] += float((deltas[i] * median).sum(dtype=torch.float64))
+                own[lb][part] += float(deltas[i].pow(2).sum(dtype=torch.float64))
     out: dict[str, dict[str, float]] = {}
     for lb in labels:
         out[lb] = {}

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from aggregator.averaging import Aggregator, make_aggregator
 from aggregator.screening import (
@@ -77,7 +77,8 @@ def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
 def encode_record(state: Mapping[str, torch.Tensor], keys: Iterable[str], down: str
                   ) -> ArrayRecord:
     """The global state as it travels to the sites (``exchange.down``), tensors ``keys`` only."""
-    return ArrayRecord({k: codec.encode_tensor(state[k], down) for k in keys})
+    # one tensor at a time: the encoded copy of a tensor is freed once it is serialised
+    return ArrayRecord({k: Array(codec.encode_tensor(state[k], down).numpy()) for k in keys})
 
 
 def wire_digest(record: ArrayRecord) -> str:
@@ -468,8 +469,9 @@ class DimensionAwareStrategy:
                 if name.startswith(ex.TEACHER_PREFIX):
                     student = ex.STUDENT_PREFIX + name[len(ex.TEACHER_PREFIX):]
                     new_state[name] = new_state[student].clone()
-        for name, tensor in new_state.items():
-            if not bool(torch.isfinite(tensor).all()):  # cannot happen after validation
+        for name, tensor in new_state.items():  # cannot happen after validation
+            if not math.isfinite(float(tensor.sum(dtype=torch.float64))) \
+                    and not bool(torch.isfinite(tensor).all()):
                 raise FloatingPointError(f"aggregated tensor {name} is not finite")
         return new_state
 
