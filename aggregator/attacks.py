@@ -24,12 +24,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
 from aggregator.inprocess import InProcessGrid, SiteSpec
 from aggregator.validation import count_bound, part_of
 from fed_unimiss import exchange as ex
+from fed_unimiss import exchange_codec as codec
+from fed_unimiss.exchange_config import ExchangeConfig
 
 __all__ = ["ATTACKS", "AttackGrid", "parse_attack", "attack_state"]
 
@@ -80,6 +82,20 @@ def attack_state(kind: str, honest: Mapping[str, torch.Tensor], sent: Mapping[st
     raise ValueError(f"attack kind {kind!r}: expected one of {', '.join(ATTACKS)}")
 
 
+def _decoded(record: ArrayRecord, name: str, base: Mapping[str, torch.Tensor] | None = None,
+             scales: ArrayRecord | None = None) -> dict[str, torch.Tensor]:
+    """fp32 tensors of a record encoded with codec ``name`` (``q8_delta``: ``base`` + delta)."""
+    out = {}
+    for k in list(record.keys()):
+        wire = torch.from_numpy(record[k].numpy())
+        if name == "q8_delta":
+            scale = torch.from_numpy(scales[k].numpy()) if scales is not None else None
+            out[k] = codec.decode_update_tensor(k, wire, scale, name, base[k])
+        else:
+            out[k] = codec.decode_tensor(k, wire, name, tuple(wire.shape))
+    return out
+
+
 class AttackGrid(InProcessGrid):
     """An in-process grid where the sites named in ``attacks`` misbehave (see module docstring)."""
 
@@ -104,13 +120,19 @@ class AttackGrid(InProcessGrid):
         if kind is None or reply is None or msg.metadata.message_type != ex.TRAIN \
                 or reply.has_error() or ex.ARRAYS not in reply.content.array_records:
             return reply
-        sent = msg.content.array_records[ex.ARRAYS].to_torch_state_dict()
-        self._first_sent.setdefault(node, sent)
-        honest = reply.content.array_records[ex.ARRAYS].to_torch_state_dict()
         config = msg.content.config_records[ex.CONFIG]
+        xc = ExchangeConfig.from_config(config)  # attack in fp32, then encode as announced
+        sent = _decoded(msg.content.array_records[ex.ARRAYS], xc.down)
+        self._first_sent.setdefault(node, sent)
+        honest = _decoded(reply.content.array_records[ex.ARRAYS], xc.up, sent,
+                          reply.content.array_records.get(ex.SCALES))
         round_num = int(config[ex.ROUND])
         state = attack_state(kind, honest, sent, self._first_sent[node], seed=round_num)
-        reply.content[ex.ARRAYS] = ArrayRecord(state)
+        wire, scales = codec.encode_update(state, sent, xc.up, list(state))
+        reply.content[ex.ARRAYS] = ArrayRecord({k: Array(v.numpy()) for k, v in wire.items()})
+        if scales:
+            reply.content[ex.SCALES] = ArrayRecord({k: Array(v.numpy())
+                                                    for k, v in scales.items()})
         metrics = dict(reply.content.metric_records[ex.METRICS])
         if kind == "inflate":
             for key in ex.COUNT_METRICS:

@@ -152,11 +152,29 @@ def _run_round(
     started = time.monotonic()
     deadline = started + cfg.round_timeout
     nodes = wait_for_nodes(grid, cfg.min_sites, cfg.round_timeout, cfg.poll_interval)
+    phases: dict[str, float] = {}  # issue 15: where the round's time went at the coordinator
+    t = time.monotonic()
     messages = strategy.configure_train(round_num, state, nodes)
+    phases["encode_s"] = time.monotonic() - t
     bytes_out = strategy.bytes_down()
     log.info("round %d/%d: training on %d site(s)", round_num, run.rounds, len(nodes))
-    missing = collect_replies(grid, messages, strategy.accept_train, deadline, cfg.poll_interval)
+    accept_s, first = [0.0], [None]
+    pushed = time.monotonic()
+
+    def accept(reply: Message) -> None:
+        t0 = time.monotonic()
+        if first[0] is None:
+            first[0] = t0 - pushed
+        strategy.accept_train(reply)
+        accept_s[0] += time.monotonic() - t0
+
+    missing = collect_replies(grid, messages, accept, deadline, cfg.poll_interval)
+    phases["collect_s"] = time.monotonic() - pushed
+    phases["first_reply_s"] = first[0] if first[0] is not None else phases["collect_s"]
+    phases["decode_validate_s"] = accept_s[0]
+    t = time.monotonic()
     strategy.close_round()  # screen the replies against each other, fold the survivors
+    phases["screen_s"] = time.monotonic() - t
     if strategy.num_accepted < cfg.min_sites:
         raise RoundFailed(
             f"round {round_num}: {strategy.num_accepted} valid replie(s) from {len(nodes)} "
@@ -164,13 +182,18 @@ def _run_round(
             f"needed; the last complete round's checkpoint in {run.out} is intact"
             + _rejection_note(strategy)
         )
+    t = time.monotonic()
     new_state = strategy.aggregate_train()
+    phases["aggregate_s"] = time.monotonic() - t
     if cfg.evaluate:
+        t = time.monotonic()
         eval_deadline = time.monotonic() + cfg.round_timeout
         eval_msgs = strategy.configure_evaluate(round_num, new_state, nodes)
         collect_replies(grid, eval_msgs, strategy.accept_evaluate, eval_deadline,
                         cfg.poll_interval)
+        phases["evaluate_s"] = time.monotonic() - t
     row = strategy.round_row(time.monotonic() - started, bytes_out, missing)
+    row["phases"] = phases
     return new_state, row
 
 
@@ -217,7 +240,9 @@ def run_federation(
     try:
         for round_num in range(done + 1, run.rounds + 1):
             state, row = _run_round(grid, run, strategy, round_num, state)
+            t = time.monotonic()
             store.save_round(round_num, state, row, identity)
+            log.info("round %d: checkpoint written in %.2f s", round_num, time.monotonic() - t)
             log.info("round %d/%d done: sites=%s loss=%s rejected=%d", round_num, run.rounds,
                      row["sites"], row["loss"], len(row["rejected"]))
     finally:

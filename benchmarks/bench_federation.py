@@ -98,7 +98,8 @@ def bytes_one(preset: str) -> dict:
             "down": arrays + config, "up": arrays + metrics + label}
 
 
-def aggregate_one(sites: int, preset: str, exchange: str = "fp32,fp32") -> dict:
+def aggregate_one(sites: int, preset: str, exchange: str = "fp32,fp32",
+                  min_cosine: float | None = -0.1) -> dict:
     """One real round with ``sites`` instant sites; aggregator time and peak memory.
 
     ``exchange`` is ``DOWN,UP`` (e.g. ``bf16,q8_delta``). The instant site builds its reply one
@@ -152,7 +153,7 @@ def aggregate_one(sites: int, preset: str, exchange: str = "fp32,fp32") -> dict:
         cfg = Path(tmp) / "fed.yaml"
         cfg.write_text(json.dumps({"recipe": {"ssl": {"steps_per_epoch": 1}}, "local_steps": 1,
                                    "min_sites": 1, "evaluate": False, "poll_interval": 0.001,
-                                   "max_update_norm": 1e9,
+                                   "max_update_norm": 1e9, "min_cosine": min_cosine,
                                    "exchange": {"down": down, "up": up}}))
         grid = InProcessGrid(app, [SiteSpec(f"s{i}", Path(tmp)) for i in range(sites)],
                              Path(tmp) / "sites")
@@ -167,9 +168,10 @@ def aggregate_one(sites: int, preset: str, exchange: str = "fp32,fp32") -> dict:
             "peak_mb": _peak_rss_mb() - base}
 
 
-def _child(kind: str, arg: str, preset: str, exchange: str = "fp32,fp32") -> dict:
+def _child(kind: str, arg: str, preset: str, exchange: str = "fp32,fp32",
+           direction: bool = True) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, arg, "--child-preset", preset,
-           "--exchange", exchange]
+           "--exchange", exchange] + ([] if direction else ["--no-direction"])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -187,13 +189,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write", type=Path, help="markdown file whose section to update")
     p.add_argument("--exchange", nargs="+", default=["fp32,fp32"],
                    help="DOWN,UP exchanges of the aggregation sweep, e.g. fp32,fp32 bf16,q8_delta")
+    p.add_argument("--no-direction", action="store_true",
+                   help="also time each row without the direction check (min_cosine: null), "
+                   "which needs every reply of a tensor at once from 3 sites on")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--child-preset", default="micro", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         kind, arg = args.child
-        result = bytes_one(arg) if kind == "bytes" else aggregate_one(int(arg), args.child_preset,
-                                                                       args.exchange[0])
+        result = bytes_one(arg) if kind == "bytes" else aggregate_one(
+            int(arg), args.child_preset, args.exchange[0],
+            None if args.no_direction else -0.1)
         print(json.dumps(result))
         return 0
 
@@ -214,16 +220,19 @@ def main(argv: list[str] | None = None) -> int:
               "(time = deserialise + decode + validate + park + screen + fold + finalise + "
               "checkpoint, client time excluded; peak = max RSS above the RSS before the round, "
               "x = peak / state):", "",
-              "| exchange (down,up) | sites | state (MB) | wall (s) | CPU (s) | CPU s per site "
-              "| peak memory (MB) | peak / state |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| exchange (down,up) | direction check | sites | state (MB) | wall (s) | CPU (s) "
+              "| CPU s per site | peak memory (MB) | peak / state |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for exchange in args.exchange:
-        for n in args.sites:
-            r = _child("aggregate", str(n), args.aggregate_preset, exchange)
-            lines.append(f"| {exchange} | {n} | {r['state_mb']:.1f} | {r['aggregator_s']:.2f} | "
-                         f"{r['aggregator_cpu_s']:.2f} | {r['aggregator_cpu_s'] / n:.3f} | "
-                         f"{r['peak_mb']:.0f} | {r['peak_mb'] / r['state_mb']:.2f}x |")
-            print(lines[-1], flush=True)
+        for direction in (True, False) if args.no_direction else (True,):
+            for n in args.sites:
+                r = _child("aggregate", str(n), args.aggregate_preset, exchange, direction)
+                check = ("on" if n >= 3 else "on (< 3 sites: skipped)") if direction else "off"
+                lines.append(f"| {exchange} | {check} | {n} | {r['state_mb']:.1f} | "
+                             f"{r['aggregator_s']:.2f} | {r['aggregator_cpu_s']:.2f} | "
+                             f"{r['aggregator_cpu_s'] / n:.3f} | {r['peak_mb']:.0f} | "
+                             f"{r['peak_mb'] / r['state_mb']:.2f}x |")
+                print(lines[-1], flush=True)
     lines += ["", "Each reply is decoded, validated and written to the run's `.spill/` folder one "
               "tensor at a time as it arrives (aggregator/spill.py); when the round closes the "
               "round-relative screening reads the parked replies back one tensor at a time and "

@@ -20,7 +20,10 @@ reply with a fixed text.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
 
 from flwr.app import (
     Array,
@@ -43,6 +46,31 @@ __all__ = ["app", "ERROR_TRAIN", "ERROR_EVALUATE", "ERROR_EXCHANGE", "ERROR_WORK
 log = logging.getLogger(__name__)
 
 app = ClientApp()
+
+TIMING_LOG = "shim-timing.jsonl"  # STATE/logs/: where a round's time went (site-local, numbers)
+
+
+def _process_start() -> float | None:
+    try:
+        import psutil
+
+        return float(psutil.Process(os.getpid()).create_time())
+    except Exception:  # noqa: BLE001 - timing is informative only
+        return None
+
+
+def _record_timing(context: Context, entry: dict) -> None:
+    """Append one line of timestamps (epoch seconds) to the site's own timing log."""
+    state = context.node_config.get(ex.NODE_STATE_DIR)
+    if not isinstance(state, str) or not state:
+        return
+    try:
+        path = os.path.join(state, "logs", TIMING_LOG)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+    except OSError:
+        pass
 
 
 def _request(kind: str, msg: Message, context: Context) -> RoundRequest:
@@ -68,13 +96,17 @@ def _message(msg: Message, reply: RoundReply) -> Message:
 
 
 def _run(kind: str, msg: Message, context: Context) -> Message:
+    timing = {"kind": kind, "pid": os.getpid(), "process_start": _process_start(),
+              "handler_start": time.time()}
     fallback = ERROR_EVALUATE if kind == ex.EVALUATE else ERROR_TRAIN
     try:
         request = _request(kind, msg, context)
+        timing["round"] = request.config.get(ex.ROUND)
     except Exception:  # noqa: BLE001 - a malformed instruction still gets an answer
         log.exception("unreadable %s instruction", kind)
         return Message(Error(fallback, "site could not read the instruction"), reply_to=msg)
     socket = context.node_config.get(ex.NODE_WORKER_SOCKET)
+    timing["work_start"] = time.time()
     if isinstance(socket, str) and socket:
         from site_client.worker import WorkerUnavailable, call
 
@@ -88,7 +120,12 @@ def _run(kind: str, msg: Message, context: Context) -> Message:
         from site_client.round_work import handle
 
         reply = handle(request)
-    return _message(msg, reply)
+    timing["work_end"] = time.time()
+    out = _message(msg, reply)
+    timing["end"] = time.time()
+    timing["worker"] = bool(isinstance(socket, str) and socket)
+    _record_timing(context, timing)
+    return out
 
 
 @app.train()

@@ -269,3 +269,29 @@ def test_status_shows_each_rounds_cost(compressed, capsys):
                     if x.strip().startswith(f"round {rnd}: ") and " MB / " in x)
         assert all(f"{site} " in line for site in ("both", "ct", "xr")), line
         assert " s " in line
+
+
+@pytest.mark.slow
+def test_attacks_are_encoded_as_announced_and_still_rejected(phantom_sites, tmp_path):
+    """simulate --attack under the compressed exchange: the attacker's int8 update is screened
+    as under fp32 (tests/federation/test_attacks.py: signflip is caught from round 2)."""
+    from fed_unimiss.data.phantom import write_phantoms
+
+    write_phantoms(tmp_path / "attacker", n_ct=1, n_xray=3, seed=4)
+    body = {
+        "recipe": str(REPO / "configs" / "pretrain" / "micro.yaml"),
+        "recipe_overrides": {"ssl": {"steps_per_epoch": 1, "batch_size_2d": 2,
+                                     "batch_size_3d": 1, "threads": 1}},
+        "local_steps": 2, "min_sites": 2, "round_timeout": 600, "evaluate": False,
+        "poll_interval": 0.05, "exchange": {"down": "bf16", "up": "q8_delta"},
+    }
+    config = tmp_path / "federation.yaml"
+    config.write_text(json.dumps(body))
+    sites = {**phantom_sites, "M": tmp_path / "attacker"}
+    for kind, check in (("signflip", "points against the round's median update"),
+                        ("nan", "undecodable")):
+        out = tmp_path / kind
+        simulate(config, list(sites.items()), rounds=2, out=out, attacks={"M": kind})
+        rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+        assert rows[-1]["sites"] == ["both", "ct", "xr"], rows[-1]["decisions"]["M"]
+        assert check in rows[-1]["rejected"]["M"], rows[-1]["rejected"]
