@@ -152,7 +152,7 @@ def _run_round(
     started = time.monotonic()
     deadline = started + cfg.round_timeout
     nodes = wait_for_nodes(grid, cfg.min_sites, cfg.round_timeout, cfg.poll_interval)
-    phases: dict[str, float] = {}  # issue 15: where the round's time went at the coordinator
+    phases: dict[str, Any] = {}  # issue 15: where the round's time went at the coordinator
     t = time.monotonic()
     messages = strategy.configure_train(round_num, state, nodes)
     phases["encode_s"] = time.monotonic() - t
@@ -160,9 +160,12 @@ def _run_round(
     log.info("round %d/%d: training on %d site(s)", round_num, run.rounds, len(nodes))
     accept_s, first = [0.0], [None]
     pushed = time.monotonic()
+    phases["pushed_at"] = time.time()  # epoch: benchmarks line it up with the sites' logs
+    arrived: dict[str, float] = {}
 
     def accept(reply: Message) -> None:
         t0 = time.monotonic()
+        arrived[str(reply.metadata.src_node_id)] = time.time()
         if first[0] is None:
             first[0] = t0 - pushed
         strategy.accept_train(reply)
@@ -172,6 +175,7 @@ def _run_round(
     phases["collect_s"] = time.monotonic() - pushed
     phases["first_reply_s"] = first[0] if first[0] is not None else phases["collect_s"]
     phases["decode_validate_s"] = accept_s[0]
+    phases["arrived_at"] = arrived  # node id -> epoch seconds the reply was pulled
     t = time.monotonic()
     strategy.close_round()  # screen the replies against each other, fold the survivors
     phases["screen_s"] = time.monotonic() - t

@@ -75,10 +75,19 @@ def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
 
 
 def encode_record(state: Mapping[str, torch.Tensor], keys: Iterable[str], down: str
-                  ) -> ArrayRecord:
-    """The global state as it travels to the sites (``exchange.down``), tensors ``keys`` only."""
-    # one tensor at a time: the encoded copy of a tensor is freed once it is serialised
-    return ArrayRecord({k: Array(codec.encode_tensor(state[k], down).numpy()) for k in keys})
+                  ) -> tuple[ArrayRecord, str | None]:
+    """The global state as it travels to the sites (``exchange.down``), tensors ``keys`` only.
+
+    fp32: one array per tensor, as Flower's own examples send it; bf16/fp16: one packed array
+    and its layout JSON (names and shapes) for the instruction config.
+    """
+    keys = list(keys)
+    if down == "fp32":  # one tensor at a time: no second copy of the whole state
+        return ArrayRecord({k: Array(codec.encode_tensor(state[k], down).numpy())
+                            for k in keys}), None
+    items = codec.layout(state, keys)
+    return (ArrayRecord({codec.PACKED: Array(codec.pack_state(state, items, down).numpy())}),
+            codec.layout_to_json(items))
 
 
 def wire_digest(record: ArrayRecord) -> str:
@@ -233,8 +242,11 @@ class DimensionAwareStrategy:
             **self.exchange.to_config(),
         })
 
-    def _instruction(self, round_num: int, message_type: str) -> ConfigRecord:
+    def _instruction(self, round_num: int, message_type: str, layout: str | None = None
+                     ) -> ConfigRecord:
         config = self.train_config(round_num)
+        if layout is not None:
+            config[ex.EXCHANGE_LAYOUT] = layout
         if message_type == ex.TRAIN and self.cfg.require_dp:
             config[REQUIRE_DP] = True
         return config
@@ -252,8 +264,8 @@ class DimensionAwareStrategy:
             make_aggregator(self.cfg.aggregation, reference, self.classes, self.cfg.trim_fraction),
             reference=reference,
         )
-        arrays = encode_record(global_state, keys, self.exchange.down)
-        config = self._instruction(round_num, ex.TRAIN)
+        arrays, layout = encode_record(global_state, keys, self.exchange.down)
+        config = self._instruction(round_num, ex.TRAIN, layout)
         self._round.bytes_down = arrays.count_bytes() + config.count_bytes()
         self._replays.remember(wire_digest(arrays), f"the global state sent in round "
                                f"{round_num}")
@@ -384,31 +396,14 @@ class DimensionAwareStrategy:
         """
         up = self.exchange.up
         reference = rnd.reference
-        missing = [name for name in reference if name not in record]
-        if missing:
-            shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
-            raise ReplyRejected(f"{len(missing)} tensor(s) missing: {shown}")
-        unexpected = sum(1 for name in record.keys() if name not in reference)
-        if unexpected:
-            raise ReplyRejected(f"{unexpected} unexpected tensor(s)")
         if (scales is not None) != (up == "q8_delta"):
             raise ReplyRejected(f"undecodable update: int8 scales {'present' if scales else 'missing'} "
                                 f"under the announced codec up={up}")
         sq = dict.fromkeys(PARTS, 0.0)
         writer = SpillWriter(self.spill_dir / f"round{rnd.round_num}-{uuid.uuid4().hex}.f32")
         try:
-            for name, ref in reference.items():
-                try:
-                    wire = torch.from_numpy(record[name].numpy())
-                    scale = torch.from_numpy(scales[name].numpy()) \
-                        if scales is not None and name in scales else None
-                except (TypeError, ValueError) as e:
-                    raise ReplyRejected(f"tensor {name} is not a numeric array") from e
-                try:
-                    value = codec.decode_update_tensor(name, wire, scale, up, ref)
-                except codec.CodecError as e:
-                    reason = str(e) if up == "fp32" else f"undecodable update ({up}): {e}"
-                    raise ReplyRejected(reason) from None
+            for name, value in self._decoded_tensors(record, scales, reference):
+                ref = reference[name]
                 # A non-finite value makes the update's norm non-finite: one pass checks both
                 # (isfinite over the whole state would cost as much again).
                 norm = float(torch.linalg.vector_norm(value - ref.to(torch.float32)))
@@ -427,6 +422,42 @@ class DimensionAwareStrategy:
             writer.abort()
             raise
         return norms, writer.finish()
+
+    def _decoded_tensors(self, record: ArrayRecord, scales: ArrayRecord | None,
+                         reference: Mapping[str, torch.Tensor]):
+        """(name, fp32 tensor) of a reply, one at a time; ``ReplyRejected`` if it does not decode."""
+        up = self.exchange.up
+        if up == "fp32":  # one array per tensor, named
+            missing = [name for name in reference if name not in record]
+            if missing:
+                shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+                raise ReplyRejected(f"{len(missing)} tensor(s) missing: {shown}")
+            unexpected = sum(1 for name in record.keys() if name not in reference)
+            if unexpected:
+                raise ReplyRejected(f"{unexpected} unexpected tensor(s)")
+            for name, ref in reference.items():
+                try:
+                    wire = torch.from_numpy(record[name].numpy())
+                except (TypeError, ValueError) as e:
+                    raise ReplyRejected(f"tensor {name} is not a numeric array") from e
+                try:
+                    yield name, codec.decode_update_tensor(name, wire, None, up, ref)
+                except codec.CodecError as e:
+                    raise ReplyRejected(str(e)) from None
+            return
+        for rec, what in ((record, "values"), (scales, "scales")):  # packed: one array each
+            if rec is not None and list(rec.keys()) != [codec.PACKED]:
+                raise ReplyRejected(f"undecodable update ({up}): {what} record must hold one "
+                                    f"array {codec.PACKED!r}")
+        try:
+            values = torch.from_numpy(record[codec.PACKED].numpy())
+            scale = torch.from_numpy(scales[codec.PACKED].numpy()) if scales is not None else None
+        except (TypeError, ValueError) as e:
+            raise ReplyRejected(f"undecodable update ({up}): not a numeric array") from e
+        try:
+            yield from codec.unpack_update(values, scale, up, reference)
+        except codec.CodecError as e:
+            raise ReplyRejected(f"undecodable update ({up}): {e}") from None
 
     def close(self) -> None:
         """Delete whatever replies are still parked (a failed round) and the spill folder."""
@@ -480,8 +511,8 @@ class DimensionAwareStrategy:
         self, round_num: int, state: Mapping[str, torch.Tensor], node_ids: Iterable[int]
     ) -> list[Message]:
         keys = codec.sent_keys(state, self.exchange)
-        arrays = encode_record(state, keys, self.exchange.down)
-        config = self._instruction(round_num, ex.EVALUATE)
+        arrays, layout = encode_record(state, keys, self.exchange.down)
+        config = self._instruction(round_num, ex.EVALUATE, layout)
         return [
             Message(RecordDict({ex.ARRAYS: arrays, ex.CONFIG: config}), node_id, ex.EVALUATE,
                     group_id=f"{round_num}-eval")

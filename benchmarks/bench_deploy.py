@@ -121,15 +121,20 @@ def bench_arm(preset: str, arm: str, rounds: int, local_steps: int, work: Path) 
         phases = row.get("phases", {})
         ours = sum(phases.get(k, 0.0) for k in ("encode_s", "decode_validate_s", "screen_s",
                                                   "aggregate_s"))
-        starts, work_outside = [], []
+        starts, work_outside, to_site, back = [], [], [], []
+        pushed, arrived = phases.get("pushed_at"), phases.get("arrived_at", {})
         for s in states:
             t = timings[s].get(n)
             if t is None:
                 continue
             if t.get("process_start"):
                 starts.append(t["handler_start"] - t["process_start"])
+                if pushed:
+                    to_site.append(t["process_start"] - pushed)
             local = float(row["site_seconds"].get(s, 0.0))
             work_outside.append((t["work_end"] - t["work_start"]) - local)
+            if str(t.get("node_id")) in arrived:
+                back.append(arrived[str(t["node_id"])] - t["end"])
         start_s = max(starts) if starts else float("nan")
         outside = max(work_outside) if work_outside else float("nan")
         wall = float(row["seconds"])
@@ -139,6 +144,8 @@ def bench_arm(preset: str, arm: str, rounds: int, local_steps: int, work: Path) 
                           "overhead": wall - compute, "process_start": start_s,
                           "site_work": outside, "coordinator": ours,
                           "rest": wall - compute - ours - start_s - outside,
+                          "to_site": statistics.mean(to_site) if to_site else float("nan"),
+                          "back": statistics.mean(back) if back else float("nan"),
                           "bytes": bytes_site, "loss": row["loss"],
                           "exchange": row.get("exchange")})
     final, _ = load_checkpoint(root / "RUN" / f"global_round_{rounds:04d}.safetensors")
@@ -175,13 +182,18 @@ def _markdown(results: list[dict], load: str, argv: list[str]) -> str:
         "Python + Flower import), *site work* (the site's round outside training: decode, "
         "encode, model and data set-up), *ours@coord.* (encode, decode + validate, screen, "
         "aggregate at the coordinator) and *Flower* (the rest: its polls, serialisation and "
-        "three hops of transfer). *MB/site* = down + up per site per round as sent; *drift* = "
+        "three hops of transfer; *to site* = from the ServerApp's push until Flower started "
+        "the site's `flwr-clientapp` process: the SuperNode's fixed 3 s idle poll, the "
+        "SuperExec's task poll and the message's way down; *reply back* = from our handler's "
+        "return until the ServerApp pulled the reply: the process's push, the SuperNode's "
+        "0.5 s reply poll, the way up). *MB/site* = down + up per site per round as sent; "
+        "*drift* = "
         "relative L2 of the final global student from the warm-fp32 run's. Round 1 also builds "
         "each site's cache.",
         "",
         "| preset | arm | round | wall | compute | coord. | start | site work | ours@coord. "
-        "| Flower | MB/site | x fp32 | loss |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| Flower | of which: to site | reply back | MB/site | x fp32 | loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     fp32_bytes = {r["preset"]: statistics.mean(x["bytes"] for x in r["rounds"])
                   for r in results if r["arm"] == "warm-fp32"}
@@ -190,9 +202,10 @@ def _markdown(results: list[dict], load: str, argv: list[str]) -> str:
             ratio = r["bytes"] / fp32_bytes[res["preset"]] if res["preset"] in fp32_bytes \
                 else float("nan")
             lines.append(
-                f"| {res['preset']} | {res['arm']} | {r['round']} | {r['wall']:.1f} | "
+                f"| {res['preset']} ({res['local_steps']} steps) | {res['arm']} | {r['round']} | {r['wall']:.1f} | "
                 f"{r['compute']:.1f} | {r['overhead']:.1f} | {r['process_start']:.1f} | "
                 f"{r['site_work']:.1f} | {r['coordinator']:.1f} | {r['rest']:.1f} | "
+                f"{r['to_site']:.1f} | {r['back']:.1f} | "
                 f"{r['bytes'] / 1e6:.1f} | {ratio:.2f} | {r['loss']:.3f} |")
     lines.append("")
     refs = {r["preset"]: r for r in results if r["arm"] == "warm-fp32"}
@@ -213,8 +226,10 @@ def _markdown(results: list[dict], load: str, argv: list[str]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--presets", nargs="+", default=["micro", "tiny"])
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--presets", nargs="+", default=["micro", "tiny:20"],
+                    help="PRESET or PRESET:LOCAL_STEPS (default steps: --local-steps)")
+    ap.add_argument("--arms", nargs="+", default=list(ARMS),
+                    help="ARM or PRESET=ARM (e.g. tiny=warm-fp32) among " + ", ".join(ARMS))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--local-steps", type=int, default=2)
     ap.add_argument("--doc", default=str(REPO / "docs" / "benchmarks.md"))
@@ -223,10 +238,16 @@ def main() -> int:
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-deploy-") as work:
-        for preset in args.presets:
-            for arm in args.arms:
+        for spec in args.presets:
+            preset, _, steps = spec.partition(":")
+            arms = [a.partition("=")[2] or a for a in args.arms
+                    if "=" not in a or a.partition("=")[0] == preset]
+            for arm in arms:
+                if arm not in ARMS:
+                    ap.error(f"--arms: unknown arm {arm!r}; expected one of {', '.join(ARMS)}")
                 print(f"benchmarking {preset} {arm} ...", flush=True)
-                results.append(bench_arm(preset, arm, args.rounds, args.local_steps, Path(work)))
+                results.append(bench_arm(preset, arm, args.rounds,
+                                         int(steps) if steps else args.local_steps, Path(work)))
                 print(json.dumps(results[-1]["rounds"]), flush=True)
         text = _markdown(results, load, sys.argv[1:])
     print(text)

@@ -128,15 +128,24 @@ def aggregate_one(sites: int, preset: str, exchange: str = "fp32,fp32",
         t, c = time.perf_counter(), time.process_time()
         got = msg.content.array_records[ex.ARRAYS]
         arrays, scales = {}, {}
-        for name in list(got.keys()):
-            wire = torch.from_numpy(got[name].numpy())
-            value = codec.decode_tensor(name, wire, down, tuple(wire.shape))
-            noise = 1e-3 * torch.randn_like(value)
-            if up == "q8_delta":
-                q, s = codec.quantise(noise)
-                arrays[name], scales[name] = Array(q.numpy()), Array(s.numpy())
-            else:
-                arrays[name] = Array(codec.encode_tensor(value + noise, up).numpy())
+        if codec.PACKED in got:  # bf16/fp16 down: one packed array and its layout
+            layout = msg.content.config_records[ex.CONFIG][ex.EXCHANGE_LAYOUT]
+            items = codec.layout_from_json(layout)
+            received = codec.unpack_state(torch.from_numpy(got[codec.PACKED].numpy()), items,
+                                          down)
+        else:
+            received = {k: torch.from_numpy(got[k].numpy()) for k in list(got.keys())}
+            items = codec.layout(received, received)
+        if up == "fp32":
+            for name, value in received.items():
+                arrays[name] = Array((value + 1e-3 * torch.randn_like(value)).numpy())
+        else:
+            new = {k: v + 1e-3 * torch.randn_like(v) for k, v in received.items()}
+            values, s = codec.pack_update(new, received, up, items)
+            arrays[codec.PACKED] = Array(values.numpy())
+            if s is not None:
+                scales[codec.PACKED] = Array(s.numpy())
+            del new
         s2, s3 = (8, 2) if context.node_id % 3 else (8, 0)
         content = RecordDict({
             ex.ARRAYS: ArrayRecord(arrays),

@@ -56,6 +56,8 @@ EVAL_BATCHES = "eval_batches"
 EXCHANGE_DOWN = "exchange_down"
 EXCHANGE_UP = "exchange_up"
 EXCHANGE_TEACHER = "exchange_teacher"
+# JSON [[name, shape], ...] of a packed (compressed) payload: the order of its tensors.
+EXCHANGE_LAYOUT = "exchange_layout_json"
 
 # ---------------------------------------------------------------- reply metric keys
 NUM_EXAMPLES = "num-examples"  # Flower's conventional name: samples_2d + samples_3d

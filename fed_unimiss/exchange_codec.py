@@ -46,7 +46,8 @@ from fed_unimiss.exchange_config import (
 __all__ = ["ExchangeConfig", "CodecError", "CONFIG_KEYS", "DOWN_CODECS", "UP_CODECS",
            "TEACHER_MODES", "BLOCK", "sent_keys", "encode_tensor", "decode_tensor",
            "encode_state", "decode_state", "quantise", "dequantise", "encode_update",
-           "decode_update_tensor", "wire_names", "describe", "SCALES"]
+           "decode_update_tensor", "wire_names", "describe", "SCALES", "PACKED", "layout", "layout_to_json",
+           "layout_from_json", "pack_state", "unpack_state", "pack_update", "unpack_update"]
 
 BLOCK = 256  # values per int8 block, one float32 scale each: 1.6 % overhead
 
@@ -174,3 +175,102 @@ def decode_update_tensor(name: str, wire: torch.Tensor, scale: torch.Tensor | No
 def wire_names(names: Iterable[str], cfg: ExchangeConfig) -> set[str]:
     """Every ArrayRecord key a reply may hold under ``cfg`` (a privacy test reads this)."""
     return set(sent_keys(names, cfg))
+
+
+# ---------------------------------------------------------------- packed payloads
+# Flower moves every array of a record as its own object (plus 5 MiB chunks), with a round trip
+# per object on each of three hops: 415-830 small arrays cost seconds per round on loopback
+# (issue 15). A compressed payload is therefore one flat array per record, the tensors
+# concatenated in :func:`layout` order; only the uncompressed fp32 exchange keeps one array per
+# tensor. The layout (names and shapes, no values) travels down in the instruction config.
+
+PACKED = "packed"  # the single ArrayRecord key of a packed payload (and of its scales)
+
+
+def layout(reference: Mapping[str, torch.Tensor], keys: Iterable[str]) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every travelling tensor, in the packing order (sorted names)."""
+    return [(k, tuple(reference[k].shape)) for k in sorted(keys)]
+
+
+def layout_to_json(items: list[tuple[str, tuple[int, ...]]]) -> str:
+    import json
+
+    return json.dumps([[name, list(shape)] for name, shape in items], separators=(",", ":"))
+
+
+def layout_from_json(text: str) -> list[tuple[str, tuple[int, ...]]]:
+    import json
+
+    try:
+        items = [(str(name), tuple(int(d) for d in shape)) for name, shape in json.loads(text)]
+    except (ValueError, TypeError) as e:
+        raise CodecError(f"unreadable tensor layout ({e})") from None
+    return items
+
+
+def pack_state(state: Mapping[str, torch.Tensor], items: list[tuple[str, tuple[int, ...]]],
+               codec: str) -> torch.Tensor:
+    """The travelling tensors as one flat wire array (``codec`` bf16/fp16, or fp32)."""
+    return torch.cat([encode_tensor(state[name], codec).reshape(-1) for name, _ in items])
+
+
+def unpack_state(flat: torch.Tensor, items: list[tuple[str, tuple[int, ...]]], codec: str
+                 ) -> dict[str, torch.Tensor]:
+    """fp32 tensors from a packed wire array; ``CodecError`` if its dtype or length is wrong."""
+    total = sum(math.prod(shape) for _, shape in items)
+    expected = _WIRE_DTYPE.get(codec)
+    if flat.dtype != expected or flat.dim() != 1 or flat.numel() != total:
+        raise CodecError(f"packed {codec} payload: {flat.dtype} of {flat.numel()} values, "
+                         f"expected {expected} of {total}")
+    out, start = {}, 0
+    for name, shape in items:
+        n = math.prod(shape)
+        out[name] = decode_tensor(name, flat[start:start + n].view(shape), codec, shape)
+        start += n
+    return out
+
+
+def pack_update(new: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor],
+                codec: str, items: list[tuple[str, tuple[int, ...]]],
+                residual: dict[str, torch.Tensor] | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A site's packed reply: (values, scales or None); see :func:`encode_update`."""
+    names = [name for name, _ in items]
+    wire, scales = encode_update(new, received, codec, names, residual)
+    values = torch.cat([wire[n].reshape(-1) for n in names])
+    return values, (torch.cat([scales[n] for n in names]) if scales else None)
+
+
+def unpack_update(values: torch.Tensor, scales: torch.Tensor | None, codec: str,
+                  reference: Mapping[str, torch.Tensor]):
+    """Yield (name, fp32 tensor) of a packed reply, one tensor at a time, in layout order.
+
+    ``reference`` is the aggregator's fp32 global state of the travelling tensors. Raises
+    ``CodecError`` (before yielding anything) when a length or dtype is wrong.
+    """
+    items = layout(reference, reference.keys())
+    q8 = codec == "q8_delta"
+    sizes = [(_blocks(math.prod(s)) * BLOCK if q8 else math.prod(s)) for _, s in items]
+    value_dtype = torch.int8 if q8 else _WIRE_DTYPE.get(codec)
+    if values.dtype != value_dtype or values.dim() != 1 or values.numel() != sum(sizes):
+        raise CodecError(f"packed {codec} update: {values.dtype} of {values.numel()} values, "
+                         f"expected {value_dtype} of {sum(sizes)}")
+    if q8:
+        blocks = sum(size // BLOCK for size in sizes)
+        if scales is None:
+            raise CodecError("q8_delta scales missing")
+        if scales.dtype != torch.float32 or scales.dim() != 1 or scales.numel() != blocks:
+            raise CodecError(f"q8_delta scales: {scales.dtype} of {scales.numel()} values, "
+                             f"expected float32 of {blocks}")
+    start, block = 0, 0
+    for (name, _), size in zip(items, sizes, strict=True):
+        wire = values[start:start + size]
+        if q8:
+            nb = size // BLOCK
+            yield name, decode_update_tensor(name, wire, scales[block:block + nb], codec,
+                                             reference[name])
+            block += nb
+        else:
+            yield name, decode_update_tensor(name, wire.view(tuple(reference[name].shape)),
+                                             None, codec, reference[name])
+        start += size

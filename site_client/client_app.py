@@ -39,6 +39,7 @@ from flwr.clientapp import ClientApp
 
 from fed_unimiss import exchange as ex
 from site_client.errors import ERROR_EVALUATE, ERROR_EXCHANGE, ERROR_TRAIN, ERROR_WORKER
+from site_client.flower_tuning import shorten_object_pull_backoff
 from site_client.round_messages import RoundReply, RoundRequest
 
 __all__ = ["app", "ERROR_TRAIN", "ERROR_EVALUATE", "ERROR_EXCHANGE", "ERROR_WORKER"]
@@ -46,6 +47,7 @@ __all__ = ["app", "ERROR_TRAIN", "ERROR_EVALUATE", "ERROR_EXCHANGE", "ERROR_WORK
 log = logging.getLogger(__name__)
 
 app = ClientApp()
+shorten_object_pull_backoff()  # this flwr-clientapp process pulls the instruction's chunks
 
 TIMING_LOG = "shim-timing.jsonl"  # STATE/logs/: where a round's time went (site-local, numbers)
 
@@ -96,7 +98,7 @@ def _message(msg: Message, reply: RoundReply) -> Message:
 
 
 def _run(kind: str, msg: Message, context: Context) -> Message:
-    timing = {"kind": kind, "pid": os.getpid(), "process_start": _process_start(),
+    timing = {"kind": kind, "node_id": int(context.node_id), "process_start": _process_start(),
               "handler_start": time.time()}
     fallback = ERROR_EVALUATE if kind == ex.EVALUATE else ERROR_TRAIN
     try:

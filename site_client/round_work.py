@@ -124,10 +124,15 @@ def _engine(mem: _SiteMemory, job: Instruction, runtime: Runtime,
 def _received_state(req: RoundRequest, job: Instruction, mem: _SiteMemory
                     ) -> dict[str, torch.Tensor]:
     """The global state as this site trains from it: decoded, with its own teacher if local."""
-    state = {}
-    for name, arr in req.arrays.items():
-        wire = torch.from_numpy(np.ascontiguousarray(arr))
-        state[name] = codec.decode_tensor(name, wire, job.exchange.down, tuple(arr.shape))
+    if codec.PACKED in req.arrays:  # one flat array in the announced layout
+        items = codec.layout_from_json(str(req.config.get(ex.EXCHANGE_LAYOUT, "[]")))
+        flat = torch.from_numpy(np.ascontiguousarray(req.arrays[codec.PACKED]))
+        state = codec.unpack_state(flat, items, job.exchange.down)
+    else:
+        state = {}
+        for name, arr in req.arrays.items():
+            wire = torch.from_numpy(np.ascontiguousarray(arr))
+            state[name] = codec.decode_tensor(name, wire, job.exchange.down, tuple(arr.shape))
     if job.exchange.teacher == "local":
         for name in [n for n in state if n.startswith(ex.STUDENT_PREFIX)]:
             teacher = ex.TEACHER_PREFIX + name[len(ex.STUDENT_PREFIX):]
@@ -150,8 +155,14 @@ def _train_reply(site: SiteState, mem: _SiteMemory, job: Instruction,
         mem.teacher = {k: v.detach().cpu().clone() for k, v in new_state.items()
                        if k.startswith(ex.TEACHER_PREFIX)}
     keys = codec.sent_keys(list(new_state), xc)
-    wire, scales = codec.encode_update(new_state, received, xc.up, keys, mem.residual)
-    return RoundReply(public, _numpy(wire), _numpy(scales) if scales else None, site.site_name)
+    if xc.up == "fp32":  # one array per tensor, named
+        wire, _ = codec.encode_update(new_state, received, xc.up, keys)
+        return RoundReply(public, _numpy(wire), None, site.site_name)
+    values, scales = codec.pack_update(new_state, received, xc.up,
+                                       codec.layout(new_state, keys), mem.residual)
+    return RoundReply(public, _numpy({codec.PACKED: values}),
+                      _numpy({codec.PACKED: scales}) if scales is not None else None,
+                      site.site_name)
 
 
 def _train(req: RoundRequest) -> RoundReply:

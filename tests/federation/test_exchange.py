@@ -10,6 +10,7 @@ reply that does not decode is rejected with a reason, and that checkpoints stay 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -148,11 +149,9 @@ class TapGrid(InProcessGrid):
         reply = super().deliver(msg)
         if msg.metadata.message_type == ex.TRAIN and msg.metadata.group_id == "2" \
                 and msg.metadata.dst_node_id == 2 and not reply.has_error():
-            scales = reply.content.array_records[ex.SCALES]
-            broken = {k: torch.from_numpy(scales[k].numpy()) for k in scales.keys()}
-            name = sorted(broken)[0]
-            broken[name] = broken[name][:-1]  # one block's scale short: does not decode
-            reply.content[ex.SCALES] = ArrayRecord(broken)
+            scales = torch.from_numpy(reply.content.array_records[ex.SCALES][codec.PACKED].numpy())
+            # one block's scale short: does not decode
+            reply.content[ex.SCALES] = ArrayRecord({codec.PACKED: scales[:-1].clone()})
         TapGrid.log.append((msg, reply))
         return reply
 
@@ -192,10 +191,12 @@ def test_compressed_round_is_the_average_of_the_decoded_updates(compressed):
         got, meta = load_checkpoint(tmp / "run" / f"global_round_{rnd:04d}.safetensors")
         base, _ = (load_checkpoint(tmp / "run" / f"global_round_{rnd - 1:04d}.safetensors")
                    if rnd > 1 else (None, None))
-        sent = train[0][0].content.array_records[ex.ARRAYS]
+        msg0 = train[0][0]
+        items = codec.layout_from_json(msg0.content.config_records[ex.CONFIG][ex.EXCHANGE_LAYOUT])
+        sent = codec.unpack_state(torch.from_numpy(
+            msg0.content.array_records[ex.ARRAYS][codec.PACKED].numpy()), items, "bf16")
         if base is None:  # round 1: the fp32 global is the bf16 one we saw, up to rounding
-            base = {k: codec.decode_tensor(k, torch.from_numpy(sent[k].numpy()), "bf16",
-                                           tuple(sent[k].shape)) for k in sent.keys()}
+            base = sent
             tol = 1e-2
         else:
             tol = 1e-5
@@ -208,11 +209,18 @@ def test_compressed_round_is_the_average_of_the_decoded_updates(compressed):
             label = content.config_records[ex.SITE][ex.SITE_NAME_KEY]
             if rnd == 2 and label == "xr":
                 continue  # rejected above
-            state = {k: base[k] + codec.dequantise(torch.from_numpy(arrays[k].numpy()),
-                                                   torch.from_numpy(scales[k].numpy()),
-                                                   tuple(base[k].shape)) for k in arrays.keys()}
+            values = torch.from_numpy(arrays[codec.PACKED].numpy())
+            blocks = torch.from_numpy(scales[codec.PACKED].numpy())
+            state, start, first = {}, 0, 0
+            for name, shape in items:  # our own unpacking of the layout, block by block
+                nb = -(-math.prod(shape) // codec.BLOCK)
+                delta = codec.dequantise(values[start:start + nb * codec.BLOCK],
+                                         blocks[first:first + nb], shape)
+                state[name] = base[name] + delta
+                start, first = start + nb * codec.BLOCK, first + nb
+            assert start == values.numel() and first == blocks.numel()
             replies.append((state, m[ex.SAMPLES_2D], m[ex.SAMPLES_3D]))
-        expected = _expected({k: base[k] for k in sent.keys()}, replies)
+        expected = _expected({k: base[k] for k in sent}, replies)
         for name, value in expected.items():
             torch.testing.assert_close(got[name], value, rtol=tol, atol=tol * 1e-2)
             assert got[name].dtype == torch.float32
@@ -230,10 +238,15 @@ def test_compressed_wire_holds_only_student_center_scales_and_numbers(compressed
     assert log
     for msg, reply in log:
         sent = msg.content.array_records[ex.ARRAYS]
-        assert sent.keys() and all(not k.startswith(ex.TEACHER_PREFIX) for k in sent.keys())
-        assert all(a.dtype == "int16" for a in sent.values())  # bf16 bits
+        assert list(sent.keys()) == [codec.PACKED] and sent[codec.PACKED].dtype == "int16"
         config = msg.content.config_records[ex.CONFIG]
         assert {config[k] for k in codec.CONFIG_KEYS} == set(EXCHANGE.values())
+        items = codec.layout_from_json(config[ex.EXCHANGE_LAYOUT])
+        names = [name for name, _ in items]
+        assert names and all(n.startswith(ex.STUDENT_PREFIX) or n == ex.CENTER_KEY
+                             for n in names)  # no teacher with teacher: local
+        assert sent[codec.PACKED].shape == [sum(math.prod(s) for _, s in items)] or \
+            tuple(sent[codec.PACKED].shape) == (sum(math.prod(s) for _, s in items),)
         assert reply is not None and not reply.has_error()
         content = reply.content
         assert set(content.config_records) <= {ex.SITE}
@@ -245,9 +258,14 @@ def test_compressed_wire_holds_only_student_center_scales_and_numbers(compressed
         if msg.metadata.message_type == ex.TRAIN:
             assert set(content.array_records) == {ex.ARRAYS, ex.SCALES}
             arrays, scales = content.array_records[ex.ARRAYS], content.array_records[ex.SCALES]
-            assert set(arrays.keys()) == set(sent.keys()) == set(scales.keys())
-            assert all(a.dtype == "int8" for a in arrays.values())
-            assert all(a.dtype == "float32" and len(a.shape) == 1 for a in scales.values())
+            assert list(arrays.keys()) == [codec.PACKED] == list(scales.keys())
+            # exactly the int8 blocks and one scale per block of the announced tensors
+            blocks = sum(-(-math.prod(s) // codec.BLOCK) for _, s in items)
+            assert arrays[codec.PACKED].dtype == "int8"
+            assert tuple(arrays[codec.PACKED].shape) == (blocks * codec.BLOCK,)
+            assert scales[codec.PACKED].dtype == "float32"
+            tampered = msg.metadata.group_id == "2" and msg.metadata.dst_node_id == 2
+            assert tuple(scales[codec.PACKED].shape) == (blocks - tampered,)
         else:
             assert set(content.array_records) == set()
 
