@@ -86,7 +86,7 @@ NODE_SITE_NAME = "site-name"  # optional label, see SITE_NAME_KEY
 NODE_DEVICE = "device"        # auto | cpu | cuda | cuda:N | mps
 NODE_PRECISION = "precision"  # fp32 | bf16 | fp16
 NODE_WORKERS = "workers"      # data-parallel processes per round
-NODE_WORKER_SOCKET = "worker-socket"  # the site's warm worker (site_client.worker), if any
+NODE_WORKER_SOCKET = "worker-socket"  # the socket of the site's warm worker process, if any
 
 # ---------------------------------------------------------------- run config (ServerApp)
 RUN_CONFIG = "config"  # absolute path of the federation YAML (read at the coordinator)

@@ -3,7 +3,7 @@
 Both sides of the federation use these functions, so the encoding cannot drift between them.
 The federation YAML's ``exchange:`` section (:class:`ExchangeConfig`) picks one codec per
 direction and announces it in every instruction (:data:`CONFIG_KEYS`); a site that does not know
-a codec refuses the round (``site_client``), it never guesses.
+a codec refuses the round, it never guesses.
 
 - ``down`` (global state to the sites): ``fp32`` as it is, or ``bf16`` / ``fp16`` full tensors.
   bf16 travels as its raw 16 bits in an int16 array (numpy has no bfloat16).
