@@ -115,9 +115,10 @@ class FederationRun:
         from fed_unimiss.ssl.config import recipe_to_dict
 
         cfg = {k: v for k, v in to_dict(self.cfg).items() if k != "recipe"}
-        # A resumed run may use a longer timeout or a different poll interval: not the state.
-        for key in ("round_timeout", "poll_interval"):
-            cfg.pop(key)
+        # A resumed run may use a longer timeout, a different poll interval or another
+        # transport of the same state (exchange, issue 15): not the state.
+        for key in ("round_timeout", "poll_interval", "exchange"):
+            cfg.pop(key, None)
         return {"federation": cfg, "recipe": recipe_to_dict(self.recipe), "rounds": self.rounds}
 
 
