@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -129,23 +130,36 @@ def aggregate_one(sites: int, preset: str, exchange: str = "fp32,fp32",
         got = msg.content.array_records[ex.ARRAYS]
         arrays, scales = {}, {}
         if codec.PACKED in got:  # bf16/fp16 down: one packed array and its layout
-            layout = msg.content.config_records[ex.CONFIG][ex.EXCHANGE_LAYOUT]
-            items = codec.layout_from_json(layout)
-            received = codec.unpack_state(torch.from_numpy(got[codec.PACKED].numpy()), items,
-                                          down)
+            items = codec.layout_from_json(msg.content.config_records[ex.CONFIG][ex.EXCHANGE_LAYOUT])
+            flat = torch.from_numpy(got[codec.PACKED].numpy())
+            tensors = []
+            start = 0
+            for name, shape in items:  # one tensor at a time, like the aggregator
+                n = math.prod(shape)
+                tensors.append((name, lambda s=start, n=n, shape=shape, name=name: codec.decode_tensor(
+                    name, flat[s:s + n].view(shape), down, shape)))
+                start += n
         else:
-            received = {k: torch.from_numpy(got[k].numpy()) for k in list(got.keys())}
-            items = codec.layout(received, received)
+            tensors = [(k, lambda k=k: torch.from_numpy(got[k].numpy())) for k in list(got.keys())]
         if up == "fp32":
-            for name, value in received.items():
-                arrays[name] = Array((value + 1e-3 * torch.randn_like(value)).numpy())
-        else:
-            new = {k: v + 1e-3 * torch.randn_like(v) for k, v in received.items()}
-            values, s = codec.pack_update(new, received, up, items)
-            arrays[codec.PACKED] = Array(values.numpy())
-            if s is not None:
-                scales[codec.PACKED] = Array(s.numpy())
-            del new
+            for name, value in tensors:
+                v = value()
+                arrays[name] = Array((v + 1e-3 * torch.randn_like(v)).numpy())
+        else:  # the packed update, one tensor at a time (a real site packs the whole state)
+            parts_v, parts_s = [], []
+            for _name, value in sorted(tensors):
+                v = value()
+                if up == "q8_delta":
+                    q, s = codec.quantise(1e-3 * torch.randn_like(v))
+                    parts_v.append(q)
+                    parts_s.append(s)
+                else:
+                    parts_v.append(codec.encode_tensor(v + 1e-3 * torch.randn_like(v), up)
+                                   .reshape(-1))
+            arrays[codec.PACKED] = Array(torch.cat(parts_v).numpy())
+            del parts_v
+            if parts_s:
+                scales[codec.PACKED] = Array(torch.cat(parts_s).numpy())
         s2, s3 = (8, 2) if context.node_id % 3 else (8, 0)
         content = RecordDict({
             ex.ARRAYS: ArrayRecord(arrays),
