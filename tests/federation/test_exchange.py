@@ -87,6 +87,29 @@ def test_undecodable_updates_raise_with_a_reason():
         codec.decode_tensor("w", torch.zeros(300), "bf16", (300,))
 
 
+def test_packed_payloads_round_trip_and_refuse_wrong_lengths():
+    g = torch.Generator().manual_seed(5)
+    ref = {"student.b": torch.randn(3, generator=g), "center": torch.randn(1, 7, generator=g),
+           "student.a": torch.randn(300, 2, generator=g)}
+    items = codec.layout(ref, ref)
+    assert [n for n, _ in items] == sorted(ref)
+    assert codec.layout_from_json(codec.layout_to_json(items)) == items
+    back = codec.unpack_state(codec.pack_state(ref, items, "bf16"), items, "bf16")
+    for k in ref:
+        torch.testing.assert_close(back[k], ref[k], rtol=1e-2, atol=0)
+    new = {k: v + 0.01 for k, v in ref.items()}
+    values, scales = codec.pack_update(new, ref, "q8_delta", items)
+    decoded = dict(codec.unpack_update(values, scales, "q8_delta", ref))
+    for k in ref:
+        torch.testing.assert_close(decoded[k], new[k], rtol=0, atol=1e-4)
+    with pytest.raises(codec.CodecError, match="expected torch.int8 of"):
+        list(codec.unpack_update(values[:-1], scales, "q8_delta", ref))
+    with pytest.raises(codec.CodecError, match="scales"):
+        list(codec.unpack_update(values, scales[:-1], "q8_delta", ref))
+    with pytest.raises(codec.CodecError, match="packed bf16 payload"):
+        codec.unpack_state(torch.zeros(5, dtype=torch.int16), items, "bf16")
+
+
 def test_exchange_config_errors_name_the_field(tmp_path):
     path = tmp_path / "fed.yaml"
     path.write_text(json.dumps({"exchange": {"up": "zstd"}}))
