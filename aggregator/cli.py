@@ -15,6 +15,14 @@ __all__ = ["register", "format_round", "format_bytes"]
 
 log = logging.getLogger(__name__)
 
+# `aggregator start` exit codes, one rule (docs/coordinator-guide.md, "Exit codes"): 0 the run
+# completed; 1 it started but did not complete (a round failed, the SuperLink died, the sites
+# did not come online in time); 2 refused before anything started (bad kit, config, flags, or a
+# resume that does not match RUN); 130 / 143 stopped by Ctrl-C / SIGTERM (fed_unimiss.cli.main,
+# fed_unimiss.processes).
+EXIT_FAILED = 1
+EXIT_REFUSED = 2
+
 
 def format_bytes(n: float | None) -> str:
     if n is None:
@@ -26,11 +34,30 @@ def format_bytes(n: float | None) -> str:
     return f"{n:.1f} GB"
 
 
+def kind_losses(row: dict[str, Any]) -> dict[str, float]:
+    """The round's 2D and 3D losses apart: per kind, the mean of the sites' ``loss_2d`` /
+    ``loss_3d`` weighted by their samples of that kind (the two differ in scale, so their mix
+    in ``loss`` can hide the trend of either)."""
+    out: dict[str, float] = {}
+    for kind in ("2d", "3d"):
+        pairs = [(m.get(f"loss_{kind}"), m.get(f"samples_{kind}") or 1)
+                 for m in (row.get("per_site") or {}).values() if isinstance(m, dict)]
+        pairs = [(v, n) for v, n in pairs if isinstance(v, (int, float))
+                 and isinstance(n, (int, float)) and n > 0]
+        if pairs:
+            out[kind] = sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
+    return out
+
+
 def format_round(row: dict[str, Any], rounds: int | None, state: Any = None) -> str:
-    """One progress line: round, sites replied, loss, bytes (from the run's counters)."""
+    """One progress line: round, sites replied, loss (per kind), bytes, and every site whose
+    reply was not used with the aggregator's reason (a category, never a site's text)."""
     sites = row.get("sites") or []
     loss = row.get("loss")
     loss_s = f"{loss:.4f}" if isinstance(loss, (int, float)) else "-"
+    kinds = kind_losses(row)
+    if kinds:
+        loss_s += " (" + ", ".join(f"{k.upper()} {v:.3f}" for k, v in kinds.items()) + ")"
     of = f"/{rounds}" if rounds else ""
     text = (f"round {row.get('round', '?')}{of}: {len(sites)} site(s) replied "
             f"({', '.join(str(s) for s in sites) or 'none'}), loss {loss_s}")
@@ -44,11 +71,14 @@ def format_round(row: dict[str, Any], rounds: int | None, state: Any = None) -> 
     secs = row.get("seconds")
     if isinstance(secs, (int, float)):
         text += f", {secs:.1f} s"
+    rejected = row.get("rejected") or {}
+    if isinstance(rejected, dict) and rejected:
+        text += "; not used: " + "; ".join(f"{site} ({why})" for site, why in rejected.items())
     return text
 
 
 def _start(args: argparse.Namespace) -> int:
-    from aggregator.deploy.control import ControlError
+    from aggregator.deploy.control import ControlError, InputError
     from aggregator.deploy.runner import AggregatorOptions, run_aggregator
     from fed_unimiss.config import ConfigError
 
@@ -63,30 +93,34 @@ def _start(args: argparse.Namespace) -> int:
         dashboard = start_beside(args)  # issue 16: the live page beside the federation
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     try:
         outcome = run_aggregator(
             opts,
             on_round=lambda row, st: print(format_round(row, args.rounds, st), flush=True),
             on_started=lambda rid: print(f"run {rid} started; logs in {Path(args.out) / 'logs'}",
                                          flush=True),
+            on_note=lambda text: print(text, flush=True),
         )
-    except (ConfigError, ControlError, FileNotFoundError) as e:
+    except (ConfigError, InputError, FileNotFoundError) as e:  # refused before anything ran
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
+    except ControlError as e:  # started, but the run could not go on (docs: exit codes)
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         if dashboard is not None:
             dashboard.stop()
     if not outcome.ok:
         print(f"error: {outcome.error}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     print(f"run {outcome.state.run_id} completed: {len(outcome.rounds)} round(s) in "
           f"{Path(args.out).resolve()}")
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    from aggregator.deploy.runner import last_run_of_kit, run_summary
+    from aggregator.run_summary import last_run_of_kit, run_summary
 
     if args.out:
         out = Path(args.out)
@@ -95,11 +129,11 @@ def _status(args: argparse.Namespace) -> int:
         if found is None:
             print(f"error: --kit {args.kit}: this coordinator kit was never started "
                   "(no last-run record); pass --out RUN", file=sys.stderr)
-            return 2
+            return EXIT_REFUSED
         out = found
     if not out.is_dir():
         print(f"error: --out {out}: no such RUN folder", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     summary = run_summary(out)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -108,7 +142,13 @@ def _status(args: argparse.Namespace) -> int:
     target = f"/{summary['rounds_target']}" if summary["rounds_target"] else ""
     print(f"RUN {summary['out']}")
     print(f"  rounds done: {summary['rounds_done']}{target}")
-    print(f"  sites seen:  {', '.join(summary['sites_seen']) or 'none yet'}")
+    if summary["rounds_done"]:
+        missing = summary["sites_missing"]
+        print(f"  sites:       {', '.join(summary['sites_last_round']) or 'none'} in round "
+              f"{summary['rounds_done']}"
+              + (f"; not in it: {', '.join(missing)} (seen in earlier rounds)" if missing else ""))
+    else:
+        print("  sites:       none yet")
     print(f"  last loss:   {loss:.4f}" if isinstance(loss, (int, float)) else "  last loss:   -")
     print(f"  last run:    {summary['run_id'] or '-'} ({summary['status']})")
     why = f" ({summary['why']})" if summary["why"] else ""
@@ -166,7 +206,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="start the SuperLink and run N federated rounds",
         description="Starts Flower's SuperLink with TLS and site authentication, registers the "
         "kit's site keys, runs N rounds and stops. Re-running with the same --out resumes after "
-        "the last complete round. Ctrl-C stops the run and every process cleanly.",
+        "the last complete round. Ctrl-C stops the run and every process cleanly. Exit codes: 0 "
+        "completed, 1 started but did not complete, 2 refused before starting (bad input, or a "
+        "resume that does not match RUN), 130/143 stopped by Ctrl-C/SIGTERM.",
     )
     s.add_argument("--kit", required=True, help="the coordinator kit (KITS/coordinator)")
     s.add_argument("--config", required=True, help="federation YAML (e.g. configs/federation/micro.yaml)")

@@ -7,8 +7,17 @@ What it does, in the order a consortium would:
 3. starts the aggregator (SuperLink with TLS and site authentication) and three
    ``fed-unimiss site start`` processes, exactly as a coordinator and three hospitals would;
 4. runs N rounds of federated pretraining of the ``micro`` model, streaming progress;
-5. stops everything (no process is left behind) and prints where checkpoints, rounds.jsonl and
-   logs are, with a per-round table.
+5. stops everything (no process is left behind) and prints, per round, every site's loss per
+   kind of data (2D X-ray steps and 3D CT steps apart: their losses differ in scale, so a mix
+   would hide the trend), writes ``demo.png`` (those losses per round, and each round's time
+   split into training and coordination) and says where checkpoints, rounds.jsonl, the plot
+   and the logs are.
+
+The demo's federation (:data:`DEMO_LOCAL_STEPS` local steps per round at the micro recipe's own
+batch sizes, :data:`DEMO_ROUNDS` rounds) is sized so that the losses fall visibly within about
+5 minutes on 2 CPU cores: every round costs tens of seconds of coordination (a fresh ClientApp
+process per site, the data check, the exchange), so few rounds of many steps show more learning
+than many rounds of few steps. Measured in docs/benchmarks.md, "The demo".
 
 Every demo gets a fresh timestamped folder under ``--workdir``; nothing existing is touched or
 deleted.
@@ -28,12 +37,19 @@ from typing import Any
 
 import yaml
 
-__all__ = ["register", "DemoLayout", "prepare_demo", "run_demo", "write_federation_yaml", "SITES"]
+__all__ = ["register", "DemoLayout", "prepare_demo", "run_demo", "write_federation_yaml", "SITES",
+           "loss_table", "write_plot", "site_kind_losses", "round_times"]
 
 log = logging.getLogger(__name__)
 
 # site -> (CT volumes, X-rays): one CT-only, one X-ray-only and one mixed hospital.
 SITES: dict[str, tuple[int, int]] = {"A": (2, 0), "B": (0, 6), "C": (1, 3)}
+DEMO_ROUNDS = 3
+DEMO_LOCAL_STEPS = 80
+# The micro recipe's own batches (8 X-rays, 2 CT tiles) and epochs of 10 steps: the CT loss did
+# not fall in 300 steps at micro.yaml's federation batches (4 / 1), and did at these.
+DEMO_RECIPE_OVERRIDES: dict[str, Any] = {"ssl": {"threads": 1}}
+PLOT_NAME = "demo.png"
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -55,12 +71,13 @@ def free_port() -> int:
 
 def write_federation_yaml(
     path: Path, *, min_sites: int, round_timeout: float, local_steps: int = 2,
-    evaluate: bool = False,
+    evaluate: bool = False, recipe_overrides: dict[str, Any] | None = None,
 ) -> Path:
     """A federation config derived from configs/federation/micro.yaml, for loopback runs.
 
     The recipe path is made absolute (the file is written elsewhere); ``evaluate: false`` keeps
     one exchange per round, which halves the coordination overhead on 2 cores.
+    ``recipe_overrides`` replaces micro.yaml's (None keeps them).
     """
     src = REPO_CONFIGS / "federation" / "micro.yaml"
     cfg = yaml.safe_load(src.read_text())
@@ -68,12 +85,15 @@ def write_federation_yaml(
     cfg["recipe"] = str(recipe if recipe.is_absolute() else (src.parent / recipe).resolve())
     cfg.update(local_steps=local_steps, min_sites=min_sites, round_timeout=round_timeout,
                evaluate=evaluate)
+    if recipe_overrides is not None:
+        cfg["recipe_overrides"] = recipe_overrides
     path.write_text(f"# Derived from {src} by fed-unimiss (loopback run).\n"
                     + yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
-def prepare_demo(workdir: Path, round_timeout: float = 300.0) -> DemoLayout:
+def prepare_demo(workdir: Path, round_timeout: float = 300.0,
+                 local_steps: int = DEMO_LOCAL_STEPS) -> DemoLayout:
     """Create a fresh demo folder with phantom data, kits and a federation config."""
     from aggregator.provision import provision
     from fed_unimiss.data.phantom import write_phantoms
@@ -93,7 +113,8 @@ def prepare_demo(workdir: Path, round_timeout: float = 300.0) -> DemoLayout:
     provision(list(SITES), kits, server_names=["127.0.0.1"])
     # min_sites one below the number of sites: a round still closes if one site drops
     federation = write_federation_yaml(root / "federation.yaml", min_sites=len(SITES) - 1,
-                                       round_timeout=round_timeout)
+                                       round_timeout=round_timeout, local_steps=local_steps,
+                                       recipe_overrides=DEMO_RECIPE_OVERRIDES)
     return DemoLayout(root=root, data=data, kits=kits, federation=federation,
                       run=root / "run", logs=root / "logs")
 
@@ -104,20 +125,114 @@ def _site_command(layout: DemoLayout, site: str, fleet: str) -> list[str]:
             "--superlink", fleet, "--state-dir", str(layout.root / "sites" / site / "state")]
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'round':>5}  {'sites':<10} {'loss':>9}  {'seconds':>7}  {'MB in':>7}"]
+def _num(value: Any, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) else "-"
+
+
+def site_kind_losses(rows: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    """``"A 3D" -> {round: loss}``: every site's mean loss per kind of step, per round."""
+    out: dict[str, dict[int, float]] = {}
     for r in rows:
-        loss, secs, nbytes = r.get("loss"), r.get("seconds"), r.get("bytes_in")
-        lines.append(
-            f"{r.get('round', '?'):>5}  {','.join(map(str, r.get('sites', []))):<10} "
-            f"{f'{loss:.4f}' if isinstance(loss, (int, float)) else '-':>9}  "
-            f"{f'{secs:.1f}' if isinstance(secs, (int, float)) else '-':>7}  "
-            f"{f'{nbytes / 1e6:.1f}' if isinstance(nbytes, (int, float)) else '-':>7}"
-        )
+        for site, m in sorted((r.get("per_site") or {}).items()):
+            for kind in ("2d", "3d"):
+                value = m.get(f"loss_{kind}") if isinstance(m, dict) else None
+                if isinstance(value, (int, float)):
+                    out.setdefault(f"{site} {kind.upper()}", {})[int(r["round"])] = float(value)
+    return dict(sorted(out.items()))
+
+
+def round_times(rows: list[dict[str, Any]]) -> list[tuple[int, float, float]]:
+    """(round, training s, coordination s): sites train in parallel, so the slowest site's
+    training is the round's; the rest of the round is coordination (instructions, a fresh
+    ClientApp process per site, data check, model set-up, replies, checks, averaging, saving)."""
+    out = []
+    for r in rows:
+        secs = r.get("seconds")
+        train = [m.get("seconds") for m in (r.get("per_site") or {}).values()
+                 if isinstance(m, dict) and isinstance(m.get("seconds"), (int, float))]
+        if isinstance(secs, (int, float)):
+            t = min(max(train, default=0.0), secs)
+            out.append((int(r["round"]), t, secs - t))
+    return out
+
+
+def loss_table(rows: list[dict[str, Any]]) -> str:
+    """Rounds down, one column per site and kind, then the change from first to last round."""
+    series = site_kind_losses(rows)
+    rounds = [int(r["round"]) for r in rows]
+    width = max([9, *(len(k) + 1 for k in series)])
+    lines = ["loss per site and kind of data (2D = X-ray steps, 3D = CT steps):",
+             f"{'round':>5}" + "".join(f"{k:>{width}}" for k in series)]
+    for n in rounds:
+        lines.append(f"{n:>5}" + "".join(f"{_num(series[k].get(n), '.3f'):>{width}}"
+                                         for k in series))
+    change = []
+    for k in series:
+        first, last = series[k].get(min(series[k])), series[k].get(max(series[k]))
+        change.append(f"{(last - first) / first:+.0%}" if len(series[k]) > 1 and first else "-")
+    lines.append(f"{'change':>5}" + "".join(f"{c:>{width}}" for c in change))
+    times = round_times(rows)
+    if times:
+        lines.append("")
+        lines.append(f"{'round':>5}  {'seconds':>7}  {'training':>8}  {'coordination':>12}  sites")
+        by_round = {int(r["round"]): r for r in rows}
+        for n, t, c in times:
+            sites = ",".join(map(str, by_round[n].get("sites", [])))
+            lines.append(f"{n:>5}  {t + c:>7.1f}  {t:>8.1f}  {c:>12.1f}  {sites}")
     return "\n".join(lines)
 
 
-def run_demo(workdir: Path, rounds: int, round_timeout: float = 300.0) -> int:
+def write_plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """``path``: loss per round per site and kind (2D and 3D panels: different scales), and each
+    round's time split into training and coordination. None when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    series = site_kind_losses(rows)
+    times = round_times(rows)
+    if not series and not times:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    sites = sorted({name.split()[0] for name in series})
+    colour = {site: f"C{i}" for i, site in enumerate(sites)}  # one colour per site, both panels
+    for ax, kind, title in ((axes[0], "2D", "2D loss (X-ray steps)"),
+                            (axes[1], "3D", "3D loss (CT steps)")):
+        for name, values in series.items():
+            if name.endswith(kind):
+                xs = sorted(values)
+                ax.plot(xs, [values[x] for x in xs], marker="o", label=f"site {name[:-3]}",
+                        color=colour[name[:-3]])
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.set_ylabel("mean loss of the round's local steps")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if ax.lines:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no site trained this kind", ha="center", transform=ax.transAxes)
+    ax = axes[2]
+    xs = [n for n, _, _ in times]
+    ax.bar(xs, [t for _, t, _ in times], label="training (slowest site)", color="0.35")
+    ax.bar(xs, [c for _, _, c in times], bottom=[t for _, t, _ in times],
+           label="coordination", color="0.75")
+    ax.set_title("round time")
+    ax.set_xlabel("round")
+    ax.set_ylabel("seconds")
+    ax.set_xticks(xs)
+    if times:  # room above the bars for the legend
+        ax.set_ylim(0, 1.35 * max(t + c for _, t, c in times))
+    ax.legend(loc="upper right")
+    fig.suptitle("fed-unimiss demo: 3 sites on loopback (A: CT, B: X-ray, C: both)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_demo(workdir: Path, rounds: int, round_timeout: float = 300.0,
+             local_steps: int = DEMO_LOCAL_STEPS) -> int:
     """Run the demo; returns the exit code (0 when every round completed)."""
     from aggregator.cli import format_round
     from aggregator.deploy.control import ControlError
@@ -126,7 +241,7 @@ def run_demo(workdir: Path, rounds: int, round_timeout: float = 300.0) -> int:
 
     t0 = time.monotonic()
     print(f"preparing phantom data and kits for sites {', '.join(SITES)} ...", flush=True)
-    layout = prepare_demo(workdir, round_timeout)
+    layout = prepare_demo(workdir, round_timeout, local_steps)
     fleet = f"127.0.0.1:{free_port()}"
     control = f"127.0.0.1:{free_port()}"
     opts = AggregatorOptions(
@@ -148,19 +263,22 @@ def run_demo(workdir: Path, rounds: int, round_timeout: float = 300.0) -> int:
                 on_ready=start_sites,
                 on_started=lambda rid: print(f"run {rid} started: {rounds} round(s)", flush=True),
                 on_round=lambda row, st: print(format_round(row, rounds, st), flush=True),
+                on_note=lambda text: print(text, flush=True),
             )
         except ControlError as e:
             print(f"error: {e}\nsite logs: {layout.logs}", file=sys.stderr)
             return 1
+    print()
+    print(loss_table(outcome.rounds))
+    print()
+    plot = write_plot(outcome.rounds, layout.root / PLOT_NAME)
     elapsed = time.monotonic() - t0
-    print()
-    print(_table(outcome.rounds))
-    print()
     checkpoints = sorted(layout.run.glob("global_round_*.safetensors"))
     print(f"demo folder:    {layout.root}")
     print(f"checkpoints:    {layout.run} ({len(checkpoints)} file(s), last: "
           f"{checkpoints[-1].name if checkpoints else 'none'})")
     print(f"rounds.jsonl:   {layout.run / 'rounds.jsonl'}")
+    print(f"plot:           {plot if plot else 'none (no round completed)'}")
     print(f"logs:           {layout.run / 'logs'} (aggregator), {layout.logs} (sites), "
           f"{layout.root / 'sites'}/*/state/logs (SuperNodes)")
     print(f"total time:     {elapsed:.0f} s")
@@ -174,7 +292,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.rounds < 1:
         print("error: --rounds must be at least 1", file=sys.stderr)
         return 2
-    return run_demo(Path(args.workdir), args.rounds, args.round_timeout)
+    if args.local_steps < 1:
+        print("error: --local-steps must be at least 1", file=sys.stderr)
+        return 2
+    return run_demo(Path(args.workdir), args.rounds, args.round_timeout, args.local_steps)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -187,8 +308,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--workdir", default="demo-run",
                    help="parent folder; each demo writes a new demo-YYYYmmdd-HHMMSS inside")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="federated rounds (default 3: a few minutes on 2 CPU cores)")
+    p.add_argument("--rounds", type=int, default=DEMO_ROUNDS,
+                   help=f"federated rounds (default {DEMO_ROUNDS}: about 5 minutes on 2 CPU "
+                   "cores; each round adds its coordination time)")
+    p.add_argument("--local-steps", type=int, default=DEMO_LOCAL_STEPS,
+                   help=f"training steps per site per round (default {DEMO_LOCAL_STEPS}; fewer "
+                   "steps are faster but show less learning)")
     p.add_argument("--round-timeout", type=float, default=300.0,
                    help="seconds a round waits for replies before closing without a site")
     p.set_defaults(func=_run)

@@ -35,6 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fed_unimiss.checkpoint import atomic_write_bytes
 
 __all__ = [
+    "add_sites",
     "ProvisionError",
     "KitPaths",
     "provision",
@@ -345,3 +346,71 @@ def provision(
     )
     log.info("provisioned %d site kit(s) and the coordinator kit in %s", len(sites), out)
     return KitPaths(root=out, authority=authority, coordinator=coordinator, sites=site_dirs)
+
+
+def add_sites(sites: list[str], out: str | Path) -> KitPaths:
+    """Add site kits to an existing provisioning (``provision --add-sites``).
+
+    Each new site gets its own key pair and a kit with the consortium's ``ca.crt``; its public
+    key goes into ``coordinator/site-keys/`` and the ``sites:`` list of ``coordinator.yaml``
+    (the rest of that file, addresses included, is kept as edited). The CA key is not needed:
+    sites authenticate by their registered key, not by a certificate. The next ``aggregator
+    start`` registers the new keys; a run already going does not see them.
+
+    Raises:
+        ProvisionError: ``out`` holds no coordinator kit, or a name is bad or already taken.
+    """
+    import yaml
+
+    out = Path(out).expanduser().resolve()
+    coordinator = out / "coordinator"
+    settings_file = coordinator / "coordinator.yaml"
+    if not settings_file.is_file() or not (coordinator / "ca.crt").is_file():
+        raise ProvisionError(f"--out {out}: no coordinator kit (coordinator/coordinator.yaml and "
+                             "ca.crt) to add sites to; run `fed-unimiss provision` first")
+    if not sites:
+        raise ProvisionError("--add-sites: give at least one site name, e.g. --add-sites D")
+    text = settings_file.read_text()
+    settings = yaml.safe_load(text) or {}
+    known = dict(settings.get("sites") or {})
+    for s in sites:
+        validate_site_name(s)
+    taken = sorted({s for s in sites if s in known or sites.count(s) > 1})
+    if taken:
+        raise ProvisionError(f"--add-sites: site name(s) {', '.join(taken)} already provisioned "
+                             "or given twice; a site that lost its kit needs a new name")
+    _check_new(out, [site_kit_dir(out, s).name for s in sites])
+    ca_pem = (coordinator / "ca.crt").read_bytes()
+    names = [n for n in settings.get("server_names") or [] if n]
+    port = split_fleet_port(str(settings.get("fleet_address", f"0.0.0.0:{DEFAULT_FLEET_PORT}")))
+    dial = names[0] if names else "127.0.0.1"
+    site_dirs: dict[str, Path] = {}
+    lines = []
+    for s in sites:
+        key = _new_key()
+        kit = _mkdir_private(site_kit_dir(out, s))
+        atomic_write_bytes(kit / "ca.crt", ca_pem)
+        atomic_write_bytes(kit / "site.key", _ssh_private(key), mode=0o600)
+        atomic_write_bytes(kit / "site.pub", _ssh_public(key, f"fed-unimiss-site-{s}"))
+        atomic_write_bytes(kit / "site.yaml", _site_yaml(s, f"{dial}:{port}").encode())
+        atomic_write_bytes(coordinator / "site-keys" / f"{s}.pub",
+                           _ssh_public(key, f"fed-unimiss-site-{s}"))
+        lines.append(f"  {s}: site-keys/{s}.pub")
+        site_dirs[s] = kit
+    # the sites: list is the file's last section (as provision writes it): append to it
+    atomic_write_bytes(settings_file, (text.rstrip("\n") + "\n" + "\n".join(lines) + "\n")
+                       .encode())
+    if set((yaml.safe_load(settings_file.read_text()) or {}).get("sites") or {}) != \
+            set(known) | set(sites):
+        raise ProvisionError(f"{settings_file}: the sites: list is not the file's last section "
+                             "(edited by hand?); add the new sites' lines there yourself: "
+                             + "; ".join(lines))
+    log.info("added %d site kit(s) to %s", len(sites), out)
+    return KitPaths(root=out, authority=out / "authority", coordinator=coordinator,
+                    sites=site_dirs)
+
+
+def split_fleet_port(address: str) -> int:
+    """The port of a HOST:PORT address (the default Fleet port if it has none)."""
+    _, _, port = address.rpartition(":")
+    return int(port) if port.isdigit() else DEFAULT_FLEET_PORT

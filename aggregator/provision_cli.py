@@ -5,23 +5,38 @@ from __future__ import annotations
 import argparse
 import sys
 
-from aggregator.provision import DEFAULT_FLEET_PORT, ProvisionError, provision
+from aggregator.provision import DEFAULT_FLEET_PORT, ProvisionError, add_sites, provision
 
 __all__ = ["register"]
 
 
 def _run(args: argparse.Namespace) -> int:
-    sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+    if bool(args.sites) == bool(args.add_sites):
+        print("error: give --sites A,B,C (a new provisioning) or --add-sites D (to an existing "
+              "one), not both", file=sys.stderr)
+        return 2
     names = [n for group in args.server_name or [] for n in group.split(",")]
     try:
-        kits = provision(sites, args.out, server_names=names, fleet_port=args.fleet_port)
+        if args.add_sites:
+            added = [s.strip() for s in args.add_sites.split(",") if s.strip()]
+            kits = add_sites(added, args.out)
+        else:
+            sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+            kits = provision(sites, args.out, server_names=names, fleet_port=args.fleet_port)
     except ProvisionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.add_sites:
+        for site, path in kits.sites.items():
+            print(f"site {site} kit:  {path}   (hand over to site {site} over a secure channel)")
+        print(f"added to {kits.coordinator / 'coordinator.yaml'}; the next `aggregator start` "
+              "registers the new site(s)")
+        return 0
     print(f"coordinator kit: {kits.coordinator}   (stays at the coordinator)")
     for site, path in kits.sites.items():
         print(f"site {site} kit:  {path}   (hand over to site {site} over a secure channel)")
-    print(f"CA private key:  {kits.authority}   (keep offline; needed to add sites later)")
+    print(f"CA private key:  {kits.authority}   (keep offline)")
+    print(f"add sites later: fed-unimiss provision --add-sites D --out {args.out}")
     return 0
 
 
@@ -32,9 +47,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Create a consortium CA, the coordinator's TLS certificate and one EC key "
         "pair per site, written as one kit folder per party. Never overwrites an existing kit.",
     )
-    p.add_argument("--sites", required=True,
+    p.add_argument("--sites",
                    help="comma-separated site names, e.g. A,B,C (letters, digits, - and _)")
-    p.add_argument("--out", required=True, help="kits root folder (e.g. KITS); must be new")
+    p.add_argument("--add-sites", metavar="D,E",
+                   help="add site kits to the provisioning in --out (same CA and coordinator "
+                   "kit); restart `aggregator start` to register them")
+    p.add_argument("--out", required=True,
+                   help="kits root folder (e.g. KITS); must be new, except with --add-sites")
     p.add_argument("--server-name", action="append", metavar="NAME",
                    help="DNS name or IP the sites dial to reach the coordinator; repeat for "
                    "several. localhost and 127.0.0.1 are always added. The first one goes into "

@@ -26,8 +26,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fed_unimiss.checkpoint import atomic_write_json
-
 __all__ = ["STATUS_FILE", "recorded_status", "read_json", "clean_text", "run_state"]
 
 STATUS_FILE = "status.json"
@@ -65,6 +63,8 @@ def _process_start(pid: int) -> float | None:
 @contextmanager
 def recorded_status(out: str | Path, rounds: int) -> Iterator[None]:
     """Record in ``out/status.json`` that this process runs the federation, then how it ended."""
+    from fed_unimiss.checkpoint import atomic_write_json  # torch: not for `aggregator status`
+
     path = Path(out) / STATUS_FILE
     pid = os.getpid()
     base = {"rounds": int(rounds), "pid": pid, "pid_started": _process_start(pid),

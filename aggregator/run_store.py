@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from aggregator.run_summary import CHECKPOINT_PREFIX, ROUNDS_LOG
 from fed_unimiss.checkpoint import (
     append_jsonl,
     atomic_write_bytes,
@@ -33,9 +34,6 @@ from fed_unimiss.checkpoint import (
 __all__ = ["RunStore", "ResumeError", "CHECKPOINT_PREFIX", "ROUNDS_LOG"]
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_PREFIX = "global_round_"
-ROUNDS_LOG = "rounds.jsonl"
 
 
 class ResumeError(RuntimeError):
@@ -88,6 +86,33 @@ class RunStore:
         state, meta = load_checkpoint(path)
         return int(meta["round"]), state, meta
 
+    def check_resumable(self, identity: dict[str, Any]) -> int:
+        """Raise :class:`ResumeError` if RUN's last round was made with another identity.
+
+        Reads the last sidecar only (no tensors), so ``aggregator start`` can refuse a resume
+        with a different config or ``--rounds`` before it starts anything. Returns the last
+        complete round (0 for a fresh RUN).
+        """
+        path = latest_checkpoint(self.out, CHECKPOINT_PREFIX) if self.out.exists() else None
+        if path is None:
+            return 0
+        try:
+            meta = json.loads(path.with_suffix(".json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ResumeError(f"{path.with_suffix('.json')}: unreadable checkpoint sidecar "
+                              f"({e})") from e
+        self._check_identity(meta.get("run", {}), identity)
+        return int(meta.get("round", 0))
+
+    def _check_identity(self, saved: dict[str, Any], identity: dict[str, Any]) -> None:
+        diffs = _differences(saved, identity)
+        if diffs:
+            shown = "; ".join(diffs[:5]) + ("; ..." if len(diffs) > 5 else "")
+            raise ResumeError(
+                f"{self.out}: cannot resume with a different configuration ({shown}); "
+                "use the original config and --rounds, or start a new --out"
+            )
+
     def start(
         self, identity: dict[str, Any], resume: bool
     ) -> tuple[int, dict[str, torch.Tensor] | None]:
@@ -106,13 +131,7 @@ class RunStore:
                 f"{self.out} already holds {last} complete round(s); pass --resume to continue "
                 "that run, or choose a new --out"
             )
-        diffs = _differences(meta.get("run", {}), identity)
-        if diffs:
-            shown = "; ".join(diffs[:5]) + ("; ..." if len(diffs) > 5 else "")
-            raise ResumeError(
-                f"{self.out}: cannot resume with a different configuration ({shown}); "
-                "use the original config and --rounds, or start a new --out"
-            )
+        self._check_identity(meta.get("run", {}), identity)
         self._repair_rounds_log(last, meta["round_log"])
         log.info("resuming %s after round %d", self.out, last)
         return last, state

@@ -99,11 +99,6 @@ def wire_digest(record: ArrayRecord) -> str:
     return h.hexdigest()
 
 
-# Our reason for a site's error code (never the site's own text).
-ERROR_REASONS = {5003: "the site cannot honour the announced exchange codec",
-                 5004: "the site's worker stopped during the round (it restarts)"}
-
-
 def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """ArrayRecord -> tensors; raises ``ReplyRejected`` for arrays torch cannot hold."""
     state: dict[str, torch.Tensor] = {}
@@ -226,6 +221,7 @@ class DimensionAwareStrategy:
         self.limits = limits
         self._round: _RoundState | None = None
         self._replays = ReplayGuard()
+        self._names: dict[int, str] = {}  # node id -> the label its replies declared
 
     # ------------------------------------------------------------------ train
     def train_config(self, round_num: int) -> ConfigRecord:
@@ -337,10 +333,8 @@ class DimensionAwareStrategy:
     def _judge(self, reply: Message, label: str, rnd: _RoundState) -> TrainOutcome:
         node_id = reply.metadata.src_node_id
         if reply.has_error():  # the error text comes from the site; record only its code
-            code = reply.error.code
-            known = ERROR_REASONS.get(code)
-            return Rejection(label, f"site reported an error (code {code})"
-                             + (f": {known}" if known else ""))
+            code = int(reply.error.code)
+            return Rejection(label, f"refused: {ex.error_category(code)} (code {code})")
         content = reply.content
         metrics = content.metric_records.get(ex.METRICS)
         budget = reported_budget(metrics)
@@ -595,10 +589,17 @@ class DimensionAwareStrategy:
             raise RuntimeError("no round in progress: call configure_train first")
         return self._round
 
-    @staticmethod
-    def _label(reply: Message) -> str:
+    def _label(self, reply: Message) -> str:
+        """The reply's site label: declared in its site record, or at the start of an error
+        reply's text (validated either way), or the label this node declared before."""
         node_id = reply.metadata.src_node_id
         declared = None
-        if not reply.has_error() and ex.SITE in reply.content.config_records:
+        if reply.has_error():
+            declared = ex.error_site(reply.error.reason)
+        elif ex.SITE in reply.content.config_records:
             declared = reply.content.config_records[ex.SITE].get(ex.SITE_NAME_KEY)
-        return site_label(declared, node_id)
+        label = site_label(declared, node_id)
+        if label == site_label(None, node_id):
+            return self._names.get(node_id, label)
+        self._names[node_id] = label
+        return label

@@ -186,6 +186,8 @@ def run_one(
 
         model = create_model(preset)
     model.train()
+    # ours-bf16: our model under bf16 autocast (fp32 weights), the loss in fp32 as the engine does
+    precision = torch.bfloat16 if impl == "ours-bf16" else None
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, *INPUTS[kind], generator=gen)
     teacher = torch.randn(batch, HEAD_OUT, generator=gen)
@@ -194,7 +196,9 @@ def run_one(
     for i in range(warmup + steps):
         model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        dino_loss(model(x), teacher).backward()
+        with torch.autocast("cpu", dtype=precision or torch.float32, enabled=bool(precision)):
+            out = model(x)
+        dino_loss(out.float(), teacher).backward()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return {
@@ -237,6 +241,8 @@ def _input_label(kind: str) -> str:
 def measure(args: argparse.Namespace, preset: str, kind: str) -> dict:
     """All rounds of one row; reference and ours alternate (which goes first alternates too)."""
     impls = ["ref", "ours"] if args.reference else ["ours"]
+    if args.bf16:
+        impls.append("ours-bf16")
     runs: dict[str, list[dict]] = {i: [] for i in impls}
     for r in range(args.rounds):
         for impl in impls if r % 2 == 0 else list(reversed(impls)):
@@ -270,10 +276,19 @@ def _table(rows: list[dict], batch: int) -> str:
             "| RSS vs reference | same weights: logits / worst gradient, max rel. diff |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
+        bf16 = "ours-bf16" in rows[0]
+        if bf16:
+            lines[0] += " ours bf16 s/step | bf16 speed vs reference | bf16 RSS vs reference |"
+            lines[1] += "---|---|---|"
         for r in rows:
             ref, ours = r["ref"], r["ours"]
             chk = r.get("check")
             same = f"{chk['logits']:.1e} / {chk['grad_worst']:.1e}" if chk else "not checked"
+            extra = ""
+            if bf16:
+                b = r["ours-bf16"]
+                extra = (f" {b['median_s']:.3f} | **{ref['median_s'] / b['median_s']:.2f}x** | "
+                         f"{b['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x |")
             lines.append(
                 f"| {r['preset']} | {r['input']} | {ours['params'] / 1e6:.2f} | "
                 f"{ref['median_s']:.3f} | {ours['median_s']:.3f} | "
@@ -281,7 +296,7 @@ def _table(rows: list[dict], batch: int) -> str:
                 f"{ref['best_s'] / ours['best_s']:.2f}x ({ref['best_s']:.3f} / {ours['best_s']:.3f}) | "
                 f"{ref['peak_rss_mb']:.0f} | "
                 f"{ours['peak_rss_mb']:.0f} | {ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x | "
-                f"{same} |"
+                f"{same} |{extra}"
             )
         return "\n".join(lines)
     lines = [
@@ -334,6 +349,12 @@ def main(argv: list[str] | None = None) -> int:
         help="skip the equivalence check (ours loaded with the reference's weights, same step: "
         "loss, logits and every gradient compared); it runs by default with --reference",
     )
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="also measure ours under bf16 autocast (fp32 weights; a path that changes numerics, "
+        "so its training equivalence is shown separately: benchmarks/bench_precision.py)",
+    )
     parser.add_argument("--write", type=Path, help="markdown file whose section to update")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -368,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         f"--warmup {args.warmup} --rounds {args.rounds} --threads {args.threads}"
         + (" --reference UniMiSS-code" if args.reference else "")
         + ("" if args.check or not args.reference else " --no-check")
+        + (" --bf16" if args.bf16 else "")
         + "`"
     )
     what = (

@@ -65,13 +65,52 @@ SAMPLES_2D = "samples_2d"  # 2D samples trained on, X-rays and CT slices alike
 SAMPLES_3D = "samples_3d"  # 3D sub-volumes trained on
 STEPS = "steps"
 LOSS = "loss"
+LOSS_2D = "loss_2d"  # mean loss of the round's X-ray (2D) steps; absent without such steps
+LOSS_3D = "loss_3d"  # mean loss of the round's CT (3D) steps
 SECONDS = "seconds"
 SAMPLES_PER_S = "samples_per_s"
 SKIPPED = "skipped"
 TEACHER_ENTROPY = "teacher_entropy"
 KL = "kl"
-TRAIN_METRICS = (STEPS, LOSS, SECONDS, SAMPLES_PER_S, SKIPPED, TEACHER_ENTROPY, KL)
+TRAIN_METRICS = (STEPS, LOSS, LOSS_2D, LOSS_3D, SECONDS, SAMPLES_PER_S, SKIPPED, TEACHER_ENTROPY, KL)
 COUNT_METRICS = (SAMPLES_2D, SAMPLES_3D, NUM_EXAMPLES)
+
+# ---------------------------------------------------------------- error replies
+# A site's error reply carries one of these codes and a fixed text (nothing site-specific),
+# prefixed with ERROR_SITE_PREFIX + its label so the coordinator can name it. The coordinator
+# shows the code's category below, never a site's text.
+ERROR_SITE_PREFIX = "site="
+ERROR_RECIPE = 5104  # this site's settings (e.g. DP) cannot train the federation's recipe
+ERROR_CATEGORIES: dict[int, str] = {
+    5001: "training failed at the site (see the site's log)",
+    5002: "evaluation failed at the site",
+    5101: "the site's privacy ledger is unreadable",
+    5102: "a DP site declines evaluation",
+    5103: "the federation requires DP and the site has none",
+    5003: "the site cannot honour the announced exchange codec (see the site's log)",
+    5004: "the site's worker stopped during the round (it is restarted)",
+    ERROR_RECIPE: "the site's DP settings cannot train this federation's recipe (it needs a "
+                  "DP-capable federation config, e.g. configs/federation/micro-dp.yaml)",
+}
+
+
+def error_category(code: int) -> str:
+    """The public category of a site's error code (what the coordinator may print)."""
+    return ERROR_CATEGORIES.get(int(code), "error at the site")
+
+
+def error_reason(site_name: str | None, text: str) -> str:
+    """An error reply's text: the site's label (if valid) and a fixed text."""
+    return f"{ERROR_SITE_PREFIX}{site_name}; {text}" if is_valid_site_name(site_name) else text
+
+
+def error_site(reason: object) -> str | None:
+    """The valid site label at the start of an error reply's text, or None."""
+    if not isinstance(reason, str) or not reason.startswith(ERROR_SITE_PREFIX):
+        return None
+    name = reason[len(ERROR_SITE_PREFIX):].split(";", 1)[0]
+    return name if is_valid_site_name(name) else None
+
 
 # The only non-numeric value a site may send: its label, chosen by hospital IT in the node
 # config (e.g. "A"). It is not patient data; it makes logs and rounds.jsonl readable.

@@ -61,6 +61,19 @@ def _process_start() -> float | None:
         return None
 
 
+def _record_progress(context: Context, round_num: object, event: str, why: str) -> None:
+    """A line of STATE/progress.jsonl (site_client/local_state.py), written without torch."""
+    state = context.node_config.get(ex.NODE_STATE_DIR)
+    if not isinstance(state, str) or not state:
+        return
+    try:
+        with open(os.path.join(state, "progress.jsonl"), "a") as f:
+            f.write(json.dumps({"round": round_num, "event": event, "why": why},
+                               sort_keys=True) + "\n")
+    except OSError:
+        pass
+
+
 def _record_timing(context: Context, entry: dict) -> None:
     """Append one line of timestamps (epoch seconds) to the site's own timing log."""
     state = context.node_config.get(ex.NODE_STATE_DIR)
@@ -84,9 +97,15 @@ def _request(kind: str, msg: Message, context: Context) -> RoundRequest:
                         {name: record[name].numpy() for name in list(record.keys())})
 
 
-def _message(msg: Message, reply: RoundReply) -> Message:
-    if reply.error is not None:
-        return Message(Error(int(reply.error[0]), str(reply.error[1])), reply_to=msg)
+def _site_name(context: Context) -> str | None:
+    name = context.node_config.get(ex.NODE_SITE_NAME)
+    return str(name) if ex.is_valid_site_name(name) else None
+
+
+def _message(msg: Message, reply: RoundReply, site_name: str | None = None) -> Message:
+    if reply.error is not None:  # the code, a fixed text and the site's label (no content)
+        return Message(Error(int(reply.error[0]), ex.error_reason(site_name, str(reply.error[1]))),
+                       reply_to=msg)
     content = RecordDict({ex.METRICS: MetricRecord(dict(reply.metrics))})
     if reply.arrays is not None:
         content[ex.ARRAYS] = ArrayRecord({k: Array(v) for k, v in reply.arrays.items()})
@@ -106,7 +125,8 @@ def _run(kind: str, msg: Message, context: Context) -> Message:
         timing["round"] = request.config.get(ex.ROUND)
     except Exception:  # noqa: BLE001 - a malformed instruction still gets an answer
         log.exception("unreadable %s instruction", kind)
-        return Message(Error(fallback, "site could not read the instruction"), reply_to=msg)
+        return Message(Error(fallback, ex.error_reason(_site_name(context), "site could not "
+                                                       "read the instruction")), reply_to=msg)
     socket = context.node_config.get(ex.NODE_WORKER_SOCKET)
     timing["work_start"] = time.time()
     if isinstance(socket, str) and socket:
@@ -116,6 +136,8 @@ def _run(kind: str, msg: Message, context: Context) -> Message:
             reply = call(socket, request)
         except WorkerUnavailable as e:
             log.error("site worker unavailable: %s; this round fails for this site", e)
+            _record_progress(context, timing.get("round"), "failed",
+                             "the site's worker stopped during the round; it is restarted")
             reply = RoundReply.failed(ERROR_WORKER, "site worker stopped during the round; "
                                       "it is being restarted")
     else:
@@ -123,7 +145,7 @@ def _run(kind: str, msg: Message, context: Context) -> Message:
 
         reply = handle(request)
     timing["work_end"] = time.time()
-    out = _message(msg, reply)
+    out = _message(msg, reply, _site_name(context))
     timing["end"] = time.time()
     timing["worker"] = bool(isinstance(socket, str) and socket)
     _record_timing(context, timing)

@@ -6,6 +6,8 @@ Under ``state-dir`` (from the SuperNode's node config) a site keeps::
     cache/            the preprocessed data cache and its index (fed_unimiss.data.build_cache)
     site_state.json   when the cache was last scanned, and the schedule position of the last
                       round trained (round, global steps) - site-local, never sent
+    progress.jsonl    one line per message handled (trained, refused, failed): what
+                      ``site start`` prints on the site's terminal - site-local, never sent
 
 The folder is scanned once per run (and again when the data settings of the recipe change);
 later messages of the same run reuse the index without touching the image files.
@@ -21,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from fed_unimiss import exchange as ex
-from fed_unimiss.checkpoint import atomic_write_json
+from fed_unimiss.checkpoint import append_jsonl, atomic_write_json
 
-__all__ = ["SiteSetupError", "SiteState"]
+__all__ = ["SiteSetupError", "SiteState", "PROGRESS_FILE"]
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "site_state.json"
+PROGRESS_FILE = "progress.jsonl"  # read by site_client.supernode (the site's terminal)
 
 
 class SiteSetupError(ValueError):
@@ -75,6 +78,18 @@ class SiteState:
 
     def _write(self, data: dict[str, Any]) -> None:
         atomic_write_json(self.state_dir / STATE_FILE, data)
+
+    def record_event(self, round_num: int, event: str, **fields: Any) -> None:
+        """Append what this message did to ``progress.jsonl`` for the site's own terminal.
+
+        Site-local only: the text may name local settings; it never goes into a reply.
+        """
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            append_jsonl(self.state_dir / PROGRESS_FILE,
+                         {"round": round_num, "event": event, **fields})
+        except OSError:
+            log.warning("cannot write %s", self.state_dir / PROGRESS_FILE, exc_info=True)
 
     def position(self) -> dict[str, Any]:
         """The schedule position after the last round this site trained, or {}."""

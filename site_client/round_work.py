@@ -174,14 +174,22 @@ def _train(req: RoundRequest) -> RoundReply:
         return RoundReply.failed(ERROR_EXCHANGE, "site cannot honour the announced exchange "
                                  "codec; see the site log")
     privacy = site_privacy(req.node_config)
+    site = SiteState.from_node_config(req.node_config)
     if privacy is None and job.require_dp:  # never release a non-private update
-        log.warning("the federation requires differential privacy and this site has none "
-                    "configured: refusing to train. Restart the site with --dp-epsilon E (or "
-                    "a privacy section in site.yaml) to take part.")
+        why = ("the federation requires differential privacy and this site has none "
+               "configured: refusing to train. Restart the site with --dp-epsilon E (or "
+               "a privacy section in site.yaml) to take part.")
+        log.warning("%s", why)
+        site.record_event(job.round, "refused", why=why)
         return RoundReply.failed(ERROR_DP_REQUIRED, "federation requires differential "
                                  "privacy; this site trains without it and refuses")
+    why = _untrainable(job, privacy)
+    if why is not None:  # refuse before loading data or building a model: at once
+        log.error("%s", why)
+        site.record_event(job.round, "refused", why=why)
+        return RoundReply.failed(ex.ERROR_RECIPE, "this site's settings cannot train the "
+                                 "federation's recipe")
     torch.set_num_threads(job.recipe.ssl.threads)
-    site = SiteState.from_node_config(req.node_config)
     mem = _memory(site, req.run_id)
     runtime = Runtime.from_node_config(req.node_config)
     data = _site_data(site, mem, job, req.run_id)
@@ -203,11 +211,14 @@ def _train(req: RoundRequest) -> RoundReply:
             scratch_root=site.state_dir / "rounds")
         public.setdefault(ex.SECONDS, time.perf_counter() - t0)
         site.record_position(job.round, job.start_step, job.local_steps, job.total_steps)
+        site.record_event(job.round, "trained", **_shown(public))
         return _train_reply(site, mem, job, received, public, state)
     try:
         step, guard = training_mode(job.recipe, privacy, site.state_dir, data, job.local_steps)
     except LedgerError:
         log.exception("privacy ledger unusable: refusing to train (fail closed)")
+        site.record_event(job.round, "refused", why="the privacy ledger is unreadable; "
+                          "restore STATE/privacy_ledger.json from its backup")
         return RoundReply.failed(ERROR_LEDGER, "site privacy ledger unreadable; site refuses "
                                  "to train until it is restored")
     engine = _engine(mem, job, runtime, step)
@@ -215,8 +226,10 @@ def _train(req: RoundRequest) -> RoundReply:
     torch.manual_seed(seed)
     local = run_local(engine, data, job.start_step, job.local_steps, guard, interval=job.round)
     if not local.trained:  # the budget refused: metrics only, nothing trained
+        site.record_event(job.round, "refused", why="the privacy budget is spent")
         return RoundReply(local.public, site_name=site.site_name)
     site.record_position(job.round, job.start_step, job.local_steps, job.total_steps)
+    site.record_event(job.round, "trained", **_shown(local.public))
     return _train_reply(site, mem, job, received, local.public, engine.exchange_state())
 
 
@@ -243,6 +256,37 @@ def _evaluate(req: RoundRequest) -> RoundReply:
     return RoundReply(metrics, site_name=site.site_name)
 
 
+def _untrainable(job: Instruction, privacy: object) -> str | None:
+    """Why this site's settings cannot train the announced recipe (site-local text), or None."""
+    if privacy is None:
+        return None
+    from fed_unimiss.ssl.dp_step import check_dp_recipe
+
+    try:
+        check_dp_recipe(job.recipe)
+    except ValueError as e:
+        return (f"differential privacy is on at this site, and the federation's recipe cannot "
+                f"be trained with DP: {e}. Ask the coordinator for a DP-capable federation "
+                "config (e.g. configs/federation/micro-dp.yaml), or start this site without "
+                "--dp-epsilon")
+    return None
+
+
+def _shown(public: dict[str, float]) -> dict[str, float]:
+    """What the site's terminal line shows of a round it trained."""
+    keys = (ex.STEPS, ex.LOSS_2D, ex.LOSS_3D, ex.SECONDS, "epsilon")
+    return {k: public[k] for k in keys if k in public}
+
+
+def _record_failure(req: RoundRequest, e: Exception) -> None:
+    """Best effort: the site's terminal line for a round that failed."""
+    try:
+        SiteState.from_node_config(req.node_config).record_event(
+            int(req.config.get(ex.ROUND, 0)), "failed", why=f"{type(e).__name__}: {e}")
+    except Exception:  # noqa: BLE001 - progress display must never stop a reply
+        log.debug("progress not recorded", exc_info=True)
+
+
 def handle(req: RoundRequest) -> RoundReply:
     """Run one message; never raises (a failure is an error reply with a fixed text)."""
     try:
@@ -251,11 +295,12 @@ def handle(req: RoundRequest) -> RoundReply:
         if req.kind == ex.EVALUATE:
             return _evaluate(req)
         return RoundReply.failed(ERROR_TRAIN, "unknown message type")
-    except Exception:  # noqa: BLE001 - a site must answer, never crash, on any failure
+    except Exception as e:  # noqa: BLE001 - a site must answer, never crash, on any failure
         if req.kind == ex.EVALUATE:
             log.exception("evaluation failed in this round")
             return RoundReply.failed(ERROR_EVALUATE, "site could not evaluate; see the site log")
         log.exception("training failed in this round")
+        _record_failure(req, e)
         return RoundReply.failed(ERROR_TRAIN, "site could not train this round; see the site log")
 
 

@@ -19,12 +19,15 @@ Exit codes: 0 stopped by the operator, 2 bad kit or data, 3 coordinator unreacha
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +43,7 @@ from fed_unimiss.exchange import NODE_DATA_PATH, NODE_SITE_NAME, NODE_STATE_DIR,
 from fed_unimiss.privacy.config import PrivacyConfig, with_dp_settings
 from fed_unimiss.processes import terminate_pids
 from fed_unimiss.runtime import Runtime
+from site_client.local_state import PROGRESS_FILE
 from site_client.privacy_ledger import privacy_node_config
 from site_client.worker import WorkerProcess
 
@@ -292,13 +296,26 @@ def diagnose_supernode_log(text: str, site: str, superlink: str) -> tuple[str, i
         return (f"the coordinator's certificate does not cover the name {host!r} this site dials; "
                 "use one of the names the coordinator provisioned (--server-name), or ask for "
                 "a certificate that includes it.", EXIT_REFUSED)
-    unreachable = ("UNAVAILABLE", "Connection refused", "failed to connect", "Socket closed",
-                   "Connection attempt failed", "Giving up reconnection",
-                   "DEADLINE_EXCEEDED", "Name or service not known", "DNS resolution failed")
+    host = superlink.rpartition(":")[0]
+    for phrase in ("Domain name not found", "Name or service not known", "DNS resolution failed",
+                   "Temporary failure in name resolution"):
+        if phrase in text:
+            return (f"cannot reach the coordinator at {superlink}: the name {host!r} cannot be "
+                    f"resolved ({phrase}). Check the address in site.yaml (or --superlink) and "
+                    "this machine's DNS.", EXIT_UNREACHABLE)
+    causes = {"Connection refused": "connection refused: nothing listens at that address",
+              "DEADLINE_EXCEEDED": "no answer in time (a firewall may drop the packets)",
+              "Socket closed": "the connection was closed",
+              "failed to connect": "failed to connect"}
+    unreachable = ("UNAVAILABLE", "Connection attempt failed", "Giving up reconnection",
+                   *causes)
     if any(s in text for s in unreachable):
-        return (f"cannot reach the coordinator at {superlink}: check the address in site.yaml "
-                "(or --superlink), that the coordinator is running, and that outbound TCP to "
-                "that port is allowed by the hospital firewall.", EXIT_UNREACHABLE)
+        cause = next((why for s, why in causes.items() if s in text), None)
+        return (f"cannot reach the coordinator at {superlink}"
+                + (f" ({cause})" if cause else "")
+                + ": check the address in site.yaml (or --superlink), that the coordinator is "
+                "running, and that outbound TCP to that port is allowed by the hospital "
+                "firewall.", EXIT_UNREACHABLE)
     return None
 
 
@@ -318,25 +335,106 @@ def _read_from(path: Path, offset: int) -> str:
         return f.read().decode(errors="replace")
 
 
+ANSI = re.compile(rb"\x1b\[[0-9;]*[A-Za-z]")  # Flower colours its log lines unconditionally
+
+
+def _copy_output(stream: Any, log_path: Path) -> None:
+    """Copy the SuperNode's output into its log, without terminal colour codes."""
+    with open(log_path, "ab") as out:
+        for line in iter(stream.readline, b""):
+            out.write(ANSI.sub(b"", line))
+            out.flush()
+    stream.close()
+
+
+class SiteProgress:
+    """What the site's operator sees on the terminal: connected, and each round's outcome.
+
+    Reads the SuperNode's log (for Flower's "connected" line) and ``STATE/progress.jsonl``
+    (written by the ClientApp, site_client/local_state.py) from where they were at start.
+    """
+
+    def __init__(self, site: str, superlink: str, state: Path, log_path: Path,
+                 say: Callable[[str], None] | None = None) -> None:
+        # flushed at once: a service's log or a redirected terminal must show it as it happens
+        self.say = say or (lambda text: print(text, flush=True))
+        self.site, self.superlink = site, superlink
+        self.progress = state / PROGRESS_FILE
+        self.log_path = log_path
+        self.offset = self.progress.stat().st_size if self.progress.exists() else 0
+        self.connected = False
+
+    def poll(self, log_start: int) -> None:
+        if not self.connected and CONNECTED in _read_from(self.log_path, log_start):
+            self.connected = True
+            self.say(f"site {self.site}: connected to the coordinator at {self.superlink}; "
+                     "waiting for rounds")
+        try:
+            with open(self.progress, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        for line in data[:end].splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(event, dict):
+                self.say(format_event(self.site, event))
+
+    def reset(self) -> None:
+        """A new SuperNode process: say "connected" again once it is."""
+        self.connected = False
+
+
+def format_event(site: str, event: dict[str, Any]) -> str:
+    """One terminal line for a ClientApp event (trained / refused / failed)."""
+    head = f"site {site}: round {event.get('round', '?')}"
+    kind = event.get("event")
+    if kind == "trained":
+        parts = []
+        if isinstance(event.get("steps"), (int, float)):
+            parts.append(f"{int(event['steps'])} step(s)")
+        if isinstance(event.get("seconds"), (int, float)):
+            parts.append(f"{event['seconds']:.1f} s")
+        losses = [f"{k[-2:].upper()} {event[k]:.3f}" for k in ("loss_2d", "loss_3d")
+                  if isinstance(event.get(k), (int, float))]
+        if losses:
+            parts.append("loss " + ", ".join(losses))
+        if isinstance(event.get("epsilon"), (int, float)):
+            parts.append(f"DP epsilon spent {event['epsilon']:.3f}")
+        return f"{head}: trained ({', '.join(parts)}); update sent"
+    if kind == "refused":
+        return f"{head}: REFUSED: {event.get('why', 'see the log')}"
+    return f"{head}: FAILED: {event.get('why', 'see the log')} (details in STATE/logs)"
+
+
 def _run_once(cmd: list[str], env: dict[str, str], state: Path, log_path: Path,
+              progress: SiteProgress | None = None,
               on_tick: Callable[[], object] | None = None) -> tuple[int, str]:
     """One SuperNode process until it exits (or gives up reconnecting); (exit code, its output).
 
-    ``on_tick`` runs every 2 s meanwhile (the warm worker's supervision).
+    ``on_tick`` runs every second meanwhile (the warm worker's supervision).
     """
     start = log_path.stat().st_size if log_path.exists() else 0
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, cwd=state,
-                                start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, env=env, cwd=state,
+                            start_new_session=True)
+    copier = threading.Thread(target=_copy_output, args=(proc.stdout, log_path), daemon=True)
+    copier.start()
     (state / "supernode.pid").write_text(str(proc.pid))
     try:
         while True:
             try:
-                code = proc.wait(timeout=2.0)
+                code = proc.wait(timeout=1.0)
                 break
             except subprocess.TimeoutExpired:
                 pass
+            if progress is not None:
+                progress.poll(start)
             if on_tick is not None:
                 on_tick()
             if any(g in _read_from(log_path, start) for g in GAVE_UP):
@@ -350,6 +448,9 @@ def _run_once(cmd: list[str], env: dict[str, str], state: Path, log_path: Path,
         # flwr-clientapp processes) is left; SIGKILL after the grace period.
         terminate_pids([proc.pid], grace_s=5.0)
         (state / "supernode.pid").unlink(missing_ok=True)
+        copier.join(timeout=5.0)
+        if progress is not None:
+            progress.poll(start)
     return code, _read_from(log_path, start)
 
 
@@ -407,6 +508,7 @@ def run_supernode(
                             kit.settings.connect_timeout_s)
     log_path = logs / "supernode.log"
     site = kit.settings.site_name
+    progress = SiteProgress(site, superlink, state, log_path)
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     worker = WorkerProcess(state, env) if warm_worker else None
     try:
@@ -416,7 +518,8 @@ def run_supernode(
         while True:
             log.info("site %s: SuperNode starting, connecting to %s; log: %s", site, superlink,
                      log_path)
-            code, text = _run_once(cmd, env, state, log_path,
+            progress.reset()
+            code, text = _run_once(cmd, env, state, log_path, progress,
                                    worker.check if worker is not None else None)
             # Flower's SuperNode may exit 0 ("terminated gracefully") after giving up on a
             # coordinator it was connected to: that is a lost coordinator, not an operator stop

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.run_status import STATUS_FILE, clean_text, read_json, run_state
-from aggregator.run_store import CHECKPOINT_PREFIX, ROUNDS_LOG
+from aggregator.run_summary import CHECKPOINT_PREFIX, ROUNDS_LOG  # no torch: see run_summary
 from fed_unimiss.exchange import is_valid_site_name
 
 __all__ = ["RunView", "clean_round", "run_view", "read_rows"]

@@ -40,7 +40,7 @@ from flwr.proto.control_pb2 import (  # pylint: disable=E0611
 from flwr.supercore.fab import Fab
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-__all__ = ["ControlError", "RunState", "ControlClient", "load_site_public_key"]
+__all__ = ["ControlError", "InputError", "RunState", "ControlClient", "load_site_public_key"]
 
 log = logging.getLogger(__name__)
 # One line per poll at INFO would drown the progress output.
@@ -49,6 +49,11 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 
 class ControlError(RuntimeError):
     """The SuperLink refused or could not be reached; the message says what to do."""
+
+
+class InputError(ControlError):
+    """The command's own input is wrong (config, --rounds, a resume that does not match RUN):
+    refused before anything starts (``aggregator start`` exits 2)."""
 
 
 @dataclass(frozen=True)

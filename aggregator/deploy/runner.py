@@ -17,17 +17,23 @@ including Flower's orphaned ``flwr-serverapp``.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
+import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aggregator.deploy.control import ControlClient, ControlError, RunState, load_site_public_key
+from aggregator.deploy.control import (
+    ControlClient,
+    ControlError,
+    InputError,
+    RunState,
+    load_site_public_key,
+)
 from aggregator.deploy.fab import CLIENTAPP, SERVERAPP, FabSpec, build_fab
 from aggregator.deploy.superlink import (
     CoordinatorKit,
@@ -35,19 +41,24 @@ from aggregator.deploy.superlink import (
     load_coordinator_kit,
     superlink_command,
 )
-from aggregator.run_status import STATUS_FILE, read_json, run_state
+from aggregator.run_summary import (  # light: `aggregator status` imports only these
+    LAST_RUN,
+    ROUNDS_LOG,
+    STATE_FILE,
+    RoundsTail,
+    epsilon_spent,
+    last_run_of_kit,
+    read_rounds,
+    run_summary,
+)
 from fed_unimiss.checkpoint import atomic_write_json
 from fed_unimiss.exchange import RUN_CONFIG, RUN_OUT, RUN_RESUME, RUN_ROUNDS
 from fed_unimiss.processes import ProcessSet, kill_recorded
 
 __all__ = ["AggregatorOptions", "RunOutcome", "RoundsTail", "run_aggregator", "run_summary",
-           "epsilon_spent", "read_rounds", "last_run_of_kit", "round_costs"]
+           "epsilon_spent", "read_rounds", "last_run_of_kit"]
 
 log = logging.getLogger(__name__)
-
-ROUNDS_LOG = "rounds.jsonl"
-STATE_FILE = "aggregator.json"
-LAST_RUN = "last-run"  # in the coordinator kit: the RUN folder of the latest start
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,10 @@ class AggregatorOptions:
     # round 1 already includes every site.
     wait_for_sites: int = 0
     wait_for_sites_timeout_s: float = 120.0
+    # A resumed run first waits, up to this long, for the sites of its last complete round to
+    # be online again (a site's SuperNode reconnects by itself after a coordinator restart, but
+    # takes a while); then it goes on with those that are (0 = do not wait).
+    resume_wait_s: float = 120.0
     ready_timeout_s: float = 60.0
     # Give up when the run is still pending/starting after this long (a broken SuperExec
     # leaves runs pending forever instead of failing them).
@@ -91,147 +106,6 @@ class RunOutcome:
         return self.state is not None and self.state.completed and not self.error
 
 
-class RoundsTail:
-    """Rows of RUN/rounds.jsonl not yet seen, by round number (a torn last line waits).
-
-    Rows are told apart by their round, not by byte offsets: a resumed run repairs the file
-    (rewrites it to its complete rounds) and then appends, so an offset taken before the repair
-    can land in the middle of the next row and lose it.
-    """
-
-    def __init__(self, path: Path, skip_existing: bool = True) -> None:
-        self.path = path
-        self.seen: set[Any] = set()
-        if skip_existing:
-            self.seen = {self._key(row) for row in self._rows()}
-
-    @staticmethod
-    def _key(row: dict[str, Any]) -> Any:
-        return row.get("round", json.dumps(row, sort_keys=True))
-
-    def _rows(self) -> list[dict[str, Any]]:
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return []
-        rows = []
-        for line in data[: data.rfind(b"\n") + 1].splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-        return rows
-
-    def read_new(self) -> list[dict[str, Any]]:
-        rows = [row for row in self._rows() if self._key(row) not in self.seen]
-        self.seen.update(self._key(row) for row in rows)
-        return rows
-
-
-def read_rounds(out: Path) -> list[dict[str, Any]]:
-    return RoundsTail(Path(out) / ROUNDS_LOG, skip_existing=False).read_new()
-
-
-def last_run_of_kit(kit: str | Path) -> Path | None:
-    """The RUN folder the coordinator kit ``kit`` was last started with, if any."""
-    marker = Path(kit) / LAST_RUN
-    try:
-        return Path(marker.read_text().strip())
-    except OSError:
-        return None
-
-
-def run_summary(out: str | Path) -> dict[str, Any]:
-    """What ``aggregator status`` shows: rounds done, sites seen, last loss, last run status."""
-    out = Path(out)
-    rows = read_rounds(out)
-    sites: set[str] = set()
-    for r in rows:
-        sites.update(str(s) for s in r.get("sites", []) or [])
-    epsilon = epsilon_spent(rows)
-    state: dict[str, Any] = {}
-    if (out / STATE_FILE).exists():
-        try:
-            state = json.loads((out / STATE_FILE).read_text())
-        except (OSError, json.JSONDecodeError):
-            state = {}
-    done = max((int(r.get("round", 0)) for r in rows), default=0)
-    target = state.get("rounds") or read_json(out / STATUS_FILE).get("rounds")
-    target = target if isinstance(target, int) and not isinstance(target, bool) else None
-    run_state_, why = run_state(out, done, target)  # also what the dashboard shows
-    return {
-        "out": str(out),
-        "rounds_done": done,
-        "sites_seen": sorted(sites),
-        "last_loss": rows[-1].get("loss") if rows else None,
-        "run_id": state.get("run_id"),
-        "status": state.get("status", "never started" if not rows else "unknown"),
-        "rounds_target": target,
-        "epsilon": epsilon,
-        "state": run_state_,
-        "why": why,
-        "screening": screening_summary(rows),
-        "costs": round_costs(rows),
-    }
-
-
-def round_costs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Issue 15: per round, its wall time, the exchange, and per site local seconds and bytes."""
-    out = []
-    for row in rows:
-        if "bytes_up" not in row and "site_seconds" not in row:
-            continue  # a row written before these fields existed
-        out.append({"round": row.get("round"), "seconds": row.get("seconds"),
-                    "exchange": row.get("exchange"),
-                    "site_seconds": row.get("site_seconds") or {},
-                    "bytes_down": row.get("bytes_down") or {},
-                    "bytes_up": row.get("bytes_up") or {}})
-    return out
-
-
-def screening_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per site: the last round's update norm against the median, and every clip or rejection.
-
-    From each rounds.jsonl row's ``decisions`` (issue 17); rows without them are skipped.
-    """
-    sites: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        decisions = row.get("decisions")
-        if not isinstance(decisions, dict):
-            continue
-        for site, d in decisions.items():
-            if not isinstance(d, dict):
-                continue
-            entry = sites.setdefault(str(site), {"events": []})
-            entry["last_round"] = row.get("round")
-            entry["last_action"] = d.get("action")
-            entry["norms"] = d.get("norms")
-            entry["vs_median"] = d.get("vs_median")
-            if d.get("action") in ("clipped", "rejected", "refused"):
-                entry["events"].append({"round": row.get("round"), "action": d.get("action"),
-                                        "reason": d.get("reason")})
-    return dict(sorted(sites.items()))
-
-
-def epsilon_spent(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Per DP site, the latest epsilon it reported (cumulative, so the latest is the total).
-
-    Read from the ``epsilon`` map of each rounds.jsonl row; malformed entries are skipped.
-    """
-    spent: dict[str, float] = {}
-    for row in rows:
-        eps = row.get("epsilon")
-        if not isinstance(eps, dict):
-            continue
-        for site, value in eps.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) \
-                    and math.isfinite(value):
-                spent[str(site)] = float(value)
-    return dict(sorted(spent.items()))
-
-
 def _register_sites(client: ControlClient, kit: CoordinatorKit) -> None:
     for site, path in kit.site_keys.items():
         node = client.register_site(load_site_public_key(path), site)
@@ -241,26 +115,113 @@ def _register_sites(client: ControlClient, kit: CoordinatorKit) -> None:
             log.info("registered site %s (node %d)", site, node)
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # Flower colours its log lines unconditionally
+
+
 def _save_server_log(client: ControlClient, run_id: int, after: float, logs: Path) -> float:
     text, latest = client.fetch_logs(run_id, after)
+    text = ANSI.sub("", text)
     if text:
         with open(logs / "serverapp.log", "a") as f:
             f.write(text if text.endswith("\n") else text + "\n")
     return latest
 
 
-def _wait_online(client: ControlClient, opts: AggregatorOptions, procs: ProcessSet) -> None:
-    deadline = time.monotonic() + opts.wait_for_sites_timeout_s
+def _online_note(online: set[str], needed: int, waited: float) -> str:
+    return (f"waiting for sites: {len(online)} of {needed} online "
+            f"({', '.join(sorted(online)) or 'none yet'}) after {waited:.0f} s")
+
+
+def _wait_online(client: ControlClient, opts: AggregatorOptions, procs: ProcessSet,
+                 note: Callable[[str], None]) -> None:
+    """Block until ``opts.wait_for_sites`` sites are online; say how many are, as it changes."""
+    started = time.monotonic()
+    deadline = started + opts.wait_for_sites_timeout_s
     online: set[str] = set()
+    shown: tuple[set[str], float] | None = None
     while time.monotonic() < deadline:
         online = client.online_sites()
         if len(online) >= opts.wait_for_sites:
-            log.info("%d site(s) online: %s", len(online), ", ".join(sorted(online)))
+            note(f"{len(online)} site(s) online: {', '.join(sorted(online))}")
             return
+        now = time.monotonic()
+        # a line when the set changes, and every 30 s so a long wait never looks stuck
+        if shown is None or online != shown[0] or now - shown[1] >= 30.0:
+            note(_online_note(online, opts.wait_for_sites, now - started))
+            shown = (online, now)
         procs.watch()
         time.sleep(0.5)
     raise ControlError(f"only {len(online)} of {opts.wait_for_sites} site(s) came online within "
                        f"{opts.wait_for_sites_timeout_s:.0f} s ({', '.join(sorted(online)) or 'none'})")
+
+
+def _wait_for_last_sites(client: ControlClient, sites: list[str], last_round: int,
+                         timeout_s: float, procs: ProcessSet, note: Callable[[str], None]) -> None:
+    """A resume waits (bounded) for the sites of its last complete round, and says so."""
+    wanted = set(sites)
+    note(f"resuming after round {last_round}: waiting up to {timeout_s:.0f} s for its sites "
+         f"({', '.join(sorted(wanted))}) to reconnect")
+    deadline = time.monotonic() + timeout_s
+    online: set[str] = set()
+    while True:
+        online = client.online_sites() & wanted
+        if online == wanted:
+            note(f"all {len(wanted)} site(s) of round {last_round} online")
+            return
+        if time.monotonic() >= deadline:
+            note(f"going on without {', '.join(sorted(wanted - online))}: not online after "
+                 f"{timeout_s:.0f} s (online: {', '.join(sorted(online)) or 'none'})")
+            return
+        procs.watch()
+        time.sleep(0.5)
+
+
+def _check_resume(config: Path, out: Path, rounds: int) -> dict[str, Any] | None:
+    """Refuse at once a resume whose config or --rounds differ; the last round's row, if any."""
+    from aggregator.rounds import FederationRun
+    from aggregator.run_store import ResumeError, RunStore
+
+    try:
+        identity = FederationRun.from_files(config, out, rounds).identity()
+        last = RunStore(out).check_resumable(identity)
+    except (ResumeError, ValueError) as e:  # ConfigError is a ValueError too
+        raise InputError(str(e)) from None
+    if not last:
+        return None
+    rows = [r for r in read_rounds(out) if r.get("round") == last]
+    return rows[-1] if rows else {"round": last, "sites": []}
+
+
+class _RoundPrinter(threading.Thread):
+    """Hands every new rounds.jsonl row to ``on_round`` within a second of its being written.
+
+    A thread of its own: the Control API calls of the status loop can block for a long time on a
+    loaded machine, and a round line must not wait for them.
+    """
+
+    def __init__(self, tail: RoundsTail, on_round: Callable[[dict[str, Any], RunState | None],
+                                                             None] | None) -> None:
+        super().__init__(name="rounds-printer", daemon=True)
+        self.tail, self.on_round = tail, on_round
+        self.state: RunState | None = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+
+    def flush(self) -> None:
+        with self._lock:
+            for row in self.tail.read_new():
+                if self.on_round is not None:
+                    self.on_round(row, self.state)
+
+    def run(self) -> None:
+        while not self._done.wait(0.5):
+            self.flush()
+
+    def stop(self) -> None:
+        self._done.set()
+        if self.is_alive():
+            self.join(timeout=5.0)
+        self.flush()
 
 
 def _log_tail(path: Path, lines: int = 30) -> str:
@@ -276,6 +237,7 @@ def run_aggregator(
     on_round: Callable[[dict[str, Any], RunState | None], None] | None = None,
     on_started: Callable[[int], None] | None = None,
     on_ready: Callable[[], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> RunOutcome:
     """Run one federation of ``opts.rounds`` rounds; returns when the run has finished.
 
@@ -292,9 +254,12 @@ def run_aggregator(
     out = Path(opts.out).expanduser().resolve()
     config = Path(opts.config).expanduser().resolve()
     if not config.is_file():
-        raise ControlError(f"--config {config}: no such file")
+        raise InputError(f"--config {config}: no such file")
     if opts.rounds < 1:
-        raise ControlError(f"--rounds must be at least 1, got {opts.rounds}")
+        raise InputError(f"--rounds must be at least 1, got {opts.rounds}")
+    note = on_note or (lambda text: log.info("%s", text))
+    # A resume with another config or --rounds is refused here, before anything starts.
+    last_row = _check_resume(config, Path(opts.out).expanduser().resolve(), opts.rounds)
     fleet = opts.fleet_address or kit.settings.fleet_address
     control = opts.control_address or kit.settings.control_address
     out.mkdir(parents=True, exist_ok=True)
@@ -318,7 +283,7 @@ def run_aggregator(
     fab, fab_hash = build_fab(FabSpec(run_config=overrides, serverapp=opts.serverapp,
                                       clientapp=opts.clientapp))
     superlink_log = logs / "superlink.log"
-    tail = RoundsTail(out / ROUNDS_LOG, skip_existing=True)
+    printer = _RoundPrinter(RoundsTail(out / ROUNDS_LOG, skip_existing=True), on_round)
     state: RunState | None = None
     run_id: int | None = None
 
@@ -333,7 +298,11 @@ def run_aggregator(
             if on_ready is not None:
                 on_ready()
             if opts.wait_for_sites:
-                _wait_online(client, opts, procs)
+                _wait_online(client, opts, procs, note)
+            if last_row and last_row.get("sites") and opts.resume_wait_s > 0 \
+                    and int(last_row["round"]) < opts.rounds:
+                _wait_for_last_sites(client, [str(s) for s in last_row["sites"]],
+                                     int(last_row["round"]), opts.resume_wait_s, procs, note)
             run_id = client.start_run(fab)
             atomic_write_json(out / STATE_FILE, {"run_id": run_id, "status": "started",
                                                  "rounds": opts.rounds, "fab_sha256": fab_hash})
@@ -342,6 +311,7 @@ def run_aggregator(
                 on_started(run_id)
             submitted = time.monotonic()
             failures, log_after = 0, 0.0
+            printer.start()
             while True:
                 procs.watch()
                 try:
@@ -357,14 +327,10 @@ def run_aggregator(
                     log.debug("run status unavailable (%d): %s", failures, e)
                     time.sleep(opts.poll_s)
                     continue
-                for row in tail.read_new():
-                    if on_round is not None:
-                        on_round(row, state)
+                printer.state = state
                 if state.finished:
                     time.sleep(0.5)  # the ServerApp's last log lines arrive just after
-                    for row in tail.read_new():
-                        if on_round is not None:
-                            on_round(row, state)
+                    printer.stop()
                     try:
                         _save_server_log(client, run_id, log_after, logs)
                     except ControlError:
@@ -391,6 +357,8 @@ def run_aggregator(
                                                  "rounds": opts.rounds, "error": str(e)})
             raise
         finally:
+            if printer.is_alive():
+                printer.stop()
             client.close()
 
     rounds = read_rounds(out)

@@ -138,7 +138,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 def _build_entry(image: UsableImage, key: str, cache: Path, cfg: DataConfig,
                  salt: bytes) -> dict[str, Any]:
-    sample, pkey = read_sample(image, salt, cfg.min_xray_side)
+    sample, pkey = read_sample(image, salt, cfg.min_xray_side, cfg.xray_default_spacing)
     items = []
     if sample.modality == "ct":
         volume = resample_volume(sample.array, sample.spacing, cfg.ct_spacing)
@@ -199,6 +199,11 @@ def build_cache(roots: Path | str | Sequence[Path | str], work_dir: str | Path,
     rejected = list(report.rejected)
     entries: dict[str, Any] = {}
     built = reused = 0
+    unknown = sum(u.modality == "xray" and u.spacing is None for u in report.usable)
+    if unknown:  # once per scan, not once per image
+        logger.info("%d X-ray(s) record no pixel spacing (PNG/JPEG or DICOM without it): "
+                    "training uses the configured default %s mm (data.xray_default_spacing)",
+                    unknown, " x ".join(f"{s:g}" for s in cfg.xray_default_spacing))
     for order, image in enumerate(report.usable):
         try:
             key = _source_key(image, cfg)

@@ -97,29 +97,63 @@ def run_check(args: argparse.Namespace) -> int:
     return 0 if report.usable else 2
 
 
+def _spacing_text(spacing: tuple[float, ...] | None) -> str:
+    return "unknown" if spacing is None else " x ".join(f"{s:.3g}" for s in spacing)
+
+
+def _name_width(console_width: int, rows: list[list[str]], headers: tuple[str, ...],
+                name_col: int) -> int:
+    """Columns left for the name column once the other columns have their natural width."""
+    others = sum(max([len(h), *(len(r[i]) for r in rows)]) + 3
+                 for i, h in enumerate(headers) if i != name_col)
+    return max(16, console_width - others - 4)
+
+
 def _print_tables(report) -> None:
+    """The usable and rejected tables. Names are relative to the scanned folder and, where the
+    terminal is too narrow, shortened from the left to a tail that no other name shares
+    (fed_unimiss/cli/names.py): two files never print the same."""
     from rich.console import Console
     from rich.table import Table
 
+    from fed_unimiss.cli.names import unique_tails
+
     console = Console()
+    headers = ("modality", "image", "files", "shape", "spacing (mm)", "status")
+    rows = [[u.modality, u.name, str(len(u.files)), " x ".join(map(str, u.shape)),
+             _spacing_text(u.spacing),
+             "usable" + ("; " + "; ".join(u.notes) if u.notes else "")] for u in report.usable]
+    width = _name_width(console.width, rows, headers, 1)
+    names = unique_tails([r[1] for r in rows], width)
     table = Table(title="Usable images", title_justify="left")
-    for column in ("modality", "image", "files", "shape", "spacing (mm)", "status"):
-        table.add_column(column)
-    for u in report.usable:
-        status = "usable" + ("; " + "; ".join(u.notes) if u.notes else "")
-        table.add_row(u.modality, u.name, str(len(u.files)), " x ".join(map(str, u.shape)),
-                      " x ".join(f"{s:.3g}" for s in u.spacing), status)
+    for column in headers:
+        if column == "image":  # a unique tail longer than the space wraps, whole
+            table.add_column(column, overflow="fold",
+                             min_width=min(width, max(map(len, names), default=5)))
+        elif column == "status":
+            table.add_column(column, overflow="fold")
+        else:
+            table.add_column(column, no_wrap=True)
+    for row, name in zip(rows, names, strict=True):
+        table.add_row(row[0], name, *row[2:])
     console.print(table)
     if report.rejected:
+        paths = [report.display_path(r.path) for r in report.rejected]
+        width = max(16, console.width * 2 // 5)
+        shown = unique_tails(paths, width)
         rejected = Table(title="Rejected", title_justify="left")
-        rejected.add_column("path", overflow="fold")
+        rejected.add_column("path", overflow="fold", min_width=min(width, max(map(len, shown))))
         rejected.add_column("reason", overflow="fold")
-        for r in report.rejected:
-            rejected.add_row(r.path, r.reason)
+        for path, r in zip(shown, report.rejected, strict=True):
+            rejected.add_row(path, r.reason)
         console.print(rejected)
     s = report.summary()
+    unknown = sum(u.modality == "xray" and u.spacing is None for u in report.usable)
     console.print(f"{s['ct_volumes']} CT volume(s), {s['xrays']} X-ray(s) usable; "
                   f"{s['rejected']} rejected; {s['files_seen']} file(s) seen")
+    if unknown:
+        console.print(f"{unknown} X-ray(s) record no pixel spacing (\"unknown\"): training "
+                      "uses data.xray_default_spacing")
     if not report.usable:
         console.print("[bold red]no usable image found[/]")
 

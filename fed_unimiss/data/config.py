@@ -42,6 +42,10 @@ class DataConfig:
     xray_size: int = 512
     # Smallest X-ray side (pixels) accepted; smaller images are rejected as thumbnails.
     min_xray_side: int = 64
+    # Pixel spacing (mm) assumed for radiographs whose file records none (PNG/JPEG, DICOM
+    # without PixelSpacing). `data check` shows those as "unknown"; the X-ray path resizes to
+    # xray_size and does not depend on it, but every Sample carries a spacing.
+    xray_default_spacing: tuple[float, float] = (1.0, 1.0)
 
     def validate(self) -> None:
         if len(self.ct_spacing) != 3 or any(s <= 0 for s in self.ct_spacing):
@@ -50,6 +54,9 @@ class DataConfig:
                      "min_xray_side"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if len(self.xray_default_spacing) != 2 or any(s <= 0 for s in self.xray_default_spacing):
+            raise ValueError(f"xray_default_spacing: expected two positive mm values, got "
+                             f"{self.xray_default_spacing}")
         if self.ct_tile_stride > self.ct_tile_depth:
             raise ValueError(
                 f"ct_tile_stride: {self.ct_tile_stride} is larger than ct_tile_depth "

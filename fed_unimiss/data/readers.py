@@ -28,7 +28,7 @@ __all__ = ["read_sample", "read_file", "file_kind", "patient_key"]
 Spacing = tuple[float, ...]
 
 # image kind (as in UsableImage.kind) -> reader(path, min X-ray side) -> (array, spacing)
-_READERS: dict[str, Callable[[Path, int], tuple[np.ndarray, Spacing]]] = {
+_READERS: dict[str, Callable[[Path, int], tuple[np.ndarray, Spacing | None]]] = {
     "nifti": lambda path, _: _volume(read_nifti(path)),
     "metaimage": lambda path, _: _volume(read_metaimage(path)),
     "dicom": lambda path, side: read_xray_dicom(read_dataset(path), side),
@@ -53,12 +53,15 @@ def file_kind(path: Path) -> str:
     return "dicom"
 
 
-def read_file(path: Path, min_xray_side: int = 64) -> tuple[np.ndarray, Spacing]:
-    """Decode one file: a CT volume in HU (D, H, W) or an X-ray (H, W) in [0, 1], and spacing.
+def read_file(path: Path, min_xray_side: int = 64,
+              default_xray_spacing: Spacing = (1.0, 1.0)) -> tuple[np.ndarray, Spacing]:
+    """Decode one file: a CT volume in HU (D, H, W) or an X-ray (H, W) in [0, 1], and spacing
+    (``default_xray_spacing`` for a radiograph whose file records none).
 
     Raises :class:`DataError` with a reason that does not name the file (the caller adds it).
     """
-    return _READERS[file_kind(path)](path, min_xray_side)
+    array, spacing = _READERS[file_kind(path)](path, min_xray_side)
+    return array, default_xray_spacing if spacing is None else spacing
 
 
 def patient_key(image: UsableImage, salt: bytes) -> str:
@@ -67,8 +70,11 @@ def patient_key(image: UsableImage, salt: bytes) -> str:
     return salted_hash(salt, "patient", source)
 
 
-def read_sample(image: UsableImage, salt: bytes, min_xray_side: int = 64) -> tuple[Sample, str]:
-    """Decode a scanned image into (Sample, patient_key); raises DataError with a reason."""
+def read_sample(image: UsableImage, salt: bytes, min_xray_side: int = 64,
+                default_xray_spacing: Spacing = (1.0, 1.0)) -> tuple[Sample, str]:
+    """Decode a scanned image into (Sample, patient_key); raises DataError with a reason.
+
+    A radiograph whose file records no spacing gets ``default_xray_spacing``."""
     path = image.files[0]
     if image.kind == "dicom-series":
         if image.plan is None:
@@ -76,6 +82,7 @@ def read_sample(image: UsableImage, salt: bytes, min_xray_side: int = 64) -> tup
         array, spacing = load_series(image.plan), image.plan.spacing
     elif image.kind in _READERS:
         array, spacing = _READERS[image.kind](path, min_xray_side)
+        spacing = default_xray_spacing if spacing is None else spacing
     else:
         raise DataError(f"unknown image kind {image.kind!r}")
     sample = Sample(array=array, spacing=tuple(float(s) for s in spacing),

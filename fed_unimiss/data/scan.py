@@ -62,7 +62,7 @@ class UsableImage:
     name: str
     files: tuple[Path, ...]
     shape: tuple[int, ...]
-    spacing: tuple[float, ...]
+    spacing: tuple[float, ...] | None  # mm; None when the file records none (PNG/JPEG)
     identity: str
     patient_id: str = ""
     notes: tuple[str, ...] = ()
@@ -71,7 +71,8 @@ class UsableImage:
     def to_json(self) -> dict[str, Any]:
         return {"modality": self.modality, "kind": self.kind, "name": self.name,
                 "files": len(self.files), "shape": list(self.shape),
-                "spacing": [round(s, 4) for s in self.spacing], "notes": list(self.notes)}
+                "spacing": None if self.spacing is None else [round(s, 4) for s in self.spacing],
+                "notes": list(self.notes)}
 
 
 @dataclass
@@ -81,6 +82,11 @@ class ScanReport:
     usable: list[UsableImage] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     files_seen: int = 0
+    roots: list[Path] = field(default_factory=list)  # the scanned folders/files (absolute)
+
+    def display_path(self, path: str | Path) -> str:
+        """``path`` relative to the scanned folder (see :func:`display_name`)."""
+        return display_name(Path(path), self.roots)
 
     def summary(self) -> dict[str, int]:
         """Counts only (no names), e.g. for logs that might be shared."""
@@ -93,7 +99,8 @@ class ScanReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"usable": [u.to_json() for u in self.usable],
-                "rejected": [{"path": r.path, "reason": r.reason} for r in self.rejected],
+                "rejected": [{"path": self.display_path(r.path), "reason": r.reason}
+                             for r in self.rejected],
                 "summary": self.summary()}
 
 
@@ -111,14 +118,21 @@ class _State:
         self.report.rejected.append(Rejection(str(path), reason))
 
 
-def _display(path: Path, roots: list[Path]) -> str:
+def display_name(path: Path, roots: list[Path]) -> str:
+    """``path`` relative to the scanned folder; with several roots, after the root's name (so
+    names from two roots stay apart); the root itself by its name."""
     for root in roots:
         try:
             rel = path.relative_to(root)
-            return str(Path(root.name) / rel) if str(rel) != "." else root.name
         except ValueError:
             continue
-    return path.name
+        if str(rel) == ".":
+            return root.name
+        return str(rel) if len(roots) == 1 else str(Path(root.name) / rel)
+    return str(path)
+
+
+_display = display_name
 
 
 def _suffix(path: Path) -> str:
@@ -250,7 +264,8 @@ def scan(root: Path | str | Sequence[Path | str], cfg: DataConfig | None = None)
     """
     cfg = cfg or DataConfig()
     roots = [Path(root)] if isinstance(root, (str, Path)) else [Path(r) for r in root]
-    state = _State(cfg=cfg, report=ScanReport(), roots=[r.absolute() for r in roots])
+    absolute = [r.absolute() for r in roots]
+    state = _State(cfg=cfg, report=ScanReport(roots=absolute), roots=absolute)
     for r in state.roots:
         if r.is_dir():
             _walk(r, state)

@@ -8,8 +8,9 @@ tissue is always bright. The result is scaled to [0, 1]: by its value range afte
 a few hot or dead detector pixels do not squash the contrast.
 
 PNG/JPEG through Pillow: greyscale as stored (8 or 16 bit), colour converted to luminance; the
-display convention of an exported picture is assumed (bone white). Their spacing is unknown and
-reported as 1 mm per pixel.
+display convention of an exported picture is assumed (bone white). Their spacing is unknown:
+the readers return None (``data check`` shows "unknown"), and training uses the configured
+default (``DataConfig.xray_default_spacing``; the X-ray path resizes to ``xray_size`` anyway).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from fed_unimiss.data.sample import DataError
 
 __all__ = ["read_xray_dicom", "read_xray_image", "UNKNOWN_SPACING"]
 
-UNKNOWN_SPACING = (1.0, 1.0)
+UNKNOWN_SPACING = None  # the file records no pixel spacing
 
 
 def _to_unit_range(image: np.ndarray, windowed: bool) -> np.ndarray:
@@ -41,7 +42,7 @@ def _to_unit_range(image: np.ndarray, windowed: bool) -> np.ndarray:
     return np.clip((image - low) / (high - low), 0.0, 1.0).astype(np.float32)
 
 
-def _spacing(ds: pydicom.Dataset) -> tuple[float, float]:
+def _spacing(ds: pydicom.Dataset) -> tuple[float, float] | None:
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         value = ds.get(keyword)
         try:
@@ -62,9 +63,10 @@ def _check_frame(array: np.ndarray, min_side: int, not_2d: str) -> None:
                         f"than the minimum side of {min_side}")
 
 
-def read_xray_dicom(ds: pydicom.Dataset, min_side: int = 64) -> tuple[np.ndarray,
-                                                                      tuple[float, float]]:
-    """Decode a CR/DX dataset into ([0, 1] image with bone white, pixel spacing in mm)."""
+def read_xray_dicom(ds: pydicom.Dataset, min_side: int = 64
+                    ) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """Decode a CR/DX dataset into ([0, 1] image with bone white, pixel spacing in mm or None
+    when the file records none)."""
     try:
         raw = ds.pixel_array
     except Exception as e:
@@ -86,8 +88,8 @@ def read_xray_dicom(ds: pydicom.Dataset, min_side: int = 64) -> tuple[np.ndarray
     return np.ascontiguousarray(unit, dtype=np.float32), _spacing(ds)
 
 
-def read_xray_image(path: Path, min_side: int = 64) -> tuple[np.ndarray, tuple[float, float]]:
-    """Read a PNG/JPEG radiograph into ([0, 1] image, unknown spacing of 1 mm)."""
+def read_xray_image(path: Path, min_side: int = 64) -> tuple[np.ndarray, None]:
+    """Read a PNG/JPEG radiograph into ([0, 1] image, None: the file records no spacing)."""
     try:
         with Image.open(path) as im:
             im.load()

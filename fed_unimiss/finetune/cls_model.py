@@ -18,8 +18,8 @@ class ClassificationNet(nn.Module):
 
     def __init__(self, backbone: nn.Module, num_classes: int) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if num_classes < 1:  # 1 logit is a valid multi-label (sigmoid) head
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         width = backbone.config.embed_dims[-1]
         self.backbone = backbone
         self.num_classes = num_classes

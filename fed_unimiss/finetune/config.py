@@ -17,6 +17,7 @@ __all__ = ["FinetuneConfig", "load_finetune_config", "TASKS"]
 
 Task = Literal["seg3d", "seg2d", "cls3d", "cls2d"]
 TASKS: tuple[str, ...] = ("seg3d", "seg2d", "cls3d", "cls2d")
+Split = Literal["folders", "lists", "patients"]
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,9 @@ class FinetuneConfig:
     # seg3d: CT volume segmentation; seg2d: 2D segmentation (PNG pairs or the axial slices of
     # CT pairs); cls3d / cls2d: CT volume / X-ray classification from a file,label CSV.
     task: Task = "seg3d"
-    # Classes including background (segmentation) or label values (classification). null:
-    # max label in the training set + 1 (validation labels beyond it are then an error).
+    # Classes including background (segmentation) or label values (classification); for
+    # multi_label the number of findings. null: from dataset.json / class_names, else max label
+    # in the training set + 1 (validation labels beyond it are then an error).
     num_classes: int | None = None
     # Architecture when training from scratch (a preset name or a model YAML); ignored with
     # --init, whose export fixes the architecture.
@@ -57,6 +59,13 @@ class FinetuneConfig:
     ct_spacing: tuple[float, float, float] | None = (3.0, 1.0, 1.0)
     # CT input = HU / hu_scale, exactly as in pretraining.
     hu_scale: float = 1024.0
+    # Clip HU to [low, high] before scaling (a CT intensity window, e.g. [-175, 250] for
+    # abdominal organs); null = no clipping, as in pretraining.
+    hu_window: tuple[float, float] | None = None
+    # How volume intensities become network inputs: "hu" (HU / hu_scale, CT), "zscore" (per
+    # volume mean 0, std 1: MR, where values have no absolute meaning), or "auto": from a
+    # Decathlon dataset.json's modality (CT -> hu, anything else -> zscore), else "hu".
+    intensity: Literal["auto", "hu", "zscore"] = "auto"
     # Probability that a training patch is centred on a foreground voxel (nnU-Net uses 1/3);
     # raise it for tiny organs.
     foreground_prob: float = 0.33
@@ -67,6 +76,37 @@ class FinetuneConfig:
     deep_supervision: bool = True
     ce_weight: float = 1.0
     dice_weight: float = 1.0
+    # ---- classification labels and splits ----
+    # Multi-label classification (cls2d / cls3d): one sigmoid per class, BCE loss, per-class and
+    # mean AUC (ChestX-ray14). False: one softmax over num_classes, cross-entropy.
+    multi_label: bool = False
+    # Class (finding) names of a multi-label task, in output order; null = the sorted names
+    # found in the training table. A name in a table outside this list is an error. For
+    # segmentation without dataset.json: the names of classes 0..K-1 (background first), which
+    # metrics.json then reports Dice under.
+    class_names: tuple[str, ...] | None = None
+    # Segmentation label maps whose values are codes, not 0..K-1 (MM-WHS: 0, 205, 420, ...):
+    # the raw value of class 0, 1, ... in order; any other value is an error naming the file.
+    label_values: tuple[int, ...] | None = None
+    # The table in DIR: "labels.csv" (file,label[,patient]) or NIH's "Data_Entry_2017.csv"
+    # (Image Index, Finding Labels with '|', Patient ID), read as it comes.
+    label_table: str = "labels.csv"
+    # The finding that means "all classes negative" in a multi-label table (NIH's wording).
+    negative_label: str = "No Finding"
+    # folders: --train and --val are separate folders, used whole. lists: the official split
+    # lists train_list / val_list (files in DIR, one image name per line) pick the rows of the
+    # --train / --val table. patients: --train and --val are one folder, split here by patient
+    # (val_fraction of the patients, seeded); no patient is on both sides.
+    split: Split = "folders"
+    train_list: str = "train_val_list.txt"
+    val_list: str = "test_list.txt"
+    val_fraction: float = 0.2
+    # Keep classification inputs in memory (fast; ~4 x size_2d^2 bytes per X-ray). false reads
+    # every image from disk when it is batched: needed for the 112k X-rays of ChestX-ray14.
+    preload: bool = True
+    # Clip the gradient norm of all parameters to this value (nnU-Net, the UniMiSS BCV trainer:
+    # 12); null = no clipping.
+    grad_clip: float | None = None
     # Validate every N epochs (the last epoch is always validated).
     val_every: int = 1
     # torch CPU threads; keep at or below the cores you are given.
@@ -76,8 +116,9 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "size_2d", "val_every", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        if self.num_classes is not None and self.num_classes < 2:
-            raise ValueError(f"num_classes: need at least 2 (or null to infer), got "
+        least = 1 if self.multi_label else 2
+        if self.num_classes is not None and self.num_classes < least:
+            raise ValueError(f"num_classes: need at least {least} (or null to infer), got "
                              f"{self.num_classes}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch: must be at least 1 or null, got "
@@ -100,6 +141,36 @@ class FinetuneConfig:
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}: expected a probability in [0, 1], got "
                                  f"{getattr(self, name)}")
+        if self.hu_window is not None and not self.hu_window[0] < self.hu_window[1]:
+            raise ValueError(f"hu_window: expected [low, high] with low < high, got "
+                             f"{list(self.hu_window)}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction: expected a fraction in (0, 1), got "
+                             f"{self.val_fraction}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip: must be positive or null, got {self.grad_clip}")
+        if self.multi_label and self.is_segmentation:
+            raise ValueError(f"multi_label: only for cls2d / cls3d, not {self.task}")
+        if self.class_names is not None:
+            if len(set(self.class_names)) != len(self.class_names) or not self.class_names:
+                raise ValueError(f"class_names: expected distinct names, got "
+                                 f"{list(self.class_names)}")
+            if self.multi_label and self.negative_label in self.class_names:
+                raise ValueError(f"class_names: {self.negative_label!r} is the negative_label "
+                                 "(all classes negative), not a class")
+            if self.num_classes is not None and self.num_classes != len(self.class_names):
+                raise ValueError(f"num_classes: {self.num_classes} differs from the "
+                                 f"{len(self.class_names)} class_names")
+        if self.label_values is not None:
+            if len(set(self.label_values)) != len(self.label_values) or len(self.label_values) < 2:
+                raise ValueError(f"label_values: expected at least 2 distinct values, got "
+                                 f"{list(self.label_values)}")
+            for name in ("num_classes", "class_names"):
+                value = getattr(self, name)
+                n = len(value) if isinstance(value, tuple) else value
+                if n is not None and n != len(self.label_values):
+                    raise ValueError(f"label_values: {len(self.label_values)} values, but "
+                                     f"{name} gives {n} classes")
         if not 0 <= self.sw_overlap < 1:
             raise ValueError(f"sw_overlap: expected a value in [0, 1), got {self.sw_overlap}")
 

@@ -10,7 +10,6 @@ for the labels (:func:`resample_pair`), so classes are never blended.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -99,39 +98,15 @@ def read_label_csv(
     """Read a ``file,label`` table; files are relative to ``base`` (default: the CSV's folder).
 
     Every problem names the CSV and the line: missing header, a non-integer or out-of-range
-    label, a duplicate or missing file.
+    label, a duplicate or missing file. (The full reader, with NIH tables, multi-label rows and
+    patients, is :mod:`fed_unimiss.finetune.label_tables`.)
     """
+    from .label_tables import read_class_table, resolve_files
+
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise LabelError(f"{path}: cannot read label table ({e.strerror})") from e
-    rows = list(csv.reader(text.splitlines()))
-    if not rows or [c.strip().lower() for c in rows[0][:2]] != ["file", "label"]:
-        raise LabelError(f"{path}: first line must be the header 'file,label'")
-    out: dict[Path, int] = {}
-    for lineno, row in enumerate(rows[1:], start=2):
-        if not row or all(not c.strip() for c in row):
-            continue
-        if len(row) < 2:
-            raise LabelError(f"{path}:{lineno}: expected 'file,label', got {','.join(row)!r}")
-        file, raw = row[0].strip(), row[1].strip()
-        try:
-            label = int(raw)
-        except ValueError:
-            raise LabelError(f"{path}:{lineno}: label {raw!r} is not an integer class") from None
-        if label < 0 or (num_classes is not None and label >= num_classes):
-            hi = f"..{num_classes - 1}" if num_classes is not None else " or more"
-            raise LabelError(f"{path}:{lineno}: label {label} is outside the class range 0{hi}")
-        target = (Path(base) if base is not None else path.parent).joinpath(file).resolve()
-        if target in out:
-            raise LabelError(f"{path}:{lineno}: {file} is listed twice")
-        if not target.exists():
-            raise LabelError(f"{path}:{lineno}: {file} does not exist")
-        out[target] = label
-    if not out:
-        raise LabelError(f"{path}: the label table lists no files")
-    return out
+    table = read_class_table(path, multi_label=False, num_classes=num_classes)
+    files = resolve_files(table, table.rows, base if base is not None else path.parent)
+    return {f: int(r.target) for f, r in zip(files, table.rows, strict=True)}  # type: ignore[arg-type]
 
 
 def resample_pair(

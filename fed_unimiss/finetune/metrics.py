@@ -3,7 +3,8 @@
 Written in numpy/torch on purpose (no scikit-learn dependency). Dice is accumulated as counts
 (true positives, false positives, false negatives per class) so that whole volumes, slices and
 batches can be added up before dividing; AUC is the Mann-Whitney U statistic with average ranks
-for ties, which equals the area under the ROC curve exactly.
+for ties, which equals the area under the ROC curve exactly. Multi-label tasks (ChestX-ray14)
+are reported threshold-free: per-class AUC and average precision, and their means.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DiceCounter", "dice_from_counts", "roc_auc", "accuracy", "classification_metrics"]
+__all__ = ["DiceCounter", "dice_from_counts", "roc_auc", "average_precision", "accuracy",
+           "classification_metrics", "multilabel_metrics"]
 
 
 def dice_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
@@ -88,6 +90,26 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(u / (n_pos * n_neg))
 
 
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the precision-recall curve as a step sum: sum_k (R_k - R_(k-1)) P_k.
+
+    Thresholds are the distinct scores from high to low (tied scores enter together), the
+    definition of scikit-learn's ``average_precision_score``. NaN without positives.
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels).reshape(-1).astype(bool)
+    n_pos = int(labels.sum())
+    if n_pos == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], labels[order]
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]  # end of each run of ties
+    tp = np.cumsum(y)[last]
+    precision = tp / (last + 1)
+    recall = tp / n_pos
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
 def accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
     pred, labels = np.asarray(pred).reshape(-1), np.asarray(labels).reshape(-1)
     return float((pred == labels).mean()) if labels.size else float("nan")
@@ -109,3 +131,34 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, f
         aucs = [a for a in aucs if not np.isnan(a)]
         auc = float(np.mean(aucs)) if aucs else float("nan")
     return {"auc": auc, "accuracy": accuracy(probs.argmax(axis=1), labels)}
+
+
+def multilabel_metrics(
+    probs: np.ndarray, targets: np.ndarray, names: list[str] | tuple[str, ...]
+) -> dict[str, object]:
+    """Threshold-free report of a multi-label classifier (one sigmoid per class).
+
+    ``probs`` and ``targets`` are (N, K). Returns ``auc`` (mean over the classes that have both
+    positives and negatives: the ChestX-ray14 number), ``auc_per_class``, ``ap`` and
+    ``ap_per_class`` (average precision), and ``positives_per_class``; classes without both
+    kinds of case get None and are left out of the means.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    targets = np.asarray(targets).astype(bool)
+    if probs.shape != targets.shape or probs.ndim != 2 or probs.shape[1] != len(names):
+        raise ValueError(f"probs {probs.shape} and targets {targets.shape} must both be "
+                         f"(N, {len(names)})")
+    aucs = [roc_auc(probs[:, k], targets[:, k]) for k in range(len(names))]
+    aps = [average_precision(probs[:, k], targets[:, k]) for k in range(len(names))]
+
+    def mean(values: list[float]) -> float:
+        defined = [v for v in values if not np.isnan(v)]
+        return float(np.mean(defined)) if defined else float("nan")
+
+    def named(values: list[float]) -> dict[str, float | None]:
+        return {n: None if np.isnan(v) else float(v) for n, v in zip(names, values, strict=True)}
+
+    return {"auc": mean(aucs), "auc_per_class": named(aucs), "ap": mean(aps),
+            "ap_per_class": named(aps),
+            "positives_per_class": {n: int(targets[:, k].sum()) for k, n in enumerate(names)},
+            "auc_classes": int(sum(not np.isnan(a) for a in aucs))}

@@ -7,7 +7,13 @@ Folder layouts (``--train DIR`` / ``--val DIR``):
   ``labels/NAME.nii.gz`` / nnU-Net's ``labelsTr/NAME.nii.gz`` (for ``imagesTr/NAME_0000.nii.gz``)
   under DIR. ``seg2d`` on CT pairs trains on their axial slices (through the 2D path, as
   UniMiSS's volume-slice consistency does); on PNG pairs directly.
-- Classification: ``DIR/labels.csv`` with ``file,label`` rows, files relative to DIR.
+  A Decathlon / nnU-Net folder (``dataset.json`` + imagesTr/labelsTr/imagesTs) is read through
+  its ``dataset.json`` (:mod:`.decathlon`), which also names the classes.
+- Classification: ``DIR/labels.csv`` with ``file,label[,patient]`` rows, files relative to DIR,
+  or NIH's ``Data_Entry_2017.csv`` as it comes (``label_table``; :mod:`.label_tables`).
+
+Which rows or cases of DIR are used follows ``cfg.split`` (:mod:`.splits`): the whole folder,
+the official split lists, or a seeded split by patient made here.
 
 Preprocessing matches pretraining (:mod:`fed_unimiss.data`): CT resampled to ``ct_spacing``
 (antialiased linear; label maps nearest-neighbour onto the same grid), input = HU / hu_scale;
@@ -31,20 +37,34 @@ from fed_unimiss.data.readers import read_file
 from fed_unimiss.data.sample import DataError
 
 from .config import FinetuneConfig
+from .decathlon import read_dataset_json
+from .label_tables import (
+    ClassTable,
+    TableRow,
+    class_names_of,
+    multi_hot,
+    read_class_table,
+    resolve_files,
+)
 from .labels import (
     LABEL_MAP_SUFFIXES,
     LabelError,
     check_label_map,
-    read_label_csv,
     read_label_map,
 )
+from .splits import check_patient_disjoint, held_out_patients, read_split_list, split_key
 
 __all__ = [
     "SegCase",
     "ClsCase",
+    "ClsData",
+    "SegData",
     "find_seg_pairs",
     "load_seg_cases",
+    "load_seg_data",
     "load_cls_cases",
+    "load_cls_data",
+    "cls_input",
     "label_subset",
     "infer_num_classes",
     "SegPatchSampler",
@@ -56,7 +76,7 @@ log = logging.getLogger(__name__)
 VOLUME_EXTS = (".nii.gz", ".nii", ".mhd")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".dcm")
 LABEL_EXTS = (".nii.gz", ".nii", ".png")
-LABEL_DIRS = ("labels", "labelsTr", "labelsTs", "masks")
+LABEL_DIRS = ("labels", "labelsTr", "labelsTs", "masks", "label")
 
 
 @dataclass
@@ -70,9 +90,26 @@ class SegCase:
 
 @dataclass
 class ClsCase:
-    image: np.ndarray  # already at the network input size
-    label: int
+    """One classification item. ``image`` is None when read on demand (``preload: false``)."""
+
+    image: np.ndarray | None  # at the network input size
+    label: int | np.ndarray  # a class index, or (K,) float32 multi-hot targets
     name: str
+    path: Path | None = None
+    patient: str | None = None  # only for the patient-disjointness check, never logged
+
+
+@dataclass
+class ClsData:
+    cases: list[ClsCase]
+    class_names: tuple[str, ...] | None  # multi-label: the findings, in output order
+
+
+@dataclass
+class SegData:
+    cases: list[SegCase]
+    label_names: tuple[str, ...] | None  # from dataset.json, index = class value
+    case_ids: list[str]  # one per labelled file (the split's unit)
 
 
 def _ext(path: Path) -> str:
@@ -96,6 +133,10 @@ def _label_candidates(image: Path, root: Path) -> list[Path]:
     stem = _stem(image)
     bare = stem[:-5] if stem.endswith("_0000") else stem  # nnU-Net channel suffix
     out = [image.parent / f"{stem}{s}{e}" for s in LABEL_MAP_SUFFIXES for e in LABEL_EXTS]
+    if stem.endswith("_image"):  # MM-WHS: ct_train_1001_image + ct_train_1001_label
+        out += [image.parent / f"{stem[:-6]}{s}{e}" for s in LABEL_MAP_SUFFIXES for e in LABEL_EXTS]
+    if image.parent.name == "img" and stem.startswith("img"):  # BCV: img/img0001, label/label0001
+        out += [image.parent.parent / "label" / f"label{stem[3:]}{e}" for e in LABEL_EXTS]
     # labels/NAME, labelsTr/NAME (nnU-Net), labels/seg/NAME (`fed-unimiss data phantom`)
     dirs = [*LABEL_DIRS, "labels/seg"]
     for folder in (root, image.parent, image.parent.parent):
@@ -109,7 +150,8 @@ def find_seg_pairs(root: str | Path) -> list[tuple[Path, Path]]:
     if not root.is_dir():
         raise DataError(f"{root}: not a directory")
     pairs, unlabelled = [], 0
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and _ext(p)):
+    for path in sorted(p for p in root.rglob("*")
+                       if p.is_file() and _ext(p) and not p.name.startswith(".")):
         if _is_label_file(path, root):
             continue
         label = next((c for c in _label_candidates(path, root) if c.is_file()), None)
@@ -143,10 +185,22 @@ def _read_2d(path: Path) -> np.ndarray:
         raise DataError(f"{path}: {e}") from e
 
 
-def _ct_to_grid(volume: np.ndarray, spacing, cfg: FinetuneConfig) -> np.ndarray:
-    """HU volume -> network intensities on the training grid."""
+def intensity_mode(cfg: FinetuneConfig, modality: str | None) -> str:
+    """``cfg.intensity`` with "auto" resolved: CT (or no modality known) -> hu, else zscore."""
+    if cfg.intensity != "auto":
+        return cfg.intensity
+    return "hu" if modality is None or modality.strip().upper() == "CT" else "zscore"
+
+
+def _ct_to_grid(volume: np.ndarray, spacing, cfg: FinetuneConfig, mode: str = "hu") -> np.ndarray:
+    """Volume -> network intensities on the training grid (HU window and scale, or z-score)."""
     if cfg.ct_spacing is not None:
         volume = resample_volume(volume, spacing, tuple(cfg.ct_spacing))
+    if mode == "zscore":
+        std = float(volume.std())
+        return ((volume - float(volume.mean())) / (std if std > 0 else 1.0)).astype(np.float32)
+    if cfg.hu_window is not None:
+        volume = np.clip(volume, *cfg.hu_window)
     return (volume / cfg.hu_scale).astype(np.float32)
 
 
@@ -158,31 +212,83 @@ def _labels_to_grid(labels: np.ndarray, shape) -> np.ndarray:
     return F.interpolate(t, size=tuple(shape), mode="nearest")[0, 0].numpy().astype(np.int64)
 
 
-def _load_pair(image: Path, label: Path, cfg: FinetuneConfig, num_classes: int | None):
+def _map_label_values(labels: np.ndarray, cfg: FinetuneConfig, path: Path) -> np.ndarray:
+    """Raw label codes -> classes 0..K-1 by ``cfg.label_values`` (identity when it is null)."""
+    if cfg.label_values is None:
+        return labels
+    codes = np.asarray(cfg.label_values)
+    order = np.argsort(codes)
+    pos = np.clip(np.searchsorted(codes[order], labels), 0, len(codes) - 1)
+    found = codes[order][pos] == labels
+    if not found.all():
+        bad = sorted(set(np.unique(labels[~found]).tolist()))[:5]
+        raise LabelError(f"{path}: label value(s) {bad} are not in label_values "
+                         f"{list(cfg.label_values)}; add them or fix the label map")
+    return order[pos].astype(np.int64)
+
+
+def _load_pair(image: Path, label: Path, cfg: FinetuneConfig, num_classes: int | None,
+               mode: str = "hu"):
     """(image on the training grid, labels on the same grid, spatial rank of the file)."""
     if _ext(image) in VOLUME_EXTS:
         volume, spacing = _read_volume(image)
-        labels = read_label_map(label)
+        labels = _map_label_values(read_label_map(label), cfg, label)
         check_label_map(labels, volume.shape, num_classes, label)
-        grid = _ct_to_grid(volume, spacing, cfg)
+        grid = _ct_to_grid(volume, spacing, cfg, mode)
         return grid, _labels_to_grid(labels, grid.shape), 3
     picture = _read_2d(image)
-    labels = read_label_map(label)
+    labels = _map_label_values(read_label_map(label), cfg, label)
     check_label_map(labels, picture.shape, num_classes, label)
     return picture, labels, 2
 
 
-def load_seg_cases(
-    root: str | Path, cfg: FinetuneConfig, num_classes: int | None, fraction: float = 1.0
-) -> list[SegCase]:
-    """Labelled cases of a segmentation folder, preprocessed for ``cfg.task``.
+def _case_id(image: Path) -> str:
+    stem = _stem(image)
+    return stem[:-5] if stem.endswith("_0000") else stem
+
+
+def _split_pairs(pairs: list[tuple[Path, Path]], root: Path, cfg: FinetuneConfig,
+                 side: str) -> list[tuple[Path, Path]]:
+    """The pairs of this side of ``cfg.split``; a case (one labelled file) is one patient."""
+    if cfg.split == "folders":
+        return pairs
+    if cfg.split == "patients":
+        held = held_out_patients([_case_id(p[0]) for p in pairs], cfg.val_fraction, cfg.seed)
+        return [p for p in pairs if (_case_id(p[0]) in held) == (side == "val")]
+    field = "train_list" if side == "train" else "val_list"
+    names = read_split_list(root / getattr(cfg, field), field)
+    # A list line may name the image file or the case (nnU-Net: without _0000 and extension).
+    return [p for p in pairs if split_key(p[0].name) in names or _case_id(p[0]) in names]
+
+
+def load_seg_data(
+    root: str | Path, cfg: FinetuneConfig, num_classes: int | None, fraction: float = 1.0,
+    side: str = "train",
+) -> SegData:
+    """Labelled cases of a segmentation folder (this ``side`` of the split), preprocessed.
 
     ``fraction`` < 1 keeps a seeded subset (``cfg.seed``) of the labelled *files*, before seg2d
     cuts volumes into slices, so "10 % of the labels" means 10 % of the annotated scans.
     """
+    root = Path(root)
+    dataset = read_dataset_json(root)
+    if dataset is not None:
+        pairs, names, modality = dataset.pairs, dataset.label_names, dataset.modality
+        if num_classes is None:
+            num_classes = len(names)
+        elif num_classes != len(names):
+            raise LabelError(f"{root / 'dataset.json'}: {len(names)} labels, but num_classes "
+                             f"is {num_classes}; drop num_classes or fix it")
+    else:
+        pairs, names, modality = find_seg_pairs(root), cfg.class_names, None
+    pairs = _split_pairs(pairs, root, cfg, side)
+    if not pairs:
+        raise LabelError(f"{root}: split {cfg.split!r} leaves no {side} case")
+    mode = intensity_mode(cfg, modality)
     cases: list[SegCase] = []
-    for image, label in label_subset(find_seg_pairs(root), fraction, cfg.seed):
-        array, labels, ndim = _load_pair(image, label, cfg, num_classes)
+    pairs = label_subset(pairs, fraction, cfg.seed)
+    for image, label in pairs:
+        array, labels, ndim = _load_pair(image, label, cfg, num_classes, mode)
         if cfg.task == "seg3d":
             if ndim != 3:
                 raise DataError(f"{image}: seg3d needs CT volumes (.nii/.nii.gz/.mhd), got a "
@@ -193,50 +299,124 @@ def load_seg_cases(
                       for z in range(array.shape[0])]
         else:
             cases.append(SegCase(array, labels, image.name))
-    return cases
+    return SegData(cases, names, [_case_id(p[0]) for p in pairs])
+
+
+def load_seg_cases(
+    root: str | Path, cfg: FinetuneConfig, num_classes: int | None, fraction: float = 1.0
+) -> list[SegCase]:
+    """The cases of :func:`load_seg_data` (training side)."""
+    return load_seg_data(root, cfg, num_classes, fraction).cases
+
+
+def _find_table(root: Path, cfg: FinetuneConfig) -> Path:
+    candidates = [root / cfg.label_table]
+    if cfg.label_table == "labels.csv":
+        candidates.append(root / "labels" / "labels.csv")
+    table = next((t for t in candidates if t.is_file()), None)
+    if table is None:
+        raise LabelError(f"{candidates[0]}: missing; classification needs a label table "
+                         f"(label_table: labels.csv with file,label[,patient], files relative "
+                         f"to DIR, or NIH's Data_Entry_2017.csv)")
+    return table
+
+
+def _split_rows(table: ClassTable, root: Path, cfg: FinetuneConfig, side: str) -> list[TableRow]:
+    """The rows of this side of ``cfg.split`` (see :mod:`.splits`)."""
+    rows = table.rows
+    if cfg.split == "folders":
+        return rows
+    if cfg.split == "patients":
+        if not table.has_patients:
+            raise LabelError(f"{table.path}: split: patients needs a patient for every row "
+                             "(a 'patient' column, or NIH's 'Patient ID')")
+        held = held_out_patients([r.patient for r in rows], cfg.val_fraction, cfg.seed)
+        return [r for r in rows if (r.patient in held) == (side == "val")]
+    lists = {f: read_split_list(root / getattr(cfg, f), f) for f in ("train_list", "val_list")}
+    if lists["train_list"] & lists["val_list"]:
+        raise LabelError(f"{root}: {len(lists['train_list'] & lists['val_list'])} image(s) are "
+                         f"in both {cfg.train_list} and {cfg.val_list}")
+    sides = {f: [r for r in rows if split_key(r.file) in names] for f, names in lists.items()}
+    check_patient_disjoint([r.patient for r in sides["train_list"]],
+                           [r.patient for r in sides["val_list"]],
+                           f"{root}: {cfg.train_list} / {cfg.val_list}")
+    chosen = sides["train_list" if side == "train" else "val_list"]
+    listed = len(lists["train_list" if side == "train" else "val_list"])
+    if len(chosen) < listed:
+        log.warning("%s: %d of the %d names in the %s list are not in %s", root,
+                    listed - len(chosen), listed, side, table.path.name)
+    return chosen
+
+
+def load_cls_data(
+    root: str | Path, cfg: FinetuneConfig, num_classes: int | None, fraction: float = 1.0,
+    side: str = "train", class_names: tuple[str, ...] | None = None,
+) -> ClsData:
+    """The labelled cases of a classification folder (this ``side`` of ``cfg.split``).
+
+    Multi-label targets follow ``class_names`` (default: ``cfg.class_names``, else the sorted
+    findings of the whole table). ``fraction`` < 1 keeps a seeded subset, stratified by
+    class for single-label tasks (at least one per class). Images are resized to the network
+    input now (``preload``) or each time they are batched.
+    """
+    root = Path(root)
+    table = read_class_table(_find_table(root, cfg), multi_label=cfg.multi_label,
+                             num_classes=None if cfg.multi_label else num_classes,
+                             negative_label=cfg.negative_label)
+    rows = _split_rows(table, root, cfg, side)
+    # A table may list CT and X-rays together (the phantom's does): keep this task's kind.
+    wanted = VOLUME_EXTS if cfg.task == "cls3d" else IMAGE_EXTS
+    kept = [r for r in rows if _ext(Path(r.file)) in wanted]
+    if len(kept) < len(rows):
+        log.warning("%s: %d of %d rows are not %s inputs (%s) and are not used", table.path,
+                    len(rows) - len(kept), len(rows), cfg.task, "/".join(wanted))
+    if not kept:
+        raise LabelError(f"{table.path}: no {cfg.task} inputs listed for the {side} side "
+                         f"({'/'.join(wanted)}, split {cfg.split!r}); DICOM CT series must be "
+                         "converted to NIfTI for fine-tuning")
+    rows = kept
+    if fraction < 1:
+        by_class: dict[object, list] = {}
+        for row in rows:
+            by_class.setdefault(row.target, []).append(row)
+        groups = by_class.values() if not cfg.multi_label else [rows]
+        keep = {r.line for group in groups for r in label_subset(group, fraction, cfg.seed)}
+        rows = [r for r in rows if r.line in keep]
+    names = None
+    if cfg.multi_label:
+        # Inferred from the whole table, before the split, so both sides agree.
+        names = class_names or cfg.class_names or class_names_of(table.rows)
+        if not names:
+            raise LabelError(f"{table.path}: no finding in any {side} row; set class_names")
+    cases = []
+    for row, path in zip(rows, resolve_files(table, rows, root), strict=True):
+        label = multi_hot(row, names, table.path) if names is not None else int(row.target)
+        case = ClsCase(None, label, path.name, path, row.patient)
+        if cfg.preload:
+            case.image = _cls_image(path, cfg)
+        cases.append(case)
+    return ClsData(cases, names)
 
 
 def load_cls_cases(
     root: str | Path, cfg: FinetuneConfig, num_classes: int | None, fraction: float = 1.0
 ) -> list[ClsCase]:
-    """The ``labels.csv`` cases of a classification folder, resized to the network input.
+    """The cases of :func:`load_cls_data` (training side)."""
+    return load_cls_data(root, cfg, num_classes, fraction).cases
 
-    ``fraction`` < 1 keeps a seeded subset stratified by class (at least one per class).
-    """
-    root = Path(root)
-    table = next((t for t in (root / "labels.csv", root / "labels" / "labels.csv")
-                  if t.is_file()), None)
-    if table is None:
-        raise LabelError(f"{root / 'labels.csv'}: missing; classification needs a file,label "
-                         f"table (DIR/labels.csv or DIR/labels/labels.csv, files relative to DIR)")
-    rows = list(read_label_csv(table, num_classes, base=root).items())
-    # A table may list CT and X-rays together (the phantom's does): keep this task's kind.
-    wanted = VOLUME_EXTS if cfg.task == "cls3d" else IMAGE_EXTS
-    kept = [r for r in rows if _ext(r[0]) in wanted]
-    if len(kept) < len(rows):
-        log.warning("%s: %d of %d rows are not %s inputs (%s) and are not used", table,
-                    len(rows) - len(kept), len(rows), cfg.task, "/".join(wanted))
-    if not kept:
-        raise LabelError(f"{table}: no {cfg.task} inputs listed ({'/'.join(wanted)}); DICOM CT "
-                         "series must be converted to NIfTI for fine-tuning")
-    rows = kept
-    if fraction < 1:
-        by_class: dict[int, list] = {}
-        for row in rows:
-            by_class.setdefault(row[1], []).append(row)
-        keep = {p for group in by_class.values()
-                for p, _ in label_subset(group, fraction, cfg.seed)}
-        rows = [r for r in rows if r[0] in keep]
-    cases = []
-    for path, label in rows:
-        if cfg.task == "cls3d":
-            volume, spacing = _read_volume(path)
-            grid = _ct_to_grid(volume, spacing, cfg)
-            image = _resize(grid, cfg.patch_3d)
-        else:
-            image = _resize(_read_2d(path), (cfg.size_2d, cfg.size_2d))
-        cases.append(ClsCase(image, label, path.name))
-    return cases
+
+def _cls_image(path: Path, cfg: FinetuneConfig) -> np.ndarray:
+    if cfg.task == "cls3d":
+        volume, spacing = _read_volume(path)
+        grid = _ct_to_grid(volume, spacing, cfg, intensity_mode(cfg, None))
+        return _resize(grid, cfg.patch_3d)
+    return _resize(_read_2d(path), (cfg.size_2d, cfg.size_2d))
+
+
+def cls_input(case: ClsCase, cfg: FinetuneConfig) -> Tensor:
+    """The network input of a case: from memory, or read and resized now (``preload: false``)."""
+    image = case.image if case.image is not None else _cls_image(case.path, cfg)  # type: ignore[arg-type]
+    return to_network_input(image)
 
 
 def _resize(array: np.ndarray, size) -> np.ndarray:
@@ -263,7 +443,7 @@ def label_subset(cases: list, fraction: float, seed: int) -> list:
 
 
 def infer_num_classes(cases: list) -> int:
-    """max label + 1 over segmentation or classification cases (at least 2)."""
+    """max label + 1 over segmentation or single-label classification cases (at least 2)."""
     high = 0
     for c in cases:
         high = max(high, int(c.labels.max()) if isinstance(c, SegCase) else int(c.label))

@@ -4,8 +4,10 @@
 for data, model, optimiser, training loop and the final report. It writes into ``out_dir``:
 
 - ``metrics.json``: final validation metrics at the top level (``dice_mean`` and
-  ``dice_per_class`` for segmentation, ``auc`` and ``accuracy`` for classification), the
-  per-epoch ``history``, the resolved config and where the initial weights came from;
+  ``dice_per_class`` for segmentation, with ``dice_per_label`` by name when dataset.json names
+  the classes; ``auc`` and ``accuracy`` for classification; for multi-label ``auc`` is the mean
+  of ``auc_per_class``, next to average precision, no threshold), the per-epoch ``history``, the
+  resolved config and where the initial weights came from;
 - ``history.jsonl``: the same per-epoch rows, appended as training goes (for watching a run);
 - ``finetuned.safetensors`` + ``finetuned.json``: the fine-tuned task model.
 
@@ -28,22 +30,26 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from fed_unimiss.checkpoint import append_jsonl, atomic_write_json, save_checkpoint
-from fed_unimiss.config import to_dict
+from fed_unimiss.config import ConfigError, to_dict
 from fed_unimiss.optim import cosine_at, decay_groups
+from fed_unimiss.runtime import Runtime, autocast, grad_scaler
 
 from .cls_model import ClassificationNet
 from .config import FinetuneConfig
+from .labels import LabelError
 from .load import load_pretrained, read_export_config
 from .losses import SegmentationLoss
-from .metrics import DiceCounter, classification_metrics
+from .metrics import DiceCounter, classification_metrics, multilabel_metrics
 from .seg_model import SegmentationNet
+from .splits import check_patient_disjoint
 from .tasks import (
     ClsCase,
     SegCase,
     SegPatchSampler,
+    cls_input,
     infer_num_classes,
-    load_cls_cases,
-    load_seg_cases,
+    load_cls_data,
+    load_seg_data,
     to_network_input,
 )
 
@@ -101,45 +107,102 @@ def _lr_at(step: int, total: int, cfg: FinetuneConfig) -> float:
                      warmup_inclusive=True)
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    """Where the model's weights are (the CPU for a parameter-free callable)."""
+    params = model.parameters() if isinstance(model, nn.Module) else iter(())
+    return next((p.device for p in params), torch.device("cpu"))
+
+
 @torch.no_grad()
 def evaluate_segmentation(
-    model: nn.Module, cases: list[SegCase], cfg: FinetuneConfig, num_classes: int
+    model: nn.Module, cases: list[SegCase], cfg: FinetuneConfig, num_classes: int,
+    label_names: tuple[str, ...] | None = None, precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Sliding-window prediction of every whole case; Dice pooled over all cases."""
+    """Sliding-window prediction of every whole case; Dice pooled over all cases.
+
+    Windows run on the model's device (in ``precision``); the whole-volume logits are
+    assembled on the CPU, so a large volume never has to fit on the GPU at once.
+    """
     model.eval()
+    device = _device_of(model)
     counter = DiceCounter(num_classes)
     for case in cases:
         x = to_network_input(case.image)[None]  # (1, C, *spatial)
-        logits = sliding_window_inference(x, cfg.input_size, cfg.batch_size, model,
-                                          overlap=cfg.sw_overlap, mode="gaussian",
-                                          padding_mode="replicate")  # (1, K, *spatial)
+        with autocast(device, precision):
+            logits = sliding_window_inference(x, cfg.input_size, cfg.batch_size, model,
+                                              overlap=cfg.sw_overlap, mode="gaussian",
+                                              padding_mode="replicate", sw_device=device,
+                                              device=torch.device("cpu"))  # (1, K, *spatial)
+        logits = logits.float()
         counter.update(logits.argmax(dim=1)[0], torch.from_numpy(case.labels))
-    per_class = counter.per_class()
-    return {"dice_mean": counter.mean(),
-            "dice_per_class": [None if np.isnan(d) else float(d) for d in per_class]}
+    per_class = [None if np.isnan(d) else float(d) for d in counter.per_class()]
+    out: dict[str, Any] = {"dice_mean": counter.mean(), "dice_per_class": per_class}
+    if label_names is not None:  # foreground classes by their dataset.json names
+        out["dice_per_label"] = dict(zip(label_names[1:], per_class[1:], strict=True))
+    return out
 
 
 @torch.no_grad()
 def evaluate_classification(
-    model: ClassificationNet, cases: list[ClsCase], cfg: FinetuneConfig
+    model: ClassificationNet, cases: list[ClsCase], cfg: FinetuneConfig,
+    class_names: tuple[str, ...] | None = None, precision: str = "fp32",
 ) -> dict[str, Any]:
+    """Softmax AUC/accuracy, or for multi-label the threshold-free per-class report."""
     model.eval()
+    device = _device_of(model)
     probs = []
     for i in range(0, len(cases), cfg.batch_size):
-        x = torch.stack([to_network_input(c.image) for c in cases[i:i + cfg.batch_size]])
-        probs.append(model(x).softmax(dim=1))
-    labels = np.array([c.label for c in cases])
-    return classification_metrics(torch.cat(probs).numpy(), labels)
+        x = torch.stack([cls_input(c, cfg) for c in cases[i:i + cfg.batch_size]]).to(device)
+        with autocast(device, precision):
+            logits = model(x).float()
+        probs.append((logits.sigmoid() if cfg.multi_label else logits.softmax(dim=1)).cpu())
+    scores = torch.cat(probs).numpy()
+    if cfg.multi_label:
+        return multilabel_metrics(scores, np.stack([c.label for c in cases]), class_names or ())
+    return classification_metrics(scores, np.array([c.label for c in cases]))
 
 
-def _cls_batches(cases: list[ClsCase], batch_size: int, rng: np.random.Generator):
-    """Endless shuffled batches of (x, y)."""
+def _cls_batches(cases: list[ClsCase], cfg: FinetuneConfig, rng: np.random.Generator):
+    """Endless shuffled batches of (x, y); y is (B,) classes or (B, K) multi-hot floats."""
     while True:
         order = rng.permutation(len(cases))
-        for i in range(0, len(order), batch_size):
-            chunk = [cases[j] for j in order[i:i + batch_size]]
-            x = torch.stack([to_network_input(c.image) for c in chunk])
-            yield x, torch.tensor([c.label for c in chunk])
+        for i in range(0, len(order), cfg.batch_size):
+            chunk = [cases[j] for j in order[i:i + cfg.batch_size]]
+            x = torch.stack([cls_input(c, cfg) for c in chunk])
+            if cfg.multi_label:
+                yield x, torch.from_numpy(np.stack([c.label for c in chunk]))
+            else:
+                yield x, torch.tensor([c.label for c in chunk])
+
+
+def _load_data(cfg: FinetuneConfig, train_dir: Path, val_dir: Path) -> dict[str, Any]:
+    """Training and validation items of this split, the class count and the class names."""
+    if cfg.split == "patients" and train_dir.resolve() != val_dir.resolve():
+        raise ConfigError(f"split: 'patients' splits one folder by patient; pass the same DIR "
+                         f"as --train and --val (got {train_dir} and {val_dir})")
+    if cfg.is_segmentation:
+        train_set = load_seg_data(train_dir, cfg, cfg.num_classes, cfg.label_fraction, "train")
+        num_classes = cfg.num_classes or (len(train_set.label_names) if train_set.label_names
+                                          else infer_num_classes(train_set.cases))
+        val_set = load_seg_data(val_dir, cfg, num_classes, side="val")
+        if train_dir.resolve() == val_dir.resolve() and cfg.split != "folders":
+            check_patient_disjoint(train_set.case_ids, val_set.case_ids, str(train_dir))
+        return {"train": train_set.cases, "val": val_set.cases, "num_classes": num_classes,
+                "names": train_set.label_names}
+    train_cls = load_cls_data(train_dir, cfg, cfg.num_classes, cfg.label_fraction, "train")
+    names = train_cls.class_names
+    if cfg.multi_label:
+        num_classes = len(names)  # type: ignore[arg-type]
+        if cfg.num_classes is not None and cfg.num_classes != num_classes:
+            raise LabelError(f"num_classes: {cfg.num_classes}, but the training table has "
+                             f"{num_classes} findings {list(names)}; set class_names")
+    else:
+        num_classes = cfg.num_classes or infer_num_classes(train_cls.cases)
+    val_cls = load_cls_data(val_dir, cfg, num_classes, side="val", class_names=names)
+    check_patient_disjoint([c.patient for c in train_cls.cases],
+                           [c.patient for c in val_cls.cases], f"{train_dir} / {val_dir}")
+    return {"train": train_cls.cases, "val": val_cls.cases, "num_classes": num_classes,
+            "names": names}
 
 
 def finetune(
@@ -149,6 +212,7 @@ def finetune(
     val_dir: str | Path,
     out_dir: str | Path,
     model: nn.Module | None = None,
+    runtime: Runtime | None = None,
 ) -> dict[str, Any]:
     """Fine-tune on ``train_dir``, validate on ``val_dir``; returns (and writes) the metrics.
 
@@ -159,6 +223,9 @@ def finetune(
     None with it.
     """
     cfg.validate()
+    runtime = runtime or Runtime()
+    runtime.validate()
+    device, precision = runtime.torch_device(), runtime.precision
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -167,12 +234,10 @@ def finetune(
     (out_dir / "history.jsonl").unlink(missing_ok=True)
 
     # ============ preparing data ... ============
-    loader = load_seg_cases if cfg.is_segmentation else load_cls_cases
-    train = loader(train_dir, cfg, cfg.num_classes, cfg.label_fraction)
-    num_classes = cfg.num_classes or infer_num_classes(train)
-    val = loader(val_dir, cfg, num_classes)  # labels outside the range are an error here
-    log.info("%s: %d training and %d validation items, %d classes", cfg.task, len(train),
-             len(val), num_classes)
+    data = _load_data(cfg, Path(train_dir), Path(val_dir))  # labels out of range: an error
+    train, val, num_classes, names = data["train"], data["val"], data["num_classes"], data["names"]
+    log.info("%s: %d training and %d validation items, %d classes (split %s)", cfg.task,
+             len(train), len(val), num_classes, cfg.split)
 
     # ============ building the model ... ============
     if model is None:
@@ -181,9 +246,10 @@ def finetune(
         raise ValueError("finetune: pass either init weights or a model, not both")
     else:
         init_info = {"init": "scratch", "network": type(model).__name__}
+    model.to(device)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("model from %s, %.2f M trainable parameters (%s mode)", init_info["init"],
-             n_train / 1e6, cfg.mode)
+    log.info("model from %s, %.2f M trainable parameters (%s mode), on %s in %s",
+             init_info["init"], n_train / 1e6, cfg.mode, device, precision)
 
     # ============ loss, optimiser and batches ... ============
     if cfg.is_segmentation:
@@ -192,9 +258,10 @@ def finetune(
         sampler = SegPatchSampler(train, cfg.input_size, cfg, rng)
         batches = iter(lambda: sampler.sample(cfg.batch_size), None)
     else:
-        criterion = nn.CrossEntropyLoss()
-        batches = _cls_batches(train, cfg.batch_size, rng)
+        criterion = nn.BCEWithLogitsLoss() if cfg.multi_label else nn.CrossEntropyLoss()
+        batches = _cls_batches(train, cfg, rng)
     optimizer = _optimizer(model, cfg)
+    scaler = grad_scaler(device, precision)
     steps = cfg.steps_per_epoch or max(1, math.ceil(len(train) / cfg.batch_size))
     total = steps * cfg.epochs
 
@@ -209,29 +276,46 @@ def finetune(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = next(batches)
-            loss = criterion(model(x), y)
+            x, y = x.to(device), y.to(device)
+            with autocast(device, precision):
+                out = model(x)
+            loss = criterion(_as_fp32(out), y)  # the loss in fp32 whatever the forward's dtype
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite fine-tuning loss at epoch {epoch}, "
                                          f"step {step}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            if not scaler.is_enabled():  # fp16: the scaler skips steps that overflow
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                if not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+                    raise FloatingPointError(f"non-finite fine-tuning gradient at epoch "
+                                             f"{epoch}, step {step}; lower --lr")
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
             losses.append(float(loss.detach()))
             step += 1
         row: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": lr,
                                "train_seconds": time.perf_counter() - start}
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
-            row.update(_validate(model, val, cfg, num_classes))
+            start = time.perf_counter()
+            row.update(_validate(model, val, cfg, num_classes, names, precision))
+            row["val_seconds"] = time.perf_counter() - start
         history.append(row)
         append_jsonl(out_dir / "history.jsonl", row)
         log.info("epoch %d/%d %s", epoch, cfg.epochs, _summary(row))
 
     # ============ report ... ============
-    final = {k: v for k, v in history[-1].items() if k not in ("epoch", "lr", "train_seconds")}
+    final = {k: v for k, v in history[-1].items()
+             if k not in ("epoch", "lr", "train_seconds", "val_seconds")}
     metrics = {
         "task": cfg.task,
         **final,
         "num_classes": num_classes,
+        **({"label_names" if cfg.is_segmentation else "class_names": list(names)}
+           if names is not None else {}),
         "history": history,
         "data": {"train_items": len(train), "val_items": len(val),
                  "label_fraction": cfg.label_fraction},
@@ -239,20 +323,26 @@ def finetune(
         "config": to_dict(cfg),
     }
     atomic_write_json(out_dir / "metrics.json", _jsonable(metrics))
-    save_checkpoint(out_dir, "finetuned", model.state_dict(),
+    save_checkpoint(out_dir, "finetuned",
+                    {k: v.detach().cpu() for k, v in model.state_dict().items()},
                     {"task": cfg.task, "num_classes": num_classes, "init": init_info,
                      "config": to_dict(cfg)})
     return metrics
 
 
-def _validate(model, val, cfg, num_classes) -> dict[str, Any]:
+def _validate(model, val, cfg, num_classes, names, precision) -> dict[str, Any]:
     if cfg.is_segmentation:
-        return evaluate_segmentation(model, val, cfg, num_classes)
-    return evaluate_classification(model, val, cfg)
+        return evaluate_segmentation(model, val, cfg, num_classes, names, precision)
+    return evaluate_classification(model, val, cfg, names, precision)
+
+
+def _as_fp32(out: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """Logits (or deep-supervision logits, fine to coarse) as fp32 for the loss."""
+    return [o.float() for o in out] if isinstance(out, (list, tuple)) else out.float()
 
 
 def _summary(row: dict[str, Any]) -> str:
-    keys = ("train_loss", "dice_mean", "auc", "accuracy")
+    keys = ("train_loss", "dice_mean", "auc", "ap", "accuracy")
     return " ".join(f"{k}={row[k]:.4f}" for k in keys if isinstance(row.get(k), float))
 
 

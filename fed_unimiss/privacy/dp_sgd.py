@@ -234,7 +234,9 @@ def noised_mean(
     norms = rows.norm(dim=1, keepdim=True)
     clipped = rows * (clip / (norms + 1e-6)).clamp(max=1.0)
     total = clipped.sum(dim=0, keepdim=True)  # (1, D); zeros for an empty batch
-    noise = torch.normal(0.0, noise_multiplier * clip, size=total.shape, generator=generator)
+    device = generator.device if generator is not None else total.device
+    noise = torch.normal(0.0, noise_multiplier * clip, size=total.shape, generator=generator,
+                         device=device)
     return (total + noise.to(total)) / expected_batch_size
 
 

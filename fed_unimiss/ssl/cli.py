@@ -74,9 +74,11 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, CheckpointError, ValueError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    last = summary.get("last") or {}
+    interval = summary.get("interval_loss") or {}
+    loss = (f"mean loss of steps {interval['from']}..{interval['to'] - 1}: "
+            f"{interval['loss']:.4f}" if interval else "no step trained")
     print(f"pretrained steps {summary['start_step']}..{summary['end_step']} of "
-          f"{summary['total_steps']}: loss {last.get('loss', float('nan')):.4f}, "
+          f"{summary['total_steps']}: {loss} (as the last checkpoint line), "
           f"{summary['samples_2d']} 2D / {summary['samples_3d']} 3D samples, "
           f"{summary['skipped']} skipped, on {summary['device']} in {summary['precision']} "
           f"x {summary['world_size']} process(es), checkpoints in {args.out}")

@@ -116,7 +116,8 @@ class DPStep:
         self.noise_multiplier = float(noise_multiplier)
         seed = secrets.randbits(63) if dp_seed is None else int(dp_seed)
         self._dp_gen = torch.Generator().manual_seed(seed)
-        self._noise_gen = torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
+        self._noise_seed = seed ^ 0x5DEECE66D
+        self._noise_gen: torch.Generator | None = None  # made on the engine's device in begin()
         self._sampler: PatientPoissonSampler | None = None
         self._dp: DPSGD | None = None
         self._expected = 0.0
@@ -131,6 +132,9 @@ class DPStep:
         q = sample_rate_for(self.privacy.patients_per_step, num_patients)
         self._sampler = PatientPoissonSampler(groups, q)
         self._expected = q * num_patients
+        if self._noise_gen is None or self._noise_gen.device != engine.device:
+            # Opacus draws the gradient noise on the parameters' device, from this generator
+            self._noise_gen = torch.Generator(device=engine.device).manual_seed(self._noise_seed)
         self._dp = DPSGD(engine.student, engine.optimizer, self.noise_multiplier,
                          self.privacy.max_grad_norm, self._expected, self._noise_gen,
                          self.privacy.secure_mode, ghost=linear_layers(engine.student))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,6 +68,10 @@ class TrainStats:
     samples_2d: int = 0         # X-ray images + CT slices through the 2D path (per sample)
     samples_3d: int = 0         # CT sub-volumes through the 3D path
     loss: float = float("nan")  # mean loss over the steps taken
+    # Mean loss over the X-ray (2D) steps and the CT (3D) steps apart: the two losses differ in
+    # scale, so a round mixing them can hide the trend of either (the demo prints both).
+    loss_2d: float = float("nan")
+    loss_3d: float = float("nan")
     seconds: float = 0.0
     samples_per_s: float = 0.0  # (X-ray images + CT sub-volumes) / seconds, all processes
     skipped: int = 0            # corrupt or unreadable items
@@ -337,6 +342,11 @@ class SelfDistillation:
         stats.seconds = time.perf_counter() - t0
         if losses:
             stats.loss = sum(losses) / len(losses)
+            for phase in ("2d", "3d"):
+                kind = [h["loss"] for h in stats.history
+                        if h["phase"] == phase and math.isfinite(h["loss"])]
+                if kind:
+                    setattr(stats, f"loss_{phase}", sum(kind) / len(kind))
             last = stats.history[-1]
             stats.teacher_entropy = last.get("teacher_entropy", float("nan"))
             stats.batch_entropy = last.get("batch_entropy", float("nan"))

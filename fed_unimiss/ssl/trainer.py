@@ -274,6 +274,9 @@ def _train(job: _Job, data: SiteData) -> dict[str, Any]:
                 st = local.stats
                 if EPSILON in local.public:
                     stats_total["epsilon"] = local.public[EPSILON]
+                # the loss both the checkpoint line and the final summary show: the mean over
+                # the steps of this checkpoint interval (the last logged step alone is noisier)
+                stats_total["interval_loss"] = {"from": step, "to": chunk_end, "loss": st.loss}
                 step = chunk_end
                 for k in ("steps", "samples_2d", "samples_3d", "skipped", "seconds"):
                     stats_total[k] += getattr(st, k)
@@ -282,7 +285,8 @@ def _train(job: _Job, data: SiteData) -> dict[str, Any]:
                     path = save_checkpoint(run, f"{CHECKPOINT_PREFIX}{step:08d}",
                                            engine.state_dict(),
                                            checkpoint_meta(engine, step, data, logger.last))
-                    log.info("checkpoint %s (loss %.4f)", path.name, st.loss)
+                    log.info("checkpoint %s (mean loss of steps %d..%d: %.4f)", path.name,
+                             stats_total["interval_loss"]["from"], step - 1, st.loss)
         finally:
             if logger is not None:
                 logger.close()

@@ -42,7 +42,7 @@ def test_damaged_files_are_each_rejected_with_a_reason(tmp_path, phantom_site):
 
     report = scan(tmp_path)
 
-    assert [u.name for u in report.usable] == [f"{tmp_path.name}/good.png"]
+    assert [u.name for u in report.usable] == ["good.png"]  # relative to the scanned folder
     reasons = _reasons(report)
     assert "truncated pixel data" in reasons["truncated.dcm"] or \
         "damaged" in reasons["truncated.dcm"]
@@ -162,7 +162,7 @@ def test_unreadable_file_and_folder(phantom_site):
         reasons = {Path(r["path"]).name: r["reason"] for r in result["rejected"]}
         assert "Permission denied" in reasons["locked.png"]
         assert "cannot list folder: Permission denied" in reasons["locked-dir"]
-        assert [u["name"] for u in result["usable"]] == [f"{root.name}/good.png"]
+        assert [u["name"] for u in result["usable"]] == ["good.png"]
     finally:
         os.chmod(root / "locked-dir", 0o755)
         shutil.rmtree(root, ignore_errors=True)

@@ -256,11 +256,23 @@ def test_aggregator_killed_after_round_1_resumes_at_round_2(world, tmp_path):
         assert len(read_rounds(run)) == 1
 
         second = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+
+        # the guide's resume with another --rounds: refused before anything starts, one line
+        other = subprocess.run([*cmd[:cmd.index("--rounds") + 1], "3",
+                                *cmd[cmd.index("--rounds") + 2:]],
+                               capture_output=True, text=True, timeout=120)
     leftovers = sampler.leftovers()
 
     assert second.returncode == 0, second.stderr[-3000:]
     assert "leftover process" in second.stderr  # the crashed aggregator's SuperLink was ended
     assert "round 2/2" in second.stdout and "round 1/2" not in second.stdout
+    # the resume waited for the sites of round 1, and said so
+    assert "resuming after round 1: waiting up to" in second.stdout, second.stdout
+    assert "site(s) of round 1 online" in second.stdout or "going on without" in second.stdout
+    assert other.returncode == 2, other.stderr
+    assert "Traceback" not in other.stderr and "started" not in other.stdout
+    errors = [line for line in other.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rounds: saved 2, now 3" in errors[0], other.stderr
     rows = read_rounds(run)
     assert [r["round"] for r in rows] == [1, 2]
     assert (run / "global_round_0002.safetensors").exists()

@@ -131,3 +131,24 @@ def test_provision_cli_exit_codes(tmp_path, capsys):
     assert "site A kit" in capsys.readouterr().out
     assert main(["provision", "--sites", "A", "--out", str(tmp_path / "K")]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_add_sites_later_extends_the_coordinator_kit(tmp_path):
+    """`provision --add-sites D`: a new site kit with the same CA, its key listed for the
+    coordinator; a name already taken is refused."""
+    from aggregator.deploy.superlink import load_coordinator_kit
+    from aggregator.provision import ProvisionError, add_sites, provision
+
+    kits = provision(["A", "B"], tmp_path / "K", server_names=["fl.example.org"])
+    added = add_sites(["D"], tmp_path / "K")
+    kit = load_coordinator_kit(kits.coordinator)
+    assert set(kit.site_keys) == {"A", "B", "D"}
+    site = added.sites["D"]
+    assert (site / "ca.crt").read_bytes() == (kits.coordinator / "ca.crt").read_bytes()
+    assert "fl.example.org:9092" in (site / "site.yaml").read_text()
+    assert (site / "site.pub").read_bytes().split()[:2] == \
+        (kits.coordinator / "site-keys" / "D.pub").read_bytes().split()[:2]
+    with pytest.raises(ProvisionError, match="already provisioned"):
+        add_sites(["A"], tmp_path / "K")
+    with pytest.raises(ProvisionError, match="no coordinator kit"):
+        add_sites(["E"], tmp_path / "nothing")

@@ -98,7 +98,10 @@ def test_status_of_a_run_folder(tmp_path, capsys):
     (run / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     s = run_summary(run)
     assert s["rounds_done"] == 2 and s["sites_seen"] == ["A", "B", "C"] and s["last_loss"] == 8.25
+    assert s["sites_last_round"] == ["B", "C"] and s["sites_missing"] == ["A"]
     assert main(["aggregator", "status", "--out", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "rounds done: 2" in out and "A, B, C" in out and "8.2500" in out
+    assert "rounds done: 2" in out and "8.2500" in out
+    # the sites training now, and who dropped out (a partial resume), not "A, B, C"
+    assert "sites:       B, C in round 2; not in it: A (seen in earlier rounds)" in out
     assert main(["aggregator", "status", "--out", str(tmp_path / "missing")]) == 2

@@ -34,8 +34,21 @@ def test_site_failure_replies_a_fixed_error_without_local_details(tmp_path, capl
     reply = app(msg, grid.contexts[1])
     assert reply.has_error() and not reply.has_content()
     assert "secret-patient-folder" not in reply.error.reason
-    assert reply.error.reason == "site could not train this round; see the site log"
+    # a fixed text, led by the site's own label (so the coordinator can name the site)
+    assert reply.error.reason == "site=A; site could not train this round; see the site log"
+    assert ex.error_site(reply.error.reason) == "A"
     assert "training failed" in caplog.text  # the details stay in the site's own log
+    # ... and on the site's terminal (progress.jsonl, read by `site start`), never in the reply
+    events = [json.loads(line) for line in
+              (tmp_path / "state" / "A" / "progress.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "failed" and "secret-patient-folder" in events[-1]["why"]
+
+
+def test_error_site_accepts_only_a_valid_label():
+    assert ex.error_site("site=B; text") == "B"
+    assert ex.error_site("site=/data/patient 17; text") is None
+    assert ex.error_site("no label") is None
+    assert ex.error_reason("/etc/passwd", "fixed") == "fixed"
 
 
 def test_node_config_errors_name_the_key(tmp_path):

@@ -52,7 +52,9 @@ def required_run(tmp_path_factory, xray_site, xray_site_b) -> Path:
 def test_non_dp_site_refuses_and_dp_site_is_folded(required_run, xray_site):
     row = json.loads((required_run / "rounds.jsonl").read_text().splitlines()[0])
     assert row["sites"] == ["B"]
-    assert list(row["rejected"].values()) == ["site reported an error (code 5103)"]
+    # named by its label (carried in the error reply), with the code's public category
+    assert row["rejected"] == {"A": "refused: the federation requires DP and the site has none "
+                                     "(code 5103)"}
     assert 0 < row["epsilon"]["B"] <= 8.0 and "A" not in row["epsilon"]
     # The non-DP site trained nothing: no schedule position was ever recorded in its state.
     assert not any((required_run / "sites" / "A").rglob("*position*"))
@@ -60,7 +62,7 @@ def test_non_dp_site_refuses_and_dp_site_is_folded(required_run, xray_site):
     # labels but no site file paths.
     text = (required_run / "logs" / "serverapp.log").read_text()
     assert "federation requires differential privacy" in text
-    assert "rejected reply of node-" in text and "code 5103" in text
+    assert "rejected reply of A" in text and "code 5103" in text
     assert "folded B" in text
     assert str(xray_site) not in text and "xray-0" not in text  # site-side logs stay out
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from fed_unimiss.checkpoint import latest_checkpoint, load_checkpoint
@@ -12,15 +14,21 @@ from fed_unimiss.cli.main import main
 from fed_unimiss.ssl.config import recipe_to_dict
 
 
-@pytest.mark.slow
-def test_pretrain_checkpoints_logs_and_resumes(phantom_dir, tmp_path, recipe_factory, capsys):
+def _pretrain_args(recipe_factory, data, tmp_path) -> list[str]:
+    """`pretrain` arguments for a tiny recipe written to tmp_path, checkpointing every 2 steps
+    into tmp_path/run."""
     recipe = recipe_factory(steps_per_epoch=2, alternate_interval=1, checkpoint_every=2,
                             log_every=1, threads=1)
     config = tmp_path / "recipe.yaml"
     config.write_text(yaml.safe_dump(recipe_to_dict(recipe)))
+    return ["pretrain", "--config", str(config), "--data", str(data), "--out",
+            str(tmp_path / "run"), "--no-progress"]
+
+
+@pytest.mark.slow
+def test_pretrain_checkpoints_logs_and_resumes(phantom_dir, tmp_path, recipe_factory, capsys):
     run = tmp_path / "run"
-    args = ["pretrain", "--config", str(config), "--data", str(phantom_dir), "--out", str(run),
-            "--no-progress"]
+    args = _pretrain_args(recipe_factory, phantom_dir, tmp_path)
     assert main(args + ["--steps", "2"]) == 0
     assert latest_checkpoint(run, "ckpt_").name == "ckpt_00000002.safetensors"
     assert main(args + ["--steps", "3", "--resume"]) == 0
@@ -53,3 +61,32 @@ def test_pretrain_missing_data_folder(tmp_path, capsys):
     code = main(["pretrain", "--config", str(config), "--data", str(tmp_path / "nope"),
                  "--out", str(tmp_path / "run")])
     assert code == 2 and "not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_pretrain_in_mixed_precision_resumes_with_finite_state(phantom_dir, tmp_path,
+                                                               recipe_factory, capsys, precision):
+    run = tmp_path / "run"
+    args = _pretrain_args(recipe_factory, phantom_dir, tmp_path) + [
+        "--device", "cpu", "--precision", precision]
+    assert main(args + ["--steps", "2"]) == 0
+    assert main(args + ["--steps", "4", "--resume"]) == 0
+    assert "pretrained steps 2..4 of 8" in capsys.readouterr().out
+    tensors, meta = load_checkpoint(latest_checkpoint(run, "ckpt_"))
+    assert meta["step"] == 4
+    assert all(t.dtype.is_floating_point is False or bool(t.isfinite().all())
+               for t in tensors.values())
+    assert {t.dtype for k, t in tensors.items() if not k.endswith(".step")} == {
+        torch.float32}  # checkpoints stay fp32
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["world_size"] == 1 for r in rows)
+
+
+def test_pretrain_names_a_device_this_machine_lacks(phantom_dir, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    config = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "micro.yaml"
+    code = main(["pretrain", "--config", str(config), "--data",
+                 str(phantom_dir), "--out", str(tmp_path / "run"), "--device", "cuda"])
+    assert code == 2
+    assert "--device: device cuda: no CUDA GPU is visible" in capsys.readouterr().err

@@ -178,3 +178,18 @@ def test_a_site_uses_only_the_workers_the_recipes_batches_can_feed(recipe_factor
     assert usable_workers(recipe_factory(batch_size_2d=8, batch_size_3d=1), 4) == 1
     assert usable_workers(recipe_factory(batch_size_2d=8, batch_size_3d=8, accumulate=2), 8) == 4
     assert usable_workers(recipe_factory(batch_size_2d=8, batch_size_3d=8), 2) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_dp_steps_draw_their_noise_on_the_gpu(site_data):
+    recipe = recipe_from_dict({"model": {"preset": "micro", "head_out_dim": 256,
+                                         "head_weight_norm": False},
+                               "data": {"xray_size": 96},
+                               "ssl": {"koleo_weight": 0.0, "steps_per_epoch": 2, "crop_2d": 48,
+                                       "view_depth": 8, "view_size": 48, "epochs": 4}})
+    step = DPStep(PrivacyConfig(enabled=True, patients_per_step=2.0), 1.0, dp_seed=0)
+    engine = SelfDistillation(recipe, 8, device=resolve_device("cuda"), gradient_step=step)
+    stats = engine.train_steps(site_data, 0, 3)
+    assert stats.steps == 3
+    assert all(torch.isfinite(v).all() for v in engine.exchange_state().values())
