@@ -24,12 +24,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
 from aggregator.inprocess import InProcessGrid, SiteSpec
 from aggregator.validation import count_bound, part_of
 from fed_unimiss import exchange as ex
+from fed_unimiss import exchange_codec as codec
+from fed_unimiss.exchange_config import ExchangeConfig
 
 __all__ = ["ATTACKS", "AttackGrid", "parse_attack", "attack_state"]
 
@@ -80,6 +82,20 @@ def attack_state(kind: str, honest: Mapping[str, torch.Tensor], sent: Mapping[st
     raise ValueError(f"attack kind {kind!r}: expected one of {', '.join(ATTACKS)}")
 
 
+def _decoded(record: ArrayRecord, name: str, layout_json: object = None,
+             base: Mapping[str, torch.Tensor] | None = None,
+             scales: ArrayRecord | None = None) -> dict[str, torch.Tensor]:
+    """fp32 tensors of a record encoded with codec ``name`` (``q8_delta``: ``base`` + delta)."""
+    if codec.PACKED in record:
+        flat = torch.from_numpy(record[codec.PACKED].numpy())
+        if base is None:  # the instruction: its layout is in the config
+            return codec.unpack_state(flat, codec.layout_from_json(str(layout_json)), name)
+        scale = torch.from_numpy(scales[codec.PACKED].numpy()) if scales is not None else None
+        return dict(codec.unpack_update(flat, scale, name, base))
+    return {k: codec.decode_tensor(k, torch.from_numpy(record[k].numpy()), name,
+                                   tuple(record[k].shape)) for k in list(record.keys())}
+
+
 class AttackGrid(InProcessGrid):
     """An in-process grid where the sites named in ``attacks`` misbehave (see module docstring)."""
 
@@ -104,13 +120,24 @@ class AttackGrid(InProcessGrid):
         if kind is None or reply is None or msg.metadata.message_type != ex.TRAIN \
                 or reply.has_error() or ex.ARRAYS not in reply.content.array_records:
             return reply
-        sent = msg.content.array_records[ex.ARRAYS].to_torch_state_dict()
-        self._first_sent.setdefault(node, sent)
-        honest = reply.content.array_records[ex.ARRAYS].to_torch_state_dict()
         config = msg.content.config_records[ex.CONFIG]
+        xc = ExchangeConfig.from_config(config)  # attack in fp32, then encode as announced
+        sent = _decoded(msg.content.array_records[ex.ARRAYS], xc.down,
+                        config.get(ex.EXCHANGE_LAYOUT))
+        self._first_sent.setdefault(node, sent)
+        honest = _decoded(reply.content.array_records[ex.ARRAYS], xc.up, None,
+                          sent if xc.up != "fp32" else None,
+                          reply.content.array_records.get(ex.SCALES))
         round_num = int(config[ex.ROUND])
         state = attack_state(kind, honest, sent, self._first_sent[node], seed=round_num)
-        reply.content[ex.ARRAYS] = ArrayRecord(state)
+        if xc.up == "fp32":
+            reply.content[ex.ARRAYS] = ArrayRecord(
+                {k: Array(codec.encode_tensor(v, "fp32").numpy()) for k, v in state.items()})
+        else:
+            values, scales = codec.pack_update(state, sent, xc.up, codec.layout(state, state))
+            reply.content[ex.ARRAYS] = ArrayRecord({codec.PACKED: Array(values.numpy())})
+            if scales is not None:
+                reply.content[ex.SCALES] = ArrayRecord({codec.PACKED: Array(scales.numpy())})
         metrics = dict(reply.content.metric_records[ex.METRICS])
         if kind == "inflate":
             for key in ex.COUNT_METRICS:

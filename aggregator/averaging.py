@@ -7,10 +7,13 @@ Each tensor has a class (``2d``, ``3d`` or ``shared``, see
 moves 2D tensors too; an X-ray-only site never moves 3D tensors.
 A tensor no eligible site trained keeps its global value.
 
-``WeightedMean`` keeps one float64 running sum per tensor, so memory is one state plus the reply
-being folded, whatever the number of sites. The robust modes (coordinate-wise median, trimmed
-mean) need every eligible value of a coordinate at once, so they hold the round's replies;
-that cost is documented in docs/federation.md.
+``WeightedMean`` keeps one float32 running sum of weighted *updates* (reply - global) per
+tensor, so memory is one state plus the tensor being folded, whatever the number of sites (an
+update is small against the weights, so float32 loses nothing a float64 sum of states would
+keep). The robust modes (coordinate-wise median, trimmed mean) need every eligible value of a
+coordinate at once: they keep a reference to each reply (the strategy's replies are parked on
+disk, aggregator/spill.py) and reduce one tensor at a time in ``result``, so their memory is the
+round's values of one tensor.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Protocol
 
 import torch
 
+from aggregator.spill import chunk_size, read_slice
 from fed_unimiss.exchange import class_weight
 
 __all__ = ["Aggregator", "WeightedMean", "CoordinateRobust", "make_aggregator"]
@@ -44,24 +48,28 @@ class WeightedMean:
         self._sums: dict[str, torch.Tensor] = {}
         self._weights: dict[str, float] = dict.fromkeys(global_state, 0.0)
 
+    @torch.no_grad()
     def add(self, state: Mapping[str, torch.Tensor], samples_2d: int, samples_3d: int) -> None:
-        for name, tensor in state.items():
+        for name in self._global:
             w = class_weight(self._classes[name], samples_2d, samples_3d)
             if w <= 0:
                 continue
-            term = tensor.detach().to(torch.float64) * w
+            ref = self._global[name]
+            update = state[name].detach().to(torch.float32) - ref.to(torch.float32)
             if name in self._sums:
-                self._sums[name].add_(term)
+                self._sums[name].add_(update, alpha=w)
             else:
-                self._sums[name] = term
+                self._sums[name] = update.mul_(w)
             self._weights[name] += w
 
+    @torch.no_grad()
     def result(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for name, ref in self._global.items():
             w = self._weights[name]
             if w > 0:
-                out[name] = (self._sums[name] / w).to(ref.dtype)
+                total = self._sums.pop(name)  # freed as the result is built
+                out[name] = (ref.to(torch.float32) + total.div_(w)).to(ref.dtype)
             else:
                 out[name] = ref.clone()
         return out
@@ -89,12 +97,11 @@ class CoordinateRobust:
         self._classes = classes
         self._mode = mode
         self._trim = trim_fraction
-        self._values: dict[str, list[torch.Tensor]] = {name: [] for name in global_state}
+        # (reply, its counts): read one tensor at a time in ``result``, never copied whole here.
+        self._replies: list[tuple[Mapping[str, torch.Tensor], int, int]] = []
 
     def add(self, state: Mapping[str, torch.Tensor], samples_2d: int, samples_3d: int) -> None:
-        for name, tensor in state.items():
-            if class_weight(self._classes[name], samples_2d, samples_3d) > 0:
-                self._values[name].append(tensor.detach().to(torch.float64))
+        self._replies.append((state, samples_2d, samples_3d))
 
     def _reduce(self, stacked: torch.Tensor) -> torch.Tensor:
         n = stacked.shape[0]
@@ -110,11 +117,19 @@ class CoordinateRobust:
     def result(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for name, ref in self._global.items():
-            values = self._values[name]
-            if values:
-                out[name] = self._reduce(torch.stack(values)).to(ref.dtype)
-            else:
+            eligible = [state for state, s2, s3 in self._replies
+                        if class_weight(self._classes[name], s2, s3) > 0]
+            if not eligible:
                 out[name] = ref.clone()
+                continue
+            flat = torch.empty(ref.numel(), dtype=ref.dtype)
+            step = chunk_size(len(eligible))
+            for start in range(0, ref.numel(), step):  # a slice of the tensor at a time
+                stop = min(start + step, ref.numel())
+                values = torch.stack([read_slice(s, name, start, stop).to(torch.float64)
+                                      for s in eligible])
+                flat[start:stop] = self._reduce(values).to(ref.dtype)
+            out[name] = flat.view(ref.shape)
         return out
 
 

@@ -158,7 +158,28 @@ def _status(args: argparse.Namespace) -> int:
     print(f"  DP epsilon:  {spent} (per patient, spent so far)" if spent
           else "  DP epsilon:  - (no site reported differential privacy)")
     _print_screening(summary.get("screening") or {})
+    _print_costs(summary.get("costs") or [])
     return 0
+
+
+def _print_costs(costs: list[dict[str, Any]]) -> None:
+    """Issue 15: each round's wall time and exchange; per site local seconds and bytes down/up."""
+    if not costs:
+        return
+    print(f"  round costs (exchange {costs[-1].get('exchange') or '-'}; per site: local "
+          "training s, bytes down / up as sent):")
+    for c in costs:
+        secs = c.get("seconds")
+        head = f"    round {c.get('round')}: {secs:.1f} s" if isinstance(secs, (int, float)) \
+            else f"    round {c.get('round')}: - s"
+        sites = sorted(set(c["site_seconds"]) | set(c["bytes_up"]))
+        parts = []
+        for site in sites:
+            local = c["site_seconds"].get(site)
+            local_s = f"{local:.1f} s" if isinstance(local, (int, float)) else "- s"
+            parts.append(f"{site} {local_s} {format_bytes(c['bytes_down'].get(site))} / "
+                         f"{format_bytes(c['bytes_up'].get(site))}")
+        print(head + (": " + "; ".join(parts) if parts else ""))
 
 
 def _print_screening(screening: dict[str, Any]) -> None:

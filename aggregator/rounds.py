@@ -28,6 +28,7 @@ from aggregator.strategy import DimensionAwareStrategy, ReplyLimits
 from aggregator.validation import count_bound, default_max_update_norm
 from fed_unimiss import exchange as ex
 from fed_unimiss.config import ConfigError, to_dict
+from fed_unimiss.exchange_config import describe
 from fed_unimiss.federation import FederationConfig, load_federation, resolve_recipe
 
 __all__ = ["RoundFailed", "FederationRun", "collect_replies", "initial_state", "reply_limits",
@@ -114,9 +115,10 @@ class FederationRun:
         from fed_unimiss.ssl.config import recipe_to_dict
 
         cfg = {k: v for k, v in to_dict(self.cfg).items() if k != "recipe"}
-        # A resumed run may use a longer timeout or a different poll interval: not the state.
-        for key in ("round_timeout", "poll_interval"):
-            cfg.pop(key)
+        # A resumed run may use a longer timeout, a different poll interval or another
+        # transport of the same state (exchange, issue 15): not the state.
+        for key in ("round_timeout", "poll_interval", "exchange"):
+            cfg.pop(key, None)
         return {"federation": cfg, "recipe": recipe_to_dict(self.recipe), "rounds": self.rounds}
 
 
@@ -151,11 +153,33 @@ def _run_round(
     started = time.monotonic()
     deadline = started + cfg.round_timeout
     nodes = wait_for_nodes(grid, cfg.min_sites, cfg.round_timeout, cfg.poll_interval)
+    phases: dict[str, Any] = {}  # issue 15: where the round's time went at the coordinator
+    t = time.monotonic()
     messages = strategy.configure_train(round_num, state, nodes)
-    bytes_out = messages[0].content.array_records[ex.ARRAYS].count_bytes() if messages else 0
+    phases["encode_s"] = time.monotonic() - t
+    bytes_out = strategy.bytes_down()
     log.info("round %d/%d: training on %d site(s)", round_num, run.rounds, len(nodes))
-    missing = collect_replies(grid, messages, strategy.accept_train, deadline, cfg.poll_interval)
+    accept_s, first = [0.0], [None]
+    pushed = time.monotonic()
+    phases["pushed_at"] = time.time()  # epoch: benchmarks line it up with the sites' logs
+    arrived: dict[str, float] = {}
+
+    def accept(reply: Message) -> None:
+        t0 = time.monotonic()
+        arrived[str(reply.metadata.src_node_id)] = time.time()
+        if first[0] is None:
+            first[0] = t0 - pushed
+        strategy.accept_train(reply)
+        accept_s[0] += time.monotonic() - t0
+
+    missing = collect_replies(grid, messages, accept, deadline, cfg.poll_interval)
+    phases["collect_s"] = time.monotonic() - pushed
+    phases["first_reply_s"] = first[0] if first[0] is not None else phases["collect_s"]
+    phases["decode_validate_s"] = accept_s[0]
+    phases["arrived_at"] = arrived  # node id -> epoch seconds the reply was pulled
+    t = time.monotonic()
     strategy.close_round()  # screen the replies against each other, fold the survivors
+    phases["screen_s"] = time.monotonic() - t
     if strategy.num_accepted < cfg.min_sites:
         raise RoundFailed(
             f"round {round_num}: {strategy.num_accepted} valid replie(s) from {len(nodes)} "
@@ -163,13 +187,18 @@ def _run_round(
             f"needed; the last complete round's checkpoint in {run.out} is intact"
             + _rejection_note(strategy)
         )
+    t = time.monotonic()
     new_state = strategy.aggregate_train()
+    phases["aggregate_s"] = time.monotonic() - t
     if cfg.evaluate:
+        t = time.monotonic()
         eval_deadline = time.monotonic() + cfg.round_timeout
         eval_msgs = strategy.configure_evaluate(round_num, new_state, nodes)
         collect_replies(grid, eval_msgs, strategy.accept_evaluate, eval_deadline,
                         cfg.poll_interval)
+        phases["evaluate_s"] = time.monotonic() - t
     row = strategy.round_row(time.monotonic() - started, bytes_out, missing)
+    row["phases"] = phases
     return new_state, row
 
 
@@ -207,13 +236,20 @@ def run_federation(
     limits = reply_limits(run.cfg, run.recipe, state)
     log.info("reply bounds: update norm %.4g per part; counts %s", limits.max_update_norm,
              limits.counts)
-    strategy = DimensionAwareStrategy(run.cfg, recipe_json, run.rounds, classes, limits)
+    strategy = DimensionAwareStrategy(run.cfg, recipe_json, run.rounds, classes, limits,
+                                      spill_dir=run.out / ".spill")
+    log.info("exchange: %s", describe(run.cfg.exchange))
     row: dict[str, Any] = {}
     if done >= run.rounds:
         log.info("%s already holds all %d round(s); nothing to do", run.out, run.rounds)
-    for round_num in range(done + 1, run.rounds + 1):
-        state, row = _run_round(grid, run, strategy, round_num, state)
-        store.save_round(round_num, state, row, identity)
-        log.info("round %d/%d done: sites=%s loss=%s rejected=%d", round_num, run.rounds,
-                 row["sites"], row["loss"], len(row["rejected"]))
+    try:
+        for round_num in range(done + 1, run.rounds + 1):
+            state, row = _run_round(grid, run, strategy, round_num, state)
+            t = time.monotonic()
+            store.save_round(round_num, state, row, identity)
+            log.info("round %d: checkpoint written in %.2f s", round_num, time.monotonic() - t)
+            log.info("round %d/%d done: sites=%s loss=%s rejected=%d", round_num, run.rounds,
+                     row["sites"], row["loss"], len(row["rejected"]))
+    finally:
+        strategy.close()
     return row

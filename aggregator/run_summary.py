@@ -15,6 +15,7 @@ from typing import Any
 from aggregator.run_status import STATUS_FILE, read_json, run_state
 
 __all__ = ["RoundsTail", "read_rounds", "last_run_of_kit", "run_summary", "screening_summary",
+           "round_costs",
            "epsilon_spent", "ROUNDS_LOG", "CHECKPOINT_PREFIX", "STATE_FILE", "LAST_RUN"]
 
 ROUNDS_LOG = "rounds.jsonl"
@@ -110,7 +111,22 @@ def run_summary(out: str | Path) -> dict[str, Any]:
         "state": run_state_,
         "why": why,
         "screening": screening_summary(rows),
+        "costs": round_costs(rows),
     }
+
+
+def round_costs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 15: per round, its wall time, the exchange, and per site local seconds and bytes."""
+    out = []
+    for row in rows:
+        if "bytes_up" not in row and "site_seconds" not in row:
+            continue  # a row written before these fields existed
+        out.append({"round": row.get("round"), "seconds": row.get("seconds"),
+                    "exchange": row.get("exchange"),
+                    "site_seconds": row.get("site_seconds") or {},
+                    "bytes_down": row.get("bytes_down") or {},
+                    "bytes_up": row.get("bytes_up") or {}})
+    return out
 
 
 def screening_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from aggregator.spill import chunk_size, read_slice
 from aggregator.validation import PARTS, part_of
 
 __all__ = ["ACCEPTED", "CLIPPED", "REJECTED", "Verdict", "ReplayGuard", "round_medians", "norm_outliers", "cosines_to_median",
@@ -95,26 +96,34 @@ def cosines_to_median(states: Mapping[str, Mapping[str, torch.Tensor]],
                       parts: tuple[str, ...] = DIRECTION_PARTS) -> dict[str, dict[str, float]]:
     """Cosine of each reply's update with the coordinate-wise median update, per part.
 
-    The median of an even count is the mean of the two middle values. One tensor at a time, so
-    the extra memory is the round's updates of one tensor.
+    The median of an even count is the mean of the two middle values. One slice of one tensor
+    at a time (:func:`aggregator.spill.chunk_size`), so the extra memory stays ~50 MB however
+    many replies and however large the tensor.
     """
     labels = list(states)
     dot = {lb: dict.fromkeys(parts, 0.0) for lb in labels}
     own = {lb: dict.fromkeys(parts, 0.0) for lb in labels}
     ref = dict.fromkeys(parts, 0.0)
+    n = len(labels)
+    step = chunk_size(n)
     for name, g in global_state.items():
         part = part_of(name)
         if part not in parts:
             continue
-        g64 = g.to(torch.float64)
-        deltas = torch.stack([states[lb][name].to(torch.float64) - g64 for lb in labels])
-        ordered = deltas.sort(dim=0).values
-        n = len(labels)
-        median = 0.5 * (ordered[(n - 1) // 2] + ordered[n // 2])
-        ref[part] += float(median.pow(2).sum())
-        for i, lb in enumerate(labels):
-            dot[lb][part] += float((deltas[i] * median).sum())
-            own[lb][part] += float(deltas[i].pow(2).sum())
+        flat = g.reshape(-1)
+        for start in range(0, flat.numel(), step):  # a slice of the tensor at a time
+            stop = min(start + step, flat.numel())
+            # float32 updates (a sort of float64 costs twice as much); sums in float64
+            g32 = flat[start:stop].to(torch.float32)
+            deltas = torch.stack([read_slice(states[lb], name, start, stop).to(torch.float32)
+                                  - g32 for lb in labels])
+            ordered = deltas.sort(dim=0).values
+            median = 0.5 * (ordered[(n - 1) // 2] + ordered[n // 2])
+            del ordered
+            ref[part] += float(median.pow(2).sum(dtype=torch.float64))
+            for i, lb in enumerate(labels):
+                dot[lb][part] += float((deltas[i] * median).sum(dtype=torch.float64))
+                own[lb][part] += float(deltas[i].pow(2).sum(dtype=torch.float64))
     out: dict[str, dict[str, float]] = {}
     for lb in labels:
         out[lb] = {}
@@ -130,17 +139,43 @@ def clip_scales(norms: Mapping[str, float], medians: Mapping[str, float]) -> dic
             if norms[part] > medians[part] > 0}
 
 
-@torch.no_grad()
+class _Clipped(Mapping[str, torch.Tensor]):
+    """``global + scale x (state - global)``, computed per tensor as it is read."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor],
+                 scales: Mapping[str, float]):
+        self._state, self._global, self._scales = state, global_state, dict(scales)
+
+    @torch.no_grad()
+    def __getitem__(self, name: str) -> torch.Tensor:
+        value = self._state[name]
+        scale = self._scales.get(part_of(name))
+        if scale is None or name not in self._global:
+            return value
+        g64 = self._global[name].to(torch.float64)
+        return (g64 + scale * (value.to(torch.float64) - g64)).to(self._global[name].dtype)
+
+    @torch.no_grad()
+    def slice(self, name: str, start: int, stop: int) -> torch.Tensor:
+        value = read_slice(self._state, name, start, stop)
+        scale = self._scales.get(part_of(name))
+        if scale is None or name not in self._global:
+            return value
+        g = self._global[name].reshape(-1)[start:stop].to(torch.float64)
+        return (g + scale * (value.to(torch.float64) - g)).to(self._global[name].dtype)
+
+    def __iter__(self):
+        return iter(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+
 def clip_state(state: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor],
-               scales: Mapping[str, float]) -> dict[str, torch.Tensor]:
-    """global + scale x (state - global) for the tensors of each scaled part."""
-    out = dict(state)
-    for name, g in global_state.items():
-        scale = scales.get(part_of(name))
-        if scale is not None:
-            g64 = g.to(torch.float64)
-            out[name] = (g64 + scale * (state[name].to(torch.float64) - g64)).to(g.dtype)
-    return out
+               scales: Mapping[str, float]) -> Mapping[str, torch.Tensor]:
+    """global + scale x (state - global) for the tensors of each scaled part (read lazily, so
+    a reply parked on disk is clipped one tensor at a time)."""
+    return _Clipped(state, global_state, scales)
 
 
 def state_digest(state: Mapping[str, torch.Tensor]) -> str:

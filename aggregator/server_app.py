@@ -25,6 +25,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from aggregator.flower_private import shorten_object_pull_backoff
 from aggregator.rounds import FederationRun, run_federation
 from aggregator.run_status import recorded_status
 from fed_unimiss import exchange as ex
@@ -92,6 +93,7 @@ def main(grid: Grid, context: Context) -> None:
     if isinstance(rounds, float) and rounds.is_integer():
         rounds = int(rounds)
     run = FederationRun.from_files(str(rc[ex.RUN_CONFIG]), str(rc[ex.RUN_OUT]), rounds)
+    shorten_object_pull_backoff()  # replies' chunks: no 1-2-4 s waits (issue 15)
     resume = bool(rc.get(ex.RUN_RESUME, False))
     # RUN/status.json: running, then finished or failed and why (status and dashboard read it)
     with serverapp_log(run.out), recorded_status(run.out, run.rounds):

@@ -20,14 +20,18 @@ aggregator trusts a site's report that it trained with DP (docs/privacy.md).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import tempfile
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from aggregator.averaging import Aggregator, make_aggregator
 from aggregator.screening import (
@@ -36,18 +40,20 @@ from aggregator.screening import (
     Verdict,
     clip_state,
     screen_round,
-    state_digest,
 )
+from aggregator.spill import SpilledState, SpillWriter
 from aggregator.validation import (
+    PARTS,
     CountBound,
     ReplyRejected,
     SiteReport,
     check_counts,
-    check_state,
     parse_report,
+    part_of,
     site_label,
 )
 from fed_unimiss import exchange as ex
+from fed_unimiss import exchange_codec as codec
 from fed_unimiss.federation import FederationConfig
 from fed_unimiss.privacy.report import (
     ERROR_DP_REQUIRED,
@@ -66,6 +72,31 @@ log = logging.getLogger(__name__)
 def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """Global state -> ArrayRecord (float32 numpy arrays, names kept)."""
     return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+
+def encode_record(state: Mapping[str, torch.Tensor], keys: Iterable[str], down: str
+                  ) -> tuple[ArrayRecord, str | None]:
+    """The global state as it travels to the sites (``exchange.down``), tensors ``keys`` only.
+
+    fp32: one array per tensor, as Flower's own examples send it; bf16/fp16: one packed array
+    and its layout JSON (names and shapes) for the instruction config.
+    """
+    keys = list(keys)
+    if down == "fp32":  # one tensor at a time: no second copy of the whole state
+        return ArrayRecord({k: Array(codec.encode_tensor(state[k], down).numpy())
+                            for k in keys}), None
+    items = codec.layout(state, keys)
+    return (ArrayRecord({codec.PACKED: Array(codec.pack_state(state, items, down).numpy())}),
+            codec.layout_to_json(items))
+
+
+def wire_digest(record: ArrayRecord) -> str:
+    """SHA-256 of the names and bytes of a record as sent (replay detection)."""
+    h = hashlib.sha256()
+    for name in sorted(record.keys()):
+        h.update(name.encode())
+        h.update(record[name].data)
+    return h.hexdigest()
 
 
 def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -99,6 +130,7 @@ class SiteResult:
     bytes_in: int
     norms: dict[str, float] = field(default_factory=dict)  # per part
     verdict: Verdict = field(default_factory=Verdict)  # the round's screening
+    digest: str = ""  # of the reply as sent (replay guard)
 
     def as_row(self) -> dict[str, Any]:
         return {
@@ -145,8 +177,14 @@ class _RoundState:
     aggregator: Aggregator
     accepted: list[SiteResult] = field(default_factory=list)
     rejected: dict[str, BudgetRefusal | Rejection] = field(default_factory=dict)
-    # Replies that passed the per-reply checks, held (with their states) until close_round.
-    held: list[tuple[SiteResult, dict[str, torch.Tensor]]] = field(default_factory=list)
+    # The tensors that travel this round (all, or without teacher.* with a site-local teacher).
+    reference: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    # Replies that passed the per-reply checks, decoded and parked on disk until close_round.
+    held: list[tuple[SiteResult, SpilledState]] = field(default_factory=list)
+    bytes_down: int = 0  # one instruction as sent (arrays + config)
+    bytes_up: dict[str, int] = field(default_factory=dict)  # label -> reply as sent
+    site_seconds: dict[str, float] = field(default_factory=dict)  # label -> local training s
+    spills: list[SpilledState] = field(default_factory=list)
     closed: bool = False
     medians: dict[str, float] = field(default_factory=dict)
     evaluated: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -168,8 +206,13 @@ class DimensionAwareStrategy:
         num_rounds: int,
         classes: Mapping[str, str],
         limits: ReplyLimits | None = None,
+        spill_dir: str | Path | None = None,
     ):
         self.cfg = cfg
+        self.exchange = cfg.exchange
+        # Decoded replies wait here for the round to close (aggregator/spill.py).
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else \
+            Path(tempfile.gettempdir()) / f"fed-unimiss-spill-{uuid.uuid4().hex[:8]}"
         self.recipe_json = recipe_json
         self.num_rounds = num_rounds
         self.classes = dict(classes)
@@ -192,10 +235,14 @@ class DimensionAwareStrategy:
             ex.START_STEP: (round_num - 1) * steps,
             ex.TOTAL_STEPS: self.num_rounds * steps,
             ex.EVAL_BATCHES: self.cfg.eval_batches,
+            **self.exchange.to_config(),
         })
 
-    def _instruction(self, round_num: int, message_type: str) -> ConfigRecord:
+    def _instruction(self, round_num: int, message_type: str, layout: str | None = None
+                     ) -> ConfigRecord:
         config = self.train_config(round_num)
+        if layout is not None:
+            config[ex.EXCHANGE_LAYOUT] = layout
         if message_type == ex.TRAIN and self.cfg.require_dp:
             config[REQUIRE_DP] = True
         return config
@@ -204,14 +251,20 @@ class DimensionAwareStrategy:
         self, round_num: int, global_state: Mapping[str, torch.Tensor], node_ids: Iterable[int]
     ) -> list[Message]:
         """Start a round: reset the running sums and address the global state to every node."""
+        self._cleanup()
+        keys = codec.sent_keys(global_state, self.exchange)
+        reference = {k: global_state[k] for k in keys}
         self._round = _RoundState(
             round_num,
             global_state,
-            make_aggregator(self.cfg.aggregation, global_state, self.classes, self.cfg.trim_fraction),
+            make_aggregator(self.cfg.aggregation, reference, self.classes, self.cfg.trim_fraction),
+            reference=reference,
         )
-        self._replays.remember(state_digest(global_state), f"the global state sent in round "
+        arrays, layout = encode_record(global_state, keys, self.exchange.down)
+        config = self._instruction(round_num, ex.TRAIN, layout)
+        self._round.bytes_down = arrays.count_bytes() + config.count_bytes()
+        self._replays.remember(wire_digest(arrays), f"the global state sent in round "
                                f"{round_num}")
-        arrays, config = state_to_record(global_state), self._instruction(round_num, ex.TRAIN)
         return [
             Message(RecordDict({ex.ARRAYS: arrays, ex.CONFIG: config}), node_id, ex.TRAIN,
                     group_id=str(round_num))
@@ -256,7 +309,7 @@ class DimensionAwareStrategy:
         norms = {r.label: r.norms for r, _ in held}
         states = {r.label: state for r, state in held}
         rnd.medians, verdicts = screen_round(
-            norms, states, rnd.global_state, self.cfg.norm_factor, self.cfg.min_cosine,
+            norms, states, rnd.reference, self.cfg.norm_factor, self.cfg.min_cosine,
             clip_to_median=self.cfg.aggregation == "clipped_mean")
         for result, state in held:
             verdict = result.verdict = verdicts[result.label]
@@ -267,10 +320,10 @@ class DimensionAwareStrategy:
                 self._reject(rnd, Rejection(result.label, verdict.reason or "", detail))
                 continue
             if verdict.scales:
-                state = clip_state(state, rnd.global_state, verdict.scales)
+                state = clip_state(state, rnd.reference, verdict.scales)
                 log.warning("round %d: %s %s", rnd.round_num, result.label, verdict.reason)
             rnd.aggregator.add(state, result.report.samples_2d, result.report.samples_3d)
-            self._replays.remember(state_digest(states[result.label]),
+            self._replays.remember(result.digest,
                                    f"a reply of {result.label} in round {rnd.round_num}")
             rnd.accepted.append(result)
             log.info("round %d: folded %s (2d=%d, 3d=%d, loss=%s)", rnd.round_num,
@@ -303,22 +356,120 @@ class DimensionAwareStrategy:
             bound = self.limits.counts if epsilon is None else self.limits.dp_counts
             if bound is not None:
                 check_counts(report, bound)
+            if ex.SECONDS in report.metrics:
+                rnd.site_seconds[label] = report.metrics[ex.SECONDS]
             record = content.array_records[ex.ARRAYS]
-            bytes_in = record.count_bytes()
-            state = record_to_state(record)
-            norms = check_state(state, rnd.global_state, self.limits.max_update_norm)
-            replayed = self._replays.replayed(state_digest(state))
+            scales = content.array_records.get(ex.SCALES)
+            bytes_in = record.count_bytes() + (scales.count_bytes() if scales else 0)
+            rnd.bytes_up[label] = bytes_in
+            digest = wire_digest(record)
+            replayed = self._replays.replayed(digest)
             if replayed is not None:
                 raise ReplyRejected(f"state identical to {replayed} (nothing trained, or a "
                                     "stale replay)")
+            norms, spilled = self._decode_validate_spill(record, scales, rnd, label)
         except ReplyRejected as e:
             return Rejection(label, str(e))
         if epsilon is not None:  # DP sites report what they spent so far
             rnd.epsilon[label] = epsilon
         result = SiteResult(node_id, label, report, math.sqrt(sum(n * n for n in norms.values())),
-                            bytes_in, norms)
-        rnd.held.append((result, state))
+                            bytes_in, norms, digest=digest)
+        rnd.held.append((result, spilled))
+        rnd.spills.append(spilled)
         return result
+
+    @torch.no_grad()
+    def _decode_validate_spill(self, record: ArrayRecord, scales: ArrayRecord | None,
+                               rnd: _RoundState, label: str
+                               ) -> tuple[dict[str, float], SpilledState]:
+        """Decode, check and park a reply one tensor at a time; returns its norms per part.
+
+        Raises ``ReplyRejected`` naming the first problem: missing or unexpected tensors, a
+        tensor that does not decode under the announced codec (dtype, shape, scales), a
+        non-finite value, or a part's update norm above ``max_update_norm``.
+        """
+        up = self.exchange.up
+        reference = rnd.reference
+        if (scales is not None) != (up == "q8_delta"):
+            raise ReplyRejected(f"undecodable update: int8 scales {'present' if scales else 'missing'} "
+                                f"under the announced codec up={up}")
+        sq = dict.fromkeys(PARTS, 0.0)
+        writer = SpillWriter(self.spill_dir / f"round{rnd.round_num}-{uuid.uuid4().hex}.f32")
+        try:
+            for name, value in self._decoded_tensors(record, scales, reference):
+                ref = reference[name]
+                # A non-finite value makes the update's norm non-finite: one pass checks both
+                # (isfinite over the whole state would cost as much again).
+                norm = float(torch.linalg.vector_norm(value - ref.to(torch.float32)))
+                if not math.isfinite(norm) and not bool(torch.isfinite(value).all()):
+                    raise ReplyRejected(f"{name}: non-finite values")
+                sq[part_of(name)] += norm * norm
+                writer.add(name, value)
+            norms = {part: math.sqrt(v) for part, v in sq.items()}
+            if not any(norms.values()):
+                raise ReplyRejected("state identical to the global state sent (nothing trained)")
+            for part, norm in norms.items():
+                if not math.isfinite(norm) or norm > self.limits.max_update_norm:
+                    raise ReplyRejected(f"{part} update norm {norm:.4g} exceeds max_update_norm "
+                                        f"{self.limits.max_update_norm:.4g}")
+        except BaseException:
+            writer.abort()
+            raise
+        return norms, writer.finish()
+
+    def _decoded_tensors(self, record: ArrayRecord, scales: ArrayRecord | None,
+                         reference: Mapping[str, torch.Tensor]):
+        """(name, fp32 tensor) of a reply, one at a time; ``ReplyRejected`` if it does not decode."""
+        up = self.exchange.up
+        if up == "fp32":  # one array per tensor, named
+            missing = [name for name in reference if name not in record]
+            if missing:
+                shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+                raise ReplyRejected(f"{len(missing)} tensor(s) missing: {shown}")
+            unexpected = sum(1 for name in record.keys() if name not in reference)
+            if unexpected:
+                raise ReplyRejected(f"{unexpected} unexpected tensor(s)")
+            for name, ref in reference.items():
+                try:
+                    wire = torch.from_numpy(record[name].numpy())
+                except (TypeError, ValueError) as e:
+                    raise ReplyRejected(f"tensor {name} is not a numeric array") from e
+                try:
+                    yield name, codec.decode_update_tensor(name, wire, None, up, ref)
+                except codec.CodecError as e:
+                    raise ReplyRejected(str(e)) from None
+            return
+        for rec, what in ((record, "values"), (scales, "scales")):  # packed: one array each
+            if rec is not None and list(rec.keys()) != [codec.PACKED]:
+                raise ReplyRejected(f"undecodable update ({up}): {what} record must hold one "
+                                    f"array {codec.PACKED!r}")
+        try:
+            values = torch.from_numpy(record[codec.PACKED].numpy())
+            scale = torch.from_numpy(scales[codec.PACKED].numpy()) if scales is not None else None
+        except (TypeError, ValueError) as e:
+            raise ReplyRejected(f"undecodable update ({up}): not a numeric array") from e
+        try:
+            yield from codec.unpack_update(values, scale, up, reference)
+        except codec.CodecError as e:
+            raise ReplyRejected(f"undecodable update ({up}): {e}") from None
+
+    def close(self) -> None:
+        """Delete whatever replies are still parked (a failed round) and the spill folder."""
+        self._cleanup()
+        try:
+            self.spill_dir.rmdir()
+        except OSError:
+            pass
+
+    def _cleanup(self) -> None:
+        if self._round is not None:
+            for spilled in self._round.spills:
+                spilled.delete()
+            self._round.spills.clear()
+
+    def bytes_down(self) -> int:
+        """One train instruction of this round as sent (arrays + config)."""
+        return self._require_round().bytes_down
 
     def only_budget_refusals(self) -> bool:
         """True when the round rejected replies and every one was a privacy-budget refusal."""
@@ -334,9 +485,18 @@ class DimensionAwareStrategy:
     def aggregate_train(self) -> dict[str, torch.Tensor]:
         """The new global state from the folded replies (tensors nobody trained keep theirs)."""
         self.close_round()
-        new_state = self._require_round().aggregator.result()
-        for name, tensor in new_state.items():
-            if not bool(torch.isfinite(tensor).all()):  # cannot happen after validation
+        rnd = self._require_round()
+        folded = rnd.aggregator.result()
+        self._cleanup()
+        new_state = {name: folded.get(name, ref) for name, ref in rnd.global_state.items()}
+        if self.exchange.teacher == "local":  # the checkpoint's teacher: the new global student
+            for name in new_state:
+                if name.startswith(ex.TEACHER_PREFIX):
+                    student = ex.STUDENT_PREFIX + name[len(ex.TEACHER_PREFIX):]
+                    new_state[name] = new_state[student].clone()
+        for name, tensor in new_state.items():  # cannot happen after validation
+            if not math.isfinite(float(tensor.sum(dtype=torch.float64))) \
+                    and not bool(torch.isfinite(tensor).all()):
                 raise FloatingPointError(f"aggregated tensor {name} is not finite")
         return new_state
 
@@ -344,7 +504,9 @@ class DimensionAwareStrategy:
     def configure_evaluate(
         self, round_num: int, state: Mapping[str, torch.Tensor], node_ids: Iterable[int]
     ) -> list[Message]:
-        arrays, config = state_to_record(state), self._instruction(round_num, ex.EVALUATE)
+        keys = codec.sent_keys(state, self.exchange)
+        arrays, layout = encode_record(state, keys, self.exchange.down)
+        config = self._instruction(round_num, ex.EVALUATE, layout)
         return [
             Message(RecordDict({ex.ARRAYS: arrays, ex.CONFIG: config}), node_id, ex.EVALUATE,
                     group_id=f"{round_num}-eval")
@@ -393,6 +555,11 @@ class DimensionAwareStrategy:
             "seconds": seconds,
             "bytes_out_per_site": bytes_out_per_site,
             "bytes_in": sum(r.bytes_in for r in accepted),
+            # issue 15: every round's cost, per site (train message; bytes as sent)
+            "site_seconds": dict(sorted(rnd.site_seconds.items())),
+            "bytes_down": {lb: rnd.bytes_down for lb in sorted(rnd.bytes_up)},
+            "bytes_up": dict(sorted(rnd.bytes_up.items())),
+            "exchange": codec.describe(self.exchange),
             "epsilon": dict(sorted(rnd.epsilon.items())),  # issue 7: site -> epsilon spent
             "epsilon_budget": dict(sorted(rnd.epsilon_budget.items())),  # site -> its target
         }

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -33,6 +34,30 @@ SECTION = "## Federation (issue 5)"
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _reset_peak_rss_mb() -> float:
+    """Reset the kernel's peak-RSS mark (VmHWM) to now and return the current RSS.
+
+    ``ru_maxrss`` never goes down, so a peak reached before the round (building the model
+    state) would be counted as the round's; ``/proc/self/clear_refs`` 5 resets VmHWM (Linux).
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return _status_mb("VmRSS")
+
+
+def _peak_rss_mb() -> float:
+    return _status_mb("VmHWM") or _rss_mb()
 
 
 def _current_rss_mb() -> float:
@@ -74,18 +99,26 @@ def bytes_one(preset: str) -> dict:
             "down": arrays + config, "up": arrays + metrics + label}
 
 
-def aggregate_one(sites: int, preset: str) -> dict:
-    """One real round with ``sites`` instant sites; aggregator time and peak memory."""
+def aggregate_one(sites: int, preset: str, exchange: str = "fp32,fp32",
+                  min_cosine: float | None = -0.1) -> dict:
+    """One real round with ``sites`` instant sites; aggregator time and peak memory.
+
+    ``exchange`` is ``DOWN,UP`` (e.g. ``bf16,q8_delta``). The instant site builds its reply one
+    tensor at a time (decode, add noise, encode), so the process's peak is the aggregator's:
+    the instruction and the replies as received, plus what the aggregator itself holds.
+    """
     import tempfile
 
     import torch
-    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
     from aggregator.inprocess import InProcessGrid, SiteSpec
     from aggregator.rounds import FederationRun, run_federation
     from fed_unimiss import exchange as ex
+    from fed_unimiss import exchange_codec as codec
 
+    down, up = exchange.split(",")
     torch.set_num_threads(1)
     state = {k: v.clone() for k, v in _exchange_state(preset).items()}
     app = ClientApp()
@@ -94,13 +127,47 @@ def aggregate_one(sites: int, preset: str) -> dict:
     @app.train()
     def train(msg: Message, context) -> Message:
         t, c = time.perf_counter(), time.process_time()
-        got = msg.content.array_records[ex.ARRAYS].to_torch_state_dict()
-        new = {k: v + 1e-3 * torch.randn_like(v) for k, v in got.items()}
+        got = msg.content.array_records[ex.ARRAYS]
+        arrays, scales = {}, {}
+        if codec.PACKED in got:  # bf16/fp16 down: one packed array and its layout
+            items = codec.layout_from_json(msg.content.config_records[ex.CONFIG][ex.EXCHANGE_LAYOUT])
+            flat = torch.from_numpy(got[codec.PACKED].numpy())
+            tensors = []
+            start = 0
+            for name, shape in items:  # one tensor at a time, like the aggregator
+                n = math.prod(shape)
+                tensors.append((name, lambda s=start, n=n, shape=shape, name=name: codec.decode_tensor(
+                    name, flat[s:s + n].view(shape), down, shape)))
+                start += n
+        else:
+            tensors = [(k, lambda k=k: torch.from_numpy(got[k].numpy())) for k in list(got.keys())]
+        if up == "fp32":
+            for name, value in tensors:
+                v = value()
+                arrays[name] = Array((v + 1e-3 * torch.randn_like(v)).numpy())
+        else:  # the packed update, one tensor at a time (a real site packs the whole state)
+            parts_v, parts_s = [], []
+            for _name, value in sorted(tensors):
+                v = value()
+                if up == "q8_delta":
+                    q, s = codec.quantise(1e-3 * torch.randn_like(v))
+                    parts_v.append(q)
+                    parts_s.append(s)
+                else:
+                    parts_v.append(codec.encode_tensor(v + 1e-3 * torch.randn_like(v), up)
+                                   .reshape(-1))
+            arrays[codec.PACKED] = Array(torch.cat(parts_v).numpy())
+            del parts_v
+            if parts_s:
+                scales[codec.PACKED] = Array(torch.cat(parts_s).numpy())
         s2, s3 = (8, 2) if context.node_id % 3 else (8, 0)
-        reply = Message(RecordDict({
-            ex.ARRAYS: ArrayRecord(new),
+        content = RecordDict({
+            ex.ARRAYS: ArrayRecord(arrays),
             ex.METRICS: MetricRecord({ex.SAMPLES_2D: s2, ex.SAMPLES_3D: s3, ex.LOSS: 1.0}),
-            ex.SITE: ConfigRecord({ex.SITE_NAME_KEY: f"s{context.node_id}"})}), reply_to=msg)
+            ex.SITE: ConfigRecord({ex.SITE_NAME_KEY: f"s{context.node_id}"})})
+        if scales:
+            content[ex.SCALES] = ArrayRecord(scales)
+        reply = Message(content, reply_to=msg)
         client_seconds[0] += time.perf_counter() - t
         client_cpu[0] += time.process_time() - c
         return reply
@@ -109,22 +176,25 @@ def aggregate_one(sites: int, preset: str) -> dict:
         cfg = Path(tmp) / "fed.yaml"
         cfg.write_text(json.dumps({"recipe": {"ssl": {"steps_per_epoch": 1}}, "local_steps": 1,
                                    "min_sites": 1, "evaluate": False, "poll_interval": 0.001,
-                                   "max_update_norm": 1e9}))
+                                   "max_update_norm": 1e9, "min_cosine": min_cosine,
+                                   "exchange": {"down": down, "up": up}}))
         grid = InProcessGrid(app, [SiteSpec(f"s{i}", Path(tmp)) for i in range(sites)],
                              Path(tmp) / "sites")
         run = FederationRun.from_files(cfg, Path(tmp) / "run", 1)
-        base = _current_rss_mb()
+        base = _reset_peak_rss_mb()
         t, c = time.perf_counter(), time.process_time()
         run_federation(grid, run, initial=state)
         total, cpu = time.perf_counter() - t, time.process_time() - c
     state_mb = sum(v.numel() * v.element_size() for v in state.values()) / 2**20
-    return {"sites": sites, "preset": preset, "state_mb": state_mb,
+    return {"sites": sites, "preset": preset, "state_mb": state_mb, "exchange": exchange,
             "aggregator_s": total - client_seconds[0], "aggregator_cpu_s": cpu - client_cpu[0],
-            "peak_mb": _rss_mb() - base}
+            "peak_mb": _peak_rss_mb() - base}
 
 
-def _child(kind: str, arg: str, preset: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, arg, "--child-preset", preset]
+def _child(kind: str, arg: str, preset: str, exchange: str = "fp32,fp32",
+           direction: bool = True) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, arg, "--child-preset", preset,
+           "--exchange", exchange] + ([] if direction else ["--no-direction"])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -140,12 +210,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aggregate-preset", default="micro",
                    help="model preset of the aggregation sweep (tiny: 4x the state, slower)")
     p.add_argument("--write", type=Path, help="markdown file whose section to update")
+    p.add_argument("--exchange", nargs="+", default=["fp32,fp32"],
+                   help="DOWN,UP exchanges of the aggregation sweep, e.g. fp32,fp32 bf16,q8_delta")
+    p.add_argument("--no-direction", action="store_true",
+                   help="also time each row without the direction check (min_cosine: null), "
+                   "which needs every reply of a tensor at once from 3 sites on")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--child-preset", default="micro", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         kind, arg = args.child
-        result = bytes_one(arg) if kind == "bytes" else aggregate_one(int(arg), args.child_preset)
+        result = bytes_one(arg) if kind == "bytes" else aggregate_one(
+            int(arg), args.child_preset, args.exchange[0],
+            None if args.no_direction else -0.1)
         print(json.dumps(result))
         return 0
 
@@ -163,19 +240,29 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['down'] / 1e6:.1f} | {r['up'] / 1e6:.1f} |")
         print(lines[-1], flush=True)
     lines += ["", f"Aggregation of one round, `{args.aggregate_preset}` state, mean mode "
-              "(time = deserialise + validate + fold + finalise + checkpoint, client time "
-              "excluded; peak = max RSS above the RSS before the round):", "",
-              "| sites | state (MB) | wall (s) | CPU (s) | CPU s per site | peak memory (MB) |",
-              "|---|---|---|---|---|---|"]
-    for n in args.sites:
-        r = _child("aggregate", str(n), args.aggregate_preset)
-        lines.append(f"| {n} | {r['state_mb']:.1f} | {r['aggregator_s']:.2f} | "
-                     f"{r['aggregator_cpu_s']:.2f} | {r['aggregator_cpu_s'] / n:.3f} | "
-                     f"{r['peak_mb']:.0f} |")
-        print(lines[-1], flush=True)
-    lines += ["", "Peak memory does not grow with the number of sites: replies are folded into "
-              "one float64 running sum per tensor as they arrive. The robust modes (median, "
-              "trimmed_mean) hold every eligible reply of a round instead."]
+              "(time = deserialise + decode + validate + park + screen + fold + finalise + "
+              "checkpoint, client time excluded; peak = max RSS above the RSS before the round, "
+              "x = peak / state):", "",
+              "| exchange (down,up) | direction check | sites | state (MB) | wall (s) | CPU (s) "
+              "| CPU s per site | peak memory (MB) | peak / state |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for exchange in args.exchange:
+        for direction in (True, False) if args.no_direction else (True,):
+            for n in args.sites:
+                r = _child("aggregate", str(n), args.aggregate_preset, exchange, direction)
+                check = ("on" if n >= 3 else "on (< 3 sites: skipped)") if direction else "off"
+                lines.append(f"| {exchange} | {check} | {n} | {r['state_mb']:.1f} | "
+                             f"{r['aggregator_s']:.2f} | {r['aggregator_cpu_s']:.2f} | "
+                             f"{r['aggregator_cpu_s'] / n:.3f} | {r['peak_mb']:.0f} | "
+                             f"{r['peak_mb'] / r['state_mb']:.2f}x |")
+                print(lines[-1], flush=True)
+    lines += ["", "Each reply is decoded, validated and written to the run's `.spill/` folder one "
+              "tensor at a time as it arrives (aggregator/spill.py); when the round closes the "
+              "round-relative screening reads the parked replies back one tensor at a time and "
+              "folds the survivors into one float32 running sum of updates. Memory is the "
+              "instruction, the reply being received and one state of sums, whatever the number "
+              "of sites; the robust modes (median, trimmed_mean) read the same parked replies "
+              "one tensor at a time."]
     body = "\n".join(lines)
     print(body)
     if args.write:

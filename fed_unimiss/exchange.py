@@ -42,6 +42,7 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"
+SCALES = "scales"  # a q8_delta reply's per-block float32 scales (keys: the tensor names)
 
 # ---------------------------------------------------------------- instruction config keys
 RECIPE_JSON = "recipe_json"  # the resolved Recipe as JSON: every site trains the same recipe
@@ -51,6 +52,12 @@ LOCAL_STEPS = "local_steps"  # optimiser steps per site per round
 START_STEP = "start_step"  # global step of the round's first local step: (round-1)*local_steps
 TOTAL_STEPS = "total_steps"  # rounds * local_steps: the length of every schedule
 EVAL_BATCHES = "eval_batches"
+# The round's exchange codecs (fed_unimiss.exchange_codec): every site must honour them or refuse.
+EXCHANGE_DOWN = "exchange_down"
+EXCHANGE_UP = "exchange_up"
+EXCHANGE_TEACHER = "exchange_teacher"
+# JSON [[name, shape], ...] of a packed (compressed) payload: the order of its tensors.
+EXCHANGE_LAYOUT = "exchange_layout_json"
 
 # ---------------------------------------------------------------- reply metric keys
 NUM_EXAMPLES = "num-examples"  # Flower's conventional name: samples_2d + samples_3d
@@ -80,6 +87,8 @@ ERROR_CATEGORIES: dict[int, str] = {
     5101: "the site's privacy ledger is unreadable",
     5102: "a DP site declines evaluation",
     5103: "the federation requires DP and the site has none",
+    5003: "the site cannot honour the announced exchange codec (see the site's log)",
+    5004: "the site's worker stopped during the round (it is restarted)",
     ERROR_RECIPE: "the site's DP settings cannot train this federation's recipe (it needs a "
                   "DP-capable federation config, e.g. configs/federation/micro-dp.yaml)",
 }
@@ -116,6 +125,7 @@ NODE_SITE_NAME = "site-name"  # optional label, see SITE_NAME_KEY
 NODE_DEVICE = "device"        # auto | cpu | cuda | cuda:N | mps
 NODE_PRECISION = "precision"  # fp32 | bf16 | fp16
 NODE_WORKERS = "workers"      # data-parallel processes per round
+NODE_WORKER_SOCKET = "worker-socket"  # the socket of the site's warm worker process, if any
 
 # ---------------------------------------------------------------- run config (ServerApp)
 RUN_CONFIG = "config"  # absolute path of the federation YAML (read at the coordinator)

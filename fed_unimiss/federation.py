@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from fed_unimiss.config import ConfigError, load_yaml, read_yaml
+from fed_unimiss.exchange_config import ExchangeConfig
 
 if TYPE_CHECKING:  # the recipe pulls in the model package (torch); federation.py stays light
     from fed_unimiss.ssl.config import Recipe
@@ -77,8 +78,17 @@ class FederationConfig:
     # and a reply without the `epsilon` a DP site reports is rejected. The aggregator cannot
     # verify DP: it trusts each site's report (docs/privacy.md, "Required DP").
     require_dp: bool = False
+    # Issue 15: how the state travels (fed_unimiss/exchange_codec.py; docs/federation.md,
+    # "Exchange"). down: fp32 | bf16 | fp16; up: fp32 | bf16 | fp16 | q8_delta (int8 update,
+    # error feedback at the site); teacher: exchanged | local (a method change). Announced in
+    # every instruction; a site that cannot honour it refuses the round. Checkpoints stay fp32.
+    exchange: ExchangeConfig = field(default_factory=ExchangeConfig)
 
     def validate(self) -> None:
+        try:
+            self.exchange.validate()
+        except ValueError as e:
+            raise ValueError(f"exchange.{e}") from None
         if self.local_steps < 1:
             raise ValueError(f"local_steps: must be >= 1, got {self.local_steps}")
         if self.min_sites < 1:

@@ -50,6 +50,7 @@ def _start(args: argparse.Namespace) -> int:
             kit, Path(args.data), superlink=args.superlink,
             state_dir=Path(args.state_dir) if args.state_dir else None,
             clientapp_port=args.clientapp_port, privacy=privacy, runtime=runtime,
+            warm_worker=not args.no_worker,
         )
     except SiteError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -93,6 +94,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--clientapp-port", type=int,
                    help="local port for the SuperNode's ClientApp API (loopback only); "
                    "default: a free one")
+    s.add_argument("--no-worker", action="store_true",
+                   help="run every round in Flower's fresh per-message process instead of the "
+                   "site's warm worker (slower: each round imports torch and builds the model)")
     s.add_argument("--check-only", action="store_true",
                    help="check the kit and the data, then exit without connecting")
     hw = s.add_argument_group("hardware", "override site.yaml's device, precision and workers "

@@ -39,12 +39,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fed_unimiss.config import ConfigError, load_yaml
-from fed_unimiss.exchange import NODE_DATA_PATH, NODE_SITE_NAME, NODE_STATE_DIR
+from fed_unimiss.exchange import NODE_DATA_PATH, NODE_SITE_NAME, NODE_STATE_DIR, NODE_WORKER_SOCKET
 from fed_unimiss.privacy.config import PrivacyConfig, with_dp_settings
 from fed_unimiss.processes import terminate_pids
 from fed_unimiss.runtime import Runtime
 from site_client.local_state import PROGRESS_FILE
 from site_client.privacy_ledger import privacy_node_config
+from site_client.worker import WorkerProcess
 
 __all__ = [
     "SiteSettings",
@@ -412,8 +413,12 @@ def format_event(site: str, event: dict[str, Any]) -> str:
 
 
 def _run_once(cmd: list[str], env: dict[str, str], state: Path, log_path: Path,
-              progress: SiteProgress | None = None) -> tuple[int, str]:
-    """One SuperNode process until it exits (or gives up reconnecting); (exit code, its output)."""
+              progress: SiteProgress | None = None,
+              on_tick: Callable[[], object] | None = None) -> tuple[int, str]:
+    """One SuperNode process until it exits (or gives up reconnecting); (exit code, its output).
+
+    ``on_tick`` runs every second meanwhile (the warm worker's supervision).
+    """
     start = log_path.stat().st_size if log_path.exists() else 0
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, env=env, cwd=state,
@@ -430,6 +435,8 @@ def _run_once(cmd: list[str], env: dict[str, str], state: Path, log_path: Path,
                 pass
             if progress is not None:
                 progress.poll(start)
+            if on_tick is not None:
+                on_tick()
             if any(g in _read_from(log_path, start) for g in GAVE_UP):
                 try:  # give it a moment to exit by itself, then end it ourselves
                     code = proc.wait(timeout=5.0) or 1
@@ -455,8 +462,13 @@ def run_supernode(
     clientapp_port: int | None = None,
     privacy: PrivacyConfig | None = None,
     runtime: Runtime | None = None,
+    warm_worker: bool = True,
 ) -> int:
     """Run the site's SuperNode until we are stopped; returns the exit code.
+
+    With ``warm_worker`` (the default) a long-lived worker process runs every round's work
+    (:mod:`site_client.worker`): started before the SuperNode, restarted within ~2 s if it dies,
+    stopped with the command.
 
     ``privacy`` (from :func:`site_privacy_settings`; default: site.yaml's section alone) is
     written into the node config, so every ClientApp process of this site trains under it.
@@ -477,8 +489,10 @@ def run_supernode(
     if privacy is None:
         privacy = site_privacy_settings(kit)
     node_config = state / "node-config.toml"
-    node_config.write_bytes(
-        tomli_w.dumps(site_node_config(kit, data, state, privacy, runtime)).encode())
+    config = site_node_config(kit, data, state, privacy, runtime)
+    if warm_worker:  # the ClientApp hands every round to it (site_client/worker.py)
+        config[NODE_WORKER_SOCKET] = str(state / "worker.sock")
+    node_config.write_bytes(tomli_w.dumps(config).encode())
     if privacy.enabled:
         log.info("site %s: differential privacy on (epsilon %g, delta %g, clip %g); budget "
                  "ledger in %s", kit.settings.site_name, privacy.target_epsilon,
@@ -496,12 +510,17 @@ def run_supernode(
     site = kit.settings.site_name
     progress = SiteProgress(site, superlink, state, log_path)
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    worker = WorkerProcess(state, env) if warm_worker else None
     try:
+        if worker is not None:
+            worker.start()
+            log.info("site %s: warm worker started (log: %s)", site, logs / "worker.log")
         while True:
             log.info("site %s: SuperNode starting, connecting to %s; log: %s", site, superlink,
                      log_path)
             progress.reset()
-            code, text = _run_once(cmd, env, state, log_path, progress)
+            code, text = _run_once(cmd, env, state, log_path, progress,
+                                   worker.check if worker is not None else None)
             # Flower's SuperNode may exit 0 ("terminated gracefully") after giving up on a
             # coordinator it was connected to: that is a lost coordinator, not an operator stop
             # (which reaches this process as a signal).
@@ -519,5 +538,7 @@ def run_supernode(
         log.info("site %s: stopping (signal)", site)
         return 0
     finally:
+        if worker is not None:
+            worker.stop()
         for s, h in old.items():
             signal.signal(s, h)

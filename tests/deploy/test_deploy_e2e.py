@@ -285,3 +285,66 @@ def test_aggregator_killed_after_round_1_resumes_at_round_2(world, tmp_path):
                             text=True)
     assert by_kit.returncode == 0 and "rounds done: 2/2" in by_kit.stdout
     assert leftovers == [], leftovers
+
+
+def _worker_busy(state: Path) -> bool:
+    log = state / "logs" / "worker.log"
+    return log.exists() and "train request (round work) started" in log.read_text(errors="replace")
+
+
+def test_worker_killed_mid_round_fails_that_round_for_its_site_then_serves_the_next(world,
+                                                                                     tmp_path):
+    """Issue 15: SIGKILL site A's warm worker while it trains round 1 (compressed exchange on).
+
+    A's shim sees the worker vanish and answers error 5004 at once, so round 1 closes with B
+    alone (min_sites 1) without waiting for any deadline; `site start` restarts the worker and
+    A takes part in round 2.
+    """
+    fleet, control = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    run = tmp_path / "RUN"
+    config = write_federation_yaml(tmp_path / "fed.yaml", min_sites=1,
+                                   round_timeout=ROUND_TIMEOUT, local_steps=12)
+    assert "q8_delta" in config.read_text()  # the shipped exchange, compressed
+    opts = AggregatorOptions(kit=world["kits"].coordinator, config=config, rounds=2, out=run,
+                             fleet_address=fleet, control_address=control, wait_for_sites=2)
+    states = {s: tmp_path / "state" / s for s in ("A", "B")}
+    killed: list[int] = []
+
+    with Sampler() as sampler, ProcessSet(tmp_path / "pids") as procs:
+        def start_sites() -> None:
+            for s in ("A", "B"):
+                procs.start(f"site-{s}", _site_cmd(world["kits"].sites[s], world["data"], fleet,
+                                                   states[s]), tmp_path / f"site-{s}.log")
+
+        def kill_worker_mid_round() -> None:
+            _wait_for(lambda: _worker_busy(states["A"]), 240, "site A's worker to start training")
+            pid = int((states["A"] / "worker.pid").read_text())
+            killed.append(pid)
+            os.kill(pid, signal.SIGKILL)
+
+        def on_started(_run_id: int) -> None:
+            threading.Thread(target=kill_worker_mid_round, daemon=True).start()
+
+        t0 = time.monotonic()
+        outcome = run_aggregator(opts, on_ready=start_sites, on_started=on_started)
+        elapsed = time.monotonic() - t0
+        restarted = int((states["A"] / "worker.pid").read_text())
+    leftovers = sampler.leftovers()
+
+    assert outcome.ok, outcome.error
+    rows = outcome.rounds
+    assert [r["round"] for r in rows] == [1, 2]
+    assert len(killed) == 1 and restarted != killed[0]
+    assert rows[0]["sites"] == ["B"]
+    # an error reply carries no content, so no site label: the node id names A
+    assert [why for why in rows[0]["rejected"].values() if "code 5004" in why], rows[0]["rejected"]
+    assert "worker stopped" in next(iter(rows[0]["rejected"].values()))
+    assert rows[1]["sites"] == ["A", "B"] and rows[1]["rejected"] == {}
+    assert elapsed < ROUND_TIMEOUT  # round 1 never waited for its deadline
+    for row in rows:
+        assert row["exchange"].startswith("down=bf16 up=q8_delta")
+        assert row["bytes_up"]["B"] < 0.3 * row["bytes_out_per_site"] * 2
+    worker_log = (states["A"] / "logs" / "worker.log").read_text()
+    assert worker_log.count("ready on") == 2  # started once, restarted once
+    assert "site worker exited" in (tmp_path / "site-A.log").read_text()
+    assert leftovers == [], leftovers
