@@ -129,7 +129,8 @@ def reply_limits(cfg: FederationConfig, recipe: Any,
 
     ssl = recipe.ssl
     bound = cfg.max_update_norm
-    if bound is None:
+    derived = bound is None
+    if derived:
         student = [v for k, v in state.items() if k.startswith(ex.STUDENT_PREFIX)]
         weight_norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in student))
         bound = default_max_update_norm(
@@ -142,7 +143,9 @@ def reply_limits(cfg: FederationConfig, recipe: Any,
         per_step = float((cfg.site_privacy or {}).get("dp-patients-per-step",
                                                        PrivacyConfig.patients_per_step))
     sizes = (cfg.local_steps, ssl.batch_size_2d, ssl.batch_size_3d, ssl.view_depth)
-    return ReplyLimits(bound, count_bound(*sizes), count_bound(*sizes, patients_per_step=per_step))
+    return ReplyLimits(bound, count_bound(*sizes), count_bound(*sizes, patients_per_step=per_step),
+                       derived=derived,
+                       teacher_pull=1.0 - ssl.momentum_teacher ** cfg.local_steps)
 
 
 def _run_round(
@@ -234,8 +237,8 @@ def run_federation(
     classes = ex.classify_exchange_keys(state)
     recipe_json = json.dumps(recipe_to_dict(run.recipe), sort_keys=True)
     limits = reply_limits(run.cfg, run.recipe, state)
-    log.info("reply bounds: update norm %.4g per part; counts %s", limits.max_update_norm,
-             limits.counts)
+    log.info("reply bounds: update norm %s; counts %s",
+             {k: round(v, 4) for k, v in limits.part_bounds(state).items()}, limits.counts)
     strategy = DimensionAwareStrategy(run.cfg, recipe_json, run.rounds, classes, limits,
                                       spill_dir=run.out / ".spill")
     log.info("exchange: %s", describe(run.cfg.exchange))

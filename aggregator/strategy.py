@@ -48,6 +48,8 @@ from aggregator.validation import (
     ReplyRejected,
     SiteReport,
     check_counts,
+    check_center,
+    part_bounds,
     parse_report,
     part_of,
     site_label,
@@ -112,11 +114,26 @@ def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class ReplyLimits:
-    """The per-reply bounds of a run, resolved from the federation config and the recipe."""
+    """The per-reply bounds of a run, resolved from the federation config and the recipe.
 
-    max_update_norm: float = math.inf  # per part (student, teacher, center)
+    ``max_update_norm`` bounds the student's update. When it comes from the recipe
+    (``derived``), the teacher and the center get the bounds their own updates obey
+    (:func:`aggregator.validation.part_bounds`) and the center's coordinates must lie in the
+    head's logit range (:func:`aggregator.validation.check_center`). A number from the config
+    replaces all of these with one bound for every part.
+    """
+
+    max_update_norm: float = math.inf  # the student's; every part's unless derived
     counts: CountBound | None = None  # replies without DP
     dp_counts: CountBound | None = None  # replies reporting epsilon (Poisson plan)
+    derived: bool = False  # max_update_norm is the recipe's Adam bound, not a config number
+    teacher_pull: float = 1.0  # 1 - momentum^local_steps: the teacher's share of its EMA gap
+
+    def part_bounds(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """The round's bound on each part's update norm, from the global state it starts at."""
+        if not self.derived:
+            return dict.fromkeys(PARTS, self.max_update_norm)
+        return part_bounds(global_state, self.max_update_norm, self.teacher_pull)
 
 
 @dataclass
@@ -181,12 +198,16 @@ class _RoundState:
     reference: Mapping[str, torch.Tensor] = field(default_factory=dict)
     # Replies that passed the per-reply checks, decoded and parked on disk until close_round.
     held: list[tuple[SiteResult, SpilledState]] = field(default_factory=list)
-    bytes_down: int = 0  # one instruction as sent (arrays + config)
+    bytes_down: int = 0  # one instruction as sent (arrays + config); the largest, if they differ
+    bytes_down_node: dict[int, int] = field(default_factory=dict)  # down=q8_delta: per node
+    sent_base: dict[int, str] = field(default_factory=dict)  # down=q8_delta: node -> base digest
+    bytes_down_site: dict[str, int] = field(default_factory=dict)  # label -> its instruction
     bytes_up: dict[str, int] = field(default_factory=dict)  # label -> reply as sent
     site_seconds: dict[str, float] = field(default_factory=dict)  # label -> local training s
     spills: list[SpilledState] = field(default_factory=list)
     closed: bool = False
     medians: dict[str, float] = field(default_factory=dict)
+    bounds: dict[str, float] = field(default_factory=dict)  # per part, ReplyLimits.part_bounds
     evaluated: dict[str, dict[str, float]] = field(default_factory=dict)
     epsilon: dict[str, float] = field(default_factory=dict)  # DP sites: epsilon spent so far
     epsilon_budget: dict[str, float] = field(default_factory=dict)  # DP sites: their target
@@ -222,6 +243,9 @@ class DimensionAwareStrategy:
         self._round: _RoundState | None = None
         self._replays = ReplayGuard()
         self._names: dict[int, str] = {}  # node id -> the label its replies declared
+        # down=q8_delta: (base, its digest, its layout JSON), and the digest each node holds.
+        self._base: tuple[dict[str, torch.Tensor], str, str] | None = None
+        self._holds: dict[int, str] = {}
 
     # ------------------------------------------------------------------ train
     def train_config(self, round_num: int) -> ConfigRecord:
@@ -259,7 +283,10 @@ class DimensionAwareStrategy:
             global_state,
             make_aggregator(self.cfg.aggregation, reference, self.classes, self.cfg.trim_fraction),
             reference=reference,
+            bounds=self.limits.part_bounds(global_state),
         )
+        if self.exchange.down == "q8_delta":
+            return self._train_messages_from_base(round_num, global_state, keys, list(node_ids))
         arrays, layout = encode_record(global_state, keys, self.exchange.down)
         config = self._instruction(round_num, ex.TRAIN, layout)
         self._round.bytes_down = arrays.count_bytes() + config.count_bytes()
@@ -270,6 +297,52 @@ class DimensionAwareStrategy:
                     group_id=str(round_num))
             for node_id in node_ids
         ]
+
+    def _train_messages_from_base(self, round_num: int, global_state: Mapping[str, torch.Tensor],
+                                  keys: list[str], node_ids: list[int]) -> list[Message]:
+        """down=q8_delta: the int8 change of the shared base to nodes that hold it, else the base.
+
+        A node holds the base of the last round when it answered that round's instruction
+        without an error (a site checks the digest before it trains). Everyone else, and
+        everyone after an aggregator restart, gets the new base in full.
+        """
+        rnd = self._require_round()
+        items = codec.layout(global_state, keys)
+        layout = codec.layout_to_json(items)
+        old = self._base if self._base is not None and self._base[2] == layout else None
+        delta_record = None
+        if old is None:
+            base = {name: codec.bf16_round(global_state[name]) for name, _ in items}
+        else:
+            values, scales = codec.base_delta(global_state, old[0], items)
+            base = codec.advance_base(old[0], values, scales, items)
+            delta_record = ArrayRecord({codec.PACKED: Array(values.numpy()),
+                                        codec.PACKED_SCALES: Array(scales.numpy())})
+        digest = codec.base_digest(base, items)
+        self._base = (base, digest, layout)
+        full_record = None
+        messages = []
+        for node_id in node_ids:
+            config = self._instruction(round_num, ex.TRAIN, layout)
+            config[ex.EXCHANGE_BASE] = digest
+            if delta_record is not None and self._holds.get(node_id) == old[1]:
+                record = delta_record
+                config[ex.EXCHANGE_BASE_PREV] = old[1]
+            else:
+                if full_record is None:
+                    full_record = ArrayRecord(
+                        {codec.PACKED: Array(codec.base_bits(base, items).numpy())})
+                record = full_record
+            rnd.bytes_down_node[node_id] = record.count_bytes() + config.count_bytes()
+            rnd.sent_base[node_id] = digest
+            messages.append(Message(RecordDict({ex.ARRAYS: record, ex.CONFIG: config}), node_id,
+                                    ex.TRAIN, group_id=str(round_num)))
+        rnd.bytes_down = max(rnd.bytes_down_node.values(), default=0)
+        for record, what in ((delta_record, "delta"), (full_record, "base")):
+            if record is not None:
+                self._replays.remember(wire_digest(record), f"the global {what} sent in round "
+                                       f"{round_num}")
+        return messages
 
     def accept_train(self, reply: Message) -> TrainOutcome:
         """Check one reply on its own and hold it for the round's screening (``close_round``).
@@ -282,6 +355,12 @@ class DimensionAwareStrategy:
             raise RuntimeError(f"round {rnd.round_num} is closed; start the next with "
                                "configure_train")
         label = self._label(reply)
+        node_id = reply.metadata.src_node_id
+        if node_id in rnd.sent_base:  # down=q8_delta: an answer without error means it holds it
+            if reply.has_error():
+                self._holds.pop(node_id, None)
+            else:
+                self._holds[node_id] = rnd.sent_base[node_id]
         if label in rnd.rejected or any(r.label == label for r, _ in rnd.held):
             label = f"{label}@node-{reply.metadata.src_node_id}"  # two sites declared one name
         outcome = self._judge(reply, label, rnd)
@@ -362,6 +441,7 @@ class DimensionAwareStrategy:
             scales = content.array_records.get(ex.SCALES)
             bytes_in = record.count_bytes() + (scales.count_bytes() if scales else 0)
             rnd.bytes_up[label] = bytes_in
+            rnd.bytes_down_site[label] = rnd.bytes_down_node.get(node_id, rnd.bytes_down)
             digest = wire_digest(record)
             replayed = self._replays.replayed(digest)
             if replayed is not None:
@@ -386,7 +466,8 @@ class DimensionAwareStrategy:
 
         Raises ``ReplyRejected`` naming the first problem: missing or unexpected tensors, a
         tensor that does not decode under the announced codec (dtype, shape, scales), a
-        non-finite value, or a part's update norm above ``max_update_norm``.
+        non-finite value, a center coordinate outside the head's range, or a part's update norm
+        above its bound for the round.
         """
         up = self.exchange.up
         reference = rnd.reference
@@ -403,15 +484,18 @@ class DimensionAwareStrategy:
                 norm = float(torch.linalg.vector_norm(value - ref.to(torch.float32)))
                 if not math.isfinite(norm) and not bool(torch.isfinite(value).all()):
                     raise ReplyRejected(f"{name}: non-finite values")
+                if name == ex.CENTER_KEY and self.limits.derived:
+                    check_center(value)
                 sq[part_of(name)] += norm * norm
                 writer.add(name, value)
             norms = {part: math.sqrt(v) for part, v in sq.items()}
             if not any(norms.values()):
                 raise ReplyRejected("state identical to the global state sent (nothing trained)")
             for part, norm in norms.items():
-                if not math.isfinite(norm) or norm > self.limits.max_update_norm:
+                bound = rnd.bounds.get(part, self.limits.max_update_norm)
+                if not math.isfinite(norm) or norm > bound:
                     raise ReplyRejected(f"{part} update norm {norm:.4g} exceeds max_update_norm "
-                                        f"{self.limits.max_update_norm:.4g}")
+                                        f"{bound:.4g}")
         except BaseException:
             writer.abort()
             raise
@@ -505,7 +589,9 @@ class DimensionAwareStrategy:
         self, round_num: int, state: Mapping[str, torch.Tensor], node_ids: Iterable[int]
     ) -> list[Message]:
         keys = codec.sent_keys(state, self.exchange)
-        arrays, layout = encode_record(state, keys, self.exchange.down)
+        # down=q8_delta: evaluation gets the state in full (bf16) and leaves the base alone.
+        down = "bf16" if self.exchange.down == "q8_delta" else self.exchange.down
+        arrays, layout = encode_record(state, keys, down)
         config = self._instruction(round_num, ex.EVALUATE, layout)
         return [
             Message(RecordDict({ex.ARRAYS: arrays, ex.CONFIG: config}), node_id, ex.EVALUATE,
@@ -550,6 +636,7 @@ class DimensionAwareStrategy:
             "screening": {"median_norm": rnd.medians, "norm_factor": self.cfg.norm_factor,
                           "min_cosine": self.cfg.min_cosine,
                           "max_update_norm": self.limits.max_update_norm,
+                          "part_bounds": rnd.bounds,
                           "aggregation": self.cfg.aggregation},
             "missing_nodes": sorted(missing),
             "seconds": seconds,
@@ -557,7 +644,7 @@ class DimensionAwareStrategy:
             "bytes_in": sum(r.bytes_in for r in accepted),
             # issue 15: every round's cost, per site (train message; bytes as sent)
             "site_seconds": dict(sorted(rnd.site_seconds.items())),
-            "bytes_down": {lb: rnd.bytes_down for lb in sorted(rnd.bytes_up)},
+            "bytes_down": dict(sorted(rnd.bytes_down_site.items())),
             "bytes_up": dict(sorted(rnd.bytes_up.items())),
             "exchange": codec.describe(self.exchange),
             "epsilon": dict(sorted(rnd.epsilon.items())),  # issue 7: site -> epsilon spent

@@ -27,7 +27,7 @@ from fed_unimiss import exchange as ex
 
 __all__ = ["ReplyRejected", "SiteReport", "CountBound", "parse_report", "validate_state",
            "check_state", "update_norms", "count_bound", "check_counts", "default_max_update_norm",
-           "site_label", "PARTS", "part_of"]
+           "part_bounds", "check_center", "CENTER_LIMIT", "site_label", "PARTS", "part_of"]
 
 # The parts of the exchanged state, each checked on its own (its norms differ by 10-100x).
 PARTS = ("student", "teacher", ex.CENTER_KEY)
@@ -111,6 +111,48 @@ def default_max_update_norm(lr_peak: float, weight_decay_max: float, local_steps
     adam = ADAM_STEP_FACTOR * lr_peak * local_steps * math.sqrt(num_params)
     decay = lr_peak * weight_decay_max * local_steps * weight_norm
     return adam + decay
+
+
+# Every head logit is a cosine (unit-norm bottleneck feature times a unit-norm prototype row,
+# fed_unimiss/models/head.py), so the center, a running mean of logits started at zero, has
+# every coordinate in [-1, 1]. The 5 % covers bf16/fp16 logits and int8 transport rounding.
+CENTER_LIMIT = 1.05
+
+
+def part_bounds(global_state: Mapping[str, torch.Tensor], student_bound: float,
+                teacher_pull: float) -> dict[str, float]:
+    """Each part's bound on an honest update norm this round, given the state it starts from.
+
+    - student: ``student_bound`` (the recipe's Adam bound, :func:`default_max_update_norm`).
+    - teacher: an EMA of the student, ``T <- m T + (1 - m) S``, so over the round it moves by
+      at most ``teacher_pull`` (``1 - m^local_steps``) of the largest distance from the
+      starting teacher to a student, i.e. of (global student - global teacher gap + the
+      student's bound).
+    - center: both ends lie in ``[-CENTER_LIMIT, CENTER_LIMIT]^out_dim``, so the update is at
+      most ``2 CENTER_LIMIT sqrt(out_dim)``. A running mean of logits can move that far in
+      one round while the student barely moves (measured 13.1 for tiny with 20 steps, against
+      an Adam bound of 4.9), which is why the center does not share the student's bound.
+    """
+    sq_gap = 0.0
+    for name, value in global_state.items():
+        if name.startswith(ex.STUDENT_PREFIX):
+            twin = global_state.get(ex.TEACHER_PREFIX + name[len(ex.STUDENT_PREFIX):])
+            if twin is not None:
+                sq_gap += float((value.double() - twin.double()).pow(2).sum())
+    bounds = {"student": student_bound,
+              "teacher": teacher_pull * (math.sqrt(sq_gap) + student_bound)}
+    center = global_state.get(ex.CENTER_KEY)
+    bounds[ex.CENTER_KEY] = 2 * CENTER_LIMIT * math.sqrt(center.numel()) \
+        if center is not None else student_bound
+    return bounds
+
+
+def check_center(value: torch.Tensor) -> None:
+    """Reject a center with a coordinate no head of ours can produce (see ``CENTER_LIMIT``)."""
+    peak = float(value.abs().max()) if value.numel() else 0.0
+    if not peak <= CENTER_LIMIT:
+        raise ReplyRejected(f"center coordinate {peak:.4g} outside [-{CENTER_LIMIT}, "
+                            f"{CENTER_LIMIT}] (head logits are cosines)")
 
 
 def _count(metrics: Mapping[str, Any], key: str) -> int:

@@ -58,6 +58,10 @@ EXCHANGE_UP = "exchange_up"
 EXCHANGE_TEACHER = "exchange_teacher"
 # JSON [[name, shape], ...] of a packed (compressed) payload: the order of its tensors.
 EXCHANGE_LAYOUT = "exchange_layout_json"
+# down=q8_delta: the digest of the base a site holds after this message, and (delta messages
+# only) the digest of the base the delta applies to (fed_unimiss/exchange_codec.py).
+EXCHANGE_BASE = "exchange_base"
+EXCHANGE_BASE_PREV = "exchange_base_prev"
 
 # ---------------------------------------------------------------- reply metric keys
 NUM_EXAMPLES = "num-examples"  # Flower's conventional name: samples_2d + samples_3d

@@ -6,7 +6,14 @@ direction and announces it in every instruction (:data:`CONFIG_KEYS`); a site th
 a codec refuses the round, it never guesses.
 
 - ``down`` (global state to the sites): ``fp32`` as it is, or ``bf16`` / ``fp16`` full tensors.
-  bf16 travels as its raw 16 bits in an int16 array (numpy has no bfloat16).
+  bf16 travels as its raw 16 bits in an int16 array (numpy has no bfloat16). ``q8_delta``: the
+  aggregator and every site hold the same *base*, a bf16-valued copy of the global state that
+  trails it by one rounding. Each round only ``global - base`` travels, as int8 blocks, and both
+  sides advance the base by exactly the same arithmetic (:func:`advance_base`); a digest of the
+  new base travels with it, so a site that applied it to anything else knows at once. What the
+  rounding leaves out stays in ``global - base`` and goes with the next round's delta: error
+  feedback on the aggregator's side. A site without the base (new, restarted, or one that missed
+  a round) gets the base in full, as bf16 (:func:`base_bits`).
 - ``up`` (a site's new state back): ``fp32`` / ``bf16`` / ``fp16`` full tensors, or ``q8_delta``:
   the update against the state the site received, in blocks of :data:`BLOCK` values sharing one
   float32 scale, rounded to int8. The rounding error is carried into the site's next update
@@ -47,7 +54,9 @@ __all__ = ["ExchangeConfig", "CodecError", "CONFIG_KEYS", "DOWN_CODECS", "UP_COD
            "TEACHER_MODES", "BLOCK", "sent_keys", "encode_tensor", "decode_tensor",
            "encode_state", "decode_state", "quantise", "dequantise", "encode_update",
            "decode_update_tensor", "wire_names", "describe", "SCALES", "PACKED", "layout", "layout_to_json",
-           "layout_from_json", "pack_state", "unpack_state", "pack_update", "unpack_update"]
+           "layout_from_json", "pack_state", "unpack_state", "pack_update", "unpack_update",
+           "PACKED_SCALES", "bf16_round", "base_delta", "advance_base", "base_bits", "base_from_bits",
+           "base_digest"]
 
 BLOCK = 256  # values per int8 block, one float32 scale each: 1.6 % overhead
 
@@ -274,3 +283,69 @@ def unpack_update(values: torch.Tensor, scales: torch.Tensor | None, codec: str,
             yield name, decode_update_tensor(name, wire.view(tuple(reference[name].shape)),
                                              None, codec, reference[name])
         start += size
+
+
+# ---------------------------------------------------------------- down: int8 deltas of a base
+# The base is stored as bfloat16 (its values are bf16 by construction), half the memory of fp32.
+
+PACKED_SCALES = "packed_scales"  # the down delta's per-block scales, next to PACKED
+
+
+def bf16_round(t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded to the nearest bfloat16 (round-to-nearest-even), as bfloat16."""
+    return t.detach().cpu().to(torch.float32).to(torch.bfloat16)
+
+
+def base_delta(global_state: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor],
+               items: list[tuple[str, tuple[int, ...]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The aggregator's side: ``global - base`` as packed int8 blocks and their scales."""
+    qs, ss = [], []
+    for name, _ in items:
+        q, s = quantise(global_state[name].detach().cpu().to(torch.float32)
+                        - base[name].to(torch.float32))
+        qs.append(q)
+        ss.append(s)
+    return torch.cat(qs), torch.cat(ss)
+
+
+def advance_base(base: Mapping[str, torch.Tensor], values: torch.Tensor, scales: torch.Tensor,
+                 items: list[tuple[str, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
+    """``bf16(base + dequantised delta)`` per tensor: the next base, identical on both sides.
+
+    One float32 multiply, one float32 add and one rounding per value, each exactly rounded by
+    IEEE 754, so aggregator and site compute the same bits. Raises ``CodecError`` when the
+    payload does not fit ``items``.
+    """
+    missing = [name for name, _ in items if name not in base]
+    if missing:
+        raise CodecError(f"base lacks {len(missing)} tensor(s) of the layout: {missing[0]}")
+    reference = {name: base[name] for name, _ in items}
+    for name, shape in items:
+        if tuple(reference[name].shape) != shape:
+            raise CodecError(f"{name}: base shape {tuple(reference[name].shape)} != layout {shape}")
+    return {name: bf16_round(value)
+            for name, value in unpack_update(values, scales, "q8_delta", reference)}
+
+
+def base_bits(base: Mapping[str, torch.Tensor], items: list[tuple[str, tuple[int, ...]]]
+              ) -> torch.Tensor:
+    """The whole base as one packed bf16 array (lossless: its values are bf16)."""
+    return pack_state(base, items, "bf16")
+
+
+def base_from_bits(flat: torch.Tensor, items: list[tuple[str, tuple[int, ...]]]
+                   ) -> dict[str, torch.Tensor]:
+    """The base from :func:`base_bits`; ``CodecError`` if dtype or length is wrong."""
+    return {name: t.to(torch.bfloat16) for name, t in unpack_state(flat, items, "bf16").items()}
+
+
+def base_digest(base: Mapping[str, torch.Tensor], items: list[tuple[str, tuple[int, ...]]]
+                ) -> str:
+    """BLAKE2b of the base's names, shapes and bf16 bits: what both sides check they hold."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(layout_to_json(items).encode())
+    for name, _ in items:
+        h.update(base[name].to(torch.bfloat16).contiguous().view(torch.int16).numpy())
+    return h.hexdigest()

@@ -14,7 +14,7 @@ from fed_unimiss.exchange import EXCHANGE_DOWN, EXCHANGE_TEACHER, EXCHANGE_UP, T
 __all__ = ["ExchangeConfig", "CodecError", "CONFIG_KEYS", "DOWN_CODECS", "UP_CODECS",
            "TEACHER_MODES", "describe", "sent_keys"]
 
-DOWN_CODECS = ("fp32", "bf16", "fp16")
+DOWN_CODECS = ("fp32", "bf16", "fp16", "q8_delta")
 UP_CODECS = ("fp32", "bf16", "fp16", "q8_delta")
 TEACHER_MODES = ("exchanged", "local")
 
@@ -31,7 +31,7 @@ class CodecError(ValueError):
 class ExchangeConfig:
     """The federation YAML's ``exchange:`` section (docs/federation.md, "Exchange")."""
 
-    # fp32 | bf16 | fp16: the global state sent to the sites each round.
+    # fp32 | bf16 | fp16 (full tensors) | q8_delta (int8 change of a base every site holds).
     down: str = "fp32"
     # fp32 | bf16 | fp16 (full tensors) | q8_delta (int8 update with error feedback).
     up: str = "fp32"

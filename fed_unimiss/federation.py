@@ -39,11 +39,14 @@ class FederationConfig:
     min_sites: int = 1
     # Seconds a round waits for replies. Set it above the slowest site's local training time.
     round_timeout: float = 600.0
-    # Absolute bound on the L2 norm of each part of an update (student, teacher and center, each
-    # reply - global). null (the default): the Adam step bound of the recipe, 3 x peak lr x
-    # local_steps x sqrt(student parameters) + the weight-decay pull: 7.2 for the micro
-    # federation, 8x the largest honest micro update measured (docs/federation.md,
-    # "Robustness"). A number overrides it; raise it only for optimisers that move faster than Adam.
+    # Absolute bound on the L2 norm of each part of an update (reply - global). null (the
+    # default): bounds derived from the recipe. Student: Adam's step bound, 3 x peak lr x
+    # local_steps x sqrt(student parameters) + the weight-decay pull (7.2 for the micro
+    # federation, 8x the largest honest micro update measured, docs/federation.md
+    # "Robustness"). Teacher: its EMA's share of the student-teacher gap plus that bound.
+    # Center: head logits are cosines, so every coordinate must lie in [-1.05, 1.05] and the
+    # update is at most 2.1 sqrt(out_dim). A number replaces all three with one bound for every
+    # part; raise it only for optimisers that move faster than Adam.
     max_update_norm: float | None = None
     # Round-relative check: a reply is rejected when the norm of its student, teacher or center
     # update exceeds norm_factor x that part's median over the round's replies. Honest micro

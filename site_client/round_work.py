@@ -80,6 +80,7 @@ class _SiteMemory:
     run_id: int | None = None
     residual: dict[str, torch.Tensor] = field(default_factory=dict)  # q8 error feedback
     teacher: dict[str, torch.Tensor] = field(default_factory=dict)  # site-local teacher
+    base: tuple[dict[str, torch.Tensor], str] | None = None  # down=q8_delta: (base, digest)
     data: tuple[Any, Any] | None = None  # (key, SiteData)
     engine: tuple[Any, SelfDistillation] | None = None  # (key, plain trainer)
 
@@ -90,7 +91,7 @@ _MEMORY: dict[str, _SiteMemory] = {}  # state dir -> memory: one entry per site
 def _memory(site: SiteState, run_id: int) -> _SiteMemory:
     mem = _MEMORY.setdefault(str(site.state_dir), _SiteMemory())
     if mem.run_id != run_id:  # a new run: nothing of the last one carries over
-        mem.run_id, mem.residual, mem.teacher = run_id, {}, {}
+        mem.run_id, mem.residual, mem.teacher, mem.base = run_id, {}, {}, None
     return mem
 
 
@@ -124,7 +125,9 @@ def _engine(mem: _SiteMemory, job: Instruction, runtime: Runtime,
 def _received_state(req: RoundRequest, job: Instruction, mem: _SiteMemory
                     ) -> dict[str, torch.Tensor]:
     """The global state as this site trains from it: decoded, with its own teacher if local."""
-    if codec.PACKED in req.arrays:  # one flat array in the announced layout
+    if job.exchange.down == "q8_delta":
+        state = _state_from_base(req, mem)
+    elif codec.PACKED in req.arrays:  # one flat array in the announced layout
         items = codec.layout_from_json(str(req.config.get(ex.EXCHANGE_LAYOUT, "[]")))
         flat = torch.from_numpy(np.ascontiguousarray(req.arrays[codec.PACKED]))
         state = codec.unpack_state(flat, items, job.exchange.down)
@@ -141,6 +144,39 @@ def _received_state(req: RoundRequest, job: Instruction, mem: _SiteMemory
             state[teacher] = kept if kept is not None and kept.shape == state[name].shape \
                 else state[name].clone()
     return state
+
+
+def _state_from_base(req: RoundRequest, mem: _SiteMemory) -> dict[str, torch.Tensor]:
+    """down=q8_delta: apply the delta to the base this site holds, or take the base in full.
+
+    Raises ``CodecError`` when the delta is for a base this site does not hold (a restarted
+    worker) or the result is not the base the aggregator announced; the aggregator then sends
+    the full base next round. A train message's base is kept for the next delta; an
+    evaluation's full state is not a base.
+    """
+    items = codec.layout_from_json(str(req.config.get(ex.EXCHANGE_LAYOUT, "[]")))
+    flat = torch.from_numpy(np.ascontiguousarray(req.arrays.get(codec.PACKED, np.zeros(0))))
+    prev = req.config.get(ex.EXCHANGE_BASE_PREV)
+    if prev is None:
+        base = codec.base_from_bits(flat, items)
+    elif mem.base is None or mem.base[1] != prev:
+        raise codec.CodecError("the round's delta applies to a base this site does not hold "
+                               "(restarted since the last round?); the next round sends it in full")
+    else:
+        scales = req.arrays.get(codec.PACKED_SCALES)
+        if scales is None:
+            raise codec.CodecError("q8_delta scales missing from the instruction")
+        base = codec.advance_base(mem.base[0], flat,
+                                  torch.from_numpy(np.ascontiguousarray(scales)), items)
+    announced = req.config.get(ex.EXCHANGE_BASE)
+    if announced is not None:
+        if codec.base_digest(base, items) != announced:
+            mem.base = None
+            raise codec.CodecError("the decoded base differs from the one the aggregator "
+                                   "announced; the next round sends it in full")
+        if req.kind == ex.TRAIN:
+            mem.base = (base, str(announced))
+    return {name: value.to(torch.float32) for name, value in base.items()}
 
 
 def _numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -195,7 +231,14 @@ def _train(req: RoundRequest) -> RoundReply:
     data = _site_data(site, mem, job, req.run_id)
     label = site.site_name or f"node-{req.node_id}"
     seed = ex.site_seed(job.recipe.ssl.seed, job.round, label)
-    received = _received_state(req, job, mem)
+    try:
+        received = _received_state(req, job, mem)
+    except codec.CodecError as e:
+        log.warning("round %d: the global state did not decode (%s): refusing the round",
+                    job.round, e)
+        site.record_event(job.round, "refused", why=f"the global state did not decode: {e}")
+        return RoundReply.failed(ERROR_EXCHANGE, "site could not decode the global state; "
+                                 "see the site log")
     workers = usable_workers(job.recipe, runtime.workers)
     if workers < runtime.workers:
         log.warning("the federation's recipe has batches of %d (2D) and %d (3D) with "

@@ -336,3 +336,106 @@ def test_attacks_are_encoded_as_announced_and_still_rejected(phantom_sites, tmp_
         rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
         assert rows[-1]["sites"] == ["both", "ct", "xr"], rows[-1]["decisions"]["M"]
         assert check in rows[-1]["rejected"]["M"], rows[-1]["rejected"]
+
+
+# ---------------------------------------------------------------- down: int8 deltas of a base
+
+
+def test_base_advances_to_the_same_bits_on_both_sides_and_trails_the_global():
+    g = torch.Generator().manual_seed(7)
+    glob = {"student.a": torch.randn(300, 5, generator=g), "center": torch.rand(1, 70, generator=g)}
+    items = codec.layout(glob, glob)
+    base = {k: codec.bf16_round(v) for k, v in glob.items()}
+    for _ in range(4):
+        glob = {k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in glob.items()}
+        values, scales = codec.base_delta(glob, base, items)
+        wire_v, wire_s = values.numpy().copy(), scales.numpy().copy()  # what a site receives
+        ours = codec.advance_base(base, values, scales, items)
+        theirs = codec.advance_base(base, torch.from_numpy(wire_v), torch.from_numpy(wire_s), items)
+        assert codec.base_digest(ours, items) == codec.base_digest(theirs, items)
+        step = scales.repeat_interleave(codec.BLOCK)
+        for k, (name, shape) in zip(range(len(items)), items):
+            gap = (ours[name].float() - glob[name]).abs()
+            # half an int8 step of the delta plus one bf16 rounding of the result
+            assert (gap <= step.max() / 2 + glob[name].abs() * 2.0 ** -8 + 1e-6).all(), name
+        base = ours
+    assert all(v.dtype == torch.bfloat16 for v in base.values())
+    back = codec.base_from_bits(codec.base_bits(base, items), items)
+    assert codec.base_digest(back, items) == codec.base_digest(base, items)
+    with pytest.raises(codec.CodecError, match="packed q8_delta update"):
+        codec.advance_base(base, values[:-1], scales, items)
+
+
+class BaseTapGrid(InProcessGrid):
+    """Records train instructions and replies; site ct loses its base before round 2."""
+
+    log: list[tuple[Message, Message]] = []
+
+    def deliver(self, msg):
+        from site_client import round_work
+
+        if msg.metadata.message_type == ex.TRAIN and msg.metadata.group_id == "2" \
+                and msg.metadata.dst_node_id == 1:
+            for key, mem in round_work._MEMORY.items():  # a restarted worker remembers nothing
+                if Path(key).name == "ct":
+                    mem.base = None
+        reply = super().deliver(msg)
+        if msg.metadata.message_type == ex.TRAIN:
+            BaseTapGrid.log.append((msg, reply))
+        return reply
+
+
+@pytest.mark.slow
+def test_down_deltas_reach_sites_holding_the_base_and_the_full_base_reaches_the_rest(
+        phantom_sites, tmp_path):
+    exchange = {"down": "q8_delta", "up": "q8_delta", "teacher": "exchanged"}
+    body = {
+        "recipe": str(REPO / "configs" / "pretrain" / "micro.yaml"),
+        "recipe_overrides": {"ssl": {"steps_per_epoch": 1, "batch_size_2d": 2,
+                                     "batch_size_3d": 1, "threads": 1}},
+        "local_steps": 2, "min_sites": 2, "round_timeout": 600, "evaluate": True,
+        "eval_batches": 1, "poll_interval": 0.05, "exchange": exchange,
+    }
+    config = tmp_path / "federation.yaml"
+    config.write_text(json.dumps(body))
+    BaseTapGrid.log = []
+    simulate(config, list(phantom_sites.items()), rounds=3, out=tmp_path / "run",
+             grid_cls=BaseTapGrid)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["sites"] for r in rows] == [["both", "ct", "xr"], ["both", "xr"],
+                                          ["both", "ct", "xr"]]
+    assert f"code {ERROR_EXCHANGE}" in rows[1]["rejected"]["ct"]
+    fp32 = sum(4 * v.numel() for v in load_checkpoint(
+        tmp_path / "run" / "global_round_0001.safetensors")[0].values())
+    kinds = {}
+    base: dict[str, torch.Tensor] = {}
+    for msg, reply in BaseTapGrid.log:
+        rnd, node = int(msg.metadata.group_id), msg.metadata.dst_node_id
+        config = msg.content.config_records[ex.CONFIG]
+        arrays = msg.content.array_records[ex.ARRAYS]
+        items = codec.layout_from_json(config[ex.EXCHANGE_LAYOUT])
+        flat = torch.from_numpy(arrays[codec.PACKED].numpy())
+        if ex.EXCHANGE_BASE_PREV in config:
+            kinds[rnd, node] = "delta"
+            assert config[ex.EXCHANGE_BASE_PREV] == codec.base_digest(base, items)
+            got = codec.advance_base(
+                base, flat, torch.from_numpy(arrays[codec.PACKED_SCALES].numpy()), items)
+        else:
+            kinds[rnd, node] = "full"
+            got = codec.base_from_bits(flat, items)
+        assert codec.base_digest(got, items) == config[ex.EXCHANGE_BASE]
+        if node == 3:  # 'both' holds every base: follow the bases it was sent
+            base = got
+            if rnd > 1:  # the base trails the last global by at most an int8 step + bf16
+                glob, _ = load_checkpoint(tmp_path / "run" / f"global_round_{rnd - 1:04d}.safetensors")
+                for name, _ in items:
+                    assert (got[name].float() - glob[name]).abs().max() <= \
+                        glob[name].abs().max() / 64 + 1e-3, name
+        assert reply.has_error() == (rnd == 2 and node == 1)
+    assert kinds == {(1, 1): "full", (1, 2): "full", (1, 3): "full",
+                     (2, 1): "delta", (2, 2): "delta", (2, 3): "delta",
+                     (3, 1): "full", (3, 2): "delta", (3, 3): "delta"}
+    # int8 down: a quarter of fp32 (+ one scale per 256 values), the full base half of it
+    assert rows[1]["bytes_down"]["xr"] < 0.27 * fp32
+    assert 0.49 * fp32 < rows[2]["bytes_down"]["ct"] < 0.51 * fp32
+    assert rows[2]["bytes_down"]["xr"] < 0.27 * fp32

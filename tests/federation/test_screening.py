@@ -126,6 +126,51 @@ def test_default_norm_bound_sits_between_honest_micro_updates_and_the_probe_atta
     assert (limits.counts.max_2d, limits.counts.max_3d) == (32, 4)
 
 
+def test_derived_bounds_give_teacher_and_center_their_own_geometry():
+    """The micro federation's derived bounds: the student's is Adam's, the teacher's is its EMA
+    share of (gap + that), the center's is the logit box's diameter, 2.1 sqrt(out_dim)."""
+    from aggregator.rounds import initial_state
+
+    repo = Path(__file__).resolve().parents[2]
+    run = FederationRun.from_files(repo / "configs/federation/micro.yaml", "unused", 2)
+    state = initial_state(run.recipe, 8)
+    limits = reply_limits(run.cfg, run.recipe, state)
+    bounds = limits.part_bounds(state)
+    assert limits.derived and bounds["student"] == limits.max_update_norm
+    pull = 1 - run.recipe.ssl.momentum_teacher ** run.cfg.local_steps
+    assert bounds["teacher"] == pytest.approx(pull * limits.max_update_norm)  # teacher == student
+    assert bounds["center"] == pytest.approx(2.1 * math.sqrt(state["center"].numel()))
+    moved = dict(state)
+    moved["teacher.head.last_layer.weight_v"] = state["teacher.head.last_layer.weight_v"] + 0.01
+    gap = 0.01 * math.sqrt(state["teacher.head.last_layer.weight_v"].numel())
+    assert limits.part_bounds(moved)["teacher"] == pytest.approx(
+        pull * (gap + limits.max_update_norm), rel=1e-6)
+
+
+def test_any_center_our_head_produces_stays_inside_the_checked_box():
+    """Real DINOHead logits (wildly scaled features) through real DINOLoss center updates: every
+    coordinate stays in [-1, 1], so check_center accepts it and the center bound covers the
+    move, however small the student's bound (tiny: center 13.1 against a student bound of 4.9)."""
+    from aggregator.validation import CENTER_LIMIT, check_center, part_bounds
+    from fed_unimiss.models.head import DINOHead
+    from fed_unimiss.ssl.dino_loss import DINOLoss
+
+    torch.manual_seed(0)
+    head, loss = DINOHead(32, 512, hidden_dim=64, bottleneck_dim=16), DINOLoss(512)
+    start = loss.center.clone()
+    with torch.no_grad():
+        for step in range(50):
+            logits = head(torch.randn(6, 32) * 10 ** (step % 4))
+            loss.update_center([logits])
+    assert float(loss.center.abs().max()) <= 1.0
+    check_center(loss.center)
+    moved = float((loss.center - start).norm())
+    bound = part_bounds({"center": start}, student_bound=0.1, teacher_pull=0.1)["center"]
+    assert 1.0 < moved <= bound == pytest.approx(2 * CENTER_LIMIT * math.sqrt(512))
+    with pytest.raises(ReplyRejected, match=r"center coordinate 1.5 outside \[-1.05, 1.05\]"):
+        check_center(torch.full((1, 512), 0.1).index_fill_(1, torch.tensor([7]), -1.5))
+
+
 # ---------------------------------------------------------------- per-part bounds, screening
 def test_teacher_and_center_are_bounded_like_the_student():
     g = _initial()
