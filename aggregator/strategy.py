@@ -243,7 +243,7 @@ class DimensionAwareStrategy:
         self._round: _RoundState | None = None
         self._replays = ReplayGuard()
         self._names: dict[int, str] = {}  # node id -> the label its replies declared
-        # down=q8_delta: (base, its digest, its layout JSON), and the digest each node holds.
+        # down=q8_delta: (base fp32, its digest, its layout JSON), and the digest each node holds.
         self._base: tuple[dict[str, torch.Tensor], str, str] | None = None
         self._holds: dict[int, str] = {}
 
@@ -304,20 +304,23 @@ class DimensionAwareStrategy:
 
         A node holds the base of the last round when it answered that round's instruction
         without an error (a site checks the digest before it trains). Everyone else, and
-        everyone after an aggregator restart, gets the new base in full.
+        everyone after an aggregator restart, gets the new base in full: bf16 in the first
+        round (the base is the bf16-rounded global state), fp32 after (the base has left bf16).
         """
         rnd = self._require_round()
         items = codec.layout(global_state, keys)
         layout = codec.layout_to_json(items)
         old = self._base if self._base is not None and self._base[2] == layout else None
         delta_record = None
-        if old is None:
+        if old is None:  # the first base: the global state rounded to bf16, sent as bf16
             base = {name: codec.bf16_round(global_state[name]) for name, _ in items}
+            full_codec = "bf16"
         else:
             values, scales = codec.base_delta(global_state, old[0], items)
             base = codec.advance_base(old[0], values, scales, items)
             delta_record = ArrayRecord({codec.PACKED: Array(values.numpy()),
                                         codec.PACKED_SCALES: Array(scales.numpy())})
+            full_codec = "fp32"
         digest = codec.base_digest(base, items)
         self._base = (base, digest, layout)
         full_record = None
@@ -331,8 +334,9 @@ class DimensionAwareStrategy:
             else:
                 if full_record is None:
                     full_record = ArrayRecord(
-                        {codec.PACKED: Array(codec.base_bits(base, items).numpy())})
+                        {codec.PACKED: Array(codec.base_bits(base, items, full_codec).numpy())})
                 record = full_record
+                config[ex.EXCHANGE_BASE_CODEC] = full_codec
             rnd.bytes_down_node[node_id] = record.count_bytes() + config.count_bytes()
             rnd.sent_base[node_id] = digest
             messages.append(Message(RecordDict({ex.ARRAYS: record, ex.CONFIG: config}), node_id,
@@ -593,6 +597,8 @@ class DimensionAwareStrategy:
         down = "bf16" if self.exchange.down == "q8_delta" else self.exchange.down
         arrays, layout = encode_record(state, keys, down)
         config = self._instruction(round_num, ex.EVALUATE, layout)
+        if self.exchange.down == "q8_delta":
+            config[ex.EXCHANGE_BASE_CODEC] = down
         return [
             Message(RecordDict({ex.ARRAYS: arrays, ex.CONFIG: config}), node_id, ex.EVALUATE,
                     group_id=f"{round_num}-eval")

@@ -7,7 +7,7 @@ of the real ServerApp/ClientApp per model preset and *arm*:
 - ``cold-fp32``: no warm worker (``site start --no-worker``: every message imports torch and
   builds the model in Flower's fresh ``flwr-clientapp`` process), fp32 exchange (issue 6's setup);
 - ``warm-fp32``: the site's warm worker, fp32 exchange;
-- ``warm-compressed``: the warm worker and the shipped exchange (bf16 down, int8 deltas up).
+- ``warm-compressed``: the warm worker and the shipped exchange (int8 deltas both ways).
 
 From RUN/rounds.jsonl (``seconds``, ``site_seconds``, ``bytes_down``/``bytes_up``, ``phases``),
 the sites' ``logs/shim-timing.jsonl`` and the checkpoints, per round:

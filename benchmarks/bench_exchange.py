@@ -39,6 +39,9 @@ VARIANTS = {  # name -> exchange section
     "bf16 down + q8 up": {"down": "bf16", "up": "q8_delta", "teacher": "exchanged"},
     "fp16 down + q8 up": {"down": "fp16", "up": "q8_delta", "teacher": "exchanged"},
     "bf16 down + q8 up + local teacher": {"down": "bf16", "up": "q8_delta", "teacher": "local"},
+    "q8 down": {"down": "q8_delta", "up": "fp32", "teacher": "exchanged"},
+    "q8 down + q8 up": {"down": "q8_delta", "up": "q8_delta", "teacher": "exchanged"},
+    "q8 down + q8 up + local teacher": {"down": "q8_delta", "up": "q8_delta", "teacher": "local"},
 }
 
 

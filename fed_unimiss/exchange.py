@@ -62,6 +62,7 @@ EXCHANGE_LAYOUT = "exchange_layout_json"
 # only) the digest of the base the delta applies to (fed_unimiss/exchange_codec.py).
 EXCHANGE_BASE = "exchange_base"
 EXCHANGE_BASE_PREV = "exchange_base_prev"
+EXCHANGE_BASE_CODEC = "exchange_base_codec"  # a full base: bf16 (the first) or fp32
 
 # ---------------------------------------------------------------- reply metric keys
 NUM_EXAMPLES = "num-examples"  # Flower's conventional name: samples_2d + samples_3d

@@ -55,7 +55,7 @@ __all__ = ["ExchangeConfig", "CodecError", "CONFIG_KEYS", "DOWN_CODECS", "UP_COD
            "encode_state", "decode_state", "quantise", "dequantise", "encode_update",
            "decode_update_tensor", "wire_names", "describe", "SCALES", "PACKED", "layout", "layout_to_json",
            "layout_from_json", "pack_state", "unpack_state", "pack_update", "unpack_update",
-           "PACKED_SCALES", "bf16_round", "base_delta", "advance_base", "base_bits", "base_from_bits",
+           "PACKED_SCALES", "BASE_CODECS", "bf16_round", "base_delta", "advance_base", "base_bits", "base_from_bits",
            "base_digest"]
 
 BLOCK = 256  # values per int8 block, one float32 scale each: 1.6 % overhead
@@ -286,14 +286,14 @@ def unpack_update(values: torch.Tensor, scales: torch.Tensor | None, codec: str,
 
 
 # ---------------------------------------------------------------- down: int8 deltas of a base
-# The base is stored as bfloat16 (its values are bf16 by construction), half the memory of fp32.
 
 PACKED_SCALES = "packed_scales"  # the down delta's per-block scales, next to PACKED
+BASE_CODECS = ("bf16", "fp32")  # how a full base travels
 
 
 def bf16_round(t: torch.Tensor) -> torch.Tensor:
-    """``t`` rounded to the nearest bfloat16 (round-to-nearest-even), as bfloat16."""
-    return t.detach().cpu().to(torch.float32).to(torch.bfloat16)
+    """``t`` rounded to the nearest bfloat16, as float32: the first base, exact in bf16."""
+    return t.detach().cpu().to(torch.float32).to(torch.bfloat16).to(torch.float32)
 
 
 def base_delta(global_state: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor],
@@ -301,8 +301,7 @@ def base_delta(global_state: Mapping[str, torch.Tensor], base: Mapping[str, torc
     """The aggregator's side: ``global - base`` as packed int8 blocks and their scales."""
     qs, ss = [], []
     for name, _ in items:
-        q, s = quantise(global_state[name].detach().cpu().to(torch.float32)
-                        - base[name].to(torch.float32))
+        q, s = quantise(global_state[name].detach().cpu().to(torch.float32) - base[name])
         qs.append(q)
         ss.append(s)
     return torch.cat(qs), torch.cat(ss)
@@ -310,42 +309,43 @@ def base_delta(global_state: Mapping[str, torch.Tensor], base: Mapping[str, torc
 
 def advance_base(base: Mapping[str, torch.Tensor], values: torch.Tensor, scales: torch.Tensor,
                  items: list[tuple[str, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
-    """``bf16(base + dequantised delta)`` per tensor: the next base, identical on both sides.
+    """``base + dequantised delta`` per tensor (float32): the next base, identical on both sides.
 
-    One float32 multiply, one float32 add and one rounding per value, each exactly rounded by
-    IEEE 754, so aggregator and site compute the same bits. Raises ``CodecError`` when the
-    payload does not fit ``items``.
+    One float32 multiply and one float32 add per value, each exactly rounded by IEEE 754, so
+    aggregator and site compute the same bits. Raises ``CodecError`` when the payload does not
+    fit ``items``.
     """
     missing = [name for name, _ in items if name not in base]
     if missing:
         raise CodecError(f"base lacks {len(missing)} tensor(s) of the layout: {missing[0]}")
-    reference = {name: base[name] for name, _ in items}
     for name, shape in items:
-        if tuple(reference[name].shape) != shape:
-            raise CodecError(f"{name}: base shape {tuple(reference[name].shape)} != layout {shape}")
-    return {name: bf16_round(value)
-            for name, value in unpack_update(values, scales, "q8_delta", reference)}
+        if tuple(base[name].shape) != shape:
+            raise CodecError(f"{name}: base shape {tuple(base[name].shape)} != layout {shape}")
+    return dict(unpack_update(values, scales, "q8_delta", {name: base[name] for name, _ in items}))
 
 
-def base_bits(base: Mapping[str, torch.Tensor], items: list[tuple[str, tuple[int, ...]]]
-              ) -> torch.Tensor:
-    """The whole base as one packed bf16 array (lossless: its values are bf16)."""
-    return pack_state(base, items, "bf16")
+def base_bits(base: Mapping[str, torch.Tensor], items: list[tuple[str, tuple[int, ...]]],
+              codec: str) -> torch.Tensor:
+    """The whole base as one packed array: ``bf16`` (only while its values are bf16) or fp32."""
+    if codec not in BASE_CODECS:
+        raise CodecError(f"a base travels as {' or '.join(BASE_CODECS)}, not {codec!r}")
+    return pack_state(base, items, codec)
 
 
-def base_from_bits(flat: torch.Tensor, items: list[tuple[str, tuple[int, ...]]]
+def base_from_bits(flat: torch.Tensor, items: list[tuple[str, tuple[int, ...]]], codec: str
                    ) -> dict[str, torch.Tensor]:
-    """The base from :func:`base_bits`; ``CodecError`` if dtype or length is wrong."""
-    return {name: t.to(torch.bfloat16) for name, t in unpack_state(flat, items, "bf16").items()}
+    """The base from :func:`base_bits`; ``CodecError`` if codec, dtype or length is wrong."""
+    if codec not in BASE_CODECS:
+        raise CodecError(f"a base travels as {' or '.join(BASE_CODECS)}, not {codec!r}")
+    return unpack_state(flat, items, codec)
 
 
 def base_digest(base: Mapping[str, torch.Tensor], items: list[tuple[str, tuple[int, ...]]]
                 ) -> str:
-    """BLAKE2b of the base's names, shapes and bf16 bits: what both sides check they hold."""
+    """SHA-256 of the base's layout and float32 bits: what both sides check they hold."""
     import hashlib
 
-    h = hashlib.blake2b(digest_size=16)
-    h.update(layout_to_json(items).encode())
+    h = hashlib.sha256(layout_to_json(items).encode())
     for name, _ in items:
-        h.update(base[name].to(torch.bfloat16).contiguous().view(torch.int16).numpy())
+        h.update(base[name].detach().cpu().to(torch.float32).contiguous().numpy())
     return h.hexdigest()

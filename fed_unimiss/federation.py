@@ -82,8 +82,9 @@ class FederationConfig:
     # verify DP: it trusts each site's report (docs/privacy.md, "Required DP").
     require_dp: bool = False
     # Issue 15: how the state travels (fed_unimiss/exchange_codec.py; docs/federation.md,
-    # "Exchange"). down: fp32 | bf16 | fp16; up: fp32 | bf16 | fp16 | q8_delta (int8 update,
-    # error feedback at the site); teacher: exchanged | local (a method change). Announced in
+    # "Exchange"). down: fp32 | bf16 | fp16 | q8_delta (int8 change of a base the sites hold,
+    # error feedback at the aggregator); up: fp32 | bf16 | fp16 | q8_delta (int8 update, error
+    # feedback at the site); teacher: exchanged | local (a method change). Announced in
     # every instruction; a site that cannot honour it refuses the round. Checkpoints stay fp32.
     exchange: ExchangeConfig = field(default_factory=ExchangeConfig)
 

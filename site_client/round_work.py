@@ -158,7 +158,7 @@ def _state_from_base(req: RoundRequest, mem: _SiteMemory) -> dict[str, torch.Ten
     flat = torch.from_numpy(np.ascontiguousarray(req.arrays.get(codec.PACKED, np.zeros(0))))
     prev = req.config.get(ex.EXCHANGE_BASE_PREV)
     if prev is None:
-        base = codec.base_from_bits(flat, items)
+        base = codec.base_from_bits(flat, items, str(req.config.get(ex.EXCHANGE_BASE_CODEC, "")))
     elif mem.base is None or mem.base[1] != prev:
         raise codec.CodecError("the round's delta applies to a base this site does not hold "
                                "(restarted since the last round?); the next round sends it in full")
@@ -176,7 +176,7 @@ def _state_from_base(req: RoundRequest, mem: _SiteMemory) -> dict[str, torch.Ten
                                    "announced; the next round sends it in full")
         if req.kind == ex.TRAIN:
             mem.base = (base, str(announced))
-    return {name: value.to(torch.float32) for name, value in base.items()}
+    return {name: value.clone() for name, value in base.items()}
 
 
 def _numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

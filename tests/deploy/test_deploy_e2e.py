@@ -342,7 +342,7 @@ def test_worker_killed_mid_round_fails_that_round_for_its_site_then_serves_the_n
     assert rows[1]["sites"] == ["A", "B"] and rows[1]["rejected"] == {}
     assert elapsed < ROUND_TIMEOUT  # round 1 never waited for its deadline
     for row in rows:
-        assert row["exchange"].startswith("down=bf16 up=q8_delta")
+        assert row["exchange"].startswith("down=q8_delta up=q8_delta")
         assert row["bytes_up"]["B"] < 0.3 * row["bytes_out_per_site"] * 2
     worker_log = (states["A"] / "logs" / "worker.log").read_text()
     assert worker_log.count("ready on") == 2  # started once, restarted once
