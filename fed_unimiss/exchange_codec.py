@@ -115,22 +115,28 @@ def _blocks(numel: int) -> int:
     return max(1, math.ceil(numel / BLOCK))
 
 
-def quantise(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 values of length blocks x BLOCK, float32 scale per block) of a float tensor."""
-    flat = delta.detach().reshape(-1).to(torch.float32)
+def _as_blocks(flat: torch.Tensor) -> torch.Tensor:
+    """``flat`` as (blocks, BLOCK): a view when it fills whole blocks, else a zero-padded copy."""
     n = flat.numel()
+    if n and n % BLOCK == 0:
+        return flat.view(-1, BLOCK)
     padded = torch.zeros(_blocks(n) * BLOCK, dtype=torch.float32)
     padded[:n] = flat
-    blocks = padded.view(-1, BLOCK)
-    scales = blocks.abs().amax(dim=1) / 127.0
+    return padded.view(-1, BLOCK)
+
+
+def quantise(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values of length blocks x BLOCK, float32 scale per block) of a float tensor."""
+    blocks = _as_blocks(delta.detach().reshape(-1).to(torch.float32))
+    scales = torch.maximum(blocks.amax(dim=1), blocks.amin(dim=1).neg_()).div_(127.0)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    q = torch.round(blocks / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+    q = torch.div(blocks, safe[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     return q.view(-1), scales
 
 
 def dequantise(q: torch.Tensor, scales: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     n = math.prod(shape)
-    values = q.view(-1, BLOCK).to(torch.float32) * scales[:, None]
+    values = q.to(torch.float32).view(-1, BLOCK).mul_(scales[:, None])
     return values.view(-1)[:n].view(shape)
 
 
@@ -148,13 +154,13 @@ def encode_update(new: Mapping[str, torch.Tensor], received: Mapping[str, torch.
         return {k: encode_tensor(new[k], codec) for k in keys}, {}
     wire, scales = {}, {}
     for k in keys:
-        delta = new[k].detach().cpu().to(torch.float32) - received[k].to(torch.float32)
+        delta = torch.sub(new[k].detach().cpu().to(torch.float32), received[k].to(torch.float32))
         if residual is not None and k in residual and residual[k].shape == delta.shape:
-            delta = delta + residual[k]
+            delta.add_(residual[k])
         q, s = quantise(delta)
         wire[k], scales[k] = q, s
-        if residual is not None:
-            residual[k] = delta - dequantise(q, s, tuple(delta.shape))
+        if residual is not None:  # what the rounding lost, in the delta's own buffer
+            residual[k] = delta.sub_(dequantise(q, s, tuple(delta.shape)))
     return wire, scales
 
 
@@ -178,7 +184,7 @@ def decode_update_tensor(name: str, wire: torch.Tensor, scale: torch.Tensor | No
                          f"{scale.dtype} {tuple(scale.shape)}")
     if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
         raise CodecError(f"{name}: scales not finite and non-negative")
-    return reference.to(torch.float32) + dequantise(wire, scale, shape)
+    return dequantise(wire, scale, shape).add_(reference.to(torch.float32))
 
 
 def wire_names(names: Iterable[str], cfg: ExchangeConfig) -> set[str]:

@@ -176,7 +176,7 @@ def _state_from_base(req: RoundRequest, mem: _SiteMemory) -> dict[str, torch.Ten
                                    "announced; the next round sends it in full")
         if req.kind == ex.TRAIN:
             mem.base = (base, str(announced))
-    return {name: value.clone() for name, value in base.items()}
+    return dict(base)  # shared with mem.base: training loads copies and never writes these
 
 
 def _numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
