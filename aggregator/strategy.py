@@ -317,7 +317,7 @@ class DimensionAwareStrategy:
             full_codec = "bf16"
         else:
             values, scales = codec.base_delta(global_state, old[0], items)
-            base = codec.advance_base(old[0], values, scales, items)
+            base = codec.advance_base(old[0], values, scales, items, in_place=True)
             delta_record = ArrayRecord({codec.PACKED: Array(values.numpy()),
                                         codec.PACKED_SCALES: Array(scales.numpy())})
             full_codec = "fp32"

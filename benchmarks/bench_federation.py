@@ -4,8 +4,8 @@
    instruction and reply records (ArrayRecord of student + teacher + center, config/metric
    records) built by the aggregator's and the site's own code, measured with Flower's
    ``count_bytes`` (serialized array payload + keys; gRPC framing adds well under 1%).
-2. Aggregation time and peak memory of the aggregator for 2, 8 and 32 sites: one real round
-   through the in-process grid, the real strategy (validation + dimension-aware running mean) and
+2. Aggregation time and peak memory of the aggregator for 2, 8 and 32 sites: the second of two
+   real rounds through the in-process grid, the real strategy (validation + dimension-aware running mean) and
    a ClientApp that answers instantly with the global state plus noise, so the time measured is
    the aggregator's (deserialise, validate, fold, finalise). Each site count runs in a fresh
    subprocess; peak memory is that process's max RSS above its RSS just before the round.
@@ -101,11 +101,13 @@ def bytes_one(preset: str) -> dict:
 
 def aggregate_one(sites: int, preset: str, exchange: str = "fp32,fp32",
                   min_cosine: float | None = -0.1) -> dict:
-    """One real round with ``sites`` instant sites; aggregator time and peak memory.
+    """The second of two real rounds with ``sites`` instant sites; aggregator time and peak memory.
 
-    ``exchange`` is ``DOWN,UP`` (e.g. ``bf16,q8_delta``). The instant site builds its reply one
-    tensor at a time (decode, add noise, encode), so the process's peak is the aggregator's:
-    the instruction and the replies as received, plus what the aggregator itself holds.
+    ``exchange`` is ``DOWN,UP`` (e.g. ``q8_delta,q8_delta``). Round 2 is the one measured: with
+    ``down: q8_delta`` round 1 sends the bf16 base and round 2 the int8 delta, the steady
+    state. The instant site builds its reply one tensor at a time (decode, add noise, encode),
+    so the process's peak is the aggregator's: the instruction and the replies as received,
+    plus what the aggregator itself holds (with ``down: q8_delta`` that includes the base).
     """
     import tempfile
 
@@ -123,24 +125,37 @@ def aggregate_one(sites: int, preset: str, exchange: str = "fp32,fp32",
     state = {k: v.clone() for k, v in _exchange_state(preset).items()}
     app = ClientApp()
     client_seconds, client_cpu = [0.0], [0.0]
+    bases: dict[int, dict[str, torch.Tensor]] = {}  # down=q8_delta: each instant site's base
+
+    def received(msg: Message, node_id: int) -> list[tuple[str, object]]:
+        """(name, thunk -> fp32 tensor) of the state as sent, one tensor at a time."""
+        got = msg.content.array_records[ex.ARRAYS]
+        config = msg.content.config_records[ex.CONFIG]
+        if codec.PACKED not in got:  # fp32: one array per tensor
+            return [(k, lambda k=k: torch.from_numpy(got[k].numpy())) for k in list(got.keys())]
+        items = codec.layout_from_json(config[ex.EXCHANGE_LAYOUT])
+        flat = torch.from_numpy(got[codec.PACKED].numpy())
+        if down == "q8_delta":  # the site's base, as a real site rebuilds it
+            if ex.EXCHANGE_BASE_PREV in config:
+                scales = torch.from_numpy(got[codec.PACKED_SCALES].numpy())
+                bases[node_id] = codec.advance_base(bases[node_id], flat, scales, items)
+            else:
+                bases[node_id] = codec.base_from_bits(flat, items,
+                                                      config[ex.EXCHANGE_BASE_CODEC])
+            return [(k, lambda k=k: bases[node_id][k]) for k, _ in items]
+        tensors, start = [], 0
+        for name, shape in items:  # one tensor at a time, like the aggregator
+            n = math.prod(shape)
+            tensors.append((name, lambda s=start, n=n, shape=shape, name=name: codec.decode_tensor(
+                name, flat[s:s + n].view(shape), down, shape)))
+            start += n
+        return tensors
 
     @app.train()
     def train(msg: Message, context) -> Message:
         t, c = time.perf_counter(), time.process_time()
-        got = msg.content.array_records[ex.ARRAYS]
+        tensors = received(msg, context.node_id)
         arrays, scales = {}, {}
-        if codec.PACKED in got:  # bf16/fp16 down: one packed array and its layout
-            items = codec.layout_from_json(msg.content.config_records[ex.CONFIG][ex.EXCHANGE_LAYOUT])
-            flat = torch.from_numpy(got[codec.PACKED].numpy())
-            tensors = []
-            start = 0
-            for name, shape in items:  # one tensor at a time, like the aggregator
-                n = math.prod(shape)
-                tensors.append((name, lambda s=start, n=n, shape=shape, name=name: codec.decode_tensor(
-                    name, flat[s:s + n].view(shape), down, shape)))
-                start += n
-        else:
-            tensors = [(k, lambda k=k: torch.from_numpy(got[k].numpy())) for k in list(got.keys())]
         if up == "fp32":
             for name, value in tensors:
                 v = value()
@@ -172,22 +187,35 @@ def aggregate_one(sites: int, preset: str, exchange: str = "fp32,fp32",
         client_cpu[0] += time.process_time() - c
         return reply
 
+    marks: list[tuple[float, float, float, float, float]] = []
+
+    class MarkingGrid(InProcessGrid):
+        """Marks the start of every round (the strategy asks for the nodes first)."""
+
+        def get_node_ids(self):
+            base = _reset_peak_rss_mb()
+            marks.append((time.perf_counter(), time.process_time(), client_seconds[0],
+                          client_cpu[0], base))
+            return super().get_node_ids()
+
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "fed.yaml"
         cfg.write_text(json.dumps({"recipe": {"ssl": {"steps_per_epoch": 1}}, "local_steps": 1,
                                    "min_sites": 1, "evaluate": False, "poll_interval": 0.001,
                                    "max_update_norm": 1e9, "min_cosine": min_cosine,
                                    "exchange": {"down": down, "up": up}}))
-        grid = InProcessGrid(app, [SiteSpec(f"s{i}", Path(tmp)) for i in range(sites)],
-                             Path(tmp) / "sites")
-        run = FederationRun.from_files(cfg, Path(tmp) / "run", 1)
-        base = _reset_peak_rss_mb()
-        t, c = time.perf_counter(), time.process_time()
+        grid = MarkingGrid(app, [SiteSpec(f"s{i}", Path(tmp)) for i in range(sites)],
+                           Path(tmp) / "sites")
+        run = FederationRun.from_files(cfg, Path(tmp) / "run", 2)
         run_federation(grid, run, initial=state)
-        total, cpu = time.perf_counter() - t, time.process_time() - c
+        end = (time.perf_counter(), time.process_time(), client_seconds[0], client_cpu[0])
+    if len(marks) != 2:
+        raise RuntimeError(f"expected one node query per round, saw {len(marks)}")
+    t0, c0, cs0, cc0, base = marks[-1]
     state_mb = sum(v.numel() * v.element_size() for v in state.values()) / 2**20
     return {"sites": sites, "preset": preset, "state_mb": state_mb, "exchange": exchange,
-            "aggregator_s": total - client_seconds[0], "aggregator_cpu_s": cpu - client_cpu[0],
+            "aggregator_s": (end[0] - t0) - (end[2] - cs0),
+            "aggregator_cpu_s": (end[1] - c0) - (end[3] - cc0),
             "peak_mb": _peak_rss_mb() - base}
 
 
@@ -239,10 +267,11 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {preset} | {r['tensors']} | {r['params'] / 1e6:.2f} M | "
                      f"{r['down'] / 1e6:.1f} | {r['up'] / 1e6:.1f} |")
         print(lines[-1], flush=True)
-    lines += ["", f"Aggregation of one round, `{args.aggregate_preset}` state, mean mode "
-              "(time = deserialise + decode + validate + park + screen + fold + finalise + "
-              "checkpoint, client time excluded; peak = max RSS above the RSS before the round, "
-              "x = peak / state):", "",
+    lines += ["", f"Aggregation of one round (the second of two), `{args.aggregate_preset}` "
+              "state, mean mode (time = encode + deserialise + decode + validate + park + screen "
+              "+ fold + finalise + checkpoint, client time excluded; peak = max RSS above the "
+              "RSS at the round's start, which holds the global state and, with `down: "
+              "q8_delta`, the base; x = peak / state):", "",
               "| exchange (down,up) | direction check | sites | state (MB) | wall (s) | CPU (s) "
               "| CPU s per site | peak memory (MB) | peak / state |",
               "|---|---|---|---|---|---|---|---|---|"]

@@ -314,12 +314,14 @@ def base_delta(global_state: Mapping[str, torch.Tensor], base: Mapping[str, torc
 
 
 def advance_base(base: Mapping[str, torch.Tensor], values: torch.Tensor, scales: torch.Tensor,
-                 items: list[tuple[str, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
+                 items: list[tuple[str, tuple[int, ...]]], *, in_place: bool = False
+                 ) -> dict[str, torch.Tensor]:
     """``base + dequantised delta`` per tensor (float32): the next base, identical on both sides.
 
     One float32 multiply and one float32 add per value, each exactly rounded by IEEE 754, so
-    aggregator and site compute the same bits. Raises ``CodecError`` when the payload does not
-    fit ``items``.
+    aggregator and site compute the same bits. ``in_place`` overwrites ``base``'s tensors one
+    at a time (the aggregator's way: no second copy of the state). Raises ``CodecError`` when
+    the payload does not fit ``items``, before anything is written.
     """
     missing = [name for name, _ in items if name not in base]
     if missing:
@@ -327,7 +329,13 @@ def advance_base(base: Mapping[str, torch.Tensor], values: torch.Tensor, scales:
     for name, shape in items:
         if tuple(base[name].shape) != shape:
             raise CodecError(f"{name}: base shape {tuple(base[name].shape)} != layout {shape}")
-    return dict(unpack_update(values, scales, "q8_delta", {name: base[name] for name, _ in items}))
+    decoded = unpack_update(values, scales, "q8_delta", {name: base[name] for name, _ in items})
+    if not in_place:
+        return dict(decoded)
+    out = dict(base)
+    for name, value in decoded:  # unpack_update checks every length before the first yield
+        out[name].copy_(value)
+    return out
 
 
 def base_bits(base: Mapping[str, torch.Tensor], items: list[tuple[str, tuple[int, ...]]],
