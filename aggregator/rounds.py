@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,14 +246,29 @@ def run_federation(
     row: dict[str, Any] = {}
     if done >= run.rounds:
         log.info("%s already holds all %d round(s); nothing to do", run.out, run.rounds)
+    # A round's checkpoint is written while the next round trains: the sites never wait for
+    # the disk. One write at a time, each finished (checkpoint, then its rounds.jsonl row)
+    # before the next starts, so a crash still leaves the last complete round to resume from.
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+    pending: Future | None = None
     try:
         for round_num in range(done + 1, run.rounds + 1):
             state, row = _run_round(grid, run, strategy, round_num, state)
-            t = time.monotonic()
-            store.save_round(round_num, state, row, identity)
-            log.info("round %d: checkpoint written in %.2f s", round_num, time.monotonic() - t)
+            if pending is not None:
+                pending.result()  # the previous round's write, and any error it raised
+            pending = writer.submit(_save_round, store, round_num, state, row, identity)
             log.info("round %d/%d done: sites=%s loss=%s rejected=%d", round_num, run.rounds,
                      row["sites"], row["loss"], len(row["rejected"]))
+        if pending is not None:
+            pending.result()
     finally:
+        writer.shutdown(wait=True)
         strategy.close()
     return row
+
+
+def _save_round(store: RunStore, round_num: int, state: dict[str, torch.Tensor],
+                row: dict[str, Any], identity: dict[str, Any]) -> None:
+    t = time.monotonic()
+    store.save_round(round_num, state, row, identity)
+    log.info("round %d: checkpoint written in %.2f s", round_num, time.monotonic() - t)

@@ -47,10 +47,10 @@ from aggregator.validation import (
     CountBound,
     ReplyRejected,
     SiteReport,
-    check_counts,
     check_center,
-    part_bounds,
+    check_counts,
     parse_report,
+    part_bounds,
     part_of,
     site_label,
 )
