@@ -69,7 +69,7 @@ class WeightedMean:
             w = self._weights[name]
             if w > 0:
                 total = self._sums.pop(name)  # freed as the result is built
-                out[name] = (ref.to(torch.float32) + total.div_(w)).to(ref.dtype)
+                out[name] = total.div_(w).add_(ref.to(torch.float32)).to(ref.dtype)  # in place
             else:
                 out[name] = ref.clone()
         return out

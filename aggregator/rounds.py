@@ -61,7 +61,8 @@ def collect_replies(
 ) -> list[int]:
     """Push ``messages``, feed each reply to ``on_reply`` as it arrives, stop at ``deadline``.
 
-    Returns the destination node ids that did not reply in time.
+    Returns the destination node ids that did not reply in time. Empties ``messages`` once
+    they are pushed: Flower has the payloads then, and the round need not hold them.
     """
     targets: dict[str, int] = {}
     # push_messages keeps the order and gives None for a message it could not push.
@@ -70,6 +71,7 @@ def collect_replies(
             log.warning("could not push a message to node %d", msg.metadata.dst_node_id)
             continue
         targets[msg_id] = msg.metadata.dst_node_id
+    messages.clear()
     pending = set(targets)
     while pending:
         for reply in grid.pull_messages(list(pending)):

@@ -4,8 +4,8 @@
    instruction and reply records (ArrayRecord of student + teacher + center, config/metric
    records) built by the aggregator's and the site's own code, measured with Flower's
    ``count_bytes`` (serialized array payload + keys; gRPC framing adds well under 1%).
-2. Aggregation time and peak memory of the aggregator for 2, 8 and 32 sites: the second of two
-   real rounds through the in-process grid, the real strategy (validation + dimension-aware running mean) and
+2. Aggregation time and peak memory of the aggregator for 2, 8 and 32 sites: two real rounds
+   through the in-process grid, the real strategy (validation + dimension-aware running mean) and
    a ClientApp that answers instantly with the global state plus noise, so the time measured is
    the aggregator's (deserialise, validate, fold, finalise). Each site count runs in a fresh
    subprocess; peak memory is that process's max RSS above its RSS just before the round.
@@ -101,9 +101,9 @@ def bytes_one(preset: str) -> dict:
 
 def aggregate_one(sites: int, preset: str, exchange: str = "fp32,fp32",
                   min_cosine: float | None = -0.1) -> dict:
-    """The second of two real rounds with ``sites`` instant sites; aggregator time and peak memory.
+    """Two real rounds with ``sites`` instant sites; aggregator time and peak memory per round.
 
-    ``exchange`` is ``DOWN,UP`` (e.g. ``q8_delta,q8_delta``). Round 2 is the one measured: with
+    ``exchange`` is ``DOWN,UP`` (e.g. ``q8_delta,q8_delta``). Two rounds, because with
     ``down: q8_delta`` round 1 sends the bf16 base and round 2 the int8 delta, the steady
     state. The instant site builds its reply one tensor at a time (decode, add noise, encode),
     so the process's peak is the aggregator's: the instruction and the replies as received,
@@ -125,9 +125,8 @@ def aggregate_one(sites: int, preset: str, exchange: str = "fp32,fp32",
     state = {k: v.clone() for k, v in _exchange_state(preset).items()}
     app = ClientApp()
     client_seconds, client_cpu = [0.0], [0.0]
-    bases: dict[int, dict[str, torch.Tensor]] = {}  # down=q8_delta: each instant site's base
 
-    def received(msg: Message, node_id: int) -> list[tuple[str, object]]:
+    def received(msg: Message) -> list[tuple[str, object]]:
         """(name, thunk -> fp32 tensor) of the state as sent, one tensor at a time."""
         got = msg.content.array_records[ex.ARRAYS]
         config = msg.content.config_records[ex.CONFIG]
@@ -135,14 +134,9 @@ def aggregate_one(sites: int, preset: str, exchange: str = "fp32,fp32",
             return [(k, lambda k=k: torch.from_numpy(got[k].numpy())) for k in list(got.keys())]
         items = codec.layout_from_json(config[ex.EXCHANGE_LAYOUT])
         flat = torch.from_numpy(got[codec.PACKED].numpy())
-        if down == "q8_delta":  # the site's base, as a real site rebuilds it
-            if ex.EXCHANGE_BASE_PREV in config:
-                scales = torch.from_numpy(got[codec.PACKED_SCALES].numpy())
-                bases[node_id] = codec.advance_base(bases[node_id], flat, scales, items)
-            else:
-                bases[node_id] = codec.base_from_bits(flat, items,
-                                                      config[ex.EXCHANGE_BASE_CODEC])
-            return [(k, lambda k=k: bases[node_id][k]) for k, _ in items]
+        if down == "q8_delta":  # an instant site keeps no base (it would count as the
+            # aggregator's memory here): its int8 reply is noise whatever the base holds
+            return [(k, lambda shape=shape: torch.zeros(shape)) for k, shape in items]
         tensors, start = [], 0
         for name, shape in items:  # one tensor at a time, like the aggregator
             n = math.prod(shape)
@@ -154,7 +148,7 @@ def aggregate_one(sites: int, preset: str, exchange: str = "fp32,fp32",
     @app.train()
     def train(msg: Message, context) -> Message:
         t, c = time.perf_counter(), time.process_time()
-        tensors = received(msg, context.node_id)
+        tensors = received(msg)
         arrays, scales = {}, {}
         if up == "fp32":
             for name, value in tensors:
@@ -188,13 +182,14 @@ def aggregate_one(sites: int, preset: str, exchange: str = "fp32,fp32",
         return reply
 
     marks: list[tuple[float, float, float, float, float]] = []
-    run_peak = [0.0]
+    peaks: list[float] = []  # VmHWM at the end of each round but the last
 
     class MarkingGrid(InProcessGrid):
         """Marks the start of every round (the strategy asks for the nodes first)."""
 
         def get_node_ids(self):
-            run_peak[0] = max(run_peak[0], _peak_rss_mb())
+            if marks:
+                peaks.append(_peak_rss_mb())
             base = _reset_peak_rss_mb()
             marks.append((time.perf_counter(), time.process_time(), client_seconds[0],
                           client_cpu[0], base))
@@ -214,13 +209,15 @@ def aggregate_one(sites: int, preset: str, exchange: str = "fp32,fp32",
         end = (time.perf_counter(), time.process_time(), client_seconds[0], client_cpu[0])
     if len(marks) != 2:
         raise RuntimeError(f"expected one node query per round, saw {len(marks)}")
-    t0, c0, cs0, cc0, base = marks[-1]
+    # Time and CPU: the mean of the two rounds, each with its own checkpoint (a round's
+    # checkpoint is written while the next one runs, so one round's window holds parts of two).
+    t0, c0, cs0, cc0, _ = marks[0]
+    base = marks[-1][4]
     state_mb = sum(v.numel() * v.element_size() for v in state.values()) / 2**20
     return {"sites": sites, "preset": preset, "state_mb": state_mb, "exchange": exchange,
-            "aggregator_s": (end[0] - t0) - (end[2] - cs0),
-            "aggregator_cpu_s": (end[1] - c0) - (end[3] - cc0),
-            "peak_mb": _peak_rss_mb() - base,
-            "run_peak_mb": max(run_peak[0], _peak_rss_mb()) - before_run}
+            "aggregator_s": ((end[0] - t0) - (end[2] - cs0)) / 2,
+            "aggregator_cpu_s": ((end[1] - c0) - (end[3] - cc0)) / 2,
+            "peak_mb": _peak_rss_mb() - base, "round1_peak_mb": peaks[0] - before_run}
 
 
 def _child(kind: str, arg: str, preset: str, exchange: str = "fp32,fp32",
@@ -271,16 +268,17 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {preset} | {r['tensors']} | {r['params'] / 1e6:.2f} M | "
                      f"{r['down'] / 1e6:.1f} | {r['up'] / 1e6:.1f} |")
         print(lines[-1], flush=True)
-    lines += ["", f"Aggregation of one round (the second of two), `{args.aggregate_preset}` "
+    lines += ["", f"Aggregation per round (two rounds), `{args.aggregate_preset}` "
               "state, mean mode (time = encode + deserialise + decode + validate + park + screen "
-              "+ fold + finalise + checkpoint, client time excluded). *Run peak* = the "
-              "process's max RSS over both rounds above its RSS before the first, which holds "
-              "the initial global state: everything the aggregator adds, the base of `down: "
-              "q8_delta` included. *Round-2 peak* = max RSS in round 2 above the RSS at its "
-              "start (lower: memory freed in round 1 stays with the process and is reused). "
-              "x = / state:", "",
+              "+ fold + finalise + checkpoint, client time excluded; time and CPU per round, the "
+              "mean of the two). "
+              "*Round-1 peak* = the process's max RSS in round 1 above its RSS before it, which "
+              "holds the initial global state: everything the aggregator adds in a round from a "
+              "fresh start, the base of `down: q8_delta` included (it then persists). *Round-2 "
+              "peak* = the same for round 2 above the RSS at its start (lower: memory freed in "
+              "round 1 stays with the process and is reused). x = / state:", "",
               "| exchange (down,up) | direction check | sites | state (MB) | wall (s) | CPU (s) "
-              "| CPU s per site | run peak (MB) | run peak / state | round-2 peak / state |",
+              "| CPU s per site | round-1 peak (MB) | round-1 peak / state | round-2 peak / state |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for exchange in args.exchange:
         for direction in (True, False) if args.no_direction else (True,):
@@ -289,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                 check = ("on" if n >= 3 else "on (< 3 sites: skipped)") if direction else "off"
                 lines.append(f"| {exchange} | {check} | {n} | {r['state_mb']:.1f} | "
                              f"{r['aggregator_s']:.2f} | {r['aggregator_cpu_s']:.2f} | "
-                             f"{r['aggregator_cpu_s'] / n:.3f} | {r['run_peak_mb']:.0f} | "
-                             f"{r['run_peak_mb'] / r['state_mb']:.2f}x | "
+                             f"{r['aggregator_cpu_s'] / n:.3f} | {r['round1_peak_mb']:.0f} | "
+                             f"{r['round1_peak_mb'] / r['state_mb']:.2f}x | "
                              f"{r['peak_mb'] / r['state_mb']:.2f}x |")
                 print(lines[-1], flush=True)
     lines += ["", "Each reply is decoded, validated and written to the run's `.spill/` folder one "

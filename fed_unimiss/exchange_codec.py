@@ -226,7 +226,16 @@ def layout_from_json(text: str) -> list[tuple[str, tuple[int, ...]]]:
 def pack_state(state: Mapping[str, torch.Tensor], items: list[tuple[str, tuple[int, ...]]],
                codec: str) -> torch.Tensor:
     """The travelling tensors as one flat wire array (``codec`` bf16/fp16, or fp32)."""
-    return torch.cat([encode_tensor(state[name], codec).reshape(-1) for name, _ in items])
+    dtype = _WIRE_DTYPE.get(codec)
+    if dtype is None:
+        raise CodecError(f"unknown codec {codec!r}")
+    flat = torch.empty(sum(math.prod(shape) for _, shape in items), dtype=dtype)
+    start = 0
+    for name, shape in items:  # written in place: no second copy of the payload
+        n = math.prod(shape)
+        flat[start:start + n] = encode_tensor(state[name], codec).reshape(-1)
+        start += n
+    return flat
 
 
 def unpack_state(flat: torch.Tensor, items: list[tuple[str, tuple[int, ...]]], codec: str
