@@ -316,8 +316,8 @@ class DimensionAwareStrategy:
             base = {name: codec.bf16_round(global_state[name]) for name, _ in items}
             full_codec = "bf16"
         else:
-            values, scales = codec.base_delta(global_state, old[0], items)
-            base = codec.advance_base(old[0], values, scales, items, in_place=True)
+            base = old[0]  # advanced in place to the base the sites will rebuild
+            values, scales = codec.base_delta(global_state, base, items, advance=True)
             delta_record = ArrayRecord({codec.PACKED: Array(values.numpy()),
                                         codec.PACKED_SCALES: Array(scales.numpy())})
             full_codec = "fp32"

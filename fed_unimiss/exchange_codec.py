@@ -312,25 +312,36 @@ def bf16_round(t: torch.Tensor) -> torch.Tensor:
 
 
 def base_delta(global_state: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor],
-               items: list[tuple[str, tuple[int, ...]]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The aggregator's side: ``global - base`` as packed int8 blocks and their scales."""
-    qs, ss = [], []
-    for name, _ in items:
+               items: list[tuple[str, tuple[int, ...]]], *, advance: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The aggregator's side: ``global - base`` as packed int8 blocks and their scales.
+
+    ``advance`` also moves ``base`` to the next base in place, tensor by tensor, with the same
+    arithmetic as :func:`advance_base` (``base + dequantised``; float32 addition commutes
+    exactly), so the aggregator needs no second pass and no second copy.
+    """
+    total = sum(_blocks(math.prod(shape)) for _, shape in items)
+    values = torch.empty(total * BLOCK, dtype=torch.int8)
+    scales = torch.empty(total, dtype=torch.float32)
+    block = 0
+    for name, shape in items:
         q, s = quantise(global_state[name].detach().cpu().to(torch.float32) - base[name])
-        qs.append(q)
-        ss.append(s)
-    return torch.cat(qs), torch.cat(ss)
+        nb = s.numel()
+        values[block * BLOCK:(block + nb) * BLOCK] = q
+        scales[block:block + nb] = s
+        block += nb
+        if advance:
+            base[name].add_(dequantise(q, s, shape))
+    return values, scales
 
 
 def advance_base(base: Mapping[str, torch.Tensor], values: torch.Tensor, scales: torch.Tensor,
-                 items: list[tuple[str, tuple[int, ...]]], *, in_place: bool = False
-                 ) -> dict[str, torch.Tensor]:
-    """``base + dequantised delta`` per tensor (float32): the next base, identical on both sides.
+                 items: list[tuple[str, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
+    """The site's side: ``base + dequantised delta`` per tensor (float32), the next base.
 
     One float32 multiply and one float32 add per value, each exactly rounded by IEEE 754, so
-    aggregator and site compute the same bits. ``in_place`` overwrites ``base``'s tensors one
-    at a time (the aggregator's way: no second copy of the state). Raises ``CodecError`` when
-    the payload does not fit ``items``, before anything is written.
+    site and aggregator (:func:`base_delta` with ``advance``) compute the same bits. Raises
+    ``CodecError`` when the payload does not fit ``items``.
     """
     missing = [name for name, _ in items if name not in base]
     if missing:
@@ -338,13 +349,7 @@ def advance_base(base: Mapping[str, torch.Tensor], values: torch.Tensor, scales:
     for name, shape in items:
         if tuple(base[name].shape) != shape:
             raise CodecError(f"{name}: base shape {tuple(base[name].shape)} != layout {shape}")
-    decoded = unpack_update(values, scales, "q8_delta", {name: base[name] for name, _ in items})
-    if not in_place:
-        return dict(decoded)
-    out = dict(base)
-    for name, value in decoded:  # unpack_update checks every length before the first yield
-        out[name].copy_(value)
-    return out
+    return dict(unpack_update(values, scales, "q8_delta", {name: base[name] for name, _ in items}))
 
 
 def base_bits(base: Mapping[str, torch.Tensor], items: list[tuple[str, tuple[int, ...]]],
