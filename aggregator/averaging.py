@@ -23,6 +23,7 @@ from typing import Protocol
 
 import torch
 
+from aggregator.order_stats import coordinate_median, sorted_rows
 from aggregator.spill import chunk_size, read_slice
 from fed_unimiss.exchange import class_weight
 
@@ -106,13 +107,11 @@ class CoordinateRobust:
     def _reduce(self, stacked: torch.Tensor) -> torch.Tensor:
         n = stacked.shape[0]
         if self._mode == "median":
-            # torch.median returns the lower of the two middle values; average them instead so
-            # two sites give their mean, as numpy's median does.
-            ordered = stacked.sort(dim=0).values
-            return 0.5 * (ordered[(n - 1) // 2] + ordered[n // 2])
+            # The mean of the two middle values with an even count (two sites give their
+            # mean, as numpy's median does), not torch.median's lower one.
+            return coordinate_median(stacked)
         k = min(int(self._trim * n), (n - 1) // 2)
-        ordered = stacked.sort(dim=0).values
-        return ordered[k:n - k].mean(dim=0)
+        return torch.stack(sorted_rows(stacked)[k:n - k]).mean(dim=0)
 
     def result(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from aggregator.order_stats import coordinate_median
 from aggregator.spill import chunk_size, read_slice
 from aggregator.validation import PARTS, part_of
 
@@ -117,9 +118,7 @@ def cosines_to_median(states: Mapping[str, Mapping[str, torch.Tensor]],
             g32 = flat[start:stop].to(torch.float32)
             deltas = torch.stack([read_slice(states[lb], name, start, stop).to(torch.float32)
                                   - g32 for lb in labels])
-            ordered = deltas.sort(dim=0).values
-            median = 0.5 * (ordered[(n - 1) // 2] + ordered[n // 2])
-            del ordered
+            median = coordinate_median(deltas)
             ref[part] += float(median.pow(2).sum(dtype=torch.float64))
             for i, lb in enumerate(labels):
                 dot[lb][part] += float((deltas[i] * median).sum(dtype=torch.float64))

@@ -1,0 +1,54 @@
+"""Coordinate-wise order statistics over a round's replies, by a sorting network.
+
+The round-relative direction check and the robust aggregation modes need, for every coordinate
+of the model, the replies' values in order (a median, a trimmed mean). ``torch.sort`` along the
+replies' axis is a general sort per coordinate; with the handful of replies a round has, a
+fixed sorting network of elementwise ``minimum``/``maximum`` over whole rows is 4-6x faster
+on CPU (3-32 replies of 2 M values; measured for issue 15) and gives exactly the same values.
+
+The network is Batcher's odd-even merge sort (Knuth, TAOCP vol. 3, 5.3.4) for any row count:
+the comparators of the next power of two that touch a missing row are dropped, which is exact
+because a missing row would hold +inf and never move.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+__all__ = ["sorted_rows", "coordinate_median"]
+
+
+@lru_cache(maxsize=64)
+def _comparators(n: int) -> tuple[tuple[int, int], ...]:
+    """(i, j), i < j: after ``min`` into i and ``max`` into j for each in turn, rows are sorted."""
+    out = []
+    p = 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        out.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return tuple(out)
+
+
+def sorted_rows(stacked: torch.Tensor) -> list[torch.Tensor]:
+    """The rows of ``stacked`` (replies, values) sorted per column, smallest first."""
+    rows = list(stacked)
+    for i, j in _comparators(len(rows)):
+        low = torch.minimum(rows[i], rows[j])
+        rows[j] = torch.maximum(rows[i], rows[j])
+        rows[i] = low
+    return rows
+
+
+def coordinate_median(stacked: torch.Tensor) -> torch.Tensor:
+    """Per column, the median of the rows; with an even count, the mean of the middle two."""
+    rows = sorted_rows(stacked)
+    n = len(rows)
+    return 0.5 * (rows[(n - 1) // 2] + rows[n // 2])

@@ -1,0 +1,27 @@
+"""The sorting network behind the median and trimmed mean gives exactly torch.sort's order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aggregator.order_stats import coordinate_median, sorted_rows
+
+
+@pytest.mark.parametrize("n", range(1, 18))
+def test_rows_come_out_sorted_per_column_exactly_as_torch_sorts_them(n):
+    g = torch.Generator().manual_seed(n)
+    stacked = torch.randn(n, 500, generator=g, dtype=torch.float64)
+    stacked[:, :50] = stacked[:, :50].round()  # ties
+    stacked[0, 60], stacked[-1, 61] = float("inf"), float("-inf")
+    expected = stacked.sort(dim=0).values
+    assert torch.equal(torch.stack(sorted_rows(stacked)), expected)
+    ordered = stacked.float().sort(dim=0).values
+    median = 0.5 * (ordered[(n - 1) // 2] + ordered[n // 2])
+    torch.testing.assert_close(coordinate_median(stacked.float()), median, rtol=0, atol=0,
+                               equal_nan=True)  # inf + -inf in one column: nan both ways
+
+
+def test_an_even_count_takes_the_mean_of_the_middle_two():
+    stacked = torch.tensor([[1.0], [10.0], [2.0], [4.0]])
+    assert coordinate_median(stacked).item() == 3.0
