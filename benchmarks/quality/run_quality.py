@@ -10,7 +10,9 @@ Arms, all fine-tuned on the same labelled phantom CT set with the same budget, a
                     (rounds x local_steps x 3 sites = central steps);
 - ``central_3d``    centralized pretraining on the CT of the same sites only (3D only), same
                     steps: 2D+3D vs 3D-only on the 3D task, the paper's central claim;
-- ``central_teacher`` the teacher of ``central`` (student vs teacher as a starting point).
+- ``central_teacher`` the teacher of ``central`` (student vs teacher as a starting point);
+- ``federated_fp32`` ``federated`` with the uncompressed exchange (fp32 both ways) instead of
+                    the shipped one (int8 deltas both ways): does compression cost quality?
 
 Every step goes through the project's own commands (``fed-unimiss data phantom``,
 ``pretrain``, ``simulate``, ``export``, ``finetune``) in subprocesses, so the benchmark
@@ -53,7 +55,8 @@ SIZES = {
     # above the floor, few labels (one volume of eight), five seeds, no teacher arm.
     "medium": dict(ct_per_site=6, xray_per_site=24, train_ct=8, val_ct=3, pretrain_steps=300,
                    local_steps=10, epochs=1, steps_per_epoch=200, seeds=[0, 1, 2, 3, 4],
-                   fractions=[0.125], arms=["scratch", "central", "federated", "central_3d"]),
+                   fractions=[0.125], arms=["scratch", "central", "federated", "central_3d",
+                                          "federated_fp32"]),
     # The medium protocol with about seven times the pretraining (2100 optimiser steps per arm,
     # federated 35 rounds x 20 local steps x 3 sites) and a third more unlabelled data: does the
     # effect show once the teacher has had time to learn? A few CPU hours on 2 cores.
@@ -150,6 +153,8 @@ def write_configs(work: Path, a: argparse.Namespace) -> tuple[Path, Path, Path]:
     fed["evaluate"] = False
     fed_path = work / "federation.yaml"
     fed_path.write_text(yaml.safe_dump(fed, sort_keys=False))
+    fed["exchange"] = {"down": "fp32", "up": "fp32", "teacher": "exchanged"}
+    (work / "federation-fp32.yaml").write_text(yaml.safe_dump(fed, sort_keys=False))
     ft = {"task": "seg3d", "model": "micro", "num_classes": 6, "epochs": a.epochs,
           "steps_per_epoch": a.steps_per_epoch, "batch_size": 2, "lr": a.lr,
           "patch_3d": PATCH, "ct_spacing": CT_SPACING,
@@ -173,7 +178,9 @@ def pretrain_arms(work: Path, a, sites, recipe: Path, fed: Path, logs: Path) -> 
                        "--no-progress"],
     }
     rounds = max(1, a.pretrain_steps // (3 * a.local_steps))
-    jobs["federated"] = [*CLI, "simulate", "--config", str(fed), "--site", f"A={sites['A']}",
+    for arm, config in (("federated", fed), ("federated_fp32", fed.with_name("federation-fp32.yaml"))):
+        if arm == "federated" or arm in a.arms:
+            jobs[arm] = [*CLI, "simulate", "--config", str(config), "--site", f"A={sites['A']}",
                          "--site", f"B={sites['B']}", "--site", f"C={sites['C']}",
                          "--rounds", str(rounds)]
     for arm, cmd in jobs.items():
@@ -183,7 +190,7 @@ def pretrain_arms(work: Path, a, sites, recipe: Path, fed: Path, logs: Path) -> 
             seconds = _run([*cmd, "--out", str(run)], logs / f"pretrain-{arm}.log")
             (run / ".done").write_text(json.dumps({"seconds": seconds}))
         seconds = json.loads((run / ".done").read_text())["seconds"]
-        prefix = "global_round_" if arm == "federated" else "ckpt_"
+        prefix = "global_round_" if arm.startswith("federated") else "ckpt_"
         ckpt = sorted(run.glob(f"{prefix}*.safetensors"))[-1]
         which = [("student", arm)] + ([("teacher", "central_teacher")] if arm == "central" else [])
         for net, name in which:
@@ -191,7 +198,9 @@ def pretrain_arms(work: Path, a, sites, recipe: Path, fed: Path, logs: Path) -> 
             _run([*CLI, "export", str(ckpt), "--out", str(export), "--which", net],
                  logs / f"export-{name}.log")
             out[name] = {"dir": export, "pretrain_seconds": seconds, "checkpoint": ckpt.name}
-    out["federated"]["rounds"] = rounds
+    for arm in ("federated", "federated_fp32"):
+        if arm in out:
+            out[arm]["rounds"] = rounds
     return out
 
 
@@ -242,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(a, key) is None:
             setattr(a, key, value)
     if a.arms is None:
-        a.arms = ["scratch", "central", "central_teacher", "federated", "central_3d"]
+        a.arms = ["scratch", "central", "central_teacher", "federated", "central_3d",
+                  "federated_fp32"]
     work = a.work.resolve()
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
