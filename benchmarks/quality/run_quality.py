@@ -55,14 +55,14 @@ SIZES = {
     # above the floor, few labels (one volume of eight), five seeds, no teacher arm.
     "medium": dict(ct_per_site=6, xray_per_site=24, train_ct=8, val_ct=3, pretrain_steps=300,
                    local_steps=10, epochs=1, steps_per_epoch=200, seeds=[0, 1, 2, 3, 4],
-                   fractions=[0.125], arms=["scratch", "central", "federated", "central_3d",
-                                          "federated_fp32"]),
+                   fractions=[0.125], arms=["scratch", "central", "federated", "central_3d"]),
     # The medium protocol with about seven times the pretraining (2100 optimiser steps per arm,
     # federated 35 rounds x 20 local steps x 3 sites) and a third more unlabelled data: does the
     # effect show once the teacher has had time to learn? A few CPU hours on 2 cores.
     "long": dict(ct_per_site=8, xray_per_site=32, train_ct=8, val_ct=3, pretrain_steps=2100,
                  local_steps=20, epochs=1, steps_per_epoch=200, seeds=[0, 1, 2, 3, 4],
-                 fractions=[0.125], arms=["scratch", "central", "federated", "central_3d"]),
+                 fractions=[0.125], arms=["scratch", "central", "federated", "central_3d",
+                                          "federated_fp32"]),
     # For a machine with more CPU time: more data, longer pretraining and fine-tuning.
     "full": dict(ct_per_site=24, xray_per_site=96, train_ct=40, val_ct=10, pretrain_steps=600,
                  local_steps=10, epochs=30, steps_per_epoch=20, seeds=[0, 1, 2, 3, 4],

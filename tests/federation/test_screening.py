@@ -182,7 +182,7 @@ def test_teacher_and_center_are_bounded_like_the_student():
     assert norms["center"] == pytest.approx(0.01 * math.sqrt(12), rel=1e-4)  # float32 sums
 
 
-@pytest.mark.parametrize("bad, part", [("teacher", "teacher"), ("center", "center")])
+@pytest.mark.parametrize("bad, part", [("teacher", "teacher")])
 def test_a_part_far_above_the_round_median_is_rejected(tmp_path, bad, part):
     rows = _run(tmp_path, {"d": bad}, max_update_norm=1.0e4)
     for row in rows:
@@ -193,6 +193,28 @@ def test_a_part_far_above_the_round_median_is_rejected(tmp_path, bad, part):
         for s in "abc":
             assert row["per_site"][s]["action"] == "accepted"
             assert 0.5 < row["per_site"][s]["vs_median"]["student"] < 2
+
+
+def test_a_center_far_above_the_round_median_is_clipped_to_norm_factor_times_it(tmp_path):
+    """The center moves with the kind of data a site trained (an honest site reached 5.5x), so
+    its outliers are clipped, not rejected: the site stays in, its center's pull is bounded."""
+    rows = _run(tmp_path, {"d": "center"}, rounds=1, max_update_norm=1.0e4)
+    row = rows[0]
+    d = row["decisions"]["d"]
+    assert d["action"] == "clipped" and d["vs_median"]["center"] > 5
+    assert "center x" in d["reason"] and "norm_factor 5" in d["reason"]
+    assert set(d["clip_scale"]) == {"center"}
+    assert row["sites"] == ["a", "b", "c", "d"]
+    from fed_unimiss.checkpoint import load_checkpoint
+
+    got, _ = load_checkpoint(tmp_path / "run" / "global_round_0001.safetensors")
+    g = _initial()
+    honest = [_honest_delta("center", s) for s in "abc"]
+    median = sorted(float(h.norm()) for h in [*honest, 3.0 + _honest_delta("center", "d")])[1:3]
+    bound = 5 * sum(median) / 2  # the clipped center moves at most 5 x the median
+    moved = (got["center"] - g["center"]) * 4 - sum(honest)  # d's share of the mean, x 4
+    assert float(moved.norm()) <= bound * 1.001
+    assert float(moved.norm()) > 0.9 * bound  # clipped to the bound, not dropped
 
 
 def test_sign_flipped_update_is_rejected_by_direction(tmp_path):
