@@ -22,8 +22,8 @@ LABELS = {
     "scratch": "scratch",
     "central": "centralized 2D+3D (student)",
     "central_teacher": "centralized 2D+3D (teacher)",
-    "federated": "federated 2D+3D, 3 non-IID sites",
-    "federated_fp32": "federated, uncompressed exchange",
+    "federated": "federated 2D+3D, 3 non-IID sites (int8 exchange)",
+    "federated_fp32": "federated 2D+3D, uncompressed exchange",
     "central_3d": "centralized 3D only",
 }
 CLASSES = ["lung", "liver", "kidney", "bone", "lesion"]
@@ -58,6 +58,7 @@ QUESTIONS = [
     ("does pretraining beat scratch at few labels?", "central", "scratch", False),
     ("do X-rays + CT beat CT only?", "central", "central_3d", False),
     ("does federated pretraining reach centralized?", "federated", "central", True),
+    ("... with the uncompressed exchange?", "federated_fp32", "central", True),
     ("does the compressed exchange reach the uncompressed one?", "federated", "federated_fp32",
      True),
 ]
