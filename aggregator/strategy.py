@@ -481,11 +481,15 @@ class DimensionAwareStrategy:
         sq = dict.fromkeys(PARTS, 0.0)
         writer = SpillWriter(self.spill_dir / f"round{rnd.round_num}-{uuid.uuid4().hex}.f32")
         try:
-            for name, value in self._decoded_tensors(record, scales, reference):
+            delta_norms: dict[str, float] = {}
+            for name, value in self._decoded_tensors(record, scales, reference, delta_norms):
                 ref = reference[name]
                 # A non-finite value makes the update's norm non-finite: one pass checks both
-                # (isfinite over the whole state would cost as much again).
-                norm = float(torch.linalg.vector_norm(value - ref.to(torch.float32)))
+                # (isfinite over the whole state would cost as much again). An int8 update's
+                # norm came with its decoding.
+                norm = delta_norms.pop(name, None)
+                if norm is None:
+                    norm = float(torch.linalg.vector_norm(value - ref.to(torch.float32)))
                 if not math.isfinite(norm) and not bool(torch.isfinite(value).all()):
                     raise ReplyRejected(f"{name}: non-finite values")
                 if name == ex.CENTER_KEY and self.limits.derived:
@@ -506,8 +510,12 @@ class DimensionAwareStrategy:
         return norms, writer.finish()
 
     def _decoded_tensors(self, record: ArrayRecord, scales: ArrayRecord | None,
-                         reference: Mapping[str, torch.Tensor]):
-        """(name, fp32 tensor) of a reply, one at a time; ``ReplyRejected`` if it does not decode."""
+                         reference: Mapping[str, torch.Tensor],
+                         delta_norms: dict[str, float] | None = None):
+        """(name, fp32 tensor) of a reply, one at a time; ``ReplyRejected`` if it does not decode.
+
+        An int8 reply also leaves each tensor's update norm in ``delta_norms``.
+        """
         up = self.exchange.up
         if up == "fp32":  # one array per tensor, named
             missing = [name for name in reference if name not in record]
@@ -537,7 +545,7 @@ class DimensionAwareStrategy:
         except (TypeError, ValueError) as e:
             raise ReplyRejected(f"undecodable update ({up}): not a numeric array") from e
         try:
-            yield from codec.unpack_update(values, scale, up, reference)
+            yield from codec.unpack_update(values, scale, up, reference, delta_norms)
         except codec.CodecError as e:
             raise ReplyRejected(f"undecodable update ({up}): {e}") from None
 

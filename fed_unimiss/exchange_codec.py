@@ -165,10 +165,13 @@ def encode_update(new: Mapping[str, torch.Tensor], received: Mapping[str, torch.
 
 
 def decode_update_tensor(name: str, wire: torch.Tensor, scale: torch.Tensor | None, codec: str,
-                         reference: torch.Tensor) -> torch.Tensor:
+                         reference: torch.Tensor, delta_norms: dict[str, float] | None = None
+                         ) -> torch.Tensor:
     """One tensor of a site's new state, fp32: full tensor, or ``reference`` + the int8 delta.
 
-    ``reference`` is the aggregator's own fp32 global tensor. Raises ``CodecError``.
+    ``reference`` is the aggregator's own fp32 global tensor. With ``q8_delta``, the delta's L2
+    norm goes to ``delta_norms[name]`` when given (the aggregator's update norm, without a
+    second pass over ``new - reference``). Raises ``CodecError``.
     """
     shape = tuple(reference.shape)
     if codec != "q8_delta":
@@ -184,7 +187,10 @@ def decode_update_tensor(name: str, wire: torch.Tensor, scale: torch.Tensor | No
                          f"{scale.dtype} {tuple(scale.shape)}")
     if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
         raise CodecError(f"{name}: scales not finite and non-negative")
-    return dequantise(wire, scale, shape).add_(reference.to(torch.float32))
+    delta = dequantise(wire, scale, shape)
+    if delta_norms is not None:
+        delta_norms[name] = float(torch.linalg.vector_norm(delta))
+    return delta.add_(reference.to(torch.float32))
 
 
 def wire_names(names: Iterable[str], cfg: ExchangeConfig) -> set[str]:
@@ -266,11 +272,13 @@ def pack_update(new: Mapping[str, torch.Tensor], received: Mapping[str, torch.Te
 
 
 def unpack_update(values: torch.Tensor, scales: torch.Tensor | None, codec: str,
-                  reference: Mapping[str, torch.Tensor]):
+                  reference: Mapping[str, torch.Tensor],
+                  delta_norms: dict[str, float] | None = None):
     """Yield (name, fp32 tensor) of a packed reply, one tensor at a time, in layout order.
 
-    ``reference`` is the aggregator's fp32 global state of the travelling tensors. Raises
-    ``CodecError`` (before yielding anything) when a length or dtype is wrong.
+    ``reference`` is the aggregator's fp32 global state of the travelling tensors;
+    ``delta_norms`` as in :func:`decode_update_tensor`. Raises ``CodecError`` (before yielding
+    anything) when a length or dtype is wrong.
     """
     items = layout(reference, reference.keys())
     q8 = codec == "q8_delta"
@@ -292,7 +300,7 @@ def unpack_update(values: torch.Tensor, scales: torch.Tensor | None, codec: str,
         if q8:
             nb = size // BLOCK
             yield name, decode_update_tensor(name, wire, scales[block:block + nb], codec,
-                                             reference[name])
+                                             reference[name], delta_norms)
             block += nb
         else:
             yield name, decode_update_tensor(name, wire.view(tuple(reference[name].shape)),
