@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,15 +48,15 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
-    path = Path(path)
+def _atomic_replace(path: Path, write: Callable[[str], None], mode: int) -> None:
+    """Have ``write`` fill a temp file beside ``path``, fsync it, then rename it over ``path``:
+    a crash leaves either the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
@@ -68,6 +69,11 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> None
     _fsync_dir(path.parent)
 
 
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
+    _atomic_replace(Path(path), lambda tmp: Path(tmp).write_bytes(data), mode)
+
+
 def _atomic_save_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """:func:`atomic_write_bytes` for tensors, streamed from their memory to the file.
 
@@ -75,22 +81,7 @@ def _atomic_save_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     in memory: issue 15 measured it as the coordinator's peak); ``save_file`` writes from the
     tensors' own buffers.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    _atomic_replace(path, lambda tmp: save_file(tensors, tmp), 0o644)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
