@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from federation_helpers import expected_mean, micro_federation
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from aggregator.inprocess import InProcessGrid, SiteSpec
@@ -142,25 +143,6 @@ def test_site_refuses_an_exchange_it_cannot_honour(tmp_path):
 # ---------------------------------------------------------------- in-process federation
 
 
-def _kind(name: str) -> str:
-    inner = name.split(".", 1)[1] if "." in name else name
-    parts = inner.split(".")
-    return ("3d" if any(p.endswith("_3d") for p in parts)
-            else "2d" if any(p.endswith("_2d") for p in parts) else "shared")
-
-
-def _expected(global_state, replies):
-    """Independent dimension-aware weighted mean (float64) of the decoded replies."""
-    out = {}
-    for name, value in global_state.items():
-        kind, num, den = _kind(name), torch.zeros(value.shape, dtype=torch.float64), 0.0
-        for state, s2, s3 in replies:
-            w = {"3d": s3, "2d": s2, "shared": s2 + s3}[kind]
-            if w > 0:
-                num += w * state[name].double()
-                den += w
-        out[name] = (num / den).float() if den else value
-    return out
 
 
 class TapGrid(InProcessGrid):
@@ -182,15 +164,7 @@ class TapGrid(InProcessGrid):
 @pytest.fixture(scope="module")
 def compressed(phantom_sites, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compressed")
-    body = {
-        "recipe": str(REPO / "configs" / "pretrain" / "micro.yaml"),
-        "recipe_overrides": {"ssl": {"steps_per_epoch": 1, "batch_size_2d": 2,
-                                     "batch_size_3d": 1, "threads": 1}},
-        "local_steps": 2, "min_sites": 2, "round_timeout": 600, "evaluate": True,
-        "eval_batches": 1, "poll_interval": 0.05, "exchange": EXCHANGE,
-    }
-    config = tmp / "federation.yaml"
-    config.write_text(json.dumps(body))
+    config = micro_federation(tmp / "federation.yaml", exchange=EXCHANGE)
     TapGrid.log = []
     simulate(config, list(phantom_sites.items()), rounds=2, out=tmp / "run", grid_cls=TapGrid)
     return tmp, list(TapGrid.log)
@@ -243,7 +217,7 @@ def test_compressed_round_is_the_average_of_the_decoded_updates(compressed):
                 start, first = start + nb * codec.BLOCK, first + nb
             assert start == values.numel() and first == blocks.numel()
             replies.append((state, m[ex.SAMPLES_2D], m[ex.SAMPLES_3D]))
-        expected = _expected({k: base[k] for k in sent}, replies)
+        expected = expected_mean({k: base[k] for k in sent}, replies)
         for name, value in expected.items():
             torch.testing.assert_close(got[name], value, rtol=tol, atol=tol * 1e-2)
             assert got[name].dtype == torch.float32
@@ -319,15 +293,8 @@ def test_attacks_are_encoded_as_announced_and_still_rejected(phantom_sites, tmp_
     from fed_unimiss.data.phantom import write_phantoms
 
     write_phantoms(tmp_path / "attacker", n_ct=1, n_xray=3, seed=4)
-    body = {
-        "recipe": str(REPO / "configs" / "pretrain" / "micro.yaml"),
-        "recipe_overrides": {"ssl": {"steps_per_epoch": 1, "batch_size_2d": 2,
-                                     "batch_size_3d": 1, "threads": 1}},
-        "local_steps": 2, "min_sites": 2, "round_timeout": 600, "evaluate": False,
-        "poll_interval": 0.05, "exchange": {"down": "bf16", "up": "q8_delta"},
-    }
-    config = tmp_path / "federation.yaml"
-    config.write_text(json.dumps(body))
+    config = micro_federation(tmp_path / "federation.yaml", evaluate=False,
+                              exchange={"down": "bf16", "up": "q8_delta"})
     sites = {**phantom_sites, "M": tmp_path / "attacker"}
     for kind, check in (("signflip", "points against the round's median update"),
                         ("nan", "undecodable")):
@@ -396,15 +363,7 @@ class BaseTapGrid(InProcessGrid):
 def test_down_deltas_reach_sites_holding_the_base_and_the_full_base_reaches_the_rest(
         phantom_sites, tmp_path):
     exchange = {"down": "q8_delta", "up": "q8_delta", "teacher": "exchanged"}
-    body = {
-        "recipe": str(REPO / "configs" / "pretrain" / "micro.yaml"),
-        "recipe_overrides": {"ssl": {"steps_per_epoch": 1, "batch_size_2d": 2,
-                                     "batch_size_3d": 1, "threads": 1}},
-        "local_steps": 2, "min_sites": 2, "round_timeout": 600, "evaluate": True,
-        "eval_batches": 1, "poll_interval": 0.05, "exchange": exchange,
-    }
-    config = tmp_path / "federation.yaml"
-    config.write_text(json.dumps(body))
+    config = micro_federation(tmp_path / "federation.yaml", exchange=exchange)
     BaseTapGrid.log = []
     simulate(config, list(phantom_sites.items()), rounds=3, out=tmp_path / "run",
              grid_cls=BaseTapGrid)

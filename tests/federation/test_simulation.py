@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from federation_helpers import exchange_kind, expected_mean, micro_federation
 from flwr.app import Message
 
 from aggregator.inprocess import InProcessGrid
@@ -27,18 +28,7 @@ pytestmark = pytest.mark.slow
 
 
 def _config(tmp: Path) -> Path:
-    body = {
-        "recipe": str(REPO / "configs" / "pretrain" / "micro.yaml"),
-        # 1-step epochs: X-ray and CT epochs alternate every 2 steps, so 2 rounds x 2 steps
-        # make the "both" site train both dimensions.
-        "recipe_overrides": {"ssl": {"steps_per_epoch": 1, "batch_size_2d": 2,
-                                     "batch_size_3d": 1, "threads": 1}},
-        "local_steps": 2, "min_sites": 2, "round_timeout": 600, "evaluate": True,
-        "eval_batches": 1, "poll_interval": 0.05,
-    }
-    path = tmp / "federation.yaml"
-    path.write_text(json.dumps(body))
-    return path
+    return micro_federation(tmp / "federation.yaml")
 
 
 class TapGrid(InProcessGrid):
@@ -58,25 +48,6 @@ class TapGrid(InProcessGrid):
         return reply
 
 
-def _kind(name: str) -> str:
-    inner = name.split(".", 1)[1] if "." in name else name
-    parts = inner.split(".")
-    return ("3d" if any(p.endswith("_3d") for p in parts)
-            else "2d" if any(p.endswith("_2d") for p in parts) else "shared")
-
-
-def _expected(global_state, replies):
-    """Independent dimension-aware weighted mean (float64) of accepted replies."""
-    out = {}
-    for name, value in global_state.items():
-        kind, num, den = _kind(name), torch.zeros(value.shape, dtype=torch.float64), 0.0
-        for state, s2, s3 in replies:
-            w = {"3d": s3, "2d": s2, "shared": s2 + s3}[kind]
-            if w > 0:
-                num += w * state[name].double()
-                den += w
-        out[name] = (num / den).float() if den else value
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +83,7 @@ def test_each_round_is_the_dimension_aware_average_of_the_replies(federation):
                    reply.content.metric_records[ex.METRICS][ex.SAMPLES_3D]) for _, reply in train}
         assert counts["xr"][1] == 0 and counts["ct"][1] > 0 and counts["ct"][0] > 0
         got, meta = load_checkpoint(tmp / "run" / f"global_round_{rnd:04d}.safetensors")
-        expected = _expected(sent, replies)
+        expected = expected_mean(sent, replies)
         assert set(got) == set(expected)
         for name in expected:
             torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
@@ -124,7 +95,7 @@ def test_each_round_is_the_dimension_aware_average_of_the_replies(federation):
     for name, t in sent2.content.array_records[ex.ARRAYS].to_torch_state_dict().items():
         assert torch.equal(t, first[name])
     # a 3D tensor is averaged over CT sites only: the X-ray site's value did not count
-    assert any(_kind(n) == "3d" for n in first)
+    assert any(exchange_kind(n) == "3d" for n in first)
 
 
 def test_replies_hold_only_state_tensors_and_numbers(federation):
