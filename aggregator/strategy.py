@@ -200,7 +200,7 @@ class _RoundState:
     held: list[tuple[SiteResult, SpilledState]] = field(default_factory=list)
     bytes_down: int = 0  # one instruction as sent (arrays + config); the largest, if they differ
     bytes_down_node: dict[int, int] = field(default_factory=dict)  # down=q8_delta: per node
-    sent_base: dict[int, str] = field(default_factory=dict)  # down=q8_delta: node -> base digest
+    base_digest: str | None = None  # down=q8_delta: the base every node was sent this round
     bytes_down_site: dict[str, int] = field(default_factory=dict)  # label -> its instruction
     bytes_up: dict[str, int] = field(default_factory=dict)  # label -> reply as sent
     site_seconds: dict[str, float] = field(default_factory=dict)  # label -> local training s
@@ -338,10 +338,10 @@ class DimensionAwareStrategy:
                 record = full_record
                 config[ex.EXCHANGE_BASE_CODEC] = full_codec
             rnd.bytes_down_node[node_id] = record.count_bytes() + config.count_bytes()
-            rnd.sent_base[node_id] = digest
             messages.append(Message(RecordDict({ex.ARRAYS: record, ex.CONFIG: config}), node_id,
                                     ex.TRAIN, group_id=str(round_num)))
         rnd.bytes_down = max(rnd.bytes_down_node.values(), default=0)
+        rnd.base_digest = digest
         for record, what in ((delta_record, "delta"), (full_record, "base")):
             if record is not None:
                 self._replays.remember(wire_digest(record), f"the global {what} sent in round "
@@ -360,11 +360,11 @@ class DimensionAwareStrategy:
                                "configure_train")
         label = self._label(reply)
         node_id = reply.metadata.src_node_id
-        if node_id in rnd.sent_base:  # down=q8_delta: an answer without error means it holds it
+        if rnd.base_digest is not None:  # down=q8_delta: an answer without error means it holds it
             if reply.has_error():
                 self._holds.pop(node_id, None)
             else:
-                self._holds[node_id] = rnd.sent_base[node_id]
+                self._holds[node_id] = rnd.base_digest
         if label in rnd.rejected or any(r.label == label for r, _ in rnd.held):
             label = f"{label}@node-{reply.metadata.src_node_id}"  # two sites declared one name
         outcome = self._judge(reply, label, rnd)
