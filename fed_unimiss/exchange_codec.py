@@ -51,12 +51,11 @@ from fed_unimiss.exchange_config import (
 )
 
 __all__ = ["ExchangeConfig", "CodecError", "CONFIG_KEYS", "DOWN_CODECS", "UP_CODECS",
-           "TEACHER_MODES", "BLOCK", "sent_keys", "encode_tensor", "decode_tensor",
-           "encode_state", "decode_state", "quantise", "dequantise", "encode_update",
-           "decode_update_tensor", "wire_names", "describe", "SCALES", "PACKED", "layout", "layout_to_json",
-           "layout_from_json", "pack_state", "unpack_state", "pack_update", "unpack_update",
-           "PACKED_SCALES", "BASE_CODECS", "bf16_round", "base_delta", "advance_base", "base_bits", "base_from_bits",
-           "base_digest"]
+           "TEACHER_MODES", "BLOCK", "SCALES", "PACKED", "PACKED_SCALES", "BASE_CODECS",
+           "sent_keys", "describe", "encode_tensor", "decode_tensor", "quantise", "dequantise",
+           "encode_update", "decode_update_tensor", "layout", "layout_to_json", "layout_from_json",
+           "pack_state", "unpack_state", "pack_update", "unpack_update", "bf16_round",
+           "base_delta", "advance_base", "base_bits", "base_from_bits", "base_digest"]
 
 BLOCK = 256  # values per int8 block, one float32 scale each: 1.6 % overhead
 
@@ -90,23 +89,6 @@ def decode_tensor(name: str, wire: torch.Tensor, codec: str, shape: tuple[int, .
     if codec == "bf16":
         return wire.view(torch.bfloat16).to(torch.float32)
     return wire.to(torch.float32)
-
-
-def encode_state(state: Mapping[str, torch.Tensor], codec: str,
-                 keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    return {k: encode_tensor(state[k], codec) for k in (keys if keys is not None else state)}
-
-
-def decode_state(wire: Mapping[str, torch.Tensor], codec: str,
-                 reference: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every tensor of ``reference`` decoded from ``wire``; extra or missing names raise."""
-    missing = [k for k in reference if k not in wire]
-    if missing:
-        raise CodecError(f"{len(missing)} tensor(s) missing: {', '.join(missing[:3])}")
-    extra = sum(1 for k in wire if k not in reference)
-    if extra:
-        raise CodecError(f"{extra} unexpected tensor(s)")
-    return {k: decode_tensor(k, wire[k], codec, tuple(ref.shape)) for k, ref in reference.items()}
 
 
 # ---------------------------------------------------------------- int8 deltas
@@ -191,11 +173,6 @@ def decode_update_tensor(name: str, wire: torch.Tensor, scale: torch.Tensor | No
     if delta_norms is not None:
         delta_norms[name] = float(torch.linalg.vector_norm(delta))
     return delta.add_(reference.to(torch.float32))
-
-
-def wire_names(names: Iterable[str], cfg: ExchangeConfig) -> set[str]:
-    """Every ArrayRecord key a reply may hold under ``cfg`` (a privacy test reads this)."""
-    return set(sent_keys(names, cfg))
 
 
 # ---------------------------------------------------------------- packed payloads
