@@ -112,6 +112,20 @@ class AttackGrid(InProcessGrid):
         self.attacks = {node: attacks[s.name] for node, s in enumerate(sites, start=1)
                         if s.name in attacks}
         self._first_sent: dict[int, dict[str, torch.Tensor]] = {}
+        self._bases: dict[int, tuple[dict[str, torch.Tensor], str]] = {}
+
+    def _received_base(self, node: int, record: ArrayRecord, config) -> dict[str, torch.Tensor]:
+        """``down: q8_delta``: the global state as the site decodes it, from the base it holds."""
+        scales = record.get(codec.PACKED_SCALES)
+        base = codec.receive_base(
+            torch.from_numpy(record[codec.PACKED].numpy()),
+            None if scales is None else torch.from_numpy(scales.numpy()),
+            codec.layout_from_json(str(config.get(ex.EXCHANGE_LAYOUT, "[]"))),
+            str(config.get(ex.EXCHANGE_BASE_CODEC, "")), config.get(ex.EXCHANGE_BASE_PREV),
+            config.get(ex.EXCHANGE_BASE), self._bases.get(node))
+        if config.get(ex.EXCHANGE_BASE) is not None:
+            self._bases[node] = (base, str(config[ex.EXCHANGE_BASE]))
+        return dict(base)
 
     def deliver(self, msg: Message) -> Message | None:
         reply = super().deliver(msg)
@@ -122,8 +136,11 @@ class AttackGrid(InProcessGrid):
             return reply
         config = msg.content.config_records[ex.CONFIG]
         xc = ExchangeConfig.from_config(config)  # attack in fp32, then encode as announced
-        sent = _decoded(msg.content.array_records[ex.ARRAYS], xc.down,
-                        config.get(ex.EXCHANGE_LAYOUT))
+        if xc.down == "q8_delta":  # the attacker holds the base as its honest client does
+            sent = self._received_base(node, msg.content.array_records[ex.ARRAYS], config)
+        else:
+            sent = _decoded(msg.content.array_records[ex.ARRAYS], xc.down,
+                            config.get(ex.EXCHANGE_LAYOUT))
         self._first_sent.setdefault(node, sent)
         honest = _decoded(reply.content.array_records[ex.ARRAYS], xc.up, None,
                           sent if xc.up != "fp32" else None,

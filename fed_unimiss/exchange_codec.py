@@ -55,7 +55,8 @@ __all__ = ["ExchangeConfig", "CodecError", "CONFIG_KEYS", "DOWN_CODECS", "UP_COD
            "sent_keys", "describe", "encode_tensor", "decode_tensor", "quantise", "dequantise",
            "encode_update", "decode_update_tensor", "layout", "layout_to_json", "layout_from_json",
            "pack_state", "unpack_state", "pack_update", "unpack_update", "bf16_round",
-           "base_delta", "advance_base", "base_bits", "base_from_bits", "base_digest"]
+           "base_delta", "advance_base", "base_bits", "base_from_bits", "base_digest",
+           "receive_base"]
 
 BLOCK = 256  # values per int8 block, one float32 scale each: 1.6 % overhead
 
@@ -362,3 +363,29 @@ def base_digest(base: Mapping[str, torch.Tensor], items: list[tuple[str, tuple[i
     for name, _ in items:
         h.update(base[name].detach().cpu().to(torch.float32).contiguous().numpy())
     return h.hexdigest()
+
+
+def receive_base(flat: torch.Tensor, scales: torch.Tensor | None,
+                 items: list[tuple[str, tuple[int, ...]]], base_codec: str, prev: str | None,
+                 announced: str | None,
+                 held: tuple[Mapping[str, torch.Tensor], str] | None) -> dict[str, torch.Tensor]:
+    """The receiving side of ``down: q8_delta``: this instruction's base, checked.
+
+    With no ``prev`` digest the payload is the base in full (``base_codec``); otherwise it is a
+    delta for the base whose digest is ``prev``, applied to ``held`` (base, digest). Raises
+    ``CodecError`` when the delta is for a base not held (a restarted worker) or the result's
+    digest is not the ``announced`` one; the aggregator then sends the base in full next round.
+    """
+    if prev is None:
+        base = base_from_bits(flat, items, base_codec)
+    elif held is None or held[1] != prev:
+        raise CodecError("the round's delta applies to a base this site does not hold "
+                         "(restarted since the last round?); the next round sends it in full")
+    elif scales is None:
+        raise CodecError("q8_delta scales missing from the instruction")
+    else:
+        base = advance_base(held[0], flat, scales, items)
+    if announced is not None and base_digest(base, items) != announced:
+        raise CodecError("the decoded base differs from the one the aggregator announced; the "
+                         "next round sends it in full")
+    return base

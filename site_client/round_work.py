@@ -156,26 +156,18 @@ def _state_from_base(req: RoundRequest, mem: _SiteMemory) -> dict[str, torch.Ten
     """
     items = codec.layout_from_json(str(req.config.get(ex.EXCHANGE_LAYOUT, "[]")))
     flat = torch.from_numpy(np.ascontiguousarray(req.arrays.get(codec.PACKED, np.zeros(0))))
-    prev = req.config.get(ex.EXCHANGE_BASE_PREV)
-    if prev is None:
-        base = codec.base_from_bits(flat, items, str(req.config.get(ex.EXCHANGE_BASE_CODEC, "")))
-    elif mem.base is None or mem.base[1] != prev:
-        raise codec.CodecError("the round's delta applies to a base this site does not hold "
-                               "(restarted since the last round?); the next round sends it in full")
-    else:
-        scales = req.arrays.get(codec.PACKED_SCALES)
-        if scales is None:
-            raise codec.CodecError("q8_delta scales missing from the instruction")
-        base = codec.advance_base(mem.base[0], flat,
-                                  torch.from_numpy(np.ascontiguousarray(scales)), items)
+    scales = req.arrays.get(codec.PACKED_SCALES)
     announced = req.config.get(ex.EXCHANGE_BASE)
-    if announced is not None:
-        if codec.base_digest(base, items) != announced:
-            mem.base = None
-            raise codec.CodecError("the decoded base differs from the one the aggregator "
-                                   "announced; the next round sends it in full")
-        if req.kind == ex.TRAIN:
-            mem.base = (base, str(announced))
+    try:
+        base = codec.receive_base(
+            flat, None if scales is None else torch.from_numpy(np.ascontiguousarray(scales)),
+            items, str(req.config.get(ex.EXCHANGE_BASE_CODEC, "")),
+            req.config.get(ex.EXCHANGE_BASE_PREV), announced, mem.base)
+    except codec.CodecError:
+        mem.base = None  # whatever it held is not the aggregator's: the full base comes next
+        raise
+    if announced is not None and req.kind == ex.TRAIN:
+        mem.base = (base, str(announced))
     return dict(base)  # shared with mem.base: training loads copies and never writes these
 
 
