@@ -186,11 +186,17 @@ def _print_screening(screening: dict[str, Any]) -> None:
     """Per site: update norm / round median (student, teacher, center), clips and rejections."""
     if not screening:
         return
-    print("  updates (last round; norm / round median for student, teacher, center):")
+    print("  updates (last round: norm / round median per part; teacher cosine to the others,")
+    print("  and the lowest it had in a round it was accepted):")
     for site, s in screening.items():
         ratios = s.get("vs_median") or {}
         shown = " ".join(f"{p} {ratios[p]:.2f}x" if isinstance(ratios.get(p), (int, float))
                          else f"{p} -" for p in ("student", "teacher", "center"))
+        if s.get("cosine") is not None:
+            shown += f", cosine {s['cosine']:+.3f}"
+        lowest = s.get("lowest_accepted_cosine")
+        if lowest:
+            shown += f" (lowest {lowest['cosine']:+.3f}, round {lowest['round']})"
         print(f"    {site}: round {s.get('last_round')} {s.get('last_action')}, {shown}")
         for e in s.get("events", []):
             print(f"      round {e['round']}: {e['action']}: {e['reason']}")

@@ -132,7 +132,9 @@ def round_costs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def screening_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per site: the last round's update norm against the median, and every clip or rejection.
 
-    From each rounds.jsonl row's ``decisions`` (issue 17); rows without them are skipped.
+    Also the teacher's direction cosine of the last round and the lowest the site had while it
+    was accepted: how close an honest site came to ``min_cosine`` (docs/federation.md). From
+    each rounds.jsonl row's ``decisions`` (issue 17); rows without them are skipped.
     """
     sites: dict[str, dict[str, Any]] = {}
     for row in rows:
@@ -147,6 +149,13 @@ def screening_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             entry["last_action"] = d.get("action")
             entry["norms"] = d.get("norms")
             entry["vs_median"] = d.get("vs_median")
+            cosine = (d.get("cosine") or {}).get("teacher")
+            entry["cosine"] = cosine if isinstance(cosine, (int, float)) else None
+            lowest = entry.get("lowest_accepted_cosine")
+            if entry["cosine"] is not None and d.get("action") in ("accepted", "clipped") \
+                    and (lowest is None or entry["cosine"] < lowest["cosine"]):
+                entry["lowest_accepted_cosine"] = {"cosine": entry["cosine"],
+                                                   "round": row.get("round")}
             if d.get("action") in ("clipped", "rejected", "refused"):
                 entry["events"].append({"round": row.get("round"), "action": d.get("action"),
                                         "reason": d.get("reason")})

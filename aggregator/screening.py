@@ -10,10 +10,18 @@ malicious one; these compare every reply with the round it belongs to. Each part
    and clipping it would still let its direction in at the site's full weight. The center's
    outliers are *clipped* to ``norm_factor`` x its median (:data:`CLIPPED_PARTS`): an honest
    site reached 5.5x. ``clipped_mean`` clips what remains to the median (:func:`clip_scales`).
-2. **Direction.** The cosine between a reply's student (and teacher) update and the
-   coordinate-wise median update of the surviving replies; below ``min_cosine`` the reply is
-   rejected (a sign-flipped update). Needs at least 3 surviving replies; the center is not
-   checked (honest center updates measured cosines down to -0.77).
+2. **Direction.** The cosine between a reply's teacher update and the coordinate-wise median
+   of the *other* surviving replies' teacher updates; below ``min_cosine`` the reply is
+   rejected (a sign-flipped update). Leave-one-out, because a reply must not be judged against
+   a reference it helped make: with 4 replies, a flipped one pulls the median of all four far
+   enough to land at +0.07 to +0.26 and pass, against -0.22 to -0.46 without itself. Only the
+   teacher: it is the EMA of the student, so from round 2 it carries the pull towards the
+   global student that every honest site shares (honest cosines +0.04 to +0.99 measured), and
+   in round 1, where student and teacher start equal, it follows the student's first steps
+   (honest -0.03 to +0.17, flipped -0.22 to -0.46; docs/federation.md, "Robustness"). The
+   student's own updates barely agree after round 1 (honest down to -0.09), so no threshold on
+   them separates a flip from an honest site; the center is not checked either (honest center
+   updates measured cosines down to -0.77). Needs at least 3 surviving replies.
 3. **Replay.** A reply byte-identical to a global state the aggregator sent or to a reply it
    accepted before is rejected (:class:`ReplayGuard`): nothing was trained, or it is stale.
 
@@ -30,16 +38,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aggregator.order_stats import coordinate_median
+from aggregator.order_stats import leave_one_out_medians
 from aggregator.spill import chunk_size, read_slice
 from aggregator.validation import PARTS, part_of
 
-__all__ = ["ACCEPTED", "CLIPPED", "REJECTED", "Verdict", "ReplayGuard", "round_medians", "norm_outliers", "outlier_clips", "CLIPPED_PARTS", "cosines_to_median",
-           "clip_scales", "clip_state", "state_digest", "screen_round", "DIRECTION_PARTS",
+__all__ = ["ACCEPTED", "CLIPPED", "REJECTED", "Verdict", "ReplayGuard", "round_medians",
+           "norm_outliers", "outlier_clips", "CLIPPED_PARTS", "cosines_to_others", "clip_scales",
+           "clip_state", "state_digest", "screen_round", "DIRECTION_PARTS",
            "MIN_SITES_FOR_DIRECTION"]
 
 ACCEPTED, CLIPPED, REJECTED = "accepted", "clipped", "rejected"
-DIRECTION_PARTS = ("student", "teacher")
+DIRECTION_PARTS = ("teacher",)
 MIN_SITES_FOR_DIRECTION = 3
 
 
@@ -50,7 +59,7 @@ class Verdict:
     action: str = ACCEPTED  # accepted | clipped | rejected
     reason: str | None = None
     vs_median: dict[str, float | None] = field(default_factory=dict)  # norm / round median
-    cosine: dict[str, float] = field(default_factory=dict)  # vs the coordinate-wise median
+    cosine: dict[str, float] = field(default_factory=dict)  # vs the others' median
     scales: dict[str, float] = field(default_factory=dict)  # clip factors < 1, by part
 
     def as_row(self) -> dict:
@@ -118,21 +127,20 @@ def outlier_clips(norms: Mapping[str, Mapping[str, float]], medians: Mapping[str
 
 
 @torch.no_grad()
-def cosines_to_median(states: Mapping[str, Mapping[str, torch.Tensor]],
+def cosines_to_others(states: Mapping[str, Mapping[str, torch.Tensor]],
                       global_state: Mapping[str, torch.Tensor],
                       parts: tuple[str, ...] = DIRECTION_PARTS) -> dict[str, dict[str, float]]:
-    """Cosine of each reply's update with the coordinate-wise median update, per part.
+    """Cosine of each reply's update with the coordinate-wise median of the others' updates.
 
     The median of an even count is the mean of the two middle values. One slice of one tensor
     at a time (:func:`aggregator.spill.chunk_size`), so the extra memory stays ~50 MB however
-    many replies and however large the tensor.
+    many replies and however large the tensor. Needs >= 2 replies.
     """
     labels = list(states)
     dot = {lb: dict.fromkeys(parts, 0.0) for lb in labels}
     own = {lb: dict.fromkeys(parts, 0.0) for lb in labels}
-    ref = dict.fromkeys(parts, 0.0)
-    n = len(labels)
-    step = chunk_size(n)
+    ref = {lb: dict.fromkeys(parts, 0.0) for lb in labels}
+    step = chunk_size(2 * len(labels))  # the replies' slices and their references
     for name, g in global_state.items():
         part = part_of(name)
         if part not in parts:
@@ -144,16 +152,16 @@ def cosines_to_median(states: Mapping[str, Mapping[str, torch.Tensor]],
             g32 = flat[start:stop].to(torch.float32)
             deltas = torch.stack([read_slice(states[lb], name, start, stop).to(torch.float32)
                                   - g32 for lb in labels])
-            median = coordinate_median(deltas)
-            ref[part] += float(median.pow(2).sum(dtype=torch.float64))
+            medians = leave_one_out_medians(deltas)
             for i, lb in enumerate(labels):
-                dot[lb][part] += float((deltas[i] * median).sum(dtype=torch.float64))
+                dot[lb][part] += float((deltas[i] * medians[i]).sum(dtype=torch.float64))
                 own[lb][part] += float(deltas[i].pow(2).sum(dtype=torch.float64))
+                ref[lb][part] += float(medians[i].pow(2).sum(dtype=torch.float64))
     out: dict[str, dict[str, float]] = {}
     for lb in labels:
         out[lb] = {}
         for part in parts:
-            denom = math.sqrt(own[lb][part] * ref[part])
+            denom = math.sqrt(own[lb][part] * ref[lb][part])
             out[lb][part] = dot[lb][part] / denom if denom > 0 else 1.0  # no direction to judge
     return out
 
@@ -248,14 +256,14 @@ def screen_round(
                 f"{p} x{s:.3g}" for p, s in scales.items()) + f"; norm_factor {norm_factor:g})"
     survivors = [lb for lb in norms if verdicts[lb].action != REJECTED]
     if min_cosine is not None and len(survivors) >= MIN_SITES_FOR_DIRECTION:
-        cosines = cosines_to_median({lb: states[lb] for lb in survivors}, global_state)
+        cosines = cosines_to_others({lb: states[lb] for lb in survivors}, global_state)
         for label in survivors:
             verdicts[label].cosine = cosines[label]
             low = [p for p, c in cosines[label].items() if c < min_cosine]
             if low:
                 verdicts[label].action = REJECTED
                 verdicts[label].reason = (
-                    f"{low[0]} update points against the round's median update (cosine "
+                    f"{low[0]} update points against the other replies' median update (cosine "
                     f"{cosines[label][low[0]]:.3f} < min_cosine {min_cosine:g})")
     if clip_to_median:
         for label in norms:

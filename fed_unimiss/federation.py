@@ -52,9 +52,10 @@ class FederationConfig:
     # update exceeds norm_factor x that part's median over the round's replies. Honest micro
     # sites reach 2.7x (an X-ray site among CT-phase sites); lower it only for uniform sites.
     norm_factor: float = 5.0
-    # Direction check: a reply is rejected when the cosine between its student (or teacher)
-    # update and the coordinate-wise median update of the round is below this (a sign-flipped
-    # update). Honest micro sites measured >= 0.04; null turns the check off.
+    # Direction check: a reply is rejected when the cosine between its teacher update and the
+    # coordinate-wise median of the other replies' teacher updates is below this (a
+    # sign-flipped update). Measured on micro: honest >= -0.03, flipped <= -0.22 (round 1, the
+    # hardest); null turns the check off.
     min_cosine: float | None = -0.1
     # The largest expected patients per step a DP site may use (its Poisson plan bounds its
     # counts). null: site_privacy's dp-patients-per-step, else the DP default (4).

@@ -4,13 +4,12 @@
 micro recipe with 2 local steps, the real ServerApp and ClientApps in process
 (``simulate --attack``). The global student must stay within ``BOUND`` of the honest-only run
 (the 3 honest sites alone), in relative L2: ||s_attack - s_honest|| / ||s_honest - s_init||,
-i.e. the attacker moves the model less than honest training itself moved it. Attacks rejected
-every round leave the model exactly where the honest run puts it.
+i.e. the attacker moves the model less than honest training itself moved it. Every kind is
+rejected every round under the default configuration, which leaves the model exactly where the
+honest run puts it; BOUND is what the issue's guarantee states for a kind that got through.
 
-Stated limit (docs/federation.md, "Robustness"): a sign-flipped update has an honest norm and
-is caught only by its direction. In round 1, where the honest updates of heterogeneous sites
-barely agree, it may pass; from round 2 the teacher's shared EMA pull gives it away. The test
-asserts what is measured: rejected from round 2 on, and within BOUND throughout.
+A sign-flipped update has an honest norm and is caught by its direction alone: its teacher
+update against the median of the other replies' (docs/federation.md, "Robustness").
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from fed_unimiss.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 ROUNDS = 3
-BOUND = 0.75  # relative L2 distance to the honest run (measured: 0 for all but signflip)
+BOUND = 0.75  # relative L2 distance to the honest run (measured: 0 for every kind)
 
 pytestmark = pytest.mark.slow
 
@@ -82,9 +81,8 @@ def test_one_attacker_cannot_move_the_model_beyond_the_bound(setup, kind):
         assert all(r["decisions"][s]["action"] == "accepted" for s in ("both", "ct", "xr"))
         if r["round"] in flagged:
             assert r["rejected"]["M"] == r["decisions"]["M"]["reason"]
+    assert flagged == [1, 2, 3], [r["decisions"]["M"] for r in rows]
+    assert distance < 1e-6  # rejected every round: exactly the honest run
     if kind == "signflip":
-        assert flagged[-2:] == [2, 3], rows[-1]["decisions"]["M"]
-        assert "points against the round's median update" in rows[-1]["rejected"]["M"]
-    else:
-        assert flagged == [1, 2, 3], [r["decisions"]["M"] for r in rows]
-        assert distance < 1e-6  # rejected every round: exactly the honest run
+        assert all("teacher update points against the other replies' median update"
+                   in r["rejected"]["M"] for r in rows)

@@ -19,7 +19,7 @@ from aggregator.attacks import parse_attack
 from aggregator.cli import _status
 from aggregator.inprocess import InProcessGrid, SiteSpec
 from aggregator.rounds import FederationRun, reply_limits, run_federation
-from aggregator.screening import clip_state, cosines_to_median, screen_round
+from aggregator.screening import clip_state, cosines_to_others, screen_round
 from aggregator.validation import (
     ReplyRejected,
     SiteReport,
@@ -221,9 +221,10 @@ def test_sign_flipped_update_is_rejected_by_direction(tmp_path):
     rows = _run(tmp_path, {"d": "flip"})
     for row in rows:
         d = row["decisions"]["d"]
-        assert d["action"] == "rejected" and "points against the round's median" in d["reason"]
-        assert d["cosine"]["student"] < -0.5
-        assert min(row["per_site"][s]["cosine"]["student"] for s in "abc") > 0.5
+        assert d["action"] == "rejected"
+        assert "teacher update points against the other replies' median" in d["reason"]
+        assert d["cosine"]["teacher"] < -0.5
+        assert min(row["per_site"][s]["cosine"]["teacher"] for s in "abc") > 0.5
 
 
 def test_stale_replay_is_rejected(tmp_path):
@@ -260,12 +261,19 @@ def test_clipped_mean_federation_names_the_clipped_sites(tmp_path):
                                row["decisions"][s]["reason"] for s in clipped)
 
 
-def test_cosines_to_median_sign():
+def test_cosines_are_taken_to_the_median_of_the_other_replies():
     g = _initial()
     up = {k: v + 0.1 for k, v in g.items()}
     down = {k: v - 0.1 for k, v in g.items()}
-    cos = cosines_to_median({"a": up, "b": up, "c": down}, g)
-    assert cos["a"]["student"] == pytest.approx(1.0) and cos["c"]["student"] == pytest.approx(-1)
+    cos = cosines_to_others({"a": up, "b": up, "e": up, "c": down}, g)
+    assert set(cos["a"]) == {"teacher"}  # the direction check's one part
+    assert cos["a"]["teacher"] == pytest.approx(1.0) and cos["c"]["teacher"] == pytest.approx(-1)
+    cos = cosines_to_others({"a": up, "b": up, "c": down}, g)
+    assert cos["a"]["teacher"] == 1.0  # the others' median (up + down) / 2 is 0: nothing to judge
+    # A reply that is half the round cannot make its own reference: with 4 replies, 2 up and
+    # 2 down, the median of all 4 is 0, but each sees the others' median pointing against it.
+    cos = cosines_to_others({"a": up, "b": up, "c": down, "d": down}, g, ("student",))
+    assert all(cos[s]["student"] == pytest.approx(-1.0) for s in "abcd")
 
 
 # ---------------------------------------------------------------- status, CLI
@@ -279,7 +287,12 @@ def test_status_shows_norm_vs_median_and_every_rejection(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "norm / round median" in text
     assert "a: round 2 accepted, student" in text
-    assert text.count("rejected: student update points against") == 2
+    assert text.count("rejected: teacher update points against") == 2
+    rows = [json.loads(x) for x in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    lowest = min((r["decisions"]["a"]["cosine"]["teacher"], r["round"]) for r in rows)
+    assert f"(lowest {lowest[0]:+.3f}, round {lowest[1]})" in text  # how close a came to -0.1
+    d_line = next(line for line in text.splitlines() if line.strip().startswith("d: round 2"))
+    assert "cosine -" in d_line and "lowest" not in d_line  # never accepted
 
 
 def test_parse_attack():
