@@ -9,7 +9,8 @@ malicious one; these compare every reply with the round it belongs to. Each part
    a step 5x larger than the round's typical one is outside the measured honest spread (2.7x),
    and clipping it would still let its direction in at the site's full weight. The center's
    outliers are *clipped* to ``norm_factor`` x its median (:data:`CLIPPED_PARTS`): an honest
-   site reached 5.5x. ``clipped_mean`` clips what remains to the median (:func:`clip_scales`).
+   site reached 5.5x. ``clipped_mean`` clips what remains to the median of the replies that
+   were not rejected (:func:`clip_scales`).
 2. **Direction.** The cosine between a reply's teacher update and the coordinate-wise median
    of the *other* surviving replies' teacher updates; below ``min_cosine`` the reply is
    rejected (a sign-flipped update). Leave-one-out, because a reply must not be judged against
@@ -265,11 +266,13 @@ def screen_round(
                 verdicts[label].reason = (
                     f"{low[0]} update points against the other replies' median update (cosine "
                     f"{cosines[label][low[0]]:.3f} < min_cosine {min_cosine:g})")
-    if clip_to_median:
+    if clip_to_median:  # to the median of the replies that count: a rejected one sets nothing
+        kept = round_medians({lb: n for lb, n in norms.items()
+                              if verdicts[lb].action != REJECTED})
         for label in norms:
             v = verdicts[label]
             if v.action != REJECTED:
-                v.scales = {**v.scales, **clip_scales(norms[label], medians)}
+                v.scales = {**v.scales, **clip_scales(norms[label], kept)}
                 if v.scales:
                     v.action = CLIPPED
                     v.reason = "clipped to the round's median norm (" + ", ".join(

@@ -252,6 +252,19 @@ def test_clipped_mean_clips_to_the_median_and_folds_the_clipped_state():
     assert check_state(clipped, g, 1e4)["student"] == pytest.approx(medians["student"])
 
 
+def test_clipped_mean_clips_to_the_median_of_the_replies_it_keeps():
+    """A rejected reply must not set the norm honest replies are clipped to."""
+    g = _initial()
+    states = {s: {k: v + (i + 1) * 0.1 for k, v in g.items()} for i, s in enumerate("abc")}
+    states["d"] = {k: v - 0.35 for k, v in g.items()}  # flipped, and the largest
+    norms = {s: check_state(st, g, 1e4) for s, st in states.items()}
+    medians, verdicts = screen_round(norms, states, g, 5.0, -0.1, clip_to_median=True)
+    assert verdicts["d"].action == "rejected"
+    assert medians["student"] == pytest.approx(norms["b"]["student"] * 2.5 / 2)  # of all 4
+    assert "student" not in verdicts["b"].scales  # b is the median of a, b, c
+    assert verdicts["c"].scales["student"] == pytest.approx(2 / 3)
+
+
 def test_clipped_mean_federation_names_the_clipped_sites(tmp_path):
     rows = _run(tmp_path, {}, aggregation="clipped_mean")
     for row in rows:
