@@ -23,15 +23,14 @@ malicious one; these compare every reply with the round it belongs to. Each part
    student's own updates barely agree after round 1 (honest down to -0.09), so no threshold on
    them separates a flip from an honest site; the center is not checked either (honest center
    updates measured cosines down to -0.77). Needs at least 3 surviving replies.
-3. **Replay.** A reply byte-identical to a global state the aggregator sent or to a reply it
-   accepted before is rejected (:class:`ReplayGuard`): nothing was trained, or it is stale.
+3. **Replay** is judged per reply as it arrives (:mod:`aggregator.replays`): a copy or a near
+   copy of a state sent or accepted earlier is rejected.
 
 Pure torch, no flwr; every function takes plain mappings so a streaming caller can use them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import statistics
 from collections.abc import Mapping
@@ -43,9 +42,9 @@ from aggregator.order_stats import leave_one_out_medians
 from aggregator.spill import chunk_size, read_slice
 from aggregator.validation import PARTS, part_of
 
-__all__ = ["ACCEPTED", "CLIPPED", "REJECTED", "Verdict", "ReplayGuard", "round_medians",
+__all__ = ["ACCEPTED", "CLIPPED", "REJECTED", "Verdict", "round_medians",
            "norm_outliers", "outlier_clips", "CLIPPED_PARTS", "cosines_to_others", "clip_scales",
-           "clip_state", "state_digest", "screen_round", "DIRECTION_PARTS",
+           "clip_state", "screen_round", "DIRECTION_PARTS",
            "MIN_SITES_FOR_DIRECTION"]
 
 ACCEPTED, CLIPPED, REJECTED = "accepted", "clipped", "rejected"
@@ -210,29 +209,6 @@ def clip_state(state: Mapping[str, torch.Tensor], global_state: Mapping[str, tor
     """global + scale x (state - global) for the tensors of each scaled part (read lazily, so
     a reply parked on disk is clipped one tensor at a time)."""
     return _Clipped(state, global_state, scales)
-
-
-def state_digest(state: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 of the names and bytes of a state (replay detection)."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        h.update(name.encode())
-        h.update(state[name].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-class ReplayGuard:
-    """Digests of every global state sent and every reply accepted in this run (32 B each)."""
-
-    def __init__(self) -> None:
-        self._seen: dict[str, str] = {}
-
-    def remember(self, digest: str, what: str) -> None:
-        self._seen.setdefault(digest, what)
-
-    def replayed(self, digest: str) -> str | None:
-        """What ``digest`` repeats (e.g. "the global state sent in round 1"), or None."""
-        return self._seen.get(digest)
 
 
 def screen_round(

@@ -34,9 +34,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from aggregator.averaging import Aggregator, make_aggregator
+from aggregator.replays import CoordinateSample, ReplayGuard
 from aggregator.screening import (
     REJECTED,
-    ReplayGuard,
     Verdict,
     clip_state,
     screen_round,
@@ -201,6 +201,10 @@ class _RoundState:
     bytes_down: int = 0  # one instruction as sent (arrays + config); the largest, if they differ
     bytes_down_node: dict[int, int] = field(default_factory=dict)  # down=q8_delta: per node
     base_digest: str | None = None  # down=q8_delta: the base every node was sent this round
+    # Coordinate samples (aggregator/replays.py) of the state the sites decode this round and
+    # of the global state their updates are added to (they differ by the codec's rounding).
+    sent_sample: dict[str, torch.Tensor] = field(default_factory=dict)
+    global_sample: dict[str, torch.Tensor] = field(default_factory=dict)
     bytes_down_site: dict[str, int] = field(default_factory=dict)  # label -> its instruction
     bytes_up: dict[str, int] = field(default_factory=dict)  # label -> reply as sent
     site_seconds: dict[str, float] = field(default_factory=dict)  # label -> local training s
@@ -242,6 +246,7 @@ class DimensionAwareStrategy:
         self.limits = limits
         self._round: _RoundState | None = None
         self._replays = ReplayGuard()
+        self._sampler: tuple[object, CoordinateSample] | None = None  # (layout key, sample)
         self._names: dict[int, str] = {}  # node id -> the label its replies declared
         # down=q8_delta: (base fp32, its digest, its layout JSON), and the digest each node holds.
         self._base: tuple[dict[str, torch.Tensor], str, str] | None = None
@@ -276,6 +281,10 @@ class DimensionAwareStrategy:
     ) -> list[Message]:
         """Start a round: reset the running sums and address the global state to every node."""
         self._cleanup()
+        previous = self._round
+        if previous is not None and previous.sent_sample:  # its replies are judged: now old
+            self._replays.remember_sent(previous.sent_sample,
+                                        f"the global state sent in round {previous.round_num}")
         keys = codec.sent_keys(global_state, self.exchange)
         reference = {k: global_state[k] for k in keys}
         self._round = _RoundState(
@@ -287,6 +296,11 @@ class DimensionAwareStrategy:
         )
         if self.exchange.down == "q8_delta":
             return self._train_messages_from_base(round_num, global_state, keys, list(node_ids))
+        sample = self._round.global_sample = self._sample_of(reference).of(reference)
+        self._round.sent_sample = {  # as the sites will decode it
+            part: codec.decode_tensor(part, codec.encode_tensor(v, self.exchange.down),
+                                      self.exchange.down, tuple(v.shape)).to(torch.float64)
+            for part, v in sample.items()}
         arrays, layout = encode_record(global_state, keys, self.exchange.down)
         config = self._instruction(round_num, ex.TRAIN, layout)
         self._round.bytes_down = arrays.count_bytes() + config.count_bytes()
@@ -323,6 +337,8 @@ class DimensionAwareStrategy:
             full_codec = "fp32"
         digest = codec.base_digest(base, items)
         self._base = (base, digest, layout)
+        rnd.sent_sample = self._sample_of(rnd.reference).of(base)  # the sites train from it
+        rnd.global_sample = self._sample_of(rnd.reference).of(rnd.reference)
         full_record = None
         messages = []
         for node_id in node_ids:
@@ -347,6 +363,13 @@ class DimensionAwareStrategy:
                 self._replays.remember(wire_digest(record), f"the global {what} sent in round "
                                        f"{round_num}")
         return messages
+
+    def _sample_of(self, reference: Mapping[str, torch.Tensor]) -> CoordinateSample:
+        """The run's coordinate sample for this layout (rebuilt only if the layout changes)."""
+        key = tuple((name, tuple(t.shape)) for name, t in reference.items())
+        if self._sampler is None or self._sampler[0] != key:
+            self._sampler = (key, CoordinateSample(dict(key)))
+        return self._sampler[1]
 
     def accept_train(self, reply: Message) -> TrainOutcome:
         """Check one reply on its own and hold it for the round's screening (``close_round``).
@@ -479,6 +502,8 @@ class DimensionAwareStrategy:
             raise ReplyRejected(f"undecodable update: int8 scales {'present' if scales else 'missing'} "
                                 f"under the announced codec up={up}")
         sq = dict.fromkeys(PARTS, 0.0)
+        sampler = self._sample_of(reference)
+        sample = sampler.empty()
         writer = SpillWriter(self.spill_dir / f"round{rnd.round_num}-{uuid.uuid4().hex}.f32")
         try:
             delta_norms: dict[str, float] = {}
@@ -495,6 +520,7 @@ class DimensionAwareStrategy:
                 if name == ex.CENTER_KEY and self.limits.derived:
                     check_center(value)
                 sq[part_of(name)] += norm * norm
+                sampler.take(sample, name, value)
                 writer.add(name, value)
             norms = {part: math.sqrt(v) for part, v in sq.items()}
             if not any(norms.values()):
@@ -504,6 +530,9 @@ class DimensionAwareStrategy:
                 if not math.isfinite(norm) or norm > bound:
                     raise ReplyRejected(f"{part} update norm {norm:.4g} exceeds max_update_norm "
                                         f"{bound:.4g}")
+            replay = self._replays.near_replay(sample, rnd.sent_sample, rnd.global_sample)
+            if replay is not None:
+                raise ReplyRejected(replay)
         except BaseException:
             writer.abort()
             raise
