@@ -41,13 +41,21 @@ HONEST = (("ct", 2, 0, 1), ("xr", 0, 4, 2), ("both", 1, 2, 3))
 ATTACKER = ("M", 1, 3, 4)
 
 
-def _config(root: Path, mode: str, local_steps: int) -> Path:
+def _heading(exchange: tuple[str, str]) -> str:
+    if exchange == ("fp32", "fp32"):
+        return SECTION
+    return SECTION.replace(" (issue 17)", f", exchange down={exchange[0]} up={exchange[1]} "
+                           "(issue 17)")
+
+
+def _config(root: Path, mode: str, local_steps: int, exchange: tuple[str, str]) -> Path:
     body = {"recipe": str(REPO / "configs" / "pretrain" / "micro.yaml"),
             "recipe_overrides": {"ssl": {"steps_per_epoch": 2, "batch_size_2d": 4,
                                          "batch_size_3d": 1, "threads": 1}},
             "local_steps": local_steps, "min_sites": 2, "round_timeout": 900,
             "evaluate": False, "poll_interval": 0.05, "aggregation": mode,
-            "trim_fraction": 0.25}  # with 4 sites: drop the top and bottom value per coordinate
+            "trim_fraction": 0.25,  # with 4 sites: drop the top and bottom value per coordinate
+            "exchange": {"down": exchange[0], "up": exchange[1]}}
     path = root / f"fed-{mode}.yaml"
     path.write_text(json.dumps(body))
     return path
@@ -84,8 +92,12 @@ def main() -> None:
     ap.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--local-steps", type=int, default=4)
+    ap.add_argument("--exchange", default="fp32,fp32", metavar="DOWN,UP",
+                    help="how states travel (configs/federation/micro.yaml ships q8_delta,q8_delta); "
+                         "each exchange has its own section")
     ap.add_argument("--write", type=Path, help="update this markdown file's section")
     args = ap.parse_args()
+    args.exchange = tuple(args.exchange.split(","))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     logging.basicConfig(level=logging.ERROR)
     import torch
@@ -105,7 +117,7 @@ def main() -> None:
         honest = {k: v for k, v in sites.items() if k != ATTACKER[0]}
         init = None
         for mode in args.modes:
-            cfg = _config(root, mode, args.local_steps)
+            cfg = _config(root, mode, args.local_steps, args.exchange)
             if init is None:
                 from aggregator.rounds import FederationRun
 
@@ -142,19 +154,20 @@ def main() -> None:
     results["seconds"] = time.time() - t0
     print(json.dumps(results, indent=1))
     if args.write:
-        replace_section(args.write, SECTION, _markdown(results, args))
+        replace_section(args.write, _heading(args.exchange), _markdown(results, args))
 
 
 def _markdown(res: dict, args: argparse.Namespace) -> str:
     modes = list(res["modes"])
-    lines = [SECTION, "",
+    lines = [_heading(args.exchange), "",
              f"`{' '.join(['.venv/bin/python', 'benchmarks/bench_robustness.py'] + sys.argv[1:])}`"
              f" on {platform.node() or 'this machine'} (2 shared CPU cores, OMP_NUM_THREADS=1), "
              f"{res['seconds'] / 60:.1f} min. Micro federation (local_steps "
              f"{res['local_steps']}, batches 4/1, 2-step epochs), {res['rounds']} rounds, "
              "phantom sites ct (2 CT), xr (4 X-rays), both (1 CT + 2 X-rays); attacker M "
              "(1 CT + 3 X-rays). Default checks on (count bound, the recipe's Adam norm bound, "
-             "norm_factor 5, min_cosine -0.1, replay); trimmed_mean with trim_fraction 0.25.",
+             "norm_factor 5, min_cosine -0.1, replay); trimmed_mean with trim_fraction 0.25. "
+             f"Exchange down={args.exchange[0]} up={args.exchange[1]}.",
              "",
              "Distance = ||student(attack) - student(honest)|| / ||student(honest) - "
              "student(init)|| after the last round, against the same mode's 3-site honest run "
@@ -181,8 +194,9 @@ def _markdown(res: dict, args: argparse.Namespace) -> str:
     cosines = [v[p] for r in mean["cosine"] for v in r.values() if v for p in v]
     student = [v["student"] for r in mean["norms"] for v in r.values() if v]
     lines += ["", f"Honest 4-site run ({'mean' if 'mean' in res['modes'] else modes[0]}): "
-              f"update norm / round median {min(ratios):.2f}-{max(ratios):.2f}; cosine to the "
-              f"median update {min(cosines):.3f}-{max(cosines):.3f}; student update norms "
+              f"update norm / round median {min(ratios):.2f}-{max(ratios):.2f}; teacher cosine to "
+              f"the other replies' median update {min(cosines):.3f}-{max(cosines):.3f}; "
+              "student update norms "
               f"{min(student):.3f}-{max(student):.3f} against the Adam bound "
               f"{mean['max_update_norm']:.3g} per part."]
     return "\n".join(lines)
