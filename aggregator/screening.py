@@ -153,10 +153,13 @@ def cosines_to_others(states: Mapping[str, Mapping[str, torch.Tensor]],
             deltas = torch.stack([read_slice(states[lb], name, start, stop).to(torch.float32)
                                   - g32 for lb in labels])
             medians = leave_one_out_medians(deltas)
+            dots = (deltas * medians).sum(1, dtype=torch.float64).tolist()
+            owns = deltas.pow(2).sum(1, dtype=torch.float64).tolist()
+            refs = medians.pow_(2).sum(1, dtype=torch.float64).tolist()
             for i, lb in enumerate(labels):
-                dot[lb][part] += float((deltas[i] * medians[i]).sum(dtype=torch.float64))
-                own[lb][part] += float(deltas[i].pow(2).sum(dtype=torch.float64))
-                ref[lb][part] += float(medians[i].pow(2).sum(dtype=torch.float64))
+                dot[lb][part] += dots[i]
+                own[lb][part] += owns[i]
+                ref[lb][part] += refs[i]
     out: dict[str, dict[str, float]] = {}
     for lb in labels:
         out[lb] = {}
