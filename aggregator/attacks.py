@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
 from aggregator.inprocess import InProcessGrid, SiteSpec
@@ -114,7 +114,8 @@ class AttackGrid(InProcessGrid):
         self._first_sent: dict[int, dict[str, torch.Tensor]] = {}
         self._bases: dict[int, tuple[dict[str, torch.Tensor], str]] = {}
 
-    def _received_base(self, node: int, record: ArrayRecord, config) -> dict[str, torch.Tensor]:
+    def _received_base(self, node: int, record: ArrayRecord, config: ConfigRecord
+                       ) -> dict[str, torch.Tensor]:
         """``down: q8_delta``: the global state as the site decodes it, from the base it holds."""
         scales = record.get(codec.PACKED_SCALES)
         base = codec.receive_base(
