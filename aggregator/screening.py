@@ -14,15 +14,16 @@ malicious one; these compare every reply with the round it belongs to. Each part
 2. **Direction.** The cosine between a reply's teacher update and the coordinate-wise median
    of the *other* surviving replies' teacher updates; below ``min_cosine`` the reply is
    rejected (a sign-flipped update). Leave-one-out, because a reply must not be judged against
-   a reference it helped make: with 4 replies, a flipped one pulls the median of all four far
-   enough to land at +0.07 to +0.26 and pass, against -0.22 to -0.46 without itself. Only the
-   teacher: it is the EMA of the student, so from round 2 it carries the pull towards the
-   global student that every honest site shares (honest cosines +0.04 to +0.99 measured), and
-   in round 1, where student and teacher start equal, it follows the student's first steps
-   (honest -0.03 to +0.17, flipped -0.22 to -0.46; docs/federation.md, "Robustness"). The
-   student's own updates barely agree after round 1 (honest down to -0.09), so no threshold on
-   them separates a flip from an honest site; the center is not checked either (honest center
-   updates measured cosines down to -0.77). Needs at least 3 surviving replies.
+   a reference it helped make: with 4-5 replies, a flipped one pulls the median of all of them
+   far enough to land at +0.09 to +0.25 in round 1 and pass, against -0.26 or below without
+   itself. Only the teacher: it is the EMA of the student, so from round 2 it carries the pull
+   towards the global student that every honest site shares (honest +0.13 and up, flipped
+   -0.48 and down), and in round 1 it follows the student's first steps (honest -0.017 and up,
+   flipped -0.26 and down). The student's own updates barely agree after round 1 (honest down
+   to -0.08 to -0.15), so no threshold on them separates a flip from an honest site; the
+   center is not checked either (honest center updates measured cosines down to -0.77).
+   Measured with benchmarks/bench_direction.py (docs/benchmarks.md, "The direction check's
+   margin"). Needs at least 3 surviving replies.
 3. **Replay** is judged per reply as it arrives (:mod:`aggregator.replays`): a copy or a near
    copy of a state sent or accepted earlier is rejected.
 
