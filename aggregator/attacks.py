@@ -121,9 +121,7 @@ class AttackGrid(InProcessGrid):
         base = codec.receive_base(
             torch.from_numpy(record[codec.PACKED].numpy()),
             None if scales is None else torch.from_numpy(scales.numpy()),
-            codec.layout_from_json(str(config.get(ex.EXCHANGE_LAYOUT, "[]"))),
-            str(config.get(ex.EXCHANGE_BASE_CODEC, "")), config.get(ex.EXCHANGE_BASE_PREV),
-            config.get(ex.EXCHANGE_BASE), self._bases.get(node))
+            config, self._bases.get(node))
         if config.get(ex.EXCHANGE_BASE) is not None:
             self._bases[node] = (base, str(config[ex.EXCHANGE_BASE]))
         return dict(base)

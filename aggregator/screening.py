@@ -91,8 +91,6 @@ def _ratio(norm: float, median: float) -> float | None:
 # An honest CT-only site reached 5.5x the median center update while the other two trained
 # X-rays (docs/quality.md's long run, uncompressed exchange, round 30).
 CLIPPED_PARTS = ("center",)
-
-
 REJECTED_PARTS = tuple(p for p in PARTS if p not in CLIPPED_PARTS)
 
 

@@ -203,6 +203,7 @@ class _RoundState:
     base_digest: str | None = None  # down=q8_delta: the base every node was sent this round
     # Coordinate samples (aggregator/replays.py) of the state the sites decode this round and
     # of the global state their updates are added to (they differ by the codec's rounding).
+    sampler: CoordinateSample | None = None
     sent_sample: dict[str, torch.Tensor] = field(default_factory=dict)
     global_sample: dict[str, torch.Tensor] = field(default_factory=dict)
     bytes_down_site: dict[str, int] = field(default_factory=dict)  # label -> its instruction
@@ -293,14 +294,15 @@ class DimensionAwareStrategy:
             make_aggregator(self.cfg.aggregation, reference, self.classes, self.cfg.trim_fraction),
             reference=reference,
             bounds=self.limits.part_bounds(global_state),
+            sampler=self._sample_of(reference),
         )
+        self._round.global_sample = self._round.sampler.of(reference)
         if self.exchange.down == "q8_delta":
             return self._train_messages_from_base(round_num, global_state, keys, list(node_ids))
-        sample = self._round.global_sample = self._sample_of(reference).of(reference)
         self._round.sent_sample = {  # as the sites will decode it
             part: codec.decode_tensor(part, codec.encode_tensor(v, self.exchange.down),
                                       self.exchange.down, tuple(v.shape)).to(torch.float64)
-            for part, v in sample.items()}
+            for part, v in self._round.global_sample.items()}
         arrays, layout = encode_record(global_state, keys, self.exchange.down)
         config = self._instruction(round_num, ex.TRAIN, layout)
         self._round.bytes_down = arrays.count_bytes() + config.count_bytes()
@@ -337,8 +339,7 @@ class DimensionAwareStrategy:
             full_codec = "fp32"
         digest = codec.base_digest(base, items)
         self._base = (base, digest, layout)
-        rnd.sent_sample = self._sample_of(rnd.reference).of(base)  # the sites train from it
-        rnd.global_sample = self._sample_of(rnd.reference).of(rnd.reference)
+        rnd.sent_sample = rnd.sampler.of(base)  # the sites train from it
         full_record = None
         messages = []
         for node_id in node_ids:
@@ -502,7 +503,7 @@ class DimensionAwareStrategy:
             raise ReplyRejected(f"undecodable update: int8 scales {'present' if scales else 'missing'} "
                                 f"under the announced codec up={up}")
         sq = dict.fromkeys(PARTS, 0.0)
-        sampler = self._sample_of(reference)
+        sampler = rnd.sampler
         sample = sampler.empty()
         writer = SpillWriter(self.spill_dir / f"round{rnd.round_num}-{uuid.uuid4().hex}.f32")
         try:

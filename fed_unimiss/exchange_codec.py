@@ -38,7 +38,13 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from fed_unimiss.exchange import SCALES
+from fed_unimiss.exchange import (
+    EXCHANGE_BASE,
+    EXCHANGE_BASE_CODEC,
+    EXCHANGE_BASE_PREV,
+    EXCHANGE_LAYOUT,
+    SCALES,
+)
 from fed_unimiss.exchange_config import (
     CONFIG_KEYS,
     DOWN_CODECS,
@@ -365,19 +371,20 @@ def base_digest(base: Mapping[str, torch.Tensor], items: list[tuple[str, tuple[i
     return h.hexdigest()
 
 
-def receive_base(flat: torch.Tensor, scales: torch.Tensor | None,
-                 items: list[tuple[str, tuple[int, ...]]], base_codec: str, prev: str | None,
-                 announced: str | None,
+def receive_base(flat: torch.Tensor, scales: torch.Tensor | None, config: Mapping[str, object],
                  held: tuple[Mapping[str, torch.Tensor], str] | None) -> dict[str, torch.Tensor]:
-    """The receiving side of ``down: q8_delta``: this instruction's base, checked.
+    """The receiving side of ``down: q8_delta``: the base a train instruction carries, checked.
 
-    With no ``prev`` digest the payload is the base in full (``base_codec``); otherwise it is a
-    delta for the base whose digest is ``prev``, applied to ``held`` (base, digest). Raises
-    ``CodecError`` when the delta is for a base not held (a restarted worker) or the result's
-    digest is not the ``announced`` one; the aggregator then sends the base in full next round.
+    ``config`` is the instruction's config record. Without its previous-base digest the payload
+    is the base in full; otherwise it is a delta for the base with that digest, applied to
+    ``held`` (base, digest). Raises ``CodecError`` when the delta is for a base not held (a
+    restarted worker) or the result's digest is not the announced one; the aggregator then
+    sends the base in full next round.
     """
+    items = layout_from_json(str(config.get(EXCHANGE_LAYOUT, "[]")))
+    prev, announced = config.get(EXCHANGE_BASE_PREV), config.get(EXCHANGE_BASE)
     if prev is None:
-        base = base_from_bits(flat, items, base_codec)
+        base = base_from_bits(flat, items, str(config.get(EXCHANGE_BASE_CODEC, "")))
     elif held is None or held[1] != prev:
         raise CodecError("the round's delta applies to a base this site does not hold "
                          "(restarted since the last round?); the next round sends it in full")

@@ -154,18 +154,16 @@ def _state_from_base(req: RoundRequest, mem: _SiteMemory) -> dict[str, torch.Ten
     the full base next round. A train message's base is kept for the next delta; an
     evaluation's full state is not a base.
     """
-    items = codec.layout_from_json(str(req.config.get(ex.EXCHANGE_LAYOUT, "[]")))
     flat = torch.from_numpy(np.ascontiguousarray(req.arrays.get(codec.PACKED, np.zeros(0))))
     scales = req.arrays.get(codec.PACKED_SCALES)
-    announced = req.config.get(ex.EXCHANGE_BASE)
     try:
         base = codec.receive_base(
             flat, None if scales is None else torch.from_numpy(np.ascontiguousarray(scales)),
-            items, str(req.config.get(ex.EXCHANGE_BASE_CODEC, "")),
-            req.config.get(ex.EXCHANGE_BASE_PREV), announced, mem.base)
+            req.config, mem.base)
     except codec.CodecError:
         mem.base = None  # whatever it held is not the aggregator's: the full base comes next
         raise
+    announced = req.config.get(ex.EXCHANGE_BASE)
     if announced is not None and req.kind == ex.TRAIN:
         mem.base = (base, str(announced))
     return dict(base)  # shared with mem.base: training loads copies and never writes these
