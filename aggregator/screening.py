@@ -20,10 +20,10 @@ malicious one; these compare every reply with the round it belongs to. Each part
    towards the global student that every honest site shares (honest +0.13 and up, flipped
    -0.48 and down), and in round 1 it follows the student's first steps (honest -0.017 and up,
    flipped -0.26 and down). The student's own updates barely agree after round 1 (honest down
-   to -0.08 to -0.15), so no threshold on them separates a flip from an honest site; the
-   center is not checked either (honest center updates measured cosines down to -0.77).
-   Measured with benchmarks/bench_direction.py (docs/benchmarks.md, "The direction check's
-   margin"). Needs at least 3 surviving replies.
+   to -0.08, flipped from -0.15 in the benchmark; they overlapped in an ad-hoc sweep), so a
+   threshold on them has little or no margin; the center is not checked either (honest
+   center updates measured cosines down to -0.77). Measured with benchmarks/bench_direction.py
+   (docs/benchmarks.md, "The direction check's margin"). Needs at least 3 surviving replies.
 3. **Replay** is judged per reply as it arrives (:mod:`aggregator.replays`): a copy or a near
    copy of a state sent or accepted earlier is rejected.
 
