@@ -88,14 +88,69 @@ def write_brain_set(out: Path, cache: Path) -> Path:
     return out
 
 
-def write_phantom_set(out: Path, n_train: int, n_val: int) -> Path:
-    """Labelled phantom CT through the project's own ``data phantom`` command."""
+def write_phantom_set(out: Path, n_train: int, n_val: int, lateral: bool = False) -> Path:
+    """Labelled phantom CT through the project's own ``data phantom`` command, laid out flat.
+
+    ``lateral`` labels the kidneys by side (kidney_right 3, kidney_left 6).
+    """
     if (out / ".done").exists():
         return out
     for split, n, seed in (("train", n_train, 201), ("val", n_val, 202)):
+        raw = out / f"{split}-raw"
         subprocess.run([sys.executable, "-m", "fed_unimiss.cli.main", "data", "phantom",
-                        str(out / split), "--ct", str(n), "--xray", "0", "--labels",
-                        "--format", "nifti", "--seed", str(seed)], check=True, cwd=REPO,
-                       capture_output=True)
+                        str(raw), "--ct", str(n), "--xray", "0", "--labels", "--format", "nifti",
+                        "--seed", str(seed), *(["--lateral"] if lateral else [])], check=True,
+                       cwd=REPO, capture_output=True)
+        (out / split).mkdir(parents=True, exist_ok=True)
+        for image in sorted((raw / "nifti").glob("*.nii.gz")):
+            image.rename(out / split / image.name)
+            (raw / "labels" / "seg" / image.name).rename(
+                out / split / image.name.replace(".nii.gz", "_label.nii.gz"))
+    (out / ".done").write_text("")
+    return out
+
+
+# TotalSegmentator's classes of the abdominal task, in our class order (1..6).
+ABDOMEN_CLASSES = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 5: "liver", 6: "stomach",
+                   52: "aorta"}
+ABDOMEN_NAMES = list(ABDOMEN_CLASSES.values())
+
+
+def write_abdomen_set(out: Path, source: Path) -> Path:
+    """Real abdominal CT with lateral labels, cut into axial slabs: train and val interleave.
+
+    ``source`` holds TotalSegmentator's public test files (github.com/wasserth/TotalSegmentator,
+    ``tests/reference_files``, Apache-2.0): ``example_ct_sm.nii.gz``, a real abdominal CT at
+    3 mm, and ``example_seg.nii.gz``, its multi-organ label map. Nothing is downloaded here. The
+    six organs of the task are spleen, right and left kidney, liver, stomach and aorta: two of
+    them are told apart only by side. The 30 slices become five 6-slice slabs; slabs 0, 2, 4
+    train and 1, 3 validate, so both sides see every organ at a different level.
+    """
+    if (out / ".done").exists():
+        return out
+    ct_img = nib.load(str(source / "example_ct_sm.nii.gz"))
+    seg_img = nib.load(str(source / "example_seg.nii.gz"))
+    ct = np.asarray(ct_img.dataobj).astype(np.float32)
+    raw = np.asarray(seg_img.dataobj).astype(np.int64)
+    if ct.shape != raw.shape:
+        raise SystemExit(f"{source}: CT {ct.shape} and labels {raw.shape} differ")
+    lut = np.zeros(max(256, raw.max() + 1), np.uint8)
+    for k, code in enumerate(ABDOMEN_CLASSES, start=1):
+        lut[code] = k
+    seg = lut[raw]
+    # The voxel axis that runs along the patient's head-feet (world z) direction.
+    axis = int(np.argmax(np.abs(ct_img.affine[2, :3])))
+    bounds = np.linspace(0, ct.shape[axis], 6).astype(int)
+    for k, (z0, z1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        split = "train" if k % 2 == 0 else "val"
+        (out / split).mkdir(parents=True, exist_ok=True)
+        index = [slice(None)] * 3
+        index[axis] = slice(z0, z1)
+        shift = np.eye(4)
+        shift[axis, 3] = z0
+        affine = ct_img.affine @ shift
+        nib.save(nib.Nifti1Image(ct[tuple(index)], affine), str(out / split / f"slab{k}.nii.gz"))
+        nib.save(nib.Nifti1Image(seg[tuple(index)], affine),
+                 str(out / split / f"slab{k}_label.nii.gz"))
     (out / ".done").write_text("")
     return out

@@ -62,6 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          "CT-only site)")
     phantom.add_argument("--labels", action="store_true",
                          help="also write organ label maps and labels.csv under OUT/labels/")
+    phantom.add_argument("--lateral", action="store_true",
+                         help="with --labels: label the kidneys by side (3 kidney_right, "
+                         "6 kidney_left), a task that a left-right flip corrupts")
     phantom.add_argument("--seed", type=int, default=0, help="give each simulated site its own "
                          "seed so sites hold different patients")
     phantom.add_argument("--format", dest="fmt", default="alternate",
@@ -169,8 +172,11 @@ def run_phantom(args: argparse.Namespace) -> int:
         print("fed-unimiss data phantom: error: nothing to write (--ct 0 --xray 0)",
               file=sys.stderr)
         return 1
+    if args.lateral and not args.labels:
+        print("fed-unimiss data phantom: error: --lateral needs --labels", file=sys.stderr)
+        return 1
     result = write_phantoms(args.out, args.ct, args.xray, labels=args.labels, seed=args.seed,
-                            fmt=args.fmt)
+                            fmt=args.fmt, lateral=args.lateral)
     print(f"wrote {len(result.ct)} CT and {len(result.xray)} X-ray phantom(s) to {args.out}"
           + (f" (labels in {args.out / 'labels'})" if args.labels else ""))
     return 0

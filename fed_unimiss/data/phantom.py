@@ -46,10 +46,15 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from fed_unimiss.checkpoint import atomic_write_bytes
 from fed_unimiss.data.scan import IGNORE_MARKER
 
-__all__ = ["LABEL_CLASSES", "PhantomSet", "make_ct_phantom", "make_xray_phantom",
+__all__ = ["LABEL_CLASSES", "LATERAL_LABEL_CLASSES", "PhantomSet", "make_ct_phantom", "make_xray_phantom",
            "write_phantoms"]
 
 LABEL_CLASSES = {0: "background", 1: "lung", 2: "liver", 3: "kidney", 4: "bone", 5: "lesion"}
+# With ``lateral=True`` the kidneys are told apart by side, as real abdominal label sets do: the
+# phantom is mirror-symmetric but for the liver, so only the position says which kidney is
+# which, and a left-right flip of a training patch swaps their labels.
+LATERAL_LABEL_CLASSES = {0: "background", 1: "lung", 2: "liver", 3: "kidney_right", 4: "bone",
+                         5: "lesion", 6: "kidney_left"}
 CT_SOP = "1.2.840.10008.5.1.4.1.1.2"
 CR_SOP = "1.2.840.10008.5.1.4.1.1.1"
 DX_SOP = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -352,12 +357,14 @@ def _write_xray(out: Path, image: np.ndarray, seed: int, index: int, as_dicom: b
 
 
 def write_phantoms(out: str | Path, n_ct: int, n_xray: int, *, labels: bool = False,
-                   seed: int = 0, fmt: Format = "alternate") -> PhantomSet:
+                   seed: int = 0, fmt: Format = "alternate", lateral: bool = False) -> PhantomSet:
     """Write ``n_ct`` CT phantoms and ``n_xray`` radiographs under ``out`` (see module doc).
 
     ``fmt`` chooses CT formats: ``alternate`` (DICOM for even cases, NIfTI for odd: every reader
     is exercised and a scan counts each case once), ``dicom``, ``nifti`` or ``both`` (each case
     twice - a scan of ``out`` then counts it twice). X-rays always alternate DICOM and PNG.
+    ``lateral`` labels the kidneys by side (:data:`LATERAL_LABEL_CLASSES`); the images are the
+    same bytes either way.
     """
     out = Path(out)
     result = PhantomSet()
@@ -365,6 +372,8 @@ def write_phantoms(out: str | Path, n_ct: int, n_xray: int, *, labels: bool = Fa
         rng = np.random.default_rng([seed, 1, case])
         lesion = bool(rng.integers(2))
         hu, seg, spacing = make_ct_phantom(rng, lesion)
+        if lateral:
+            seg = split_kidneys_by_side(seg)
         as_dicom = fmt in ("dicom", "both") or (fmt == "alternate" and case % 2 == 0)
         as_nifti = fmt in ("nifti", "both") or (fmt == "alternate" and case % 2 == 1)
         if as_dicom:
@@ -387,6 +396,19 @@ def write_phantoms(out: str | Path, n_ct: int, n_xray: int, *, labels: bool = Fa
     if labels:
         _write_labels(out / "labels", result.labels)
     return result
+
+
+def split_kidneys_by_side(seg: np.ndarray) -> np.ndarray:
+    """Relabel the kidney on the left half of the body (x > 0, away from the liver) as class 6.
+
+    The kidneys sit at +-0.38 of the body's half-width with a radius of 0.14 of it, so the
+    midline never cuts one.
+    """
+    out = seg.copy()
+    left = np.zeros(seg.shape, bool)
+    left[..., seg.shape[-1] // 2:] = True
+    out[(seg == 3) & left] = 6
+    return out
 
 
 def _write_labels(folder: Path, labels: dict[str, int]) -> None:

@@ -46,6 +46,15 @@ class FinetuneConfig:
     weight_decay: float = 1e-4
     # Linear warm-up steps, then cosine to min_lr over the run.
     warmup_steps: int = 0
+    # ---- how a pretrained start is kept (all ignored from scratch) ----
+    # The pretrained backbone's learning rate as a fraction of lr; the new layers train at lr.
+    backbone_lr_scale: float = 1.0
+    # "pretrained" starts the U-like decoder from the export; "fresh" re-initialises it and
+    # keeps only the pretrained encoder (the decoder was trained for the CLS objective only).
+    decoder_init: Literal["pretrained", "fresh"] = "pretrained"
+    # Train only the new layers for this many first steps (the backbone frozen), then
+    # everything: the new layers' random gradients never reach the pretrained weights.
+    freeze_backbone_steps: int = 0
     min_lr: float = 1e-6
     # Fraction of labelled training cases used (seeded subset; at least one case).
     label_fraction: float = 1.0
@@ -69,8 +78,14 @@ class FinetuneConfig:
     # Probability that a training patch is centred on a foreground voxel (nnU-Net uses 1/3);
     # raise it for tiny organs.
     foreground_prob: float = 0.33
-    # Random flips of training patches along each in-plane axis.
-    flip_prob: float = 0.5
+    # Random flips of training patches, per in-plane axis (never the slice axis). Off by default:
+    # within a budget of hundreds of steps a flip slows learning more than it regularises
+    # (docs/benchmarks.md, "Fine-tuning on real CT"); raise it (0.5, nnU-Net) for long runs.
+    flip_prob: float = 0.0
+    # Whether labels name a side (left/right kidney): then no flip ever mirrors left and right,
+    # since it would swap them (fed_unimiss.finetune.flips). null: from the class names
+    # (dataset.json or class_names), lateral when any names a side or when no names are known.
+    lateral_labels: bool | None = None
     # Sliding-window overlap at validation (0.5 = nnU-Net); lower is faster.
     sw_overlap: float = 0.5
     deep_supervision: bool = True
@@ -134,7 +149,8 @@ class FinetuneConfig:
         for name in ("lr", "hu_scale"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
-        for name in ("weight_decay", "min_lr", "warmup_steps", "ce_weight", "dice_weight"):
+        for name in ("weight_decay", "min_lr", "warmup_steps", "ce_weight", "dice_weight",
+                     "freeze_backbone_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("foreground_prob", "flip_prob"):
@@ -171,6 +187,12 @@ class FinetuneConfig:
                 if n is not None and n != len(self.label_values):
                     raise ValueError(f"label_values: {len(self.label_values)} values, but "
                                      f"{name} gives {n} classes")
+        if not 0 < self.backbone_lr_scale <= 1:
+            raise ValueError(f"backbone_lr_scale: expected a fraction of lr in (0, 1], got "
+                             f"{self.backbone_lr_scale}")
+        if self.decoder_init == "fresh" and not self.is_segmentation:
+            raise ValueError(f"decoder_init: 'fresh' is for segmentation; {self.task} uses the "
+                             "encoder only")
         if not 0 <= self.sw_overlap < 1:
             raise ValueError(f"sw_overlap: expected a value in [0, 1), got {self.sw_overlap}")
 

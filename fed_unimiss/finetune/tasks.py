@@ -463,14 +463,17 @@ def _class_voxels(labels: np.ndarray) -> list[np.ndarray]:
 
 
 class SegPatchSampler:
-    """Random training patches (image, labels) with foreground oversampling and flips."""
+    """Random training patches (image, labels) with foreground oversampling and label-safe flips."""
 
     def __init__(self, cases: list[SegCase], patch: tuple[int, ...], cfg: FinetuneConfig,
-                 rng: np.random.Generator) -> None:
+                 rng: np.random.Generator, flip_axes: tuple[int, ...] = ()) -> None:
         self.cases = [self._pad(c, patch) for c in cases]
         self.patch = tuple(patch)
         self.cfg = cfg
         self.rng = rng
+        # The axes a patch may be mirrored along (fed_unimiss.finetune.flips: never left-right
+        # when labels are lateral), each with probability cfg.flip_prob.
+        self.flip_axes = tuple(flip_axes)
         # Voxel coordinates of every foreground class per case, for centring patches on organs.
         self.fg = [_class_voxels(c.labels) for c in self.cases]
 
@@ -506,7 +509,7 @@ class SegPatchSampler:
             i = int(self.rng.integers(len(self.cases)))
             sl = tuple(slice(o, o + p) for o, p in zip(self._origin(i), self.patch, strict=True))
             img, lab = self.cases[i].image[sl], self.cases[i].labels[sl]
-            for axis in (-1, -2):  # in-plane flips only: the slice axis has a direction
+            for axis in self.flip_axes:
                 if self.rng.random() < self.cfg.flip_prob:
                     img, lab = np.flip(img, axis), np.flip(lab, axis)
             images.append(to_network_input(img))

@@ -36,6 +36,7 @@ from fed_unimiss.runtime import Runtime, autocast, grad_scaler
 
 from .cls_model import ClassificationNet
 from .config import FinetuneConfig
+from .flips import flip_axes, labels_are_lateral
 from .labels import LabelError
 from .load import load_pretrained, read_export_config
 from .losses import SegmentationLoss
@@ -72,6 +73,10 @@ def build_backbone(cfg: FinetuneConfig, init: str | Path | None) -> tuple[nn.Mod
         backbone = load_pretrained(init, parts=parts, input_size=size if square else None)
         info = {"init": "pretrained", "network": meta.get("network"),
                 "pretraining": meta.get("pretraining", {}), "preset": meta["model"].get("preset")}
+        if cfg.is_segmentation and cfg.decoder_init == "fresh":
+            # A new MiT of the same shape initialises the decoder exactly as from scratch.
+            backbone.decoder.load_state_dict(MiT(backbone.config).decoder.state_dict())
+            info["decoder"] = "fresh"
         return backbone, info
     model_cfg = get_config(cfg.model)
     if cfg.spatial_dims == 3:
@@ -96,9 +101,27 @@ def build_task_model(
     return model, info
 
 
-def _optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norms (tensors with ndim <= 1)."""
-    return torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr)
+def _optimizer(model: nn.Module, cfg: FinetuneConfig, pretrained: bool) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norms (ndim <= 1); a pretrained backbone at a
+    fraction ``backbone_lr_scale`` of the new layers' lr (every group records its ``lr_scale``).
+    """
+    backbone = getattr(model, "backbone", None)
+    if not pretrained or backbone is None or cfg.backbone_lr_scale == 1:
+        groups = decay_groups(model, cfg.weight_decay)
+        return torch.optim.AdamW([{**g, "lr_scale": 1.0} for g in groups], lr=cfg.lr)
+    inside = {id(p) for p in backbone.parameters()}
+    groups = []
+    for part, scale in (("backbone", cfg.backbone_lr_scale), ("new", 1.0)):
+        for decays in (True, False):
+            named = [(n, p) for n, p in model.named_parameters()
+                     if p.requires_grad and (id(p) in inside) == (part == "backbone")
+                     and (p.ndim > 1) == decays]
+            if named:
+                groups.append({"name": f"{part}_{'decay' if decays else 'no_decay'}",
+                               "params": [p for _, p in named], "names": [n for n, _ in named],
+                               "weight_decay": cfg.weight_decay if decays else 0.0,
+                               "lr_scale": scale})
+    return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
 def _lr_at(step: int, total: int, cfg: FinetuneConfig) -> float:
@@ -255,12 +278,21 @@ def finetune(
     if cfg.is_segmentation:
         criterion: nn.Module = SegmentationLoss(cfg.ce_weight, cfg.dice_weight,
                                                     getattr(model, "num_outputs", 1))
-        sampler = SegPatchSampler(train, cfg.input_size, cfg, rng)
+        lateral = labels_are_lateral(cfg.lateral_labels, names)
+        axes = flip_axes(cfg.spatial_dims, lateral) if cfg.flip_prob > 0 else ()
+        if cfg.flip_prob > 0:
+            log.info("flips (p %.2f) along %s: labels are %s", cfg.flip_prob,
+                     "anterior-posterior only" if lateral else "both in-plane axes",
+                     "lateral" if lateral else "symmetric")
+        sampler = SegPatchSampler(train, cfg.input_size, cfg, rng, axes)
         batches = iter(lambda: sampler.sample(cfg.batch_size), None)
     else:
         criterion = nn.BCEWithLogitsLoss() if cfg.multi_label else nn.CrossEntropyLoss()
         batches = _cls_batches(train, cfg, rng)
-    optimizer = _optimizer(model, cfg)
+    pretrained = init_info["init"] == "pretrained"
+    optimizer = _optimizer(model, cfg, pretrained)
+    # Linear-probe-then-fine-tune: the new layers first learn against a frozen backbone.
+    frozen_steps = cfg.freeze_backbone_steps if pretrained and cfg.mode == "full" else 0
     scaler = grad_scaler(device, precision)
     steps = cfg.steps_per_epoch or max(1, math.ceil(len(train) / cfg.batch_size))
     total = steps * cfg.epochs
@@ -272,9 +304,11 @@ def finetune(
         model.train()
         start, losses = time.perf_counter(), []
         for _ in range(steps):
+            if frozen_steps and step in (0, frozen_steps):
+                model.backbone.requires_grad_(step == frozen_steps)
             lr = _lr_at(step, total, cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             x, y = next(batches)
             x, y = x.to(device), y.to(device)
             with autocast(device, precision):
