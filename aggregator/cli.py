@@ -74,6 +74,9 @@ def format_round(row: dict[str, Any], rounds: int | None, state: Any = None) -> 
     rejected = row.get("rejected") or {}
     if isinstance(rejected, dict) and rejected:
         text += "; not used: " + "; ".join(f"{site} ({why})" for site, why in rejected.items())
+    absent = row.get("absent") or []
+    if absent:  # registered, but nothing came from them: offline, late, or no reply in time
+        text += f"; absent: {', '.join(str(s) for s in absent)} (registered, no reply)"
     return text
 
 
@@ -144,11 +147,16 @@ def _status(args: argparse.Namespace) -> int:
     print(f"  rounds done: {summary['rounds_done']}{target}")
     if summary["rounds_done"]:
         missing = summary["sites_missing"]
+        absent = summary["absent_last_round"]
         print(f"  sites:       {', '.join(summary['sites_last_round']) or 'none'} in round "
               f"{summary['rounds_done']}"
-              + (f"; not in it: {', '.join(missing)} (seen in earlier rounds)" if missing else ""))
+              + (f"; not in it: {', '.join(missing)} (seen in earlier rounds)" if missing else "")
+              + (f"; absent from it: {', '.join(absent)}" if absent else ""))
     else:
-        print("  sites:       none yet")
+        print("  sites:       none in a completed round yet")
+    online = online_line(summary["sites_online"])
+    if online:
+        print(f"  online now:  {online}")
     print(f"  last loss:   {loss:.4f}" if isinstance(loss, (int, float)) else "  last loss:   -")
     print(f"  last run:    {summary['run_id'] or '-'} ({summary['status']})")
     why = f" ({summary['why']})" if summary["why"] else ""
@@ -160,6 +168,24 @@ def _status(args: argparse.Namespace) -> int:
     _print_screening(summary.get("screening") or {})
     _print_costs(summary.get("costs") or [])
     return 0
+
+
+def online_line(online: dict[str, Any], now: float | None = None) -> str | None:
+    """Who the SuperLink sees online of the registered sites; None without a record (simulate)."""
+    import time
+
+    registered = online.get("registered") or []
+    if not registered:
+        return None
+    of = f"of {len(registered)} registered ({', '.join(registered)})"
+    if online.get("online") is None:
+        last = ", ".join(online.get("last_online") or []) or "none"
+        return f"unknown: the aggregator is not running (last seen online: {last})"
+    names = online["online"]
+    at = online.get("at")
+    ago = (f"; SuperLink asked {max(0.0, (now or time.time()) - at):.0f} s ago"
+           if isinstance(at, (int, float)) else "")
+    return f"{', '.join(names) or 'none'}: {len(names)} {of}{ago}"
 
 
 def _print_costs(costs: list[dict[str, Any]]) -> None:

@@ -3,11 +3,52 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
+from pathlib import Path
 
 from aggregator.provision import DEFAULT_FLEET_PORT, ProvisionError, add_sites, provision
 
-__all__ = ["register"]
+__all__ = ["register", "files_git_would_take"]
+
+
+def files_git_would_take(out: Path) -> tuple[Path, list[str]] | None:
+    """(work tree, files) when ``out`` lies in a git work tree and ``git add`` would take (or
+    has taken) files of it; None outside a work tree, when they are all ignored, or without git.
+
+    The kits hold the CA key and every site's private key: committed, they are in the
+    repository's history for good.
+    """
+    def git(*args: str) -> subprocess.CompletedProcess[str] | None:
+        try:
+            return subprocess.run(["git", "-C", str(out), *args], capture_output=True,
+                                  text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or top.returncode != 0 or not top.stdout.strip():
+        return None
+    listed = git("ls-files", "--cached", "--others", "--exclude-standard", "--", ".")
+    if listed is None or listed.returncode != 0:
+        return None
+    files = [line for line in listed.stdout.splitlines() if line.strip()]
+    return (Path(top.stdout.strip()), files) if files else None
+
+
+def _warn_if_in_git(out: Path) -> None:
+    found = files_git_would_take(out)
+    if found is None:
+        return
+    top, files = found
+    try:
+        pattern = f"/{out.resolve().relative_to(top.resolve())}/"
+    except ValueError:  # a path git and Python spell differently: name the folder itself
+        pattern = f"{out.name}/"
+    print(f"warning: {out} is inside the git work tree {top} and not ignored there: "
+          f"`git add` would commit its {len(files)} file(s), private keys included. Add "
+          f"'{pattern}' to {top / '.gitignore'}, or keep the kits outside the repository.",
+          file=sys.stderr)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -26,6 +67,7 @@ def _run(args: argparse.Namespace) -> int:
     except ProvisionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    _warn_if_in_git(Path(args.out))
     if args.add_sites:
         for site, path in kits.sites.items():
             print(f"site {site} kit:  {path}   (hand over to site {site} over a secure channel)")

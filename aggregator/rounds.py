@@ -32,8 +32,8 @@ from fed_unimiss.config import ConfigError, to_dict
 from fed_unimiss.exchange_config import describe
 from fed_unimiss.federation import FederationConfig, load_federation, resolve_recipe
 
-__all__ = ["RoundFailed", "FederationRun", "collect_replies", "initial_state", "reply_limits",
-           "run_federation"]
+__all__ = ["RoundFailed", "FederationRun", "absent_sites", "collect_replies", "initial_state",
+           "reply_limits", "run_federation"]
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +208,16 @@ def _run_round(
     return new_state, row
 
 
+def absent_sites(registered: list[str], row: dict[str, Any]) -> list[str]:
+    """The registered sites the round heard nothing from: not connected when it began (a site
+    that connects late misses it), or no reply by its deadline. A site whose reply came but was
+    not used is in ``rejected``, not here."""
+    heard = {str(label).split("@node-")[0]
+             for label in [*row.get("sites", []), *row.get("rejected", {}),
+                           *row.get("decisions", {})]}
+    return sorted(set(registered) - heard)
+
+
 def _rejection_note(strategy: DimensionAwareStrategy) -> str:
     """Why replies were dropped (e.g. every DP site refused: its privacy budget is spent)."""
     rejected = strategy.round_row(0.0, 0, [])["rejected"]
@@ -224,10 +234,12 @@ def run_federation(
     run: FederationRun,
     resume: bool = False,
     initial: dict[str, torch.Tensor] | None = None,
+    registered: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) all rounds; returns the last round's rounds.jsonl row.
 
     ``initial`` replaces the recipe-seeded round-0 state (tests with hand-made tensors).
+    ``registered`` (the coordinator kit's sites) adds each round's ``absent`` sites to its row.
     """
     from fed_unimiss.ssl.config import recipe_to_dict
 
@@ -256,6 +268,8 @@ def run_federation(
     try:
         for round_num in range(done + 1, run.rounds + 1):
             state, row = _run_round(grid, run, strategy, round_num, state)
+            if registered is not None:
+                row["absent"] = absent_sites(registered, row)
             if pending is not None:
                 pending.result()  # the previous round's write, and any error it raised
             pending = writer.submit(_save_round, store, round_num, state, row, identity)

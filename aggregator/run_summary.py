@@ -12,16 +12,19 @@ import math
 from pathlib import Path
 from typing import Any
 
-from aggregator.run_status import STATUS_FILE, read_json, run_state
+from aggregator.run_status import STATUS_FILE, process_gone, read_json, run_state
+from fed_unimiss.exchange import is_valid_site_name
 
 __all__ = ["RoundsTail", "read_rounds", "last_run_of_kit", "run_summary", "screening_summary",
-           "round_costs",
-           "epsilon_spent", "ROUNDS_LOG", "CHECKPOINT_PREFIX", "STATE_FILE", "LAST_RUN"]
+           "round_costs", "sites_online", "run_id_text",
+           "epsilon_spent", "ROUNDS_LOG", "CHECKPOINT_PREFIX", "STATE_FILE", "LAST_RUN",
+           "ONLINE_FILE"]
 
 ROUNDS_LOG = "rounds.jsonl"
 CHECKPOINT_PREFIX = "global_round_"  # RUN/global_round_NNNN.safetensors + .json
 STATE_FILE = "aggregator.json"
 LAST_RUN = "last-run"  # in the coordinator kit: the RUN folder of the latest start
+ONLINE_FILE = "sites-online.json"  # written by aggregator.deploy.runner.OnlineRecord
 
 
 class RoundsTail:
@@ -76,6 +79,31 @@ def last_run_of_kit(kit: str | Path) -> Path | None:
         return None
 
 
+def run_id_text(value: Any) -> str | None:
+    """A Flower run id as text: ids are 64-bit, and JavaScript (the dashboard, jq < 1.7) reads
+    JSON numbers as doubles, which round them (``...773`` shown as ``...700``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or value == "":
+        return None
+    return str(value)
+
+
+def sites_online(out: str | Path) -> dict[str, Any]:
+    """The registered sites and who the SuperLink sees online, from RUN/sites-online.json.
+
+    ``online`` is None when unknown: no record (a ``simulate`` run, or an older version), or
+    the ``aggregator start`` that wrote it has ended (its SuperLink with it); ``last_online``
+    then keeps what was last seen. ``at`` is when the SuperLink was last asked.
+    """
+    record = read_json(Path(out) / ONLINE_FILE)
+    names = lambda key: sorted(str(n) for n in record.get(key) or []  # noqa: E731
+                               if is_valid_site_name(n))
+    at = record.get("at")
+    at = float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) else None
+    live = bool(record) and not process_gone(record)
+    return {"registered": names("registered"), "online": names("online") if live else None,
+            "last_online": names("online"), "at": at}
+
+
 def run_summary(out: str | Path) -> dict[str, Any]:
     """What ``aggregator status`` shows: rounds done, sites seen, last loss, last run status."""
     out = Path(out)
@@ -95,6 +123,10 @@ def run_summary(out: str | Path) -> dict[str, Any]:
     target = target if isinstance(target, int) and not isinstance(target, bool) else None
     run_state_, why = run_state(out, done, target)  # also what the dashboard shows
     last_sites = sorted(str(s) for s in (rows[-1].get("sites") or [])) if rows else []
+    resume = state.get("resume_command") if run_state_ == "stopped" else None
+    resume = resume if isinstance(resume, str) and resume else None
+    if resume and why:  # here, at the coordinator, the command itself
+        why = f"{why.split('; ', 1)[0]}; resume with: {resume}"
     return {
         "out": str(out),
         "rounds_done": done,
@@ -104,12 +136,16 @@ def run_summary(out: str | Path) -> dict[str, Any]:
         "sites_last_round": last_sites,
         "sites_missing": sorted(sites - set(last_sites)),
         "last_loss": rows[-1].get("loss") if rows else None,
-        "run_id": state.get("run_id"),
+        "run_id": run_id_text(state.get("run_id")),  # text: 64-bit ids (see run_id_text)
         "status": state.get("status", "never started" if not rows else "unknown"),
         "rounds_target": target,
         "epsilon": epsilon,
         "state": run_state_,
         "why": why,
+        "resume_command": resume,
+        "sites_online": sites_online(out),
+        "absent_last_round": sorted(str(s) for s in (rows[-1].get("absent") or [])
+                                    if is_valid_site_name(s)) if rows else [],
         "screening": screening_summary(rows),
         "costs": round_costs(rows),
     }

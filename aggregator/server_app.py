@@ -2,7 +2,8 @@
 
 Run config keys (``flwr run --run-config`` in deployment; the in-process runner passes the
 same): ``config`` (absolute path of the federation YAML, read here at the coordinator), ``out``
-(absolute RUN directory), ``rounds`` and optionally ``resume``. See docs/federation.md.
+(absolute RUN directory), ``rounds`` and optionally ``resume`` and ``sites`` (the registered
+site labels, comma-separated: each round then names the absent ones). See docs/federation.md.
 
 One thing is added around the round loop here:
 
@@ -95,12 +96,14 @@ def main(grid: Grid, context: Context) -> None:
     run = FederationRun.from_files(str(rc[ex.RUN_CONFIG]), str(rc[ex.RUN_OUT]), rounds)
     shorten_object_pull_backoff()  # replies' chunks: no 1-2-4 s waits (issue 15)
     resume = bool(rc.get(ex.RUN_RESUME, False))
+    registered = ([s for s in str(rc[ex.RUN_SITES]).split(",") if ex.is_valid_site_name(s)]
+                  if ex.RUN_SITES in rc else None)
     # RUN/status.json: running, then finished or failed and why (status and dashboard read it)
     with serverapp_log(run.out), recorded_status(run.out, run.rounds):
         if run.cfg.require_dp:
             log.info("federation requires differential privacy: non-DP sites are refused")
         try:
-            last = run_federation(grid, run, resume=resume)
+            last = run_federation(grid, run, resume=resume, registered=registered)
         except Exception as e:
             log.error("federation stopped: %s", e)
             raise

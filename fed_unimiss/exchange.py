@@ -137,6 +137,9 @@ RUN_CONFIG = "config"  # absolute path of the federation YAML (read at the coord
 RUN_OUT = "out"  # absolute RUN directory: checkpoints and rounds.jsonl
 RUN_ROUNDS = "rounds"
 RUN_RESUME = "resume"  # bool: continue after the last complete round in RUN
+# Comma-separated labels of the sites the coordinator registered (its kit): a round names those
+# it heard nothing from ("absent"). Optional; not part of the run's identity (sites may be added).
+RUN_SITES = "sites"
 
 # ---------------------------------------------------------------- message types
 TRAIN = "train"

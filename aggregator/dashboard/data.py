@@ -5,10 +5,14 @@ The sources are the ones ``aggregator status`` reads: ``rounds.jsonl``, ``aggreg
 checkpoint sidecar (when the round ended) and the round count of the run's identity in the
 latest sidecar. Logs, site folders and checkpoints' tensors are never read.
 
+The registered sites and who is online now come from ``sites-online.json``, which
+``aggregator start`` refreshes from the SuperLink (:func:`aggregator.run_summary.sites_online`).
+
 Everything passed on is built from an allow-list: round numbers, counts, metrics, bytes,
 seconds, site labels of the aggregator's own form (:func:`site_label` or ``label@node-N``),
 the aggregator's own rejection reasons and the run's state, each string cut to one line with
 file paths removed. A field a row lacks (older runs) comes out as ``None``; the page shows "—".
+Flower's run and node ids are 64-bit: they are sent as strings, which JavaScript cannot round.
 """
 
 from __future__ import annotations
@@ -22,7 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.run_status import STATUS_FILE, clean_text, read_json, run_state
-from aggregator.run_summary import CHECKPOINT_PREFIX, ROUNDS_LOG  # no torch: see run_summary
+from aggregator.run_summary import (  # no torch: see run_summary
+    CHECKPOINT_PREFIX,
+    ROUNDS_LOG,
+    run_id_text,
+    sites_online,
+)
 from fed_unimiss.exchange import is_valid_site_name
 
 __all__ = ["RunView", "clean_round", "run_view", "read_rows"]
@@ -96,8 +105,11 @@ def clean_round(row: dict[str, Any], ended_at: float | None) -> dict[str, Any] |
     out["rejected"] = {s: clean_text(v) or "rejected"
                        for s, v in _site_map(row.get("rejected")).items()}
     missing = row.get("missing_nodes")
-    out["missing_nodes"] = ([n for n in missing if isinstance(n, int) and not isinstance(n, bool)]
-                            if isinstance(missing, list) else [])
+    out["missing_nodes"] = ([str(n) for n in missing if isinstance(n, int)
+                             and not isinstance(n, bool)] if isinstance(missing, list) else [])
+    absent = row.get("absent")
+    out["absent"] = ([s for s in absent if is_valid_site_name(s)]
+                     if isinstance(absent, list) else [])
     # The global teacher entropy: the sites' values weighted by their sample counts.
     weighted = [(v["teacher_entropy"], (v["samples_2d"] or 0) + (v["samples_3d"] or 0) or 1.0)
                 for v in out["per_site"].values() if v["teacher_entropy"] is not None]
@@ -122,15 +134,21 @@ def round_split(row: dict[str, Any], simulated: bool) -> tuple[float | None, flo
     return compute, total - compute
 
 
-def _sites(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _sites(rounds: list[dict[str, Any]], online: dict[str, Any]) -> list[dict[str, Any]]:
+    """One entry per site seen in a round or registered; ``online`` is None when unknown."""
     table: dict[str, dict[str, Any]] = {}
+    now_online = online["online"]
 
     def entry(site: str) -> dict[str, Any]:
         return table.setdefault(site, {
             "site": site, "last_seen_round": None, "last_seen_at": None, "rounds_joined": 0,
             "rejections": 0, "rejection_reasons": [], "samples_2d": 0, "samples_3d": 0,
-            "last_loss": None, "dp": False, "epsilon": None, "epsilon_budget": None})
+            "last_loss": None, "dp": False, "epsilon": None, "epsilon_budget": None,
+            "registered": site in online["registered"],
+            "online": None if now_online is None else site in now_online})
 
+    for site in online["registered"]:
+        entry(site)
     for row in rounds:
         for site in set(row["sites"]) | set(row["rejected"]):
             e = entry(site)
@@ -198,6 +216,7 @@ def run_view(out: str | Path) -> RunView:
     state, why = run_state(out, done, target)
     started = _num(read_json(out / STATUS_FILE).get("started_at"))
     run_id = read_json(out / AGGREGATOR_FILE).get("run_id")
+    online = sites_online(out)
     secs = [r["seconds"] for r in rounds if r["seconds"] is not None]
     recent = secs[-5:]
     per_round = sum(recent) / len(recent) if recent else None
@@ -211,7 +230,7 @@ def run_view(out: str | Path) -> RunView:
         "kind": "simulate" if simulated else "aggregator start",
         "state": state,
         "why": why,
-        "run_id": run_id if isinstance(run_id, int) and not isinstance(run_id, bool) else None,
+        "run_id": run_id_text(run_id),
         "rounds_done": done,
         "rounds_target": target,
         "started_at": started,
@@ -220,6 +239,10 @@ def run_view(out: str | Path) -> RunView:
         "last_round_at": rounds[-1]["ended_at"] if rounds else None,
         "sites": len({s for r in rounds for s in r["sites"] + list(r["rejected"])}),
         "last_loss": rounds[-1]["loss"] if rounds else None,
+        # who the SuperLink sees online now (None: unknown, no aggregator running)
+        "sites_registered": online["registered"],
+        "sites_online": online["online"],
+        "online_at": online["at"],
         "now": now,
     }
-    return RunView(run=run, rounds=rounds, sites=_sites(rounds))
+    return RunView(run=run, rounds=rounds, sites=_sites(rounds, online))

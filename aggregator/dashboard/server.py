@@ -1,6 +1,7 @@
 """The dashboard's ASGI app (Starlette) and the uvicorn server that runs it.
 
-Routes: ``/`` (the page), ``/static/...`` (its script, style and the vendored uPlot),
+Routes: ``/`` (the page, with the three API documents of that moment in a JSON block, so that
+it shows the run at once), ``/static/...`` (its script, style and the vendored uPlot),
 ``/api/run``, ``/api/rounds``, ``/api/sites`` (JSON, see :mod:`aggregator.dashboard.data`).
 Everything is read-only (GET/HEAD).
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 import logging
 import secrets
 import threading
@@ -28,7 +30,7 @@ from urllib.parse import parse_qs, quote
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -41,6 +43,20 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 COOKIE = "fed_unimiss_dashboard"
 DEFAULT_ADDRESS = "127.0.0.1:8050"
+INITIAL_DATA = "<!--INITIAL-DATA-->"  # in index.html: where the page's first data goes
+
+
+def page_html(cfg: DashboardConfig) -> str:
+    """index.html with the run, rounds and sites of this moment in its JSON block.
+
+    ``<`` is escaped in the JSON so that no value can close the block; the block is data, not
+    a script, so the page's Content-Security-Policy (scripts from 'self' only) still holds.
+    """
+    view = run_view(cfg.out)
+    data = {"run": {**view.run, "refresh_s": cfg.refresh_s}, "rounds": view.rounds,
+            "sites": view.sites}
+    text = json.dumps(data, allow_nan=False).replace("<", "\\u003c")
+    return (STATIC / "index.html").read_text(encoding="utf-8").replace(INITIAL_DATA, text, 1)
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -142,7 +158,7 @@ def build_app(cfg: DashboardConfig) -> Any:
                                           "style-src 'self' 'unsafe-inline'"}
 
     async def page(request: Request) -> Response:
-        return FileResponse(STATIC / "index.html", headers=headers)
+        return HTMLResponse(await run_in_threadpool(page_html, cfg), headers=headers)
 
     # The RUN folder is read per request in a worker thread (a few small files).
     async def api_run(request: Request) -> Response:

@@ -7,7 +7,11 @@ RUN layout written here (next to what the ServerApp writes: checkpoints and roun
     RUN/logs/serverapp.log   the ServerApp's log: Flower's part fetched over the Control API,
                              ours (aggregator.*, fed_unimiss.*) written by the ServerApp itself
     RUN/.flwr/               private FLWR_HOME (nothing is written to ~/.flwr)
-    RUN/aggregator.json      the latest run id and its final status
+    RUN/aggregator.json      the latest run id and its status: waiting (for sites), started,
+                             the final one, or stopped (by Ctrl-C or a signal), with the command
+                             that resumes the run
+    RUN/sites-online.json    the registered sites and which of them the SuperLink sees online,
+                             refreshed every few seconds while the command runs
 
 The loop polls the run's status over the Control API and tails rounds.jsonl for progress. The
 run's outcome is its final status (``finished:completed``), never an exit code. On any exit
@@ -20,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import threading
 import time
 from collections.abc import Callable
@@ -41,8 +46,10 @@ from aggregator.deploy.superlink import (
     load_coordinator_kit,
     superlink_command,
 )
+from aggregator.run_status import process_record, stop_cause
 from aggregator.run_summary import (  # light: `aggregator status` imports only these
     LAST_RUN,
+    ONLINE_FILE,
     ROUNDS_LOG,
     STATE_FILE,
     RoundsTail,
@@ -52,11 +59,12 @@ from aggregator.run_summary import (  # light: `aggregator status` imports only 
     run_summary,
 )
 from fed_unimiss.checkpoint import atomic_write_json
-from fed_unimiss.exchange import RUN_CONFIG, RUN_OUT, RUN_RESUME, RUN_ROUNDS
+from fed_unimiss.exchange import RUN_CONFIG, RUN_OUT, RUN_RESUME, RUN_ROUNDS, RUN_SITES
 from fed_unimiss.processes import ProcessSet, kill_recorded
 
 __all__ = ["AggregatorOptions", "RunOutcome", "RoundsTail", "run_aggregator", "run_summary",
-           "epsilon_spent", "read_rounds", "last_run_of_kit"]
+           "epsilon_spent", "read_rounds", "last_run_of_kit", "resume_command",
+           "wait_timeout_message"]
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +135,54 @@ def _save_server_log(client: ControlClient, run_id: int, after: float, logs: Pat
     return latest
 
 
+class OnlineRecord:
+    """Which registered sites the SuperLink sees online, kept in RUN/sites-online.json.
+
+    ``aggregator status`` and the dashboard run in other processes and must answer without
+    Flower; they read this file, and trust it only while the process that wrote it lives.
+    Only the kit's site labels are written: no node id, key or address.
+    """
+
+    def __init__(self, client: ControlClient, registered: list[str], out: Path,
+                 every_s: float = 5.0) -> None:
+        self.client, self.registered, self.path = client, sorted(registered), out / ONLINE_FILE
+        self.every_s = every_s
+        self._last = 0.0
+
+    def poll(self) -> set[str]:
+        """Ask the SuperLink now; record and return the registered sites online."""
+        online = self.client.online_sites() & set(self.registered)
+        atomic_write_json(self.path, {"at": time.time(), "registered": self.registered,
+                                      "online": sorted(online), **process_record()})
+        self._last = time.monotonic()
+        return online
+
+    def maybe_poll(self) -> None:
+        """Refresh the record when it is older than ``every_s`` (a failed ask waits its turn)."""
+        if time.monotonic() - self._last < self.every_s:
+            return
+        try:
+            self.poll()
+        except ControlError as e:
+            self._last = time.monotonic()
+            log.debug("could not list the SuperNodes: %s", e)
+
+
 def _online_note(online: set[str], needed: int, waited: float) -> str:
     return (f"waiting for sites: {len(online)} of {needed} online "
             f"({', '.join(sorted(online)) or 'none yet'}) after {waited:.0f} s")
 
 
-def _wait_online(client: ControlClient, opts: AggregatorOptions, procs: ProcessSet,
+def wait_timeout_message(online: set[str], registered: list[str], needed: int,
+                         timeout_s: float) -> str:
+    """Why ``--wait-for-sites`` gave up, naming the sites that did not come (what to chase)."""
+    missing = sorted(set(registered) - online)
+    return (f"only {len(online)} of {needed} site(s) came online within {timeout_s:.0f} s; "
+            f"not online: {', '.join(missing) or 'none'} "
+            f"(online: {', '.join(sorted(online)) or 'none'})")
+
+
+def _wait_online(sites: OnlineRecord, opts: AggregatorOptions, procs: ProcessSet,
                  note: Callable[[str], None]) -> None:
     """Block until ``opts.wait_for_sites`` sites are online; say how many are, as it changes."""
     started = time.monotonic()
@@ -140,7 +190,7 @@ def _wait_online(client: ControlClient, opts: AggregatorOptions, procs: ProcessS
     online: set[str] = set()
     shown: tuple[set[str], float] | None = None
     while time.monotonic() < deadline:
-        online = client.online_sites()
+        online = sites.poll()
         if len(online) >= opts.wait_for_sites:
             note(f"{len(online)} site(s) online: {', '.join(sorted(online))}")
             return
@@ -151,20 +201,20 @@ def _wait_online(client: ControlClient, opts: AggregatorOptions, procs: ProcessS
             shown = (online, now)
         procs.watch()
         time.sleep(0.5)
-    raise ControlError(f"only {len(online)} of {opts.wait_for_sites} site(s) came online within "
-                       f"{opts.wait_for_sites_timeout_s:.0f} s ({', '.join(sorted(online)) or 'none'})")
+    raise ControlError(wait_timeout_message(online, sites.registered, opts.wait_for_sites,
+                                            opts.wait_for_sites_timeout_s))
 
 
-def _wait_for_last_sites(client: ControlClient, sites: list[str], last_round: int,
+def _wait_for_last_sites(sites: OnlineRecord, wanted_sites: list[str], last_round: int,
                          timeout_s: float, procs: ProcessSet, note: Callable[[str], None]) -> None:
     """A resume waits (bounded) for the sites of its last complete round, and says so."""
-    wanted = set(sites)
+    wanted = set(wanted_sites)
     note(f"resuming after round {last_round}: waiting up to {timeout_s:.0f} s for its sites "
          f"({', '.join(sorted(wanted))}) to reconnect")
     deadline = time.monotonic() + timeout_s
     online: set[str] = set()
     while True:
-        online = client.online_sites() & wanted
+        online = sites.poll() & wanted
         if online == wanted:
             note(f"all {len(wanted)} site(s) of round {last_round} online")
             return
@@ -174,6 +224,28 @@ def _wait_for_last_sites(client: ControlClient, sites: list[str], last_round: in
             return
         procs.watch()
         time.sleep(0.5)
+
+
+def resume_command(opts: AggregatorOptions) -> str:
+    """The command that resumes this run: the same kit, config, rounds and RUN (absolute)."""
+    def path(p: Path) -> str:
+        return str(Path(p).expanduser().resolve())
+
+    args = ["fed-unimiss", "aggregator", "start", "--kit", path(opts.kit), "--config",
+            path(opts.config), "--rounds", str(opts.rounds), "--out", path(opts.out)]
+    if opts.fleet_address:
+        args += ["--address", opts.fleet_address]
+    if opts.control_address:
+        args += ["--control-address", opts.control_address]
+    return shlex.join(args)
+
+
+def _ended_record(e: BaseException) -> dict[str, Any]:
+    """aggregator.json's status when the command ends by an exception: a stop is not a failure."""
+    cause = stop_cause(e)
+    if cause is not None:
+        return {"status": "stopped", "stopped_by": cause}
+    return {"status": "interrupted" if isinstance(e, SystemExit) else "error", "error": str(e)}
 
 
 def _check_resume(config: Path, out: Path, rounds: int) -> dict[str, Any] | None:
@@ -278,34 +350,39 @@ def run_aggregator(
 
     if read_rounds(out):
         log.info("RUN %s already holds rounds: the ServerApp resumes after the last one", out)
+    # RUN_SITES: the kit's sites, so that each round names the registered ones it did not hear
     overrides = {RUN_CONFIG: str(config), RUN_OUT: str(out), RUN_ROUNDS: int(opts.rounds),
-                 RUN_RESUME: True, **opts.run_config}
+                 RUN_RESUME: True, RUN_SITES: ",".join(sorted(kit.site_keys)),
+                 **opts.run_config}
     fab, fab_hash = build_fab(FabSpec(run_config=overrides, serverapp=opts.serverapp,
                                       clientapp=opts.clientapp))
     superlink_log = logs / "superlink.log"
     printer = _RoundPrinter(RoundsTail(out / ROUNDS_LOG, skip_existing=True), on_round)
     state: RunState | None = None
     run_id: int | None = None
+    base = {"rounds": opts.rounds, "resume_command": resume_command(opts), **process_record()}
+    atomic_write_json(out / STATE_FILE, {**base, "run_id": None, "status": "waiting"})
 
     with ProcessSet(pids) as procs:
         link = procs.start("superlink", superlink_command(kit, fleet, control),
                            superlink_log, env=env, cwd=out)
         log.info("SuperLink starting: fleet %s, control %s, log %s", fleet, control, superlink_log)
         client = ControlClient(control, kit.ca)
+        sites = OnlineRecord(client, list(kit.site_keys), out)
         try:
             client.wait_ready(opts.ready_timeout_s, alive=lambda: link.poll() is None)
             _register_sites(client, kit)
             if on_ready is not None:
                 on_ready()
             if opts.wait_for_sites:
-                _wait_online(client, opts, procs, note)
+                _wait_online(sites, opts, procs, note)
             if last_row and last_row.get("sites") and opts.resume_wait_s > 0 \
                     and int(last_row["round"]) < opts.rounds:
-                _wait_for_last_sites(client, [str(s) for s in last_row["sites"]],
+                _wait_for_last_sites(sites, [str(s) for s in last_row["sites"]],
                                      int(last_row["round"]), opts.resume_wait_s, procs, note)
             run_id = client.start_run(fab)
-            atomic_write_json(out / STATE_FILE, {"run_id": run_id, "status": "started",
-                                                 "rounds": opts.rounds, "fab_sha256": fab_hash})
+            atomic_write_json(out / STATE_FILE, {**base, "run_id": run_id, "status": "started",
+                                                 "fab_sha256": fab_hash})
             log.info("run %d started (%d rounds, RUN %s)", run_id, opts.rounds, out)
             if on_started is not None:
                 on_started(run_id)
@@ -314,6 +391,7 @@ def run_aggregator(
             printer.start()
             while True:
                 procs.watch()
+                sites.maybe_poll()
                 try:
                     state = client.run_status(run_id)
                     log_after = _save_server_log(client, run_id, log_after, logs)
@@ -352,9 +430,7 @@ def run_aggregator(
                     log.info("run %d stopped", run_id)
                 except ControlError:
                     pass
-            status = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "error"
-            atomic_write_json(out / STATE_FILE, {"run_id": run_id, "status": status,
-                                                 "rounds": opts.rounds, "error": str(e)})
+            atomic_write_json(out / STATE_FILE, {**base, "run_id": run_id, **_ended_record(e)})
             raise
         finally:
             if printer.is_alive():
@@ -369,8 +445,8 @@ def run_aggregator(
         error = (f"run {run_id} ended {state.label()}"
                  + (f": {state.details}" if state.details else "")
                  + f"\n--- last lines of {shown} ---\n{_log_tail(shown, 15)}")
-    atomic_write_json(out / STATE_FILE, {"run_id": run_id, "status": state.label(),
-                                         "rounds": opts.rounds, "details": state.details,
+    atomic_write_json(out / STATE_FILE, {**base, "run_id": run_id, "status": state.label(),
+                                         "details": state.details,
                                          "bytes_sent": state.bytes_sent,
                                          "bytes_recv": state.bytes_recv})
     return RunOutcome(state=state, rounds=rounds, error=error)

@@ -31,12 +31,19 @@ def commands() -> dict[str, EntryPoint]:
     return found
 
 
+# Exit codes shared by every subcommand (docs/coordinator-guide.md, "Exit codes"): a usage
+# error (unknown flag, missing argument, no command) is refused before anything runs, like any
+# other bad input; a reader that closed our output early (`| head`) ends us as SIGPIPE would.
+EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE
+
+
 class _Parser(argparse.ArgumentParser):
-    """Usage errors exit 1 (argparse's default is 2, which our commands reserve for "no data")."""
+    """Usage errors exit :data:`EXIT_USAGE`, with the usage line and what is wrong."""
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
-        self.exit(1, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
@@ -56,7 +63,35 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush finds no closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (e.g. captured by a test)
+        pass
+    finally:
+        os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; its exit code.
+
+    A reader that stops early (``fed-unimiss aggregator status | head``) closes the pipe; the
+    next write fails with BrokenPipeError, in whichever subcommand. That ends the command
+    quietly here, once for all of them, instead of with a traceback.
+    """
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # buffered output to a pipe fails here, not at exit
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     selected = next((a for a in argv if not a.startswith("-")), None)
     if selected not in commands():
@@ -64,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(selected)
     args = parser.parse_args(argv)
     if args.command is None or not hasattr(args, "func"):
-        parser.print_help()
-        return 1
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -32,14 +33,14 @@ pytestmark = pytest.mark.slow
 
 RUN_KEYS = {"name", "kind", "state", "why", "run_id", "rounds_done", "rounds_target",
             "started_at", "seconds_per_round", "eta_s", "last_round_at", "sites", "last_loss",
-            "now", "refresh_s"}
+            "sites_registered", "sites_online", "online_at", "now", "refresh_s"}
 ROUND_KEYS = {"round", "ended_at", "loss", "eval_loss", "samples_2d", "samples_3d", "samples",
               "seconds", "bytes_in", "bytes_out_per_site", "bytes_out", "sites", "per_site",
               "eval_per_site", "epsilon", "epsilon_budget", "rejected", "missing_nodes",
-              "teacher_entropy", "site_compute_s", "coordination_s"}
+              "absent", "teacher_entropy", "site_compute_s", "coordination_s"}
 SITE_KEYS = {"site", "last_seen_round", "last_seen_at", "rounds_joined", "rejections",
              "rejection_reasons", "samples_2d", "samples_3d", "last_loss", "dp", "epsilon",
-             "epsilon_budget"}
+             "epsilon_budget", "registered", "online"}
 
 
 def _api(base: str) -> dict:
@@ -64,6 +65,8 @@ def test_api_serves_state_rounds_and_sites_of_a_finished_run(finished_run):
     assert all(set(s) == SITE_KEYS for s in sites)
     assert (run["state"], run["why"], run["kind"]) == ("finished", None, "simulate")
     assert (run["rounds_done"], run["rounds_target"], run["sites"]) == (3, 3, 3)
+    # simulate: no SuperLink, so no registered sites and nobody "online"
+    assert (run["sites_registered"], run["sites_online"], run["run_id"]) == ([], None, None)
     assert run["eta_s"] is None and run["seconds_per_round"] == pytest.approx(
         sum(r["seconds"] for r in rows) / 3)
     assert [r["round"] for r in rounds] == [1, 2, 3]
@@ -167,9 +170,15 @@ def test_fields_that_are_not_allow_listed_never_reach_a_response(finished_run, t
                    sites=["B", secret], rejected={"C": f"cannot read {secret}", secret: "x"},
                    per_site={"B": dict(rows[-1]["per_site"]["B"], file=secret, pixels=[1] * 4096),
                              secret: {"loss": 1.0}},
-                   epsilon={"B": 1.0, secret: 2.0}, eval_per_site={secret: 1.0})
+                   epsilon={"B": 1.0, secret: 2.0}, eval_per_site={secret: 1.0},
+                   absent=["A", secret], missing_nodes=[1263004151004305773, secret])
     with open(out / "rounds.jsonl", "a") as f:
         f.write(json.dumps(hostile) + "\n")
+    (out / "sites-online.json").write_text(json.dumps(
+        {"registered": ["A", "B", secret], "online": ["B", secret], "at": 1.0,
+         "pid": os.getpid(), "host": socket.gethostname()}))
+    (out / "aggregator.json").write_text(json.dumps({"run_id": 1263004151004305773,
+                                                     "status": "started", "rounds": 4}))
     with serving(out) as server:
         api = _api(f"http://127.0.0.1:{server.port}")
     text = json.dumps(api)
@@ -177,6 +186,13 @@ def test_fields_that_are_not_allow_listed_never_reach_a_response(finished_run, t
     assert _longest_number_list(api) <= 3
     assert api["rounds"][-1]["round"] == 4
     assert api["rounds"][-1]["rejected"] == {"C": "cannot read …"}
+    assert api["rounds"][-1]["absent"] == ["A"]
+    # 64-bit ids as text: JavaScript's numbers would round ...773 to ...800
+    assert api["rounds"][-1]["missing_nodes"] == ["1263004151004305773"]
+    assert api["run"]["run_id"] == "1263004151004305773"
+    assert (api["run"]["sites_registered"], api["run"]["sites_online"]) == (["A", "B"], ["B"])
+    assert {s["site"]: (s["registered"], s["online"]) for s in api["sites"]} == \
+        {"A": (True, False), "B": (True, True), "C": (False, False)}
 
 
 def _wait_for(base: str, check, timeout: float = 300.0) -> dict:

@@ -135,3 +135,51 @@ def test_browser_without_the_token_gets_401_on_a_non_loopback_bind(page, finishe
         assert api == 200
         page.context.clear_cookies()
         assert page.evaluate("fetch('api/sites').then(r => r.status)") == 401
+
+
+def test_the_guides_screenshot_command_captures_the_run_not_loading(finished_run, tmp_path):
+    """docs/coordinator-guide.md's one-line screenshot, with no --virtual-time-budget: the page
+    arrives with its data and draws it before the load event, where headless chromium shoots."""
+    binary = _chromium()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    with serving(finished_run.out, refresh_s=3.0) as server:
+        dom = subprocess.run([binary, *flags, "--dump-dom", server.url()], capture_output=True,
+                             text=True, timeout=180)
+        shot = tmp_path / "dashboard.png"
+        taken = subprocess.run([binary, *flags, f"--screenshot={shot}", server.url()],
+                               capture_output=True, text=True, timeout=180)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert 'id="state" class="badge finished"' in dom.stdout, dom.stdout[:3000]
+    assert 'data-rounds="3"' in dom.stdout and "no round has completed yet" not in dom.stdout
+    assert 'id="round-of">3 of 3<' in dom.stdout
+    for plot in PLOTS:
+        assert f'id="{plot}"' in dom.stdout
+    assert dom.stdout.count('data-state="rendered"') == len(PLOTS)
+    assert taken.returncode == 0 and shot.stat().st_size > 10_000, taken.stderr[-2000:]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shot, ARTIFACTS / "guide-screenshot.png")
+
+
+def test_page_shows_who_is_online_among_the_registered_sites(page, finished_run, tmp_path):
+    """What `aggregator start` records from the SuperLink (here: D registered, never in a round;
+    B online now), written as it writes it, with this process as the live writer."""
+    import json
+    import socket
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run.out, out, ignore=shutil.ignore_patterns("*.safetensors", "sites"))
+    (out / "sites-online.json").write_text(json.dumps(
+        {"at": 1.0, "registered": ["A", "B", "C", "D"], "online": ["B"], "pid": os.getpid(),
+         "pid_started": None, "host": socket.gethostname()}))
+    with serving(out) as server:
+        page.goto(server.url())
+        page.wait_for_selector("#state.finished")
+        assert page.inner_text("#online") == "online now: 1 of 4 registered (B)"
+        rows = page.locator("#sites tbody tr")
+        assert [rows.nth(i).get_attribute("data-site") for i in range(rows.count())] == \
+            ["A", "B", "C", "D"]
+        assert page.inner_text("#sites tbody tr[data-site=B] td.now") == "online"
+        assert page.inner_text("#sites tbody tr[data-site=D] td.now") == "offline"
+        assert page.is_visible("#sites th.now")
+        _shot(page, "online-sites")

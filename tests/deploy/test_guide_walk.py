@@ -86,6 +86,8 @@ def test_guides_walk_dp_site_on_a_non_dp_federation(tmp_path):
         agg = procs.start("aggregator", agg_cmd, logs / "aggregator.log", env=env, cwd=tmp_path)
         _wait_for(lambda: "waiting for sites: 0 of 3" in _text(logs / "aggregator.log")
                   or agg.poll() is not None, 120, "the sites-online line")
+        # coordinator guide, 5. Watch: before any round, who is online now (nobody yet)
+        waiting = run("aggregator", "status", "--out", "RUN")
         for s in "ABC":
             procs.start(f"site-{s}", site_cmd[s], logs / f"site-{s}.log", env=env, cwd=tmp_path)
         _wait_for(lambda: agg.poll() is not None, 900, "the run to finish")
@@ -125,8 +127,15 @@ def test_guides_walk_dp_site_on_a_non_dp_federation(tmp_path):
 
     assert export.returncode == 0, export.stderr
     assert (tmp_path / "model" / "config.json").is_file()
+    assert waiting.returncode == 0, waiting.stderr
+    assert "sites:       none in a completed round yet" in waiting.stdout, waiting.stdout
+    assert "online now:  none: 0 of 3 registered (A, B, C)" in waiting.stdout
+    assert "state:       waiting" in waiting.stdout
     assert status.returncode == 0, status.stderr
     assert "sites:       B, C in round 2" in status.stdout, status.stdout
+    assert "online now:  unknown: the aggregator is not running (last seen online: A, B, C)" \
+        in status.stdout, status.stdout
+    assert "absent" not in coordinator  # every registered site came
     assert "A" not in status.stdout.split("sites:")[1].splitlines()[0]
 
 

@@ -152,3 +152,49 @@ def test_add_sites_later_extends_the_coordinator_kit(tmp_path):
         add_sites(["A"], tmp_path / "K")
     with pytest.raises(ProvisionError, match="no coordinator kit"):
         add_sites(["E"], tmp_path / "nothing")
+
+
+def _git(repo, *args):
+    import subprocess
+
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                          check=True)
+
+
+def test_provision_inside_a_git_work_tree_warns_unless_the_kits_are_ignored(tmp_path, capsys):
+    """Kits hold private keys: `provision --out` in a repository that would commit them warns,
+    naming the folder and the .gitignore line; an ignored folder or no repository is quiet."""
+    from fed_unimiss.cli.main import main
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    assert main(["provision", "--sites", "A,B", "--out", str(repo / "KITS")]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {repo / 'KITS'} is inside the git work tree" in err
+    assert "'/KITS/'" in err and ".gitignore" in err and "private keys" in err
+    # --add-sites into it warns again; once ignored, the same commands are quiet
+    assert main(["provision", "--add-sites", "C", "--out", str(repo / "KITS")]) == 0
+    assert "warning:" in capsys.readouterr().err
+    (repo / ".gitignore").write_text("/KITS/\n")
+    assert main(["provision", "--add-sites", "D", "--out", str(repo / "KITS")]) == 0
+    assert _git(repo, "status", "--porcelain", "--untracked-files=all").stdout.strip() == \
+        "?? .gitignore"
+    assert "warning:" not in capsys.readouterr().err
+    assert main(["provision", "--sites", "A", "--out", str(tmp_path / "outside")]) == 0
+    assert "warning:" not in capsys.readouterr().err
+
+
+def test_this_repository_ignores_the_kit_folders_the_guides_name():
+    """The guides provision into KITS/ and hand out site-X/ folders: never committed here."""
+    import shutil
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[2]
+    if shutil.which("git") is None or subprocess.run(
+            ["git", "-C", str(repo), "rev-parse"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    for path in ("KITS/authority/ca.key", "KITS/coordinator/server.key", "site-A/site.key",
+                 "runs/x/rounds.jsonl"):
+        assert subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", "--no-index",
+                               path]).returncode == 0, path

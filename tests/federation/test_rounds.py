@@ -137,6 +137,20 @@ def test_missing_site_closes_at_deadline_with_quorum(tmp_path):
     assert row["sites"] == ["both", "ct"] and row["missing_nodes"] == [2]
 
 
+def test_round_names_the_registered_sites_it_heard_nothing_from(tmp_path):
+    """"late" is registered but never connected, "xr" is connected but silent: both are absent;
+    "ct" replied with a bad update: it is rejected, not absent."""
+    grid = _SilentGrid(_toy_app({"ct": "nan"}), [SiteSpec(s, tmp_path) for s in
+                                                 ("ct", "xr", "both")], tmp_path / "sites")
+    run = FederationRun.from_files(_config(tmp_path, round_timeout=0.5, min_sites=1),
+                                   tmp_path / "run", 1)
+    row = run_federation(grid, run, initial=_initial(),
+                         registered=["both", "ct", "late", "xr"])
+    assert row["sites"] == ["both"] and "ct" in row["rejected"]
+    assert row["absent"] == ["late", "xr"]
+    assert RunStore(tmp_path / "run").read_rounds()[-1]["absent"] == ["late", "xr"]
+
+
 def test_round_without_quorum_fails_clearly_and_keeps_checkpoints(tmp_path):
     app = _toy_app({"xr": "nan", "both": "nan"}, bad_from=2)
     with pytest.raises(RoundFailed, match=r"round 2: 1 valid replie\(s\) from 3 site\(s\).*min_sites=2"):

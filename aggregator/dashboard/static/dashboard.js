@@ -53,6 +53,9 @@ function renderRun(run, rounds) {
        (run.state === "running" ? "after the first round" : ""));
   text("last-loss", num(run.last_loss, 4));
   text("sites-count", run.sites + " site(s) seen" + (run.min_sites ? ", min " + run.min_sites + " per round" : ""));
+  text("online", onlineText(run));
+  // "now" (online or not) exists only where a SuperLink does: not for simulate runs
+  document.getElementById("sites").classList.toggle("no-online", !(run.sites_registered || []).length);
   const why = document.getElementById("why");
   why.hidden = !run.why;
   why.textContent = run.why || "";
@@ -60,17 +63,27 @@ function renderRun(run, rounds) {
   text("updated", new Date(run.now * 1000).toISOString().slice(11, 19) + " UTC");
 }
 
+// Who the SuperLink sees online now, of the registered sites (aggregator start only).
+function onlineText(run) {
+  const reg = run.sites_registered || [];
+  if (!reg.length) return "";
+  if (run.sites_online == null) return "online now: unknown (the aggregator is not running)";
+  return "online now: " + run.sites_online.length + " of " + reg.length + " registered" +
+    (run.sites_online.length ? " (" + run.sites_online.join(", ") + ")" : "");
+}
+
 function renderSites(sites, now) {
   const body = document.querySelector("#sites tbody");
   body.replaceChildren();
   if (!sites.length) {
-    const tr = el("tr"); const td = el("td", "muted", "no round has completed yet");
-    td.colSpan = 8; tr.append(td); body.append(tr); return;
+    const tr = el("tr"); const td = el("td", "muted", "no site registered or seen in a round yet");
+    td.colSpan = 9; tr.append(td); body.append(tr); return;
   }
   for (const s of sites) {
     const tr = el("tr");
     tr.dataset.site = s.site;
     tr.append(el("td", "site", s.site));
+    tr.append(el("td", "now" + (s.online ? " online" : " muted"), s.online == null ? DASH : (s.online ? "online" : "offline")));
     tr.append(el("td", "", s.last_seen_round ? "round " + s.last_seen_round + ", " + ago(s.last_seen_at, now) : DASH));
     tr.append(el("td", "num", int(s.rounds_joined)));
     const rej = el("td", "");
@@ -155,16 +168,20 @@ function renderPlots(rounds, sites) {
   ], {bars: true});
 }
 
+function render(run, rounds, sites) {
+  renderRun(run, rounds);
+  renderSites(sites, run.now);
+  const key = JSON.stringify([rounds.length, rounds.length ? rounds[rounds.length - 1].round : 0, sites.map(s => s.site)]);
+  if (key !== lastKey) { renderPlots(rounds, sites); lastKey = key; }
+  document.body.dataset.rounds = String(rounds.length);
+}
+
 async function refresh() {
   let run;
   try {
     const [r, rounds, sites] = await Promise.all([getJSON("api/run"), getJSON("api/rounds"), getJSON("api/sites")]);
     run = r;
-    renderRun(run, rounds);
-    renderSites(sites, run.now);
-    const key = JSON.stringify([rounds.length, rounds.length ? rounds[rounds.length - 1].round : 0, sites.map(s => s.site)]);
-    if (key !== lastKey) { renderPlots(rounds, sites); lastKey = key; }
-    document.body.dataset.rounds = String(rounds.length);
+    render(run, rounds, sites);
   } catch (e) {
     const badge = document.getElementById("state");
     badge.textContent = "no connection"; badge.className = "badge failed";
@@ -172,7 +189,22 @@ async function refresh() {
   setTimeout(refresh, 1000 * ((run && run.refresh_s) || 3));
 }
 
+// The page arrives with the data of the moment it was served (a JSON block, not a script): it
+// is drawn before the load event, so that a screenshot or a slow link never shows "loading".
+function renderInitial() {
+  const block = document.getElementById("initial-data");
+  if (!block || !block.textContent.trim()) return null;
+  try {
+    const data = JSON.parse(block.textContent);
+    render(data.run, data.rounds, data.sites);
+    return data.run;
+  } catch (e) {
+    return null;
+  }
+}
+
 // Drop the token from the address bar once the server has set its cookie.
 if (location.search.includes("token=")) { history.replaceState(null, "", location.pathname); }
 window.addEventListener("resize", () => { lastKey = ""; });
-refresh();
+const initialRun = renderInitial();
+if (initialRun) { setTimeout(refresh, 1000 * (initialRun.refresh_s || 3)); } else { refresh(); }
