@@ -229,8 +229,16 @@ superlink: "{superlink}"
 # Where the site keeps its own state (logs, data index cache, DP accountant). Relative paths are
 # relative to this folder. Override with --state-dir.
 state_dir: "state"
-# How long to keep trying to reach the coordinator at start-up before giving up, in seconds.
-connect_timeout_s: 60
+# Seconds to keep trying to reach the coordinator at start-up before giving up with exit code
+# 3; 0 = until stopped. Once connected, the site outlives the coordinator's runs: it waits for
+# the next one until stopped. A name that does not resolve, or a certificate that does not
+# match, ends it at once.
+connect_timeout_s: 0
+# Where this site trains (docs/site-guide.md, "Hardware"); `site start --device/--precision/
+# --workers` override these.
+device: auto        # auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps
+precision: fp32     # fp32, or bf16/fp16 forward passes with fp32 weights (DP sites: fp32)
+workers: 1          # data-parallel processes per round, one GPU each on CUDA (DP sites: 1)
 # Differential privacy (issue 7, docs/privacy.md): off unless enabled here or with
 # `site start --dp-epsilon E` (the --dp-* flags override these values). The guarantee is
 # (target_epsilon, target_delta)-DP per patient at this site, over the whole federation; once

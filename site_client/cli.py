@@ -81,9 +81,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "start",
         help="check the data and the kit, then connect to the coordinator and take part",
         description="Checks the kit and the data folder, then runs Flower's SuperNode with TLS "
-        "and this site's key until stopped (Ctrl-C / SIGTERM). Only outbound connections are "
-        "made; only model weights and counts leave the site. Exit codes: 2 bad kit or data, "
-        "3 coordinator unreachable, 4 refused by the coordinator.",
+        "and this site's key until stopped (Ctrl-C / SIGTERM), waiting for the coordinator "
+        "before and between its runs. Only outbound connections are made; only model weights "
+        "and counts leave the site. Exit codes: 2 bad kit or data, 3 coordinator name does not "
+        "resolve (or connect_timeout_s spent), 4 refused by the coordinator (key or "
+        "certificate).",
     )
     s.add_argument("--kit", required=True, help="this site's kit folder (KITS/site-NAME)")
     s.add_argument("--data", required=True,

@@ -10,11 +10,14 @@ Then ``flower-supernode`` (this venv's own executable) runs in its own session w
 site key and a node config (data path, state dir, site name) written as a TOML file into the
 state dir. Its output goes to STATE/logs/supernode.log. Flower's own refusals are mapped to
 actionable messages (FLOWER-1.39.md section 3): an unregistered key exits with ``[code: 2004]``,
-a certificate from another CA with ``CERTIFICATE_VERIFY_FAILED``; an unreachable coordinator
-would be retried forever, so ``--max-wait-time`` bounds it.
+a certificate from another CA with ``CERTIFICATE_VERIFY_FAILED``. Before each SuperNode start
+the coordinator is probed (site_client/reach.py): a name that does not resolve or a certificate
+that does not match ends the command in seconds; a coordinator that is not up, or whose run
+has ended, is waited for (site_client/coordinator_wait.py).
 
-Exit codes: 0 stopped by the operator, 2 bad kit or data, 3 coordinator unreachable,
-4 refused by the coordinator (key or certificate), 1 anything else (see the log).
+Exit codes: 0 stopped by the operator, 2 bad kit or data, 3 coordinator unreachable (a name
+that does not resolve, or ``connect_timeout_s`` spent before the first connection), 4 refused
+by the coordinator (key or certificate), 1 anything else (see the log).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +47,10 @@ from fed_unimiss.exchange import NODE_DATA_PATH, NODE_SITE_NAME, NODE_STATE_DIR,
 from fed_unimiss.privacy.config import PrivacyConfig, with_dp_settings
 from fed_unimiss.processes import terminate_pids
 from fed_unimiss.runtime import Runtime
+from site_client.coordinator_wait import CoordinatorWait
 from site_client.local_state import PROGRESS_FILE
 from site_client.privacy_ledger import privacy_node_config
+from site_client.reach import Reach, probe_coordinator, split_address
 from site_client.worker import WorkerProcess
 
 __all__ = [
@@ -88,8 +94,9 @@ class SiteSettings:
     superlink: str = "127.0.0.1:9092"
     # Site-local state (logs, caches, DP accountant); relative paths are relative to the kit.
     state_dir: str = "state"
-    # Seconds to keep trying to reach the coordinator before giving up with exit code 3.
-    connect_timeout_s: float = 60.0
+    # Seconds to keep trying to reach the coordinator before the first connection, then exit
+    # code 3; 0 = until stopped. Once connected, the site waits for the next run until stopped.
+    connect_timeout_s: float = 0.0
     # Differential privacy of everything this site sends (issue 7, docs/privacy.md); off unless
     # `privacy.enabled: true` here or `site start --dp-epsilon E`. The flags override this.
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -107,8 +114,8 @@ class SiteSettings:
         host, sep, port = self.superlink.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ValueError(f"superlink: expected HOST:PORT, got {self.superlink!r}")
-        if self.connect_timeout_s <= 0:
-            raise ValueError("connect_timeout_s: must be positive")
+        if self.connect_timeout_s < 0:
+            raise ValueError("connect_timeout_s: must be 0 (until stopped) or positive")
         try:
             self.privacy.validate()
         except ValueError as e:
@@ -281,28 +288,62 @@ def supernode_command(
     ]
 
 
+def _key_refused(site: str, superlink: str) -> str:
+    return (f"the coordinator at {superlink} refused this site: its key is not registered. "
+            f"Ask the coordinator to register site {site!r} (re-provision it, or restart "
+            "`fed-unimiss aggregator start` with a kit that lists this site).")
+
+
+def _foreign_ca(superlink: str) -> str:
+    return (f"the coordinator's certificate at {superlink} is not signed by this kit's CA "
+            "(ca.crt): this kit belongs to another provisioning, or the address points at "
+            "another server. Ask the coordinator for the current kit.")
+
+
+def _name_mismatch(host: str) -> str:
+    return (f"the coordinator's certificate does not cover the name {host!r} this site dials; "
+            "use one of the names the coordinator provisioned (--server-name), or ask for "
+            "a certificate that includes it.")
+
+
+def _unresolved(superlink: str, phrase: str) -> str:
+    host = split_address(superlink)[0]
+    return (f"cannot reach the coordinator at {superlink}: the name {host!r} cannot be "
+            f"resolved ({phrase}). Check the address in site.yaml (or --superlink) and "
+            "this machine's DNS.")
+
+
+def _unreachable(superlink: str, cause: str | None) -> str:
+    return (f"cannot reach the coordinator at {superlink}" + (f" ({cause})" if cause else "")
+            + ": check the address in site.yaml (or --superlink), that the coordinator is "
+            "running, and that outbound TCP to that port is allowed by the hospital firewall.")
+
+
+def reach_error(reach: Reach, superlink: str) -> SiteError:
+    """The SiteError for a probe whose cause is certain (``reach.certain``)."""
+    if reach.kind == "no-such-name":
+        return SiteError(_unresolved(superlink, reach.detail), EXIT_UNREACHABLE)
+    if reach.kind == "name-mismatch":
+        return SiteError(_name_mismatch(split_address(superlink)[0]), EXIT_REFUSED)
+    if reach.kind == "foreign-ca":
+        return SiteError(_foreign_ca(superlink), EXIT_REFUSED)
+    return SiteError(f"the coordinator's certificate at {superlink} is not accepted with this "
+                     f"kit's CA (ca.crt): {reach.detail}. Ask the coordinator to renew it.",
+                     EXIT_REFUSED)
+
+
 def diagnose_supernode_log(text: str, site: str, superlink: str) -> tuple[str, int] | None:
     """Map Flower's SuperNode output to (actionable message, exit code), or None if unknown."""
     if "[code: 2004]" in text or "Failed to activate SuperNode" in text or "[code: 2001]" in text:
-        return (f"the coordinator at {superlink} refused this site: its key is not registered. "
-                f"Ask the coordinator to register site {site!r} (re-provision it, or restart "
-                "`fed-unimiss aggregator start` with a kit that lists this site).", EXIT_REFUSED)
+        return _key_refused(site, superlink), EXIT_REFUSED
     if "CERTIFICATE_VERIFY_FAILED" in text:
-        return (f"the coordinator's certificate at {superlink} is not signed by this kit's CA "
-                "(ca.crt): this kit belongs to another provisioning, or the address points at "
-                "another server. Ask the coordinator for the current kit.", EXIT_REFUSED)
+        return _foreign_ca(superlink), EXIT_REFUSED
     if "Hostname Verification" in text or "IP address mismatch" in text:
-        host = superlink.rpartition(":")[0]
-        return (f"the coordinator's certificate does not cover the name {host!r} this site dials; "
-                "use one of the names the coordinator provisioned (--server-name), or ask for "
-                "a certificate that includes it.", EXIT_REFUSED)
-    host = superlink.rpartition(":")[0]
+        return _name_mismatch(split_address(superlink)[0]), EXIT_REFUSED
     for phrase in ("Domain name not found", "Name or service not known", "DNS resolution failed",
                    "Temporary failure in name resolution"):
         if phrase in text:
-            return (f"cannot reach the coordinator at {superlink}: the name {host!r} cannot be "
-                    f"resolved ({phrase}). Check the address in site.yaml (or --superlink) and "
-                    "this machine's DNS.", EXIT_UNREACHABLE)
+            return _unresolved(superlink, phrase), EXIT_UNREACHABLE
     causes = {"Connection refused": "connection refused: nothing listens at that address",
               "DEADLINE_EXCEEDED": "no answer in time (a firewall may drop the packets)",
               "Socket closed": "the connection was closed",
@@ -311,11 +352,7 @@ def diagnose_supernode_log(text: str, site: str, superlink: str) -> tuple[str, i
                    *causes)
     if any(s in text for s in unreachable):
         cause = next((why for s, why in causes.items() if s in text), None)
-        return (f"cannot reach the coordinator at {superlink}"
-                + (f" ({cause})" if cause else "")
-                + ": check the address in site.yaml (or --superlink), that the coordinator is "
-                "running, and that outbound TCP to that port is allowed by the hospital "
-                "firewall.", EXIT_UNREACHABLE)
+        return _unreachable(superlink, cause), EXIT_UNREACHABLE
     return None
 
 
@@ -454,6 +491,33 @@ def _run_once(cmd: list[str], env: dict[str, str], state: Path, log_path: Path,
     return code, _read_from(log_path, start)
 
 
+# How long a connected SuperNode retries a lost coordinator by itself before this command takes
+# over (probe, then backoff); also bounds a SuperNode that cannot get through after the probe did.
+SUPERNODE_MAX_WAIT_S = 30.0
+
+
+def _until_reachable(superlink: str, ca: Path, waiting: CoordinatorWait,
+                     reach: Reach | None = None) -> None:
+    """Return once the coordinator answers the probe; sleep with backoff meanwhile.
+
+    Raises:
+        SiteError: a certain cause (before the first connection, or a certificate at any
+            time), or ``connect_timeout_s`` spent before the first connection.
+    """
+    while True:
+        reach = reach or probe_coordinator(superlink, ca)
+        if reach.ok:
+            return
+        if reach.certain and not (reach.kind == "no-such-name" and waiting.ever_connected):
+            raise reach_error(reach, superlink)
+        cause = reach.detail if reach.kind == "waiting" else \
+            f"the name {split_address(superlink)[0]!r} cannot be resolved ({reach.detail})"
+        if waiting.expired():
+            raise SiteError(_unreachable(superlink, cause), EXIT_UNREACHABLE)
+        time.sleep(waiting.next_delay(cause))
+        reach = None
+
+
 def run_supernode(
     kit: SiteKit,
     data: Path,
@@ -473,9 +537,12 @@ def run_supernode(
     ``privacy`` (from :func:`site_privacy_settings`; default: site.yaml's section alone) is
     written into the node config, so every ClientApp process of this site trains under it.
 
-    A SuperNode that loses a coordinator it was connected to (the coordinator restarted, the
-    network dropped) is started again, so a resumed run finds its sites; one that cannot
-    connect at all within ``connect_timeout_s``, or is refused, ends the command.
+    The site outlives the coordinator's runs. A SuperNode that loses a coordinator it was
+    connected to (the run ended, the coordinator restarted, the network dropped) is started
+    again once the coordinator answers, with backoff (site_client/coordinator_wait.py), until
+    the site is stopped. What ends the command: a stop; a certain cause found by the probe
+    before any SuperNode (a name that does not resolve, a certificate that does not match); a
+    refusal (key not registered); ``connect_timeout_s`` spent before the first connection.
 
     Raises:
         SiteError: the SuperNode was refused or could not connect (message and code say which).
@@ -509,35 +576,55 @@ def run_supernode(
     # The SuperNode spawns flower-superexec and flwr-clientapp by name: this venv's come first.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     cmd = supernode_command(kit, superlink, node_config, clientapp_port or free_port(),
-                            kit.settings.connect_timeout_s)
+                            SUPERNODE_MAX_WAIT_S)
     log_path = logs / "supernode.log"
     site = kit.settings.site_name
     progress = SiteProgress(site, superlink, state, log_path)
+    waiting = CoordinatorWait(site, superlink, kit.settings.connect_timeout_s, progress.say)
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     worker = WorkerProcess(state, env) if warm_worker else None
     try:
+        reach: Reach | None = probe_coordinator(superlink, kit.ca)
+        if reach.certain:  # before the worker imports torch: the answer comes in seconds
+            raise reach_error(reach, superlink)
         if worker is not None:
             worker.start()
             log.info("site %s: warm worker started (log: %s)", site, logs / "worker.log")
+        refused_after_run = False
         while True:
+            _until_reachable(superlink, kit.ca, waiting, reach)
+            reach = None
             log.info("site %s: SuperNode starting, connecting to %s; log: %s", site, superlink,
                      log_path)
             progress.reset()
             code, text = _run_once(cmd, env, state, log_path, progress,
                                    worker.check if worker is not None else None)
-            # Flower's SuperNode may exit 0 ("terminated gracefully") after giving up on a
-            # coordinator it was connected to: that is a lost coordinator, not an operator stop
-            # (which reaches this process as a signal).
-            lost = CONNECTED in text and any(g in text for g in GAVE_UP)
-            if code == 0 and not lost:
+            if CONNECTED in text:
+                # Whatever ended a connected SuperNode (Flower may exit 0, "terminated
+                # gracefully", after giving up), the coordinator went away: an operator's stop
+                # reaches this process as a signal instead.
+                waiting.connected()
+                waiting.coordinator_gone()
+                refused_after_run = False
+                continue
+            if code == 0:
                 return 0
             found = diagnose_supernode_log(text, site, superlink)
-            if lost or (CONNECTED in text and (found is None or found[1] == EXIT_UNREACHABLE)):
-                log.warning("site %s: lost the coordinator at %s; reconnecting", site, superlink)
+            if found is not None and found[1] == EXIT_REFUSED and waiting.ever_connected \
+                    and not refused_after_run:
+                # a coordinator starting its next run registers the sites' keys just after its
+                # SuperLink answers: one refusal in that gap is not yet a verdict
+                refused_after_run = True
+                time.sleep(waiting.next_delay("refused; it may still be registering its sites"))
                 continue
-            if found is not None:
+            if found is not None and found[1] != EXIT_UNREACHABLE:
                 raise SiteError(found[0], found[1])
-            raise SiteError(f"the SuperNode exited with code {code}; see {log_path}", 1)
+            if found is None:
+                raise SiteError(f"the SuperNode exited with code {code}; see {log_path}", 1)
+            if waiting.expired():
+                raise SiteError(found[0], EXIT_UNREACHABLE)
+            # the probe got through but the SuperNode did not: try again after a while
+            time.sleep(waiting.next_delay(f"the SuperNode could not connect; see {log_path}"))
     except (KeyboardInterrupt, SystemExit):
         log.info("site %s: stopping (signal)", site)
         return 0

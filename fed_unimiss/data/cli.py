@@ -104,12 +104,36 @@ def _spacing_text(spacing: tuple[float, ...] | None) -> str:
     return "unknown" if spacing is None else " x ".join(f"{s:.3g}" for s in spacing)
 
 
-def _name_width(console_width: int, rows: list[list[str]], headers: tuple[str, ...],
-                name_col: int) -> int:
-    """Columns left for the name column once the other columns have their natural width."""
-    others = sum(max([len(h), *(len(r[i]) for r in rows)]) + 3
-                 for i, h in enumerate(headers) if i != name_col)
-    return max(16, console_width - others - 4)
+NAME_MIN_WIDTH = 16  # a unique tail (fed_unimiss/cli/names.py) still says which file it is
+CELL_FRAME = 3  # "│ " before a cell's text and " " after it; one more "│" closes the row
+
+
+def _longest_word(texts: list[str]) -> int:
+    return max((len(word) for text in texts for word in text.split()), default=1)
+
+
+def fit_columns(console_width: int, headers: tuple[str, ...], rows: list[list[str]],
+                name_col: int) -> list[int]:
+    """Column widths that fit the terminal without cutting a word.
+
+    Every column gets its natural width where there is room. Otherwise the name column gives
+    way first (down to ``NAME_MIN_WIDTH``: names are then shown by their unique tail), then the
+    others, the widest first, wrap at spaces down to their longest word. Left to itself, rich
+    keeps the name column's minimum and crops the table's right edge: "usable" read "usabl".
+    """
+    cells = [[h, *(r[i] for r in rows)] for i, h in enumerate(headers)]
+    natural = [max(map(len, column)) for column in cells]
+    least = [_longest_word(column) for column in cells]
+    least[name_col] = min(natural[name_col], max(NAME_MIN_WIDTH, len(headers[name_col])))
+    widths = list(natural)
+    excess = sum(widths) - (console_width - CELL_FRAME * len(headers) - 1)
+    others = sorted((i for i in range(len(headers)) if i != name_col),
+                    key=lambda i: natural[i] - least[i], reverse=True)
+    for i in (name_col, *others):
+        cut = max(0, min(excess, widths[i] - least[i]))
+        widths[i] -= cut
+        excess -= cut
+    return widths
 
 
 def _print_tables(report) -> None:
@@ -126,17 +150,12 @@ def _print_tables(report) -> None:
     rows = [[u.modality, u.name, str(len(u.files)), " x ".join(map(str, u.shape)),
              _spacing_text(u.spacing),
              "usable" + ("; " + "; ".join(u.notes) if u.notes else "")] for u in report.usable]
-    width = _name_width(console.width, rows, headers, 1)
-    names = unique_tails([r[1] for r in rows], width)
+    widths = fit_columns(console.width, headers, rows, 1)
+    names = unique_tails([r[1] for r in rows], widths[1])
     table = Table(title="Usable images", title_justify="left")
-    for column in headers:
-        if column == "image":  # a unique tail longer than the space wraps, whole
-            table.add_column(column, overflow="fold",
-                             min_width=min(width, max(map(len, names), default=5)))
-        elif column == "status":
-            table.add_column(column, overflow="fold")
-        else:
-            table.add_column(column, no_wrap=True)
+    for column, width in zip(headers, widths, strict=True):
+        # a unique tail longer than its column folds, whole; other cells wrap at spaces
+        table.add_column(column, width=width, overflow="fold")
     for row, name in zip(rows, names, strict=True):
         table.add_row(row[0], name, *row[2:])
     console.print(table)

@@ -115,3 +115,43 @@ def test_unique_tails_keeps_shared_tails_apart():
     # every tail of these two is shared, so both print whole
     assert shown[:2] == names[:2]
     assert unique_tails(names, 100) == names
+
+
+def _columns(stdout: str, frame: str) -> list[list[str]]:
+    """The cells of every row drawn with ``frame`` (┃ header, │ body), a wrapped cell's lines
+    joined with a space; a row starts where its first cell is not empty."""
+    rows: list[list[str]] = []
+    for line in stdout.splitlines():
+        if not line.startswith(frame):
+            continue
+        cells = [c.strip() for c in line.strip()[1:-1].split(frame)]
+        if cells[0] or not rows:
+            rows.append(cells)
+        else:
+            rows[-1] = [f"{a} {b}".strip() for a, b in zip(rows[-1], cells, strict=True)]
+        if frame == "┃" and len(rows) > 1:  # headers: one row, however many lines
+            rows[0] = [f"{a} {b}".strip() for a, b in zip(rows[0], rows.pop(), strict=True)]
+    return rows
+
+
+def test_every_column_reads_whole_at_80_columns(phantom_site):
+    """The guide's check of a CT + X-ray folder: at 80 columns a cell may wrap, never lose a
+    letter: headers, status, shape and spacing read as the JSON says."""
+    out = _check(str(phantom_site))
+    assert out.returncode == 0, out.stderr
+    assert all(len(line) <= 80 for line in out.stdout.splitlines())
+    headers = _columns(out.stdout, "┃")
+    assert headers == [["modality", "image", "files", "shape", "spacing (mm)", "status"]]
+    body = _columns(out.stdout.split("Rejected")[0], "│")
+    usable = json.loads(_check(str(phantom_site), "--json").stdout)["usable"]
+    assert len(body) == len(usable) == 4
+    for row, image in zip(body, usable, strict=True):
+        assert row[0] == image["modality"] and row[2] == str(image["files"])
+        assert row[3] == " x ".join(map(str, image["shape"])), row
+        if image["spacing"] is None:
+            assert row[4] == "unknown"
+        else:  # 3 significant digits of the same numbers
+            shown = [float(s) for s in row[4].split(" x ")]
+            assert shown == pytest.approx(image["spacing"], rel=5e-3), row
+        assert row[5] == "usable", row
+        assert row[1].replace(" ", "").lstrip("…/") in image["name"].replace(" ", "")

@@ -140,13 +140,14 @@ def test_guides_walk_dp_site_on_a_non_dp_federation(tmp_path):
 
 
 def test_site_with_an_unresolvable_coordinator_name_says_why(tmp_path):
+    """The kit as provisioned waits until stopped for a coordinator that is not up; a name that
+    does not exist is certain, and ends the command before any SuperNode dials it."""
     from aggregator.provision import provision
     from fed_unimiss.data.phantom import write_phantoms
 
     kits = provision(["A"], tmp_path / "KITS", server_names=["fl.example.org"])
     kit = kits.sites["A"]
-    (kit / "site.yaml").write_text((kit / "site.yaml").read_text().replace(
-        "connect_timeout_s: 60", "connect_timeout_s: 5"))
+    assert "connect_timeout_s: 0\n" in (kit / "site.yaml").read_text()
     write_phantoms(tmp_path / "data", 0, 2, seed=3)
     out = subprocess.run(fu("site", "start", "--kit", str(kit), "--data", str(tmp_path / "data"),
                             "--superlink", "no-such-host.invalid:9092", "--state-dir",
@@ -156,6 +157,5 @@ def test_site_with_an_unresolvable_coordinator_name_says_why(tmp_path):
     assert out.returncode == 3, out.stderr
     assert "cannot reach the coordinator at no-such-host.invalid:9092" in out.stderr
     assert "cannot be resolved" in out.stderr, out.stderr  # the cause, on the terminal
-    log = (tmp_path / "st" / "logs" / "supernode.log").read_text(errors="replace")
-    assert "\x1b[" not in log
+    assert not (tmp_path / "st" / "logs" / "supernode.log").exists()
     shutil.rmtree(tmp_path / "st", ignore_errors=True)

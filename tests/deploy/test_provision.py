@@ -198,3 +198,36 @@ def test_this_repository_ignores_the_kit_folders_the_guides_name():
                  "runs/x/rounds.jsonl"):
         assert subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", "--no-index",
                                path]).returncode == 0, path
+
+
+def test_site_yaml_writes_every_setting_with_the_default_the_site_uses(kits, tmp_path, capsys):
+    """The site guide says site.yaml holds the hardware settings: they are written, with the
+    values the site would take anyway, and an edit there is what `site start` trains with."""
+    import dataclasses
+    import shutil
+
+    import yaml
+
+    from fed_unimiss.cli.main import main
+    from fed_unimiss.data.phantom import write_phantoms
+    from site_client.supernode import SiteSettings
+
+    text = (kits.sites["A"] / "site.yaml").read_text()
+    written = yaml.safe_load(text)
+    assert {f.name for f in dataclasses.fields(SiteSettings)} <= set(written)
+    defaults = SiteSettings()
+    for key in ("device", "precision", "workers", "connect_timeout_s", "state_dir"):
+        assert written[key] == getattr(defaults, key), key
+    for key in ("device:", "precision:", "workers:"):  # each with a comment saying its values
+        line = next(ln for ln in text.splitlines() if ln.startswith(key))
+        assert "#" in line, line
+
+    kit = shutil.copytree(kits.sites["A"], tmp_path / "site-A")
+    (kit / "site.yaml").write_text(text.replace("device: auto", "device: cpu")
+                                   .replace("precision: fp32", "precision: bf16")
+                                   .replace("workers: 1 ", "workers: 2 "))
+    write_phantoms(tmp_path / "data", 0, 2, seed=1)
+    code = main(["site", "start", "--kit", str(kit), "--data", str(tmp_path / "data"),
+                 "--check-only"])
+    out = capsys.readouterr().out
+    assert code == 0 and "training on cpu in bf16 with 2 process(es)" in out, out
