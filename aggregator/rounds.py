@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 from aggregator.run_store import RunStore
 from aggregator.strategy import DimensionAwareStrategy, ReplyLimits
 from aggregator.validation import count_bound, default_max_update_norm
+from aggregator.verdicts import last_word_messages
 from fed_unimiss import exchange as ex
 from fed_unimiss.config import ConfigError, to_dict
 from fed_unimiss.exchange_config import describe
@@ -40,6 +41,11 @@ log = logging.getLogger(__name__)
 
 class RoundFailed(RuntimeError):
     """A round ended without enough valid replies; the run stops, earlier rounds are kept."""
+
+
+# How long the run's end waits for sites to take its last message (the decision on their last
+# update): a SuperNode picks a message up within ~3 s and a ClientApp starts in ~2 s.
+LAST_WORD_WAIT_S = 30.0
 
 
 def wait_for_nodes(grid: Grid, needed: int, timeout: float, poll: float) -> list[int]:
@@ -147,7 +153,7 @@ def reply_limits(cfg: FederationConfig, recipe: Any,
                                                        PrivacyConfig.patients_per_step))
     sizes = (cfg.local_steps, ssl.batch_size_2d, ssl.batch_size_3d, ssl.view_depth)
     return ReplyLimits(bound, count_bound(*sizes), count_bound(*sizes, patients_per_step=per_step),
-                       derived=derived,
+                       dp_patients_per_step=per_step, derived=derived,
                        teacher_pull=1.0 - ssl.momentum_teacher ** cfg.local_steps)
 
 
@@ -254,6 +260,8 @@ def run_federation(
     limits = reply_limits(run.cfg, run.recipe, state)
     log.info("reply bounds: update norm %s; counts %s",
              {k: round(v, 4) for k, v in limits.part_bounds(state).items()}, limits.counts)
+    log.info("DP plan announced to the sites: at most %g expected patients per step (a DP site "
+             "set higher adopts it or refuses before training)", limits.dp_patients_per_step)
     strategy = DimensionAwareStrategy(run.cfg, recipe_json, run.rounds, classes, limits,
                                       spill_dir=run.out / ".spill")
     log.info("exchange: %s", describe(run.cfg.exchange))
@@ -267,7 +275,11 @@ def run_federation(
     pending: Future | None = None
     try:
         for round_num in range(done + 1, run.rounds + 1):
-            state, row = _run_round(grid, run, strategy, round_num, state)
+            try:
+                state, row = _run_round(grid, run, strategy, round_num, state)
+            except RoundFailed:
+                tell_last_verdicts(grid, strategy, run.cfg)
+                raise
             if registered is not None:
                 row["absent"] = absent_sites(registered, row)
             if pending is not None:
@@ -277,10 +289,35 @@ def run_federation(
                      row["sites"], row["loss"], len(row["rejected"]))
         if pending is not None:
             pending.result()
+        tell_last_verdicts(grid, strategy, run.cfg)
     finally:
         writer.shutdown(wait=True)
         strategy.close()
     return row
+
+
+def tell_last_verdicts(grid: Grid, strategy: DimensionAwareStrategy, cfg: FederationConfig
+                       ) -> None:
+    """The run's last word: tell each site whose last update was clipped or rejected, and why.
+
+    Earlier rounds' decisions travel in the next train instruction; after the last round (or a
+    round that failed its quorum) there is none, so a message of type ``query`` carries them
+    (aggregator/verdicts.py). Best effort: a site that does not take it within
+    :data:`LAST_WORD_WAIT_S` (or ``round_timeout``) misses it; the run's outcome is unchanged.
+    """
+    messages = last_word_messages(strategy.last_verdicts())
+    if not messages:
+        return
+    wait = min(cfg.round_timeout, LAST_WORD_WAIT_S)
+    try:
+        missed = collect_replies(grid, messages, lambda _reply: None, time.monotonic() + wait,
+                                 cfg.poll_interval)
+    except Exception as e:  # noqa: BLE001 - the run's own outcome must come through unchanged
+        log.warning("could not tell the sites why their last update was not used: %s", e)
+        return
+    if missed:
+        log.warning("node(s) %s did not take the decision on their last update within %g s",
+                    ", ".join(str(n) for n in missed), wait)
 
 
 def _save_round(store: RunStore, round_num: int, state: dict[str, torch.Tensor],

@@ -59,6 +59,9 @@ class Verdict:
 
     action: str = ACCEPTED  # accepted | clipped | rejected
     reason: str | None = None
+    # What the site itself is told (aggregator/verdicts.py): the check and the site's own
+    # numbers, without the round's medians or cosines (they come from the other sites' updates).
+    site_reason: str | None = None
     vs_median: dict[str, float | None] = field(default_factory=dict)  # norm / round median
     cosine: dict[str, float] = field(default_factory=dict)  # vs the others' median
     scales: dict[str, float] = field(default_factory=dict)  # clip factors < 1, by part
@@ -99,15 +102,24 @@ def norm_outliers(norms: Mapping[str, Mapping[str, float]], medians: Mapping[str
     """label -> reason, for replies with one of ``parts`` above ``factor`` x its median."""
     out: dict[str, str] = {}
     for label, values in norms.items():
-        for part in parts:
+        part = _outlier_part(values, medians, factor, parts)
+        if part is not None:
             ratio = _ratio(values[part], medians[part])
-            if ratio is None or ratio > factor:
-                shown = "a part every other site left unchanged" if ratio is None \
-                    else f"{ratio:.3g} x the round median {medians[part]:.4g}"
-                out[label] = (f"{part} update norm {values[part]:.4g} is {shown} "
-                              f"(norm_factor {factor:g})")
-                break
+            shown = "a part every other site left unchanged" if ratio is None \
+                else f"{ratio:.3g} x the round median {medians[part]:.4g}"
+            out[label] = (f"{part} update norm {values[part]:.4g} is {shown} "
+                          f"(norm_factor {factor:g})")
     return out
+
+
+def _outlier_part(values: Mapping[str, float], medians: Mapping[str, float], factor: float,
+                  parts: tuple[str, ...] = REJECTED_PARTS) -> str | None:
+    """The first of ``parts`` whose norm exceeds ``factor`` x its round median, or None."""
+    for part in parts:
+        ratio = _ratio(values[part], medians[part])
+        if ratio is None or ratio > factor:
+            return part
+    return None
 
 
 def outlier_clips(norms: Mapping[str, Mapping[str, float]], medians: Mapping[str, float],
@@ -226,13 +238,19 @@ def screen_round(
     verdicts = {lb: Verdict(vs_median={p: _ratio(n[p], medians[p]) for p in PARTS})
                 for lb, n in norms.items()}
     for label, reason in norm_outliers(norms, medians, norm_factor).items():
-        verdicts[label].action, verdicts[label].reason = REJECTED, reason
+        v = verdicts[label]
+        v.action, v.reason = REJECTED, reason
+        part = _outlier_part(norms[label], medians, norm_factor)
+        v.site_reason = (f"{part} update norm {norms[label][part]:.4g} is above norm_factor "
+                         f"{norm_factor:g} x the round's median update norm")
     for label, scales in outlier_clips(norms, medians, norm_factor).items():
         v = verdicts[label]
         if v.action != REJECTED:
             v.action, v.scales = CLIPPED, scales
             v.reason = "clipped to norm_factor x the round median (" + ", ".join(
                 f"{p} x{s:.3g}" for p, s in scales.items()) + f"; norm_factor {norm_factor:g})"
+            v.site_reason = (f"{', '.join(scales)} update scaled down to norm_factor "
+                             f"{norm_factor:g} x the round's median update norm")
     survivors = [lb for lb in norms if verdicts[lb].action != REJECTED]
     if min_cosine is not None and len(survivors) >= MIN_SITES_FOR_DIRECTION:
         cosines = cosines_to_others({lb: states[lb] for lb in survivors}, global_state)
@@ -244,6 +262,9 @@ def screen_round(
                 verdicts[label].reason = (
                     f"{low[0]} update points against the other replies' median update (cosine "
                     f"{cosines[label][low[0]]:.3f} < min_cosine {min_cosine:g})")
+                verdicts[label].site_reason = (
+                    f"{low[0]} update points against the round's other updates (cosine to their "
+                    f"median below min_cosine {min_cosine:g})")
     if clip_to_median:  # to the median of the replies that count: a rejected one sets nothing
         kept = round_medians({lb: n for lb, n in norms.items()
                               if verdicts[lb].action != REJECTED})
@@ -255,4 +276,6 @@ def screen_round(
                     v.action = CLIPPED
                     v.reason = "clipped to the round's median norm (" + ", ".join(
                         f"{p} x{s:.3g}" for p, s in v.scales.items()) + ")"
+                    v.site_reason = (f"{', '.join(v.scales)} update scaled down to the round's "
+                                     "median update norm (aggregation clipped_mean)")
     return medians, verdicts

@@ -5,13 +5,16 @@ same): ``config`` (absolute path of the federation YAML, read here at the coordi
 (absolute RUN directory), ``rounds`` and optionally ``resume`` and ``sites`` (the registered
 site labels, comma-separated: each round then names the absent ones). See docs/federation.md.
 
-One thing is added around the round loop here:
+Two things are added around the round loop here:
 
 - the ServerApp's own log (the coordinator's ``aggregator.*``/``fed_unimiss.*`` loggers) is also
   written to ``RUN/logs/serverapp.log``: in deployment ``flwr-serverapp`` forwards only Flower's logger to
   the SuperLink, so without this the coordinator would never see why a reply was rejected. Only
   what these loggers already say goes there: node ids, site labels, counts and reasons, never
   text from a site's reply (the strategy records error codes, not error texts).
+- a round that failed its quorum (:class:`~aggregator.rounds.RoundFailed`) still ends the run
+  as failed, but Flower logs it as one line with the reason, not as a traceback
+  (:class:`StoppedRunOneLine`): it is an outcome the coordinator reads, not a bug.
 
 ``require_dp: true`` is enforced by the strategy (:mod:`aggregator.strategy`).
 """
@@ -27,11 +30,12 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from aggregator.flower_private import shorten_object_pull_backoff
-from aggregator.rounds import FederationRun, run_federation
+from aggregator.rounds import FederationRun, RoundFailed, run_federation
 from aggregator.run_status import recorded_status
 from fed_unimiss import exchange as ex
 
-__all__ = ["app", "serverapp_log", "SERVERAPP_LOG", "COORDINATOR_LOGGERS"]
+__all__ = ["app", "serverapp_log", "SERVERAPP_LOG", "COORDINATOR_LOGGERS", "StoppedRunOneLine",
+           "quiet_stopped_runs"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,27 @@ class _CoordinatorOnly(logging.Filter):
         return record.name in COORDINATOR_LOGGERS
 
 app = ServerApp()
+
+
+class StoppedRunOneLine(logging.Filter):
+    """Flower logs any exception that leaves the ServerApp with its traceback ("ServerApp raised
+    an exception"), which ``aggregator start`` then shows from the log's tail. A round without
+    enough valid replies is the federation's rule at work: one line with the reason, which
+    already names every rejected site and why."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, RoundFailed):
+            record.msg, record.args = "ServerApp stopped the run: %s", (str(error),)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_stopped_runs(logger: logging.Logger | None = None) -> None:
+    """Install :class:`StoppedRunOneLine` on Flower's logger (once per process)."""
+    logger = logger or logging.getLogger("flwr")
+    if not any(isinstance(f, StoppedRunOneLine) for f in logger.filters):
+        logger.addFilter(StoppedRunOneLine())
 
 
 @contextmanager
@@ -94,6 +119,7 @@ def main(grid: Grid, context: Context) -> None:
     if isinstance(rounds, float) and rounds.is_integer():
         rounds = int(rounds)
     run = FederationRun.from_files(str(rc[ex.RUN_CONFIG]), str(rc[ex.RUN_OUT]), rounds)
+    quiet_stopped_runs()  # Flower logs the failure after main returns: the filter stays
     shorten_object_pull_backoff()  # replies' chunks: no 1-2-4 s waits (issue 15)
     resume = bool(rc.get(ex.RUN_RESUME, False))
     registered = ([s for s in str(rc[ex.RUN_SITES]).split(",") if ex.is_valid_site_name(s)]

@@ -12,7 +12,9 @@ Every train reply ends as one typed outcome (:data:`TrainOutcome`): a :class:`Si
 folded in, a :class:`BudgetRefusal` (a DP site whose budget is spent), or a :class:`Rejection`
 (an error reply, a malformed or out-of-bounds update, counts above what the round could have
 trained, a replayed state, an update far from the round's others, or, with ``require_dp``, a
-reply that reports no DP). Every outcome is one entry of the round row's ``decisions``. ``require_dp`` is the strategy's too: it stamps every train instruction with
+reply that reports no DP). Every outcome is one entry of the round row's ``decisions``, and a
+:class:`~aggregator.verdicts.SiteVerdict` that node hears in its next train instruction (or in
+the run's last message): what was done with its reply and why, in its own terms. ``require_dp`` is the strategy's too: it stamps every train instruction with
 :data:`~fed_unimiss.privacy.REQUIRE_DP` (a non-DP site then refuses with error 5103) and
 rejects any train reply that carries no ``epsilon``. That is a protocol check, not a proof: the
 aggregator trusts a site's report that it trained with DP (docs/privacy.md).
@@ -54,10 +56,12 @@ from aggregator.validation import (
     part_of,
     site_label,
 )
+from aggregator.verdicts import ACCEPTED, CLIPPED, REFUSED, SiteVerdict, with_verdict
 from fed_unimiss import exchange as ex
 from fed_unimiss import exchange_codec as codec
 from fed_unimiss.federation import FederationConfig
 from fed_unimiss.privacy.report import (
+    DP_PLAN_PATIENTS_PER_STEP,
     ERROR_DP_REQUIRED,
     REQUIRE_DP,
     privacy_refusal,
@@ -126,6 +130,9 @@ class ReplyLimits:
     max_update_norm: float = math.inf  # the student's; every part's unless derived
     counts: CountBound | None = None  # replies without DP
     dp_counts: CountBound | None = None  # replies reporting epsilon (Poisson plan)
+    # The DP plan behind dp_counts, announced in every train instruction: a DP site with more
+    # expected patients per step adopts this value or refuses before it spends budget.
+    dp_patients_per_step: float | None = None
     derived: bool = False  # max_update_norm is the recipe's Adam bound, not a config number
     teacher_pull: float = 1.0  # 1 - momentum^local_steps: the teacher's share of its EMA gap
 
@@ -182,6 +189,9 @@ class Rejection:
     reason: str
     # Numbers behind a screening rejection (norms, norm / round median, cosine), else None.
     detail: dict[str, Any] | None = None
+    # What the site is told instead of ``reason`` when that names another site's numbers or
+    # label (the round's medians, a replayed reply of another site); None: ``reason`` itself.
+    site_reason: str | None = None
 
 
 TrainOutcome = SiteResult | BudgetRefusal | Rejection
@@ -216,6 +226,8 @@ class _RoundState:
     evaluated: dict[str, dict[str, float]] = field(default_factory=dict)
     epsilon: dict[str, float] = field(default_factory=dict)  # DP sites: epsilon spent so far
     epsilon_budget: dict[str, float] = field(default_factory=dict)  # DP sites: their target
+    # node id -> what that site is told about its reply (aggregator/verdicts.py)
+    verdicts: dict[int, SiteVerdict] = field(default_factory=dict)
 
 
 class DimensionAwareStrategy:
@@ -252,6 +264,7 @@ class DimensionAwareStrategy:
         # down=q8_delta: (base fp32, its digest, its layout JSON), and the digest each node holds.
         self._base: tuple[dict[str, torch.Tensor], str, str] | None = None
         self._holds: dict[int, str] = {}
+        self._told: dict[int, SiteVerdict] = {}  # the previous round's verdicts, sent this round
 
     # ------------------------------------------------------------------ train
     def train_config(self, round_num: int) -> ConfigRecord:
@@ -275,6 +288,8 @@ class DimensionAwareStrategy:
             config[ex.EXCHANGE_LAYOUT] = layout
         if message_type == ex.TRAIN and self.cfg.require_dp:
             config[REQUIRE_DP] = True
+        if message_type == ex.TRAIN and self.limits.dp_patients_per_step is not None:
+            config[DP_PLAN_PATIENTS_PER_STEP] = float(self.limits.dp_patients_per_step)
         return config
 
     def configure_train(
@@ -283,6 +298,7 @@ class DimensionAwareStrategy:
         """Start a round: reset the running sums and address the global state to every node."""
         self._cleanup()
         previous = self._round
+        self._told = dict(previous.verdicts) if previous is not None else {}
         if previous is not None and previous.sent_sample:  # its replies are judged: now old
             self._replays.remember_sent(previous.sent_sample,
                                         f"the global state sent in round {previous.round_num}")
@@ -309,8 +325,9 @@ class DimensionAwareStrategy:
         self._replays.remember(wire_digest(arrays), f"the global state sent in round "
                                f"{round_num}")
         return [
-            Message(RecordDict({ex.ARRAYS: arrays, ex.CONFIG: config}), node_id, ex.TRAIN,
-                    group_id=str(round_num))
+            Message(RecordDict({ex.ARRAYS: arrays,
+                                ex.CONFIG: with_verdict(config, self._told.get(node_id))}),
+                    node_id, ex.TRAIN, group_id=str(round_num))
             for node_id in node_ids
         ]
 
@@ -343,7 +360,8 @@ class DimensionAwareStrategy:
         full_record = None
         messages = []
         for node_id in node_ids:
-            config = self._instruction(round_num, ex.TRAIN, layout)
+            config = with_verdict(self._instruction(round_num, ex.TRAIN, layout),
+                                  self._told.get(node_id))
             config[ex.EXCHANGE_BASE] = digest
             if delta_record is not None and self._holds.get(node_id) == old[1]:
                 record = delta_record
@@ -394,6 +412,10 @@ class DimensionAwareStrategy:
         outcome = self._judge(reply, label, rnd)
         if not isinstance(outcome, SiteResult):
             self._reject(rnd, outcome)
+            own = isinstance(outcome, BudgetRefusal) or reply.has_error()  # the site said why
+            rnd.verdicts[node_id] = SiteVerdict(
+                rnd.round_num, REFUSED if own else REJECTED,
+                outcome.reason if own else (outcome.site_reason or outcome.reason))
         return outcome
 
     def _reject(self, rnd: _RoundState, outcome: BudgetRefusal | Rejection) -> None:
@@ -420,12 +442,17 @@ class DimensionAwareStrategy:
             clip_to_median=self.cfg.aggregation == "clipped_mean")
         for result, state in held:
             verdict = result.verdict = verdicts[result.label]
+            site_reason = verdict.site_reason or "rejected by the round's screening"
             if verdict.action == REJECTED:
                 detail = {"norms": result.norms, **verdict.as_row()}
                 detail.pop("action", None)
                 detail.pop("reason", None)
-                self._reject(rnd, Rejection(result.label, verdict.reason or "", detail))
+                self._reject(rnd, Rejection(result.label, verdict.reason or "", detail,
+                                            site_reason))
+                rnd.verdicts[result.node_id] = SiteVerdict(rnd.round_num, REJECTED, site_reason)
                 continue
+            rnd.verdicts[result.node_id] = SiteVerdict(rnd.round_num, CLIPPED, site_reason) \
+                if verdict.action == CLIPPED else SiteVerdict(rnd.round_num, ACCEPTED)
             if verdict.scales:
                 state = clip_state(state, rnd.reference, verdict.scales)
                 log.warning("round %d: %s %s", rnd.round_num, result.label, verdict.reason)
@@ -474,10 +501,12 @@ class DimensionAwareStrategy:
             replayed = self._replays.replayed(digest)
             if replayed is not None:
                 raise ReplyRejected(f"state identical to {replayed} (nothing trained, or a "
-                                    "stale replay)")
+                                    "stale replay)",
+                                    for_site="state identical to an earlier state of this run "
+                                    "(nothing trained, or a stale replay)")
             norms, spilled = self._decode_validate_spill(record, scales, rnd, label)
         except ReplyRejected as e:
-            return Rejection(label, str(e))
+            return Rejection(label, str(e), site_reason=e.for_site)
         if epsilon is not None:  # DP sites report what they spent so far
             rnd.epsilon[label] = epsilon
         result = SiteResult(node_id, label, report, math.sqrt(sum(n * n for n in norms.values())),
@@ -592,6 +621,10 @@ class DimensionAwareStrategy:
             for spilled in self._round.spills:
                 spilled.delete()
             self._round.spills.clear()
+
+    def last_verdicts(self) -> dict[int, SiteVerdict]:
+        """node id -> the decision on its reply in the current (last) round; {} before any."""
+        return dict(self._round.verdicts) if self._round is not None else {}
 
     def bytes_down(self) -> int:
         """One train instruction of this round as sent (arrays + config)."""

@@ -37,7 +37,16 @@ PARTS = ("student", "teacher", ex.CENTER_KEY)
 ADAM_STEP_FACTOR = 3.0
 
 class ReplyRejected(ValueError):
-    """A reply the aggregator will not use; ``str(e)`` is the reason logged and recorded."""
+    """A reply the aggregator will not use; ``str(e)`` is the reason logged and recorded.
+
+    ``for_site`` replaces it in what the site is told (aggregator/verdicts.py) when the reason
+    names something of another site; the reasons built here name only the reply's own numbers
+    and the run's bounds, which the site may hear as they are.
+    """
+
+    def __init__(self, reason: str, for_site: str | None = None) -> None:
+        super().__init__(reason)
+        self.for_site = for_site
 
 
 @dataclass(frozen=True)

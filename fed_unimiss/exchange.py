@@ -63,6 +63,13 @@ EXCHANGE_LAYOUT = "exchange_layout_json"
 EXCHANGE_BASE = "exchange_base"
 EXCHANGE_BASE_PREV = "exchange_base_prev"
 EXCHANGE_BASE_CODEC = "exchange_base_codec"  # a full base: bf16 (the first) or fp32
+# The coordinator's decision on this node's previous train reply, for this node only: in its next
+# train instruction, or in the run's last message (type QUERY) when the run ends. The reason is
+# the aggregator's check with this site's own numbers and the run's public bounds, never another
+# site's label or numbers.
+VERDICT_ROUND = "verdict_round"
+VERDICT_ACTION = "verdict_action"  # accepted | clipped | rejected | refused
+VERDICT_REASON = "verdict_reason"
 
 # ---------------------------------------------------------------- reply metric keys
 NUM_EXAMPLES = "num-examples"  # Flower's conventional name: samples_2d + samples_3d
@@ -96,6 +103,8 @@ ERROR_CATEGORIES: dict[int, str] = {
     5004: "the site's worker stopped during the round (it is restarted)",
     ERROR_RECIPE: "the site's DP settings cannot train this federation's recipe (it needs a "
                   "DP-capable federation config, e.g. configs/federation/micro-dp.yaml)",
+    5105: "the site's DP settings do not fit the federation's announced DP plan (it refused "
+          "before training; no budget spent; its terminal names the values)",
 }
 
 
@@ -144,6 +153,7 @@ RUN_SITES = "sites"
 # ---------------------------------------------------------------- message types
 TRAIN = "train"
 EVALUATE = "evaluate"
+QUERY = "query"  # the run's last message to a site: the decision on its last reply
 
 
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -12,6 +12,10 @@ a message. Where it runs:
 - without a worker (``simulate``, tests) the round runs in this process
   (:func:`site_client.round_work.handle`), whose memory persists between messages as well.
 
+A train instruction may carry the coordinator's decision on this site's previous update, and
+the run's last message (type ``query``) the decision on its last one: a rejected or clipped
+update is said on the site's terminal and in its log (:mod:`site_client.verdicts`).
+
 The work itself (decode, train with the one trainer plain or DP-SGD, encode) is in
 :mod:`site_client.round_work`. A reply carries only model-state tensors (and int8 scales),
 numeric counts and metrics, and at most the site's self-declared label; a failure is an error
@@ -41,6 +45,7 @@ from fed_unimiss import exchange as ex
 from site_client.errors import ERROR_EVALUATE, ERROR_EXCHANGE, ERROR_TRAIN, ERROR_WORKER
 from site_client.flower_tuning import shorten_object_pull_backoff
 from site_client.round_messages import RoundReply, RoundRequest
+from site_client.verdicts import heard_verdict
 
 __all__ = ["app", "ERROR_TRAIN", "ERROR_EVALUATE", "ERROR_EXCHANGE", "ERROR_WORKER"]
 
@@ -67,6 +72,7 @@ def _record_progress(context: Context, round_num: object, event: str, why: str) 
     if not isinstance(state, str) or not state:
         return
     try:
+        os.makedirs(state, exist_ok=True)
         with open(os.path.join(state, "progress.jsonl"), "a") as f:
             f.write(json.dumps({"round": round_num, "event": event, "why": why},
                                sort_keys=True) + "\n")
@@ -86,6 +92,19 @@ def _record_timing(context: Context, entry: dict) -> None:
             f.write(json.dumps(entry) + "\n")
     except OSError:
         pass
+
+
+def _hear_verdict(msg: Message, context: Context) -> None:
+    """Say on this site's terminal and in its log if the coordinator rejected or clipped its
+    last update (site_client/verdicts.py); never fails the message that carries it."""
+    try:
+        verdict = heard_verdict(msg.content.config_records[ex.CONFIG])
+    except Exception:  # noqa: BLE001 - a malformed instruction is answered by the round itself
+        return
+    if verdict is None or not verdict.news:
+        return
+    log.warning("%s", verdict.line())
+    _record_progress(context, verdict.round, verdict.action, verdict.reason)
 
 
 def _request(kind: str, msg: Message, context: Context) -> RoundRequest:
@@ -120,6 +139,8 @@ def _run(kind: str, msg: Message, context: Context) -> Message:
     timing = {"kind": kind, "node_id": int(context.node_id), "process_start": _process_start(),
               "handler_start": time.time()}
     fallback = ERROR_EVALUATE if kind == ex.EVALUATE else ERROR_TRAIN
+    if kind == ex.TRAIN:  # the decision on this site's previous update comes first
+        _hear_verdict(msg, context)
     try:
         request = _request(kind, msg, context)
         timing["round"] = request.config.get(ex.ROUND)
@@ -162,3 +183,11 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Self-distillation loss of the received global model on a few local batches."""
     return _run(ex.EVALUATE, msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The run's last word: the coordinator's decision on this site's last update. Nothing is
+    trained and nothing is sent back but an empty acknowledgement."""
+    _hear_verdict(msg, context)
+    return Message(RecordDict(), reply_to=msg)

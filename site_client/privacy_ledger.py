@@ -5,6 +5,8 @@ trains every round with the DP-SGD gradient step (:class:`fed_unimiss.ssl.dp_ste
 the budget kept in ``state-dir/privacy_ledger.json`` (:class:`fed_unimiss.ssl.local.LedgerGuard`);
 the ClientApp (site_client/client_app.py) runs the protocol:
 
+- before the ledger is opened, the site's settings are fitted to the federation's announced DP
+  plan (:mod:`site_client.dp_plan`): adopted, or the round refused (error 5105) at no cost;
 - before training, the round's cost is computed; if it would exceed the target the site replies
   a *refusal* (metrics ``dp_refused = 1`` and ``epsilon`` spent, no model state) and trains
   nothing; the ledger is on disk, so it keeps refusing after any restart;

@@ -29,12 +29,14 @@ import torch
 from fed_unimiss import exchange as ex
 from fed_unimiss import exchange_codec as codec
 from fed_unimiss.privacy import ERROR_DP_REQUIRED, REQUIRE_DP, LedgerError
+from fed_unimiss.privacy.report import ERROR_DP_PLAN
 from fed_unimiss.runtime import Runtime
 from fed_unimiss.ssl.config import Recipe, recipe_from_dict
 from fed_unimiss.ssl.engine import SelfDistillation
 from fed_unimiss.ssl.gradient_step import GradientStep, PlainStep
 from fed_unimiss.ssl.local import run_local, training_mode
 from fed_unimiss.ssl.local_parallel import run_local_data_parallel, usable_workers
+from site_client.dp_plan import fit_to_plan
 from site_client.errors import ERROR_EVALUATE, ERROR_EXCHANGE, ERROR_TRAIN, ERROR_WORKER
 from site_client.local_state import SiteState
 from site_client.privacy_ledger import ERROR_DP_EVALUATE, ERROR_LEDGER, site_privacy
@@ -215,6 +217,18 @@ def _train(req: RoundRequest) -> RoundReply:
         site.record_event(job.round, "refused", why=why)
         return RoundReply.failed(ex.ERROR_RECIPE, "this site's settings cannot train the "
                                  "federation's recipe")
+    adopted = None
+    if privacy is not None:  # before the ledger opens: no budget on an update the plan rules out
+        fit = fit_to_plan(privacy, req.config)
+        if fit.refuses:
+            why = fit.refusal_text()
+            log.warning("round %d: %s", job.round, why)
+            site.record_event(job.round, "refused", why=why)
+            return RoundReply.failed(ERROR_DP_PLAN, "site's DP settings do not fit the announced "
+                                     "DP plan; it refuses before training")
+        privacy, adopted = fit.privacy, fit.adopted_text()
+        if adopted is not None:
+            log.info("round %d: %s", job.round, adopted)
     torch.set_num_threads(job.recipe.ssl.threads)
     mem = _memory(site, req.run_id)
     runtime = Runtime.from_node_config(req.node_config)
@@ -262,7 +276,8 @@ def _train(req: RoundRequest) -> RoundReply:
         site.record_event(job.round, "refused", why="the privacy budget is spent")
         return RoundReply(local.public, site_name=site.site_name)
     site.record_position(job.round, job.start_step, job.local_steps, job.total_steps)
-    site.record_event(job.round, "trained", **_shown(local.public))
+    site.record_event(job.round, "trained", **_shown(local.public),
+                      **({"adopted": adopted} if adopted is not None else {}))
     return _train_reply(site, mem, job, received, local.public, engine.exchange_state())
 
 

@@ -428,7 +428,8 @@ class SiteProgress:
 
 
 def format_event(site: str, event: dict[str, Any]) -> str:
-    """One terminal line for a ClientApp event (trained / refused / failed)."""
+    """One terminal line for a ClientApp event (trained / refused / failed, or the coordinator's
+    decision on an update: rejected / clipped)."""
     head = f"site {site}: round {event.get('round', '?')}"
     kind = event.get("event")
     if kind == "trained":
@@ -443,9 +444,14 @@ def format_event(site: str, event: dict[str, Any]) -> str:
             parts.append("loss " + ", ".join(losses))
         if isinstance(event.get("epsilon"), (int, float)):
             parts.append(f"DP epsilon spent {event['epsilon']:.3f}")
+        if isinstance(event.get("adopted"), str):  # site_client/dp_plan.py
+            parts.append(event["adopted"])
         return f"{head}: trained ({', '.join(parts)}); update sent"
     if kind == "refused":
         return f"{head}: REFUSED: {event.get('why', 'see the log')}"
+    if kind in ("rejected", "clipped"):  # the coordinator's decision (site_client/verdicts.py)
+        verb = "REJECTED" if kind == "rejected" else "clipped"
+        return f"{head}: update {verb} by the coordinator: {event.get('why', 'no reason given')}"
     return f"{head}: FAILED: {event.get('why', 'see the log')} (details in STATE/logs)"
 
 

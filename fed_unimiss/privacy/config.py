@@ -55,6 +55,11 @@ class PrivacyConfig:
     center_clip: float = 1.0
     # Draw the noise with a cryptographically secure generator (Opacus secure_mode; slower).
     secure_mode: bool = False
+    # When the federation's announced DP plan accepts fewer patients per step than this site's
+    # patients_per_step, train with the plan's value (true: a lower sampling rate, so every round
+    # costs less epsilon; target, delta, clip and ledger unchanged) or refuse the round before
+    # training (false). Either way no budget is spent on an update the plan rules out.
+    adopt_plan: bool = True
 
     def validate(self) -> None:
         """Cross-field checks; raises ``ValueError`` naming the field and the fix."""
@@ -94,6 +99,7 @@ DP_KEYS: dict[str, str] = {
     "dp-accountant": "accountant",
     "dp-center-clip": "center_clip",
     "dp-secure-mode": "secure_mode",
+    "dp-adopt-plan": "adopt_plan",
 }
 _INTEGER_FIELDS = ("planned_rounds",)
 

@@ -10,6 +10,10 @@ instruction; a site without DP then refuses with error :data:`ERROR_DP_REQUIRED`
 instead of releasing a non-private update, and the aggregator turns any non-error train reply
 that carries no ``epsilon`` into the same error (a site running code that ignores the flag).
 Neither side can *prove* DP: the aggregator trusts the site's report (docs/privacy.md).
+
+Every train instruction also announces the DP plan (:data:`DP_PLAN_PATIENTS_PER_STEP`): a DP
+site checks its settings against it before spending budget and adopts it, or refuses with
+:data:`ERROR_DP_PLAN`, naming on its own terminal each value that differs.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["EPSILON", "EPSILON_BUDGET", "DP_REFUSED", "REQUIRE_DP", "ERROR_DP_REQUIRED", "privacy_refusal",
-           "reported_epsilon", "reported_budget"]
+__all__ = ["EPSILON", "EPSILON_BUDGET", "DP_REFUSED", "REQUIRE_DP", "ERROR_DP_REQUIRED",
+           "DP_PLAN_PATIENTS_PER_STEP", "ERROR_DP_PLAN", "privacy_refusal", "reported_epsilon",
+           "reported_budget"]
 
 EPSILON = "epsilon"
 EPSILON_BUDGET = "epsilon_budget"  # the site's target epsilon (the coordinator's dashboard shows it)
@@ -28,6 +33,13 @@ DP_REFUSED = "dp_refused"
 REQUIRE_DP = "require-dp"
 # Error code of a reply refused (by a non-DP site, or by the aggregator for it) under REQUIRE_DP.
 ERROR_DP_REQUIRED = 5103
+# Train-instruction config key (float): the federation's announced DP plan, the largest expected
+# patients per step a DP reply may be trained with. The aggregator bounds a DP reply's counts by
+# it; a DP site whose own setting is larger adopts it or refuses before it spends any budget.
+DP_PLAN_PATIENTS_PER_STEP = "dp-plan-patients-per-step"
+# Error code of a DP site that refuses a round, before training, because its settings do not fit
+# the announced plan (an update it trained would be rejected: no budget is spent on it).
+ERROR_DP_PLAN = 5105
 
 
 def privacy_refusal(metrics: Mapping[str, Any] | None) -> float | None:

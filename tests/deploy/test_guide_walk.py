@@ -80,7 +80,8 @@ def test_guides_walk_dp_site_on_a_non_dp_federation(tmp_path):
                  "--control-address", control, "--wait-for-sites", "3", "--wait-timeout", "300")
     site_cmd = {s: fu("site", "start", "--kit", f"KITS/site-{s}", "--data", f"data-{s}",
                       "--superlink", fleet, "--state-dir", f"state-{s}") for s in "ABC"}
-    site_cmd["A"] += ["--dp-epsilon", "8", "--dp-delta", "1e-5", "--dp-clip", "1.0"]
+    site_cmd["A"] += ["--dp-epsilon", "8", "--dp-delta", "1e-5", "--dp-clip", "1.0",
+                      "--dp-planned-rounds", "2", "--dp-patients-per-step", "2"]  # the guide's
     logs = tmp_path / "logs"
     with ProcessSet(tmp_path / "pids") as procs:
         agg = procs.start("aggregator", agg_cmd, logs / "aggregator.log", env=env, cwd=tmp_path)

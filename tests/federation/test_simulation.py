@@ -100,9 +100,15 @@ def test_each_round_is_the_dimension_aware_average_of_the_replies(federation):
 
 def test_replies_hold_only_state_tensors_and_numbers(federation):
     _, _, _, log = federation
+    # the run's last word goes to xr alone (its poisoned round-2 update was rejected) ...
+    assert [m.metadata.dst_node_id for m, _ in log if m.metadata.message_type == ex.QUERY] == [2]
     for msg, reply in log:
         assert reply is not None and not reply.has_error()
         content = reply.content
+        if msg.metadata.message_type == ex.QUERY:  # ... and is answered by an empty record
+            assert not (content.array_records or content.metric_records
+                        or content.config_records)
+            continue
         assert set(content.config_records) <= {ex.SITE}
         for record in content.config_records.values():
             assert dict(record) == {ex.SITE_NAME_KEY: record[ex.SITE_NAME_KEY]}
@@ -131,7 +137,9 @@ def test_resume_after_crash_gives_identical_state(federation, tmp_path):
         (tmp / "run" / "rounds.jsonl").read_text().splitlines()[0] + "\n")
     TapGrid.log = []
     simulate(config, sites, rounds=2, out=crashed, resume=True, grid_cls=TapGrid)
-    assert {m.metadata.group_id for m, _ in TapGrid.log} == {"2", "2-eval"}
+    # round 2 only: its train and evaluate messages, and the run's last word to the site whose
+    # poisoned round-2 update was rejected
+    assert {m.metadata.group_id for m, _ in TapGrid.log} == {"2", "2-eval", "2-verdict"}
     a, _ = load_checkpoint(tmp / "run" / "global_round_0002.safetensors")
     b, _ = load_checkpoint(crashed / "global_round_0002.safetensors")
     assert set(a) == set(b)

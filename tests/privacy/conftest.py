@@ -28,3 +28,11 @@ def xray_site_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dp-xray-site-b")
     write_phantoms(out, 0, 4, seed=4)
     return out
+
+
+@pytest.fixture(scope="session")
+def phantom_both(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1 phantom CT volume and 2 radiographs, each its own patient: 3D and 2D DP steps."""
+    out = tmp_path_factory.mktemp("dp-both-site")
+    write_phantoms(out, 1, 2, seed=3)
+    return out
