@@ -239,7 +239,7 @@ connect_timeout_s: 0
 device: auto        # auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps
 precision: fp32     # fp32, or bf16/fp16 forward passes with fp32 weights (DP sites: fp32)
 workers: 1          # data-parallel processes per round, one GPU each on CUDA (DP sites: 1)
-# Differential privacy (issue 7, docs/privacy.md): off unless enabled here or with
+# Differential privacy (docs/privacy.md): off unless enabled here or with
 # `site start --dp-epsilon E` (the --dp-* flags override these values). The guarantee is
 # (target_epsilon, target_delta)-DP per patient at this site, over the whole federation; once
 # spent, the site refuses further rounds. Fields: fed_unimiss/privacy/config.py.
@@ -250,6 +250,8 @@ privacy:
   max_grad_norm: 1.0        # per-patient L2 gradient clip
   planned_rounds: 10        # rounds the budget is calibrated for
   patients_per_step: 4.0    # expected patients per DP step
+  adopt_plan: true          # federation plans fewer patients per step: train with its value
+                            # (each round costs less epsilon) or, with false, refuse the round
 """
 
 

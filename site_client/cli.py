@@ -110,7 +110,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     hw.add_argument("--workers", type=int, metavar="N",
                     help="data-parallel processes per round, one GPU each on CUDA (not with DP)")
     dp = s.add_argument_group(
-        "differential privacy (issue 7, docs/privacy.md)",
+        "differential privacy (docs/privacy.md)",
         "Override the privacy section of the kit's site.yaml. The guarantee is per patient at "
         "this site, cumulative over every round and restart; the budget ledger lives in the "
         "state dir. Once spent, the site refuses further rounds.")
@@ -125,5 +125,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dp.add_argument("--dp-planned-rounds", type=int, metavar="N",
                     help="rounds the budget is spread over (default 10)")
     dp.add_argument("--dp-patients-per-step", type=float, metavar="K",
-                    help="expected patients per DP step (default 4)")
+                    help="expected patients per DP step (default 4); where the federation's "
+                    "announced DP plan accepts fewer, the site trains with the plan's value")
+    dp.add_argument("--dp-refuse-plan", dest="dp_adopt_plan", action="store_const",
+                    const=False, default=None,
+                    help="refuse a round (code 5105, before any budget is spent) instead of "
+                    "adopting a DP plan that accepts fewer patients per step than this site's")
     s.set_defaults(func=_start)

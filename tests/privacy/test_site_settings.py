@@ -117,3 +117,22 @@ def test_dp_refuses_recipes_it_cannot_train_soundly():
     sinkhorn = dc_replace(plain, ssl=dc_replace(plain.ssl, teacher_centering="sinkhorn"))
     with pytest.raises(ValueError, match="ssl.teacher_centering: DP training needs 'center'"):
         check_dp_recipe(sinkhorn)
+
+
+def test_refusing_the_plan_travels_from_the_flag_to_the_client(kit_dir, tmp_path):
+    """site.yaml adopts the federation's DP plan; --dp-refuse-plan turns that off, and the
+    choice reaches the ClientApp through the node config."""
+    import argparse
+
+    from site_client.cli import register
+
+    kit = load_site_kit(kit_dir)
+    assert kit.settings.privacy.adopt_plan is True  # the provisioned template says so
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["site", "start", "--kit", str(kit_dir), "--data", str(tmp_path),
+                              "--dp-epsilon", "8", "--dp-refuse-plan"])
+    privacy = site_privacy_settings(kit, {"dp_epsilon": args.dp_epsilon,
+                                          "dp_adopt_plan": args.dp_adopt_plan})
+    assert privacy.adopt_plan is False
+    assert site_privacy(_node_config_roundtrip(kit, privacy, tmp_path)).adopt_plan is False
