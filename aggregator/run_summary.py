@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from aggregator.probe_report import probe_series
 from aggregator.run_status import STATUS_FILE, read_json, run_state
 
 __all__ = ["RoundsTail", "read_rounds", "last_run_of_kit", "run_summary", "screening_summary",
@@ -112,6 +113,7 @@ def run_summary(out: str | Path) -> dict[str, Any]:
         "why": why,
         "screening": screening_summary(rows),
         "costs": round_costs(rows),
+        "probe": probe_series(rows),  # per probed round: weighted and per-site accuracies
     }
 
 

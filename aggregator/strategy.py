@@ -34,6 +34,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from aggregator.averaging import Aggregator, make_aggregator
+from aggregator.probe_report import probe_row, read_probe
 from aggregator.replays import CoordinateSample, ReplayGuard
 from aggregator.screening import (
     REJECTED,
@@ -216,6 +217,7 @@ class _RoundState:
     evaluated: dict[str, dict[str, float]] = field(default_factory=dict)
     epsilon: dict[str, float] = field(default_factory=dict)  # DP sites: epsilon spent so far
     epsilon_budget: dict[str, float] = field(default_factory=dict)  # DP sites: their target
+    probed: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> probe numbers
 
 
 class DimensionAwareStrategy:
@@ -275,6 +277,9 @@ class DimensionAwareStrategy:
             config[ex.EXCHANGE_LAYOUT] = layout
         if message_type == ex.TRAIN and self.cfg.require_dp:
             config[REQUIRE_DP] = True
+        every = self.cfg.probe_every
+        if message_type == ex.TRAIN and every and (round_num - 1) % every == 0:
+            config[ex.PROBE] = True  # sites with a probe set probe the state they receive
         return config
 
     def configure_train(
@@ -444,6 +449,9 @@ class DimensionAwareStrategy:
             return Rejection(label, f"refused: {ex.error_category(code)} (code {code})")
         content = reply.content
         metrics = content.metric_records.get(ex.METRICS)
+        probe = read_probe(metrics)
+        if probe is not None:  # about the global model sent, whatever becomes of the update
+            rnd.probed[label] = probe
         budget = reported_budget(metrics)
         if budget is not None:  # a DP site's target epsilon (a setting; issue 16's dashboard)
             rnd.epsilon_budget[label] = budget
@@ -699,6 +707,8 @@ class DimensionAwareStrategy:
             row["eval_loss"] = sum(v[ex.LOSS] * v[ex.NUM_EXAMPLES]
                                    for v in rnd.evaluated.values()) / weight
             row["eval_per_site"] = {k: v[ex.LOSS] for k, v in sorted(rnd.evaluated.items())}
+        if rnd.probed:
+            row["probe"] = probe_row(rnd.probed, rnd.round_num)
         return row
 
     @staticmethod

@@ -18,7 +18,7 @@ from fed_unimiss.finetune.load import LoadError, load_pretrained, read_export_co
 from fed_unimiss.models.mit import MiT
 from fed_unimiss.models.model_config import ModelConfig
 
-__all__ = ["load_encoder", "random_encoder", "sized_config"]
+__all__ = ["load_encoder", "random_encoder", "sized_config", "encoder_from_state"]
 
 
 def sized_config(cfg: ModelConfig, input_size: tuple[int, ...]) -> ModelConfig:
@@ -38,17 +38,23 @@ def random_encoder(cfg: ModelConfig, seed: int) -> nn.Module:
         torch.random.set_rng_state(generator_state)
 
 
-def _from_checkpoint(path: Path, which: str) -> nn.Module:
-    tensors, meta = load_checkpoint(path)
-    where = str(path.with_suffix(".json"))
-    cfg = model_config_from_meta(meta, where)
+def encoder_from_state(tensors: dict[str, torch.Tensor], which: str, cfg: ModelConfig,
+                       where: str) -> nn.Module:
+    """The MiT of ``{which}.backbone.*`` in a pretraining state (a checkpoint's, or the global
+    state a site received), in eval mode; a mismatch with ``cfg`` is an error naming ``where``."""
     model = MiT(cfg)
     state = extract_backbone(tensors, which, where)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise LoadError(f"{path}: the {which} backbone does not match its recorded model config "
+        raise LoadError(f"{where}: the {which} backbone does not match its model config "
                         f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
-    return model
+    return model.eval()
+
+
+def _from_checkpoint(path: Path, which: str) -> nn.Module:
+    tensors, meta = load_checkpoint(path)
+    where = str(path.with_suffix(".json"))
+    return encoder_from_state(tensors, which, model_config_from_meta(meta, where), where)
 
 
 def load_encoder(init: str | Path, which: str, input_size: tuple[int, ...]
