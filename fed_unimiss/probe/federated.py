@@ -31,7 +31,8 @@ __all__ = ["site_probe_config", "probe_global_state"]
 
 def site_probe_config(task: str, recipe, config: str | Path | None = None) -> ProbeConfig:
     """The probe a site runs: its YAML (``probe.config`` in site.yaml) or, without one, the
-    pretraining recipe's own input sizes, spacing and intensity scale; one seed, no random
+    pretraining recipe's own input sizes, spacing and intensity scale. The reply carries the
+    mean over the config's seeds (voxel samples; the features are computed once); no random
     row (round 1 probes the initial model, the federation's own reference)."""
     if config is not None:
         cfg = load_probe_config(config)
@@ -44,7 +45,7 @@ def site_probe_config(task: str, recipe, config: str | Path | None = None) -> Pr
                               hu_scale=recipe.data.hu_scale)
     if data.split == "folders":  # one folder: split it by case
         data = dataclasses.replace(data, split="patients", val_fraction=0.5)
-    cfg = dataclasses.replace(cfg, data=data, seeds=cfg.seeds[:1], random_reference=False)
+    cfg = dataclasses.replace(cfg, data=data, random_reference=False)
     cfg.validate()
     return cfg
 

@@ -109,3 +109,18 @@ def test_aggregator_status_shows_the_probe_per_round(probed_run, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert [p["round"] for p in summary["probe"]] == [1, 3]
     assert summary["probe"][1]["weighted"] == rows[2]["probe"]["weighted"]
+
+
+def test_the_probe_leaves_training_untouched(probed_run, phantom_sites):
+    """The same federation without probe sets trains to the same losses and the same model."""
+    tmp, rows = probed_run
+    sites = [("ct", phantom_sites["ct"]), ("xr", phantom_sites["xr"])]
+    simulate(tmp / "federation.yaml", sites, rounds=3, out=tmp / "plain")
+    plain = [json.loads(line) for line in (tmp / "plain" / "rounds.jsonl").read_text()
+             .splitlines()]
+    for a, b in zip(rows, plain, strict=True):
+        assert "probe" not in b
+        assert {s: v.get("loss") for s, v in a["per_site"].items()} == \
+            {s: v.get("loss") for s, v in b["per_site"].items()}
+    last = "global_round_0003.safetensors"
+    assert (tmp / "run" / last).read_bytes() == (tmp / "plain" / last).read_bytes()

@@ -34,7 +34,7 @@ def test_site_probe_sends_only_balanced_accuracies_and_counts(tmp_path):
     write_phantoms(tmp_path / "probe", n_ct=2, n_xray=0, labels=True, seed=4, fmt="nifti")
     recipe = load_recipe(RECIPE)
     cfg = site_probe_config("seg3d", recipe, PROBE_CONFIG)
-    assert cfg.data.split == "patients" and cfg.seeds == (0,) and not cfg.random_reference
+    assert cfg.data.split == "patients" and cfg.seeds == (0, 1, 2) and not cfg.random_reference
     data = load_probe_data(cfg, tmp_path / "probe", tmp_path / "probe")
     assert (len(data.train), len(data.val)) == (1, 1)  # one folder, split by case
     metrics = probe_global_state(_global_state(0), recipe.model, data, cfg)

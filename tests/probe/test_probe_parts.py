@@ -5,6 +5,7 @@ carries nothing)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,6 +20,8 @@ from fed_unimiss.models.mit import MiTFeatures
 from fed_unimiss.probe import ProbeConfig, ProbeData, probe_encoder
 from fed_unimiss.probe.classifiers import knn_predict, linear_probe_predict
 from fed_unimiss.probe.stats import balanced_accuracy, class_recalls, mean_interval, t_quantile
+
+REPO = Path(__file__).resolve().parents[2]
 
 # A toy set on the unit circle (scaled by 3: the vote must use cosine, not dot products).
 # Query (1, 0): t0 is the same direction (class 1, cosine 1), t1 and t2 lie at cosine 0.6
@@ -143,3 +146,27 @@ def test_features_at_voxels_equal_the_upsampled_map(window, grid):
                      axis=1)
     expected = full[(slice(None), *(torch.from_numpy(local[:, a]) for a in range(len(window))))]
     assert torch.allclose(_at_voxels(fmap, local, window), expected.T, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", sorted(REPO.joinpath("configs", "probe").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_probe_configs_load(path):
+    from fed_unimiss.probe import load_probe_config
+
+    cfg = load_probe_config(path)
+    assert cfg.data.is_segmentation and cfg.k == 20 and cfg.temperature == 0.07
+
+
+def test_probe_config_errors_name_the_field(tmp_path):
+    from fed_unimiss.config import ConfigError
+    from fed_unimiss.probe import load_probe_config
+
+    cases = {"k: 0": "k: must be at least 1", "seeds: [1, 1]": "seeds: expected distinct",
+             "voxels_per_clas: 5": "did you mean 'voxels_per_class'",
+             "data: {task: cls2d, multi_label: true}": "data.multi_label",
+             "data: {patch_3d: [8, 48]}": "data.patch_3d: expected 3 values"}
+    for i, (text, message) in enumerate(cases.items()):
+        path = tmp_path / f"c{i}.yaml"
+        path.write_text(text + "\n")
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            load_probe_config(path)
