@@ -26,16 +26,16 @@ __all__ = ["register", "parse_site", "simulate"]
 log = logging.getLogger(__name__)
 
 
-def parse_site(text: str) -> tuple[str, Path]:
+def parse_site(text: str, flag: str = "--site") -> tuple[str, Path]:
     """``NAME=DIR`` -> (name, dir); argparse turns the ValueError into a usage error."""
     from aggregator.validation import site_label
 
     name, sep, folder = text.partition("=")
     if not sep or not name or not folder:
-        raise argparse.ArgumentTypeError(f"--site {text!r}: expected NAME=DIR, e.g. A=/data/siteA")
+        raise argparse.ArgumentTypeError(f"{flag} {text!r}: expected NAME=DIR, e.g. A=/data/siteA")
     if site_label(name, 0) != name:
         raise argparse.ArgumentTypeError(
-            f"--site {text!r}: NAME must be letters, digits, '_', '.' or '-' (at most "
+            f"{flag} {text!r}: NAME must be letters, digits, '_', '.' or '-' (at most "
             f"{ex.MAX_SITE_NAME_LEN} characters)"
         )
     return name, Path(folder)
@@ -129,10 +129,11 @@ def _run(args: argparse.Namespace) -> int:
             return 2
     try:
         runtime = runtime_from_args(args)
-        unknown = sorted({name for name, _ in args.probe or []} - set(names))
-        if unknown:
-            print(f"error: --probe {unknown[0]}=...: no site named {unknown[0]!r}")
-            return 2
+        for name, folder in args.probe or []:
+            if name not in names or not folder.is_dir():
+                print(f"error: --probe {name}={folder}: " + ("not a folder" if name in names
+                      else f"no site named {name!r}"))
+                return 2
         probes = {name: ex.probe_node_config(folder, args.probe_task, args.probe_config)
                   for name, folder in args.probe or []}
         simulate(args.config, args.site, args.rounds, args.out, args.resume,
@@ -174,7 +175,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="make site NAME misbehave: replace, inflate, signflip, noise, nan or "
                         "stale (aggregator/attacks.py); check the config's defences before a "
                         "real run: rounds.jsonl 'decisions' name what was done with it")
-    p.add_argument("--probe", type=parse_site, action="append", metavar="NAME=DIR",
+    p.add_argument("--probe", type=lambda text: parse_site(text, "--probe"), action="append",
+                   metavar="NAME=DIR",
                    help="site NAME holds the labelled probe set DIR (a folder `fed-unimiss "
                    "probe` reads); probed every probe_every rounds of the federation YAML")
     p.add_argument("--probe-task", choices=("seg3d", "seg2d", "cls3d", "cls2d"), default="seg3d",
