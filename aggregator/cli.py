@@ -71,6 +71,14 @@ def format_round(row: dict[str, Any], rounds: int | None, state: Any = None) -> 
     secs = row.get("seconds")
     if isinstance(secs, (int, float)):
         text += f", {secs:.1f} s"
+    probe = row.get("probe")
+    if isinstance(probe, dict):  # the global model this round started from, deepest stage
+        from aggregator.probe_report import last_stage
+
+        kinds = last_stage((probe.get("weighted") or {}).get("teacher")) or {}
+        if all(isinstance(kinds.get(k), (int, float)) for k in ("knn", "linear")):
+            text += (f", probe after {probe.get('after_rounds')} round(s): teacher k-NN "
+                     f"{kinds['knn']:.3f} / linear {kinds['linear']:.3f}")
     rejected = row.get("rejected") or {}
     if isinstance(rejected, dict) and rejected:
         text += "; not used: " + "; ".join(f"{site} ({why})" for site, why in rejected.items())
@@ -167,6 +175,7 @@ def _status(args: argparse.Namespace) -> int:
           else "  DP epsilon:  - (no site reported differential privacy)")
     _print_screening(summary.get("screening") or {})
     _print_costs(summary.get("costs") or [])
+    _print_probe(summary.get("probe") or [])
     return 0
 
 
@@ -186,6 +195,29 @@ def online_line(online: dict[str, Any], now: float | None = None) -> str | None:
     ago = (f"; SuperLink asked {max(0.0, (now or time.time()) - at):.0f} s ago"
            if isinstance(at, (int, float)) else "")
     return f"{', '.join(names) or 'none'}: {len(names)} {of}{ago}"
+
+
+def _print_probe(series: list[dict[str, Any]]) -> None:
+    """Per probed round: balanced accuracy of the deepest encoder stage, k-NN / linear, of the
+    global teacher and student, weighted over the probing sites and per site."""
+    from aggregator.probe_report import last_stage
+
+    if not series:
+        return
+    print("  probe of the global model (balanced accuracy, deepest stage, k-NN / linear;")
+    print("  teacher | student; weighted by probe items, then per site):")
+
+    def pair(scores: Any) -> str:
+        kinds = last_stage(scores) or {}
+        return "/".join(f"{kinds[k]:.3f}" if isinstance(kinds.get(k), (int, float)) else "-"
+                        for k in ("knn", "linear"))
+
+    for p in series:
+        w = p.get("weighted") or {}
+        sites = "; ".join(f"{site} {pair(v.get('teacher'))} | {pair(v.get('student'))}"
+                          for site, v in (p.get("per_site") or {}).items() if isinstance(v, dict))
+        print(f"    round {p.get('round')} (after {p.get('after_rounds')}): "
+              f"{pair(w.get('teacher'))} | {pair(w.get('student'))}; {sites}")
 
 
 def _print_costs(costs: list[dict[str, Any]]) -> None:

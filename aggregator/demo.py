@@ -2,7 +2,8 @@
 
 What it does, in the order a consortium would:
 
-1. writes phantom data for three sites: A has CT only, B X-rays only, C both;
+1. writes phantom data for three sites: A has CT only, B X-rays only, C both; A also holds a
+   small labelled probe set (phantom CT with organ labels, ``probe:`` in its site.yaml);
 2. provisions a CA, the coordinator's certificate and one key per site (``provision``);
 3. starts the aggregator (SuperLink with TLS and site authentication) and three
    ``fed-unimiss site start`` processes, exactly as a coordinator and three hospitals would;
@@ -11,7 +12,10 @@ What it does, in the order a consortium would:
    kind of data (2D X-ray steps and 3D CT steps apart: their losses differ in scale, so a mix
    would hide the trend), writes ``demo.png`` (those losses per round, and each round's time
    split into training and coordination) and says where checkpoints, rounds.jsonl, the plot
-   and the logs are.
+   and the logs are. Every round site A probes the global teacher and student it received
+   (k-NN and linear balanced accuracy of the organs, per encoder stage): the table and the
+   plot show that curve, which the SSL losses cannot (they are not comparable across rounds
+   of a moving teacher, and one of them barely moves).
 
 The demo's federation (:data:`DEMO_LOCAL_STEPS` local steps per round at the micro recipe's own
 batch sizes, :data:`DEMO_ROUNDS` rounds) is sized so that the losses fall visibly within about
@@ -38,7 +42,8 @@ from typing import Any
 import yaml
 
 __all__ = ["register", "DemoLayout", "prepare_demo", "run_demo", "write_federation_yaml", "SITES",
-           "loss_table", "write_plot", "site_kind_losses", "round_times"]
+           "loss_table", "write_plot", "site_kind_losses", "round_times", "probe_table",
+           "probe_curves", "PROBE_SITE"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,10 @@ DEMO_LOCAL_STEPS = 80
 DEMO_RECIPE_OVERRIDES: dict[str, Any] = {"ssl": {"threads": 1}}
 PLOT_NAME = "demo.png"
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# The site holding a labelled probe set (phantom CT with organ labels), probed every round.
+PROBE_SITE = "A"
+PROBE_CT = 4  # volumes: half to learn from, half scored
+PROBE_CONFIG = REPO_CONFIGS / "probe" / "seg3d-micro.yaml"
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,7 @@ def free_port() -> int:
 def write_federation_yaml(
     path: Path, *, min_sites: int, round_timeout: float, local_steps: int = 2,
     evaluate: bool = False, recipe_overrides: dict[str, Any] | None = None,
+    probe_every: int = 0,
 ) -> Path:
     """A federation config derived from configs/federation/micro.yaml, for loopback runs.
 
@@ -84,7 +94,7 @@ def write_federation_yaml(
     recipe = Path(cfg.get("recipe", "../pretrain/micro.yaml"))
     cfg["recipe"] = str(recipe if recipe.is_absolute() else (src.parent / recipe).resolve())
     cfg.update(local_steps=local_steps, min_sites=min_sites, round_timeout=round_timeout,
-               evaluate=evaluate)
+               evaluate=evaluate, probe_every=probe_every)
     if recipe_overrides is not None:
         cfg["recipe_overrides"] = recipe_overrides
     path.write_text(f"# Derived from {src} by fed-unimiss (loopback run).\n"
@@ -111,10 +121,15 @@ def prepare_demo(workdir: Path, round_timeout: float = 300.0,
         write_phantoms(data[site], n_ct, n_xray, seed=100 + i)
     kits = root / "kits"
     provision(list(SITES), kits, server_names=["127.0.0.1"])
+    probe = root / "data" / f"probe-{PROBE_SITE}"
+    write_phantoms(probe, PROBE_CT, 0, labels=True, seed=200, fmt="nifti")
+    with open(kits / f"site-{PROBE_SITE}" / "site.yaml", "a") as f:
+        f.write(f"# A labelled probe set: the site probes the global model on it (docs/site-guide.md)\n"
+                f"probe: {{data: \"{probe}\", task: seg3d, config: \"{PROBE_CONFIG}\"}}\n")
     # min_sites one below the number of sites: a round still closes if one site drops
     federation = write_federation_yaml(root / "federation.yaml", min_sites=len(SITES) - 1,
                                        round_timeout=round_timeout, local_steps=local_steps,
-                                       recipe_overrides=DEMO_RECIPE_OVERRIDES)
+                                       recipe_overrides=DEMO_RECIPE_OVERRIDES, probe_every=1)
     return DemoLayout(root=root, data=data, kits=kits, federation=federation,
                       run=root / "run", logs=root / "logs")
 
@@ -182,6 +197,34 @@ def loss_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def probe_curves(rows: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    """``"teacher knn" -> {rounds trained: accuracy}``: the deepest encoder stage's balanced
+    accuracy of the global model, weighted over the probing sites, per network and classifier."""
+    from aggregator.probe_report import last_stage, probe_series
+
+    out: dict[str, dict[int, float]] = {}
+    for p in probe_series(rows):
+        for network in ("teacher", "student"):
+            for kind, value in (last_stage((p["weighted"] or {}).get(network)) or {}).items():
+                if isinstance(value, (int, float)) and isinstance(p["after_rounds"], int):
+                    out.setdefault(f"{network} {kind}", {})[p["after_rounds"]] = float(value)
+    return out
+
+
+def probe_table(rows: list[dict[str, Any]]) -> str:
+    """The global model's probe per round: after how many rounds, k-NN and linear balanced
+    accuracy of the deepest stage, teacher and student."""
+    curves = probe_curves(rows)
+    if not curves:
+        return "probe: no site reported one"
+    lines = [f"probe of the global model at site {PROBE_SITE} (organ balanced accuracy, deepest "
+             "encoder stage; chance ~0.2):",
+             f"{'after rounds':>12}" + "".join(f"{k:>16}" for k in curves)]
+    for n in sorted({r for c in curves.values() for r in c}):
+        lines.append(f"{n:>12}" + "".join(f"{_num(c.get(n), '.3f'):>16}" for c in curves.values()))
+    return "\n".join(lines)
+
+
 def write_plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     """``path``: loss per round per site and kind (2D and 3D panels: different scales), and each
     round's time split into training and coordination. None when there is nothing to plot."""
@@ -194,7 +237,8 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     times = round_times(rows)
     if not series and not times:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    probe = probe_curves(rows)
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
     sites = sorted({name.split()[0] for name in series})
     colour = {site: f"C{i}" for i, site in enumerate(sites)}  # one colour per site, both panels
     for ax, kind, title in ((axes[0], "2D", "2D loss (X-ray steps)"),
@@ -224,6 +268,19 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     if times:  # room above the bars for the legend
         ax.set_ylim(0, 1.35 * max(t + c for _, t, c in times))
     ax.legend(loc="upper right")
+    ax = axes[3]
+    for i, (name, values) in enumerate(probe.items()):
+        xs = sorted(values)
+        ax.plot(xs, [values[x] for x in xs], marker="o", label=name, color=f"C{i}",
+                linestyle="-" if name.startswith("teacher") else "--")
+    ax.set_title(f"probe of the global model (site {PROBE_SITE})")
+    ax.set_xlabel("rounds trained")
+    ax.set_ylabel("balanced accuracy, deepest stage")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    if probe:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no probe reported", ha="center", transform=ax.transAxes)
     fig.suptitle("fed-unimiss demo: 3 sites on loopback (A: CT, B: X-ray, C: both)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -270,6 +327,8 @@ def run_demo(workdir: Path, rounds: int, round_timeout: float = 300.0,
             return 1
     print()
     print(loss_table(outcome.rounds))
+    print()
+    print(probe_table(outcome.rounds))
     print()
     plot = write_plot(outcome.rounds, layout.root / PLOT_NAME)
     elapsed = time.monotonic() - t0

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from aggregator.probe_report import probe_series
 from aggregator.run_status import STATUS_FILE, process_gone, read_json, run_state
 from fed_unimiss.exchange import is_valid_site_name
 
@@ -148,6 +149,7 @@ def run_summary(out: str | Path) -> dict[str, Any]:
                                     if is_valid_site_name(s)) if rows else [],
         "screening": screening_summary(rows),
         "costs": round_costs(rows),
+        "probe": probe_series(rows),  # per probed round: weighted and per-site accuracies
     }
 
 

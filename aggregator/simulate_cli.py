@@ -26,16 +26,16 @@ __all__ = ["register", "parse_site", "simulate"]
 log = logging.getLogger(__name__)
 
 
-def parse_site(text: str) -> tuple[str, Path]:
+def parse_site(text: str, flag: str = "--site") -> tuple[str, Path]:
     """``NAME=DIR`` -> (name, dir); argparse turns the ValueError into a usage error."""
     from aggregator.validation import site_label
 
     name, sep, folder = text.partition("=")
     if not sep or not name or not folder:
-        raise argparse.ArgumentTypeError(f"--site {text!r}: expected NAME=DIR, e.g. A=/data/siteA")
+        raise argparse.ArgumentTypeError(f"{flag} {text!r}: expected NAME=DIR, e.g. A=/data/siteA")
     if site_label(name, 0) != name:
         raise argparse.ArgumentTypeError(
-            f"--site {text!r}: NAME must be letters, digits, '_', '.' or '-' (at most "
+            f"{flag} {text!r}: NAME must be letters, digits, '_', '.' or '-' (at most "
             f"{ex.MAX_SITE_NAME_LEN} characters)"
         )
     return name, Path(folder)
@@ -78,12 +78,16 @@ def simulate(config: Path, sites: list[tuple[str, Path]], rounds: int, out: Path
              resume: bool = False, grid_cls: type | None = None,
              dp_flags: dict[str, list[str]] | None = None,
              attacks: dict[str, str] | None = None,
-             runtime: dict[str, object] | None = None) -> None:
+             runtime: dict[str, object] | None = None,
+             probes: dict[str, dict[str, str]] | None = None) -> None:
     """Run the federation in-process; ``grid_cls`` lets tests inject faults into the transport.
 
     ``attacks`` (site name -> kind, issue 17) runs those sites as attackers
     (:class:`aggregator.attacks.AttackGrid`); it cannot be combined with ``grid_cls``.
     ``runtime`` is every simulated site's hardware as node config (``Runtime.to_node_config``).
+    ``probes`` (site name -> probe-* node config, :func:`fed_unimiss.exchange.probe_node_config`)
+    gives those sites
+    a labelled probe set.
     """
     from aggregator.deploy.fab import CLIENTAPP
     from aggregator.inprocess import InProcessGrid, SiteSpec, load_component, run_inprocess
@@ -95,7 +99,8 @@ def simulate(config: Path, sites: list[tuple[str, Path]], rounds: int, out: Path
 
     out = out.resolve()
     dp = site_dp_configs(config, [name for name, _ in sites], dp_flags or {})  # issue 7
-    specs = [SiteSpec(name, folder.resolve(), {**(runtime or {}), **dp[name]})
+    specs = [SiteSpec(name, folder.resolve(),
+                      {**(runtime or {}), **dp[name], **(probes or {}).get(name, {})})
              for name, folder in sites]
     if attacks:
         from aggregator.attacks import AttackGrid
@@ -124,9 +129,17 @@ def _run(args: argparse.Namespace) -> int:
             return 2
     try:
         runtime = runtime_from_args(args)
+        for name, folder in args.probe or []:
+            if name not in names or not folder.is_dir():
+                print(f"error: --probe {name}={folder}: " + ("not a folder" if name in names
+                      else f"no site named {name!r}"))
+                return 2
+        probes = {name: ex.probe_node_config(folder, args.probe_task, args.probe_config)
+                  for name, folder in args.probe or []}
         simulate(args.config, args.site, args.rounds, args.out, args.resume,
                  dp_flags={k: getattr(args, k.replace("-", "_")) or [] for k in DP_FLAGS},
-                 attacks=dict(args.attack or []), runtime=runtime.to_node_config())
+                 attacks=dict(args.attack or []), runtime=runtime.to_node_config(),
+                 probes=probes)
     except (ConfigError, ResumeError, RoundFailed, ValueError) as e:
         print(f"error: {e}")
         return 1
@@ -162,6 +175,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="make site NAME misbehave: replace, inflate, signflip, noise, nan or "
                         "stale (aggregator/attacks.py); check the config's defences before a "
                         "real run: rounds.jsonl 'decisions' name what was done with it")
+    p.add_argument("--probe", type=lambda text: parse_site(text, "--probe"), action="append",
+                   metavar="NAME=DIR",
+                   help="site NAME holds the labelled probe set DIR (a folder `fed-unimiss "
+                   "probe` reads); probed every probe_every rounds of the federation YAML")
+    p.add_argument("--probe-task", choices=("seg3d", "seg2d", "cls3d", "cls2d"), default="seg3d",
+                   help="task of the --probe sets (default seg3d)")
+    p.add_argument("--probe-config", type=Path, default=None, metavar="YAML",
+                   help="ProbeConfig of the --probe sets (configs/probe/*.yaml; default: the "
+                   "recipe's input sizes and spacing)")
     p.set_defaults(func=_run)
 
 

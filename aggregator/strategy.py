@@ -36,6 +36,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from aggregator.averaging import Aggregator, make_aggregator
+from aggregator.probe_report import probe_row, read_probe
 from aggregator.replays import CoordinateSample, ReplayGuard
 from aggregator.screening import (
     REJECTED,
@@ -228,6 +229,7 @@ class _RoundState:
     epsilon_budget: dict[str, float] = field(default_factory=dict)  # DP sites: their target
     # node id -> what that site is told about its reply (aggregator/verdicts.py)
     verdicts: dict[int, SiteVerdict] = field(default_factory=dict)
+    probed: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> probe numbers
 
 
 class DimensionAwareStrategy:
@@ -290,6 +292,9 @@ class DimensionAwareStrategy:
             config[REQUIRE_DP] = True
         if message_type == ex.TRAIN and self.limits.dp_patients_per_step is not None:
             config[DP_PLAN_PATIENTS_PER_STEP] = float(self.limits.dp_patients_per_step)
+        every = self.cfg.probe_every
+        if message_type == ex.TRAIN and every and (round_num - 1) % every == 0:
+            config[ex.PROBE] = True  # sites with a probe set probe the state they receive
         return config
 
     def configure_train(
@@ -471,6 +476,9 @@ class DimensionAwareStrategy:
             return Rejection(label, f"refused: {ex.error_category(code)} (code {code})")
         content = reply.content
         metrics = content.metric_records.get(ex.METRICS)
+        probe = read_probe(metrics)
+        if probe is not None:  # about the global model sent, whatever becomes of the update
+            rnd.probed[label] = probe
         budget = reported_budget(metrics)
         if budget is not None:  # a DP site's target epsilon (a setting; issue 16's dashboard)
             rnd.epsilon_budget[label] = budget
@@ -732,6 +740,8 @@ class DimensionAwareStrategy:
             row["eval_loss"] = sum(v[ex.LOSS] * v[ex.NUM_EXAMPLES]
                                    for v in rnd.evaluated.values()) / weight
             row["eval_per_site"] = {k: v[ex.LOSS] for k, v in sorted(rnd.evaluated.items())}
+        if rnd.probed:
+            row["probe"] = probe_row(rnd.probed, rnd.round_num)
         return row
 
     @staticmethod

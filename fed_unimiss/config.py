@@ -49,6 +49,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
+        others = [a for a in get_args(tp) if a is not type(None)]
+        if value is not None and len(others) == 1 and dataclasses.is_dataclass(others[0]):
+            return _coerce(value, others[0], where)  # an optional section: name its bad field
         errors = []
         for option in get_args(tp):
             try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the model package imports torch; this module stays light (``site start``)
@@ -87,6 +88,24 @@ KL = "kl"
 TRAIN_METRICS = (STEPS, LOSS, LOSS_2D, LOSS_3D, SECONDS, SAMPLES_PER_S, SKIPPED, TEACHER_ENTROPY, KL)
 COUNT_METRICS = (SAMPLES_2D, SAMPLES_3D, NUM_EXAMPLES)
 
+# ---------------------------------------------------------------- probe of the global model
+# A train instruction with PROBE true asks a site that holds a labelled probe set (``probe:``
+# in site.yaml) to probe the global teacher and student it received, before training. The reply
+# then carries, next to its training metrics, only numbers under these keys: balanced
+# accuracies in [0, 1] (probe_key) and how many probe items were scored and how long it took.
+PROBE = "probe"
+PROBE_ITEMS = "probe_items"
+PROBE_SECONDS = "probe_seconds"
+PROBE_NETWORKS = ("teacher", "student")
+PROBE_KINDS = ("knn", "linear")
+PROBE_KEY = re.compile(r"^probe_(teacher|student)_stage([1-9])_(knn|linear)$")
+
+
+def probe_key(network: str, stage: int, kind: str) -> str:
+    """``probe_teacher_stage4_knn``: one balanced accuracy of a site's probe (stage 1-based)."""
+    return f"probe_{network}_stage{stage}_{kind}"
+
+
 # ---------------------------------------------------------------- error replies
 # A site's error reply carries one of these codes and a fixed text (nothing site-specific),
 # prefixed with ERROR_SITE_PREFIX + its label so the coordinator can name it. The coordinator
@@ -140,6 +159,20 @@ NODE_DEVICE = "device"        # auto | cpu | cuda | cuda:N | mps
 NODE_PRECISION = "precision"  # fp32 | bf16 | fp16
 NODE_WORKERS = "workers"      # data-parallel processes per round
 NODE_WORKER_SOCKET = "worker-socket"  # the socket of the site's warm worker process, if any
+# The site's labelled probe set (site.yaml ``probe:``): folder, task, optional ProbeConfig YAML.
+NODE_PROBE_DATA = "probe-data"
+NODE_PROBE_TASK = "probe-task"
+NODE_PROBE_CONFIG = "probe-config"
+
+
+def probe_node_config(folder: str | Path, task: str = "seg3d", config: str | Path | None = None
+                      ) -> dict[str, str]:
+    """The probe-* node config of a site holding the labelled probe set ``folder``."""
+    out = {NODE_PROBE_DATA: str(Path(folder).resolve()), NODE_PROBE_TASK: str(task)}
+    if config is not None:
+        out[NODE_PROBE_CONFIG] = str(Path(config).resolve())
+    return out
+
 
 # ---------------------------------------------------------------- run config (ServerApp)
 RUN_CONFIG = "config"  # absolute path of the federation YAML (read at the coordinator)

@@ -72,6 +72,11 @@ class FederationConfig:
     evaluate: bool = True
     # Batches each site evaluates on; small keeps evaluation cheap.
     eval_batches: int = 2
+    # Every probe_every rounds the train instruction asks sites that hold a labelled probe set
+    # (site.yaml ``probe:``) to probe the global teacher and student they received, before
+    # training: k-NN and linear balanced accuracy per encoder stage, numbers only (rounds.jsonl
+    # "probe", `aggregator status`, the dashboard). Round 1 probes the initial model. 0 = off.
+    probe_every: int = 0
     # Seconds between polls for replies (Flower's own send_and_receive sleeps 3 s).
     poll_interval: float = 0.2
     # Issue 7: dp-* node config (e.g. {dp-epsilon: 8, dp-delta: 1e-5}) that every SIMULATED site
@@ -113,6 +118,8 @@ class FederationConfig:
                              f"{self.max_patients_per_step}")
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ValueError(f"trim_fraction: must be in [0, 0.5), got {self.trim_fraction}")
+        if self.probe_every < 0:
+            raise ValueError(f"probe_every: must be >= 0 (0 = no probe), got {self.probe_every}")
         if self.eval_batches < 1:
             raise ValueError(f"eval_batches: must be >= 1, got {self.eval_batches}")
         if not 0 < self.poll_interval <= 10:

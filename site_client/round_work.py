@@ -40,6 +40,7 @@ from site_client.dp_plan import fit_to_plan
 from site_client.errors import ERROR_EVALUATE, ERROR_EXCHANGE, ERROR_TRAIN, ERROR_WORKER
 from site_client.local_state import SiteState
 from site_client.privacy_ledger import ERROR_DP_EVALUATE, ERROR_LEDGER, site_privacy
+from site_client.probe_round import round_probe
 from site_client.round_messages import RoundReply, RoundRequest
 
 __all__ = ["RoundRequest", "RoundReply", "Instruction", "handle", "ERROR_TRAIN",
@@ -243,6 +244,8 @@ def _train(req: RoundRequest) -> RoundReply:
         site.record_event(job.round, "refused", why=f"the global state did not decode: {e}")
         return RoundReply.failed(ERROR_EXCHANGE, "site could not decode the global state; "
                                  "see the site log")
+    # Before training: the probe measures the global model this round starts from.
+    probed = round_probe(req.node_config, req.config, job.recipe, received, privacy is not None)
     workers = usable_workers(job.recipe, runtime.workers)
     if workers < runtime.workers:
         log.warning("the federation's recipe has batches of %d (2D) and %d (3D) with "
@@ -259,7 +262,7 @@ def _train(req: RoundRequest) -> RoundReply:
         public.setdefault(ex.SECONDS, time.perf_counter() - t0)
         site.record_position(job.round, job.start_step, job.local_steps, job.total_steps)
         site.record_event(job.round, "trained", **_shown(public))
-        return _train_reply(site, mem, job, received, public, state)
+        return _train_reply(site, mem, job, received, {**public, **probed}, state)
     try:
         step, guard = training_mode(job.recipe, privacy, site.state_dir, data, job.local_steps)
     except LedgerError:
@@ -278,7 +281,8 @@ def _train(req: RoundRequest) -> RoundReply:
     site.record_position(job.round, job.start_step, job.local_steps, job.total_steps)
     site.record_event(job.round, "trained", **_shown(local.public),
                       **({"adopted": adopted} if adopted is not None else {}))
-    return _train_reply(site, mem, job, received, local.public, engine.exchange_state())
+    return _train_reply(site, mem, job, received, {**local.public, **probed},
+                        engine.exchange_state())
 
 
 def _evaluate(req: RoundRequest) -> RoundReply:

@@ -50,6 +50,7 @@ from fed_unimiss.runtime import Runtime
 from site_client.coordinator_wait import CoordinatorWait
 from site_client.local_state import PROGRESS_FILE
 from site_client.privacy_ledger import privacy_node_config
+from site_client.probe_settings import SiteProbe, probe_folder, site_probe_node_config
 from site_client.reach import Reach, probe_coordinator, split_address
 from site_client.worker import WorkerProcess
 
@@ -107,6 +108,9 @@ class SiteSettings:
     precision: str = "fp32"
     # Data-parallel processes per round (one GPU each on CUDA); DP sites train with 1.
     workers: int = 1
+    # A labelled probe set ({data: DIR, task: seg3d, config: YAML}): the site probes the global
+    # model on it when the federation asks (probe_every) and sends balanced accuracies only.
+    probe: SiteProbe | None = None
 
     def validate(self) -> None:
         if not self.site_name:
@@ -171,6 +175,9 @@ def load_site_kit(kit: str | Path) -> SiteKit:
         settings = load_yaml(SiteSettings, settings_file)
     except ConfigError as e:
         raise SiteError(str(e), EXIT_BAD_INPUT) from e
+    if settings.probe is not None and not probe_folder(settings.probe, root).is_dir():
+        raise SiteError(f"{settings_file}: probe.data: {probe_folder(settings.probe, root)} is "
+                        "not a folder", EXIT_BAD_INPUT)
     ca, key, pub = root / "ca.crt", root / "site.key", root / "site.pub"
     try:
         x509.load_pem_x509_certificate(ca.read_bytes())
@@ -259,6 +266,7 @@ def site_node_config(kit: SiteKit, data: Path, state: Path,
         NODE_SITE_NAME: kit.settings.site_name,
         **(runtime or kit.settings.runtime()).to_node_config(),
         **privacy_node_config(privacy),
+        **site_probe_node_config(kit.settings.probe, kit.root),
     }
 
 

@@ -32,7 +32,7 @@ from aggregator.run_summary import (  # no torch: see run_summary
     run_id_text,
     sites_online,
 )
-from fed_unimiss.exchange import is_valid_site_name
+from fed_unimiss.exchange import PROBE_KINDS, PROBE_NETWORKS, is_valid_site_name
 
 __all__ = ["RunView", "clean_round", "run_view", "read_rows"]
 
@@ -44,6 +44,7 @@ ROUND_NUMBERS = ("loss", "eval_loss", "samples_2d", "samples_3d", "samples", "se
 SITE_NUMBERS = ("loss", "teacher_entropy", "kl", "samples_2d", "samples_3d", "seconds",
                 "samples_per_s", "steps", "skipped", "update_norm", "bytes_in")
 _DUPLICATE = re.compile(r"^(?P<name>.+)@node-\d+$")  # strategy: two replies declared one name
+_STAGE = re.compile(r"^stage[1-9]$")
 
 
 def read_rows(out: Path) -> list[dict[str, Any]]:
@@ -83,6 +84,26 @@ def _site_map(value: Any) -> dict[str, Any]:
     return {label: v for k, v in value.items() if (label := _label(k)) is not None}
 
 
+def _probe_scores(value: Any) -> dict[str, dict[str, dict[str, float | None]]]:
+    """network -> stage -> kind -> balanced accuracy, of the known names only."""
+    value = value if isinstance(value, dict) else {}
+    return {net: {stage: {k: _num(kinds.get(k)) for k in PROBE_KINDS}
+                  for stage, kinds in value[net].items()
+                  if isinstance(stage, str) and _STAGE.match(stage) and isinstance(kinds, dict)}
+            for net in PROBE_NETWORKS if isinstance(value.get(net), dict)}
+
+
+def _clean_probe(value: Any) -> dict[str, Any] | None:
+    """A round's probe of the global model (aggregator/probe_report.py), allow-listed."""
+    if not isinstance(value, dict):
+        return None
+    return {"after_rounds": _num(value.get("after_rounds")), "items": _num(value.get("items")),
+            "weighted": _probe_scores(value.get("weighted")),
+            "per_site": {s: {"items": _num(v.get("items")), **_probe_scores(v)}
+                         for s, v in _site_map(value.get("per_site")).items()
+                         if isinstance(v, dict)}}
+
+
 def clean_round(row: dict[str, Any], ended_at: float | None) -> dict[str, Any] | None:
     """The allow-listed view of one rounds.jsonl row; None for a row without a round number."""
     rnd = row.get("round")
@@ -104,6 +125,7 @@ def clean_round(row: dict[str, Any], ended_at: float | None) -> dict[str, Any] |
                              for s, v in _site_map(row.get("epsilon_budget")).items()}
     out["rejected"] = {s: clean_text(v) or "rejected"
                        for s, v in _site_map(row.get("rejected")).items()}
+    out["probe"] = _clean_probe(row.get("probe"))
     missing = row.get("missing_nodes")
     out["missing_nodes"] = ([str(n) for n in missing if isinstance(n, int)
                              and not isinstance(n, bool)] if isinstance(missing, list) else [])

@@ -51,3 +51,38 @@ def test_plot_is_a_png(tmp_path):
     path = write_plot(_rows(), tmp_path / "demo.png")
     assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert write_plot([], tmp_path / "none.png") is None
+
+
+def _probed_rows() -> list[dict]:
+    from aggregator.probe_report import probe_row, read_probe
+    from fed_unimiss import exchange as ex
+
+    rows = _rows()
+    for row, (knn, linear) in zip(rows, ((0.41, 0.30), (0.58, 0.47)), strict=True):
+        site = read_probe({ex.probe_key("teacher", 3, "knn"): 0.2,
+                           ex.probe_key("teacher", 4, "knn"): knn,
+                           ex.probe_key("teacher", 4, "linear"): linear,
+                           ex.probe_key("student", 4, "knn"): knn - 0.01, ex.PROBE_ITEMS: 2})
+        row["probe"] = probe_row({"A": site}, row["round"])
+    return rows
+
+
+def test_probe_table_shows_the_deepest_stage_per_round_trained(tmp_path):
+    from aggregator.demo import probe_curves, probe_table
+
+    curves = probe_curves(_probed_rows())
+    assert curves["teacher knn"] == {0: 0.41, 1: 0.58}  # round r probes after r - 1 rounds
+    assert curves["teacher linear"] == {0: 0.30, 1: 0.47}
+    lines = probe_table(_probed_rows()).splitlines()
+    assert lines[1].split() == ["after", "rounds", "teacher", "knn", "teacher", "linear",
+                                "student", "knn"]
+    assert lines[3].split() == ["1", "0.580", "0.470", "0.570"]
+    assert probe_table(_rows()) == "probe: no site reported one"
+    path = write_plot(_probed_rows(), tmp_path / "demo.png")
+    assert path is not None and path.stat().st_size > 10_000
+
+
+def test_round_line_shows_the_probe_of_the_model_it_started_from():
+    line = format_round(_probed_rows()[1], 2)
+    assert "probe after 1 round(s): teacher k-NN 0.580 / linear 0.470" in line
+    assert "probe" not in format_round(_rows()[1], 2)

@@ -152,6 +152,20 @@ function renderPlots(rounds, sites) {
   drawPlot("plot-entropy", xs, [
     {label: "global", color: "#111827", width: 2.5, values: rounds.map(r => r.teacher_entropy)},
   ].concat(perSite("teacher_entropy")));
+  // The probe of the global model: the deepest stage's k-NN balanced accuracy of the teacher,
+  // weighted over the probing sites and per site; the student's weighted value for comparison.
+  const probe = (r, site, net, kind) => {
+    const p = r.probe && (site ? (r.probe.per_site[site] || {}) : r.probe.weighted);
+    const stages = p && p[net] ? Object.keys(p[net]).sort() : [];
+    return stages.length ? p[net][stages[stages.length - 1]][kind] : null;
+  };
+  const probed = names.filter(name => rounds.some(r => probe(r, name, "teacher", "knn") != null));
+  drawPlot("plot-probe", xs, [
+    {label: "teacher k-NN (weighted)", color: "#111827", width: 2.5, values: rounds.map(r => probe(r, null, "teacher", "knn"))},
+    {label: "teacher linear (weighted)", color: "#6b7280", width: 2, values: rounds.map(r => probe(r, null, "teacher", "linear"))},
+    {label: "student k-NN (weighted)", color: "#0891b2", width: 2, values: rounds.map(r => probe(r, null, "student", "knn"))},
+  ].concat(probed.map(name => ({label: name + " teacher k-NN", color: color(name), extra: {dash: [4, 3]},
+                                values: rounds.map(r => probe(r, name, "teacher", "knn"))}))));
   const mb = v => v == null ? null : v / 1e6;
   drawPlot("plot-bytes", xs, [
     // drawn wide underneath: equal to "sent" whenever every site's reply was folded in
