@@ -239,6 +239,10 @@ connect_timeout_s: 0
 device: auto        # auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps
 precision: fp32     # fp32, or bf16/fp16 forward passes with fp32 weights (DP sites: fp32)
 workers: 1          # data-parallel processes per round, one GPU each on CUDA (DP sites: 1)
+# A small labelled set the site probes the global model on when the federation asks
+# (docs/site-guide.md, "A probe set"): only balanced accuracies leave the site. null = none;
+# e.g. probe: {{data: /data/probe-set, task: seg3d}}
+probe: null
 # Differential privacy (docs/privacy.md): off unless enabled here or with
 # `site start --dp-epsilon E` (the --dp-* flags override these values). The guarantee is
 # (target_epsilon, target_delta)-DP per patient at this site, over the whole federation; once
