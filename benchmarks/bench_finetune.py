@@ -129,8 +129,10 @@ def markdown(results: dict) -> str:
     a, rows = results["settings"], results["rows"]
     names = SETTINGS[a["dataset"]]["class_names"]
     lines = [f"### {a['dataset']}: {results['summary_line']}", "",
-             f"Measured with `{results['command']}` ({results['wall_seconds'] / 60:.0f} min, "
-             f"load average {results['load']:.1f}).", "",
+             f"Measured with `{results['command']}` ({len(rows)} runs, "
+             f"{sum(r['seconds'] for r in rows) / 60:.0f} min of run time; runs finished "
+             f"earlier in the work folder are read back; load average {results['load']:.1f}).",
+             "",
              "| arm | labels | Dice mean (95 % CI, n) | " + " | ".join(names) + " | s/run |",
              "|---|---|---|" + "---|" * len(names) + "---|"]
     for key, s in results["summary"].items():
