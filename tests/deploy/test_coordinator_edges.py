@@ -8,11 +8,10 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from deploy_helpers import fu, json_of, wait_for
 
 from aggregator.dashboard.data import run_view
 from aggregator.demo import write_federation_yaml
@@ -22,27 +21,9 @@ from site_client.supernode import free_port
 
 pytestmark = pytest.mark.slow
 
-PY = sys.executable
 
 
-def fu(*args: str) -> list[str]:
-    return [PY, "-m", "fed_unimiss.cli.main", *args]
 
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _start_cmd(tmp_path: Path, kit: Path, *extra: str) -> list[str]:
@@ -60,8 +41,8 @@ def test_sigterm_is_recorded_as_a_stop_and_status_says_how_to_resume(tmp_path):
     with ProcessSet(tmp_path / "pids") as procs:
         agg = procs.start("aggregator", cmd, log)
         # submitted, and the ServerApp is up (waiting for its min_sites): a run in progress
-        _wait_for(lambda: _json(run / "aggregator.json").get("status") == "started"
-                  and _json(run / "status.json").get("state") == "running"
+        wait_for(lambda: json_of(run / "aggregator.json").get("status") == "started"
+                  and json_of(run / "status.json").get("state") == "running"
                   or agg.poll() is not None, 300, "the run to start")
         assert agg.poll() is None, log.read_text()[-3000:]
         waiting = subprocess.run(fu("aggregator", "status", "--out", str(run)),
@@ -81,7 +62,7 @@ def test_sigterm_is_recorded_as_a_stop_and_status_says_how_to_resume(tmp_path):
                                  "fed-unimiss aggregator start --kit "), state_line
     assert f"--rounds 3 --out {run.resolve()}" in state_line and "failed" not in state_line
     assert "online now:  unknown: the aggregator is not running" in status.stdout
-    recorded = _json(run / "aggregator.json")
+    recorded = json_of(run / "aggregator.json")
     assert recorded["status"] == "stopped" and recorded["stopped_by"] == "SIGTERM"
     as_json = json.loads(subprocess.run(fu("aggregator", "status", "--out", str(run), "--json"),
                                         capture_output=True, text=True, timeout=120).stdout)

@@ -19,11 +19,9 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
+from deploy_helpers import fu, text_of, wait_for
 
 from aggregator.demo import write_federation_yaml
 from aggregator.deploy.runner import read_rounds
@@ -32,24 +30,9 @@ from site_client.supernode import free_port
 
 pytestmark = pytest.mark.slow
 
-PY = sys.executable
 
 
-def fu(*args: str) -> list[str]:
-    return [PY, "-m", "fed_unimiss.cli.main", *args]
 
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def _text(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def test_guides_walk_dp_site_on_a_non_dp_federation(tmp_path):
@@ -85,13 +68,13 @@ def test_guides_walk_dp_site_on_a_non_dp_federation(tmp_path):
     logs = tmp_path / "logs"
     with ProcessSet(tmp_path / "pids") as procs:
         agg = procs.start("aggregator", agg_cmd, logs / "aggregator.log", env=env, cwd=tmp_path)
-        _wait_for(lambda: "waiting for sites: 0 of 3" in _text(logs / "aggregator.log")
+        wait_for(lambda: "waiting for sites: 0 of 3" in text_of(logs / "aggregator.log")
                   or agg.poll() is not None, 120, "the sites-online line")
         # coordinator guide, 5. Watch: before any round, who is online now (nobody yet)
         waiting = run("aggregator", "status", "--out", "RUN")
         for s in "ABC":
             procs.start(f"site-{s}", site_cmd[s], logs / f"site-{s}.log", env=env, cwd=tmp_path)
-        _wait_for(lambda: agg.poll() is not None, 900, "the run to finish")
+        wait_for(lambda: agg.poll() is not None, 900, "the run to finish")
         status = run("aggregator", "status", "--out", "RUN")
         # coordinator guide, 7. Publish: export the last round for researchers
         export = run("export", "RUN/global_round_0002.safetensors", "--out", "model")
@@ -99,7 +82,7 @@ def test_guides_walk_dp_site_on_a_non_dp_federation(tmp_path):
             procs.children[f"site-{s}"].send_signal(signal.SIGTERM)
         codes = {s: procs.children[f"site-{s}"].wait(timeout=60) for s in "ABC"}
 
-    coordinator = _text(logs / "aggregator.log")
+    coordinator = text_of(logs / "aggregator.log")
     assert agg.returncode == 0, coordinator[-3000:]
     assert "waiting for sites: 0 of 3 online" in coordinator
     assert "3 site(s) online: A, B, C" in coordinator
@@ -114,17 +97,17 @@ def test_guides_walk_dp_site_on_a_non_dp_federation(tmp_path):
     assert "code 5104" in rows[0]["rejected"]["A"]
     assert "head_weight_norm" not in json.dumps(rows)
 
-    site_a = _text(logs / "site-A.log")
+    site_a = text_of(logs / "site-A.log")
     assert "site A: differential privacy on" in site_a
     assert "site A: connected to the coordinator at" in site_a
     assert "site A: round 1: REFUSED: differential privacy is on at this site" in site_a
     assert "head_weight_norm" in site_a  # the operator sees why, with the fix
-    site_b = _text(logs / "site-B.log")
+    site_b = text_of(logs / "site-B.log")
     assert "site B: connected to the coordinator" in site_b
     assert "site B: round 1: trained (2 step(s)" in site_b and "site B: round 2: trained" in site_b
     assert codes == {"A": 0, "B": 0, "C": 0}
     for s in "ABC":  # plain text, no terminal colour codes
-        assert "\x1b[" not in _text(tmp_path / f"state-{s}" / "logs" / "supernode.log")
+        assert "\x1b[" not in text_of(tmp_path / f"state-{s}" / "logs" / "supernode.log")
 
     assert export.returncode == 0, export.stderr
     assert (tmp_path / "model" / "config.json").is_file()

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
-import time
-from pathlib import Path
 
 import pytest
+from deploy_helpers import fu, text_of, wait_for
 
 from aggregator.demo import write_federation_yaml
 from aggregator.provision import provision
@@ -25,24 +23,8 @@ from site_client.supernode import free_port
 
 pytestmark = pytest.mark.slow
 
-PY = sys.executable
 
 
-def _fu(*args: str) -> list[str]:
-    return [PY, "-m", "fed_unimiss.cli.main", *args]
-
-
-def _text(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def test_rejected_site_hears_why_and_the_coordinator_gets_one_line(tmp_path):
@@ -57,31 +39,31 @@ def test_rejected_site_hears_why_and_the_coordinator_gets_one_line(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     logs = tmp_path / "logs"
     with ProcessSet(tmp_path / "pids") as procs:
-        agg = procs.start("aggregator", _fu(
+        agg = procs.start("aggregator", fu(
             "aggregator", "start", "--kit", str(kits.coordinator), "--config", str(config),
             "--rounds", "1", "--out", str(tmp_path / "RUN"), "--address", fleet,
             "--control-address", control, "--wait-for-sites", "1", "--wait-timeout", "300"),
             logs / "aggregator.log", env=env, cwd=tmp_path)
-        site = procs.start("site-A", _fu(
+        site = procs.start("site-A", fu(
             "site", "start", "--kit", str(kits.sites["A"]), "--data", str(tmp_path / "data"),
             "--superlink", fleet, "--state-dir", str(tmp_path / "state-A")),
             logs / "site-A.log", env=env, cwd=tmp_path)
-        _wait_for(lambda: agg.poll() is not None, 600, "the run to end")
-        _wait_for(lambda: "REJECTED by the coordinator" in _text(logs / "site-A.log"), 30,
+        wait_for(lambda: agg.poll() is not None, 600, "the run to end")
+        wait_for(lambda: "REJECTED by the coordinator" in text_of(logs / "site-A.log"), 30,
                   "the site's rejection line")
         site.send_signal(signal.SIGTERM)
         site.wait(timeout=60)
 
-    coordinator = _text(logs / "aggregator.log")
+    coordinator = text_of(logs / "aggregator.log")
     assert agg.returncode == 1, coordinator[-3000:]
     assert "0 valid replie(s) from 1 site(s)" in coordinator
     assert "Rejected replies: A: " in coordinator and "exceeds max_update_norm" in coordinator
     assert "Traceback" not in coordinator, coordinator[-3000:]
-    site_a = _text(logs / "site-A.log")
+    site_a = text_of(logs / "site-A.log")
     assert "site A: round 1: trained" in site_a
     line = next(ln for ln in site_a.splitlines() if "REJECTED by the coordinator" in ln)
     assert line.startswith("site A: round 1: update REJECTED by the coordinator: "), line
     assert "update norm" in line and "exceeds max_update_norm 1e-09" in line
     # ... and in the site's own log (the ClientApp's output, in the SuperNode's log)
     assert "round 1: the coordinator REJECTED this site's update" in \
-        _text(tmp_path / "state-A" / "logs" / "supernode.log")
+        text_of(tmp_path / "state-A" / "logs" / "supernode.log")

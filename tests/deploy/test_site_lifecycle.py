@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
-import time
-from pathlib import Path
 
 import pytest
+from deploy_helpers import fu, text_of, wait_for
 
 from aggregator.demo import write_federation_yaml
 from aggregator.deploy.runner import read_rounds
@@ -24,20 +22,8 @@ from site_client.supernode import free_port
 
 pytestmark = pytest.mark.slow
 
-PY = sys.executable
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def _text(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def test_a_site_outlives_the_run_and_joins_the_next(tmp_path):
@@ -51,38 +37,38 @@ def test_a_site_outlives_the_run_and_joins_the_next(tmp_path):
     fleet, control = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
 
     def aggregator(out: str) -> list[str]:
-        return [PY, "-m", "fed_unimiss.cli.main", "aggregator", "start",
+        return [*fu(), "aggregator", "start",
                 "--kit", str(kits.coordinator), "--config", str(config), "--rounds", "1",
                 "--out", str(tmp_path / out), "--address", fleet, "--control-address", control,
                 "--wait-for-sites", "1", "--wait-timeout", "300"]
 
     site_log, logs = tmp_path / "logs" / "site-A.log", tmp_path / "logs"
     with ProcessSet(tmp_path / "pids") as procs:
-        site = procs.start("site-A", [PY, "-m", "fed_unimiss.cli.main", "site", "start",
+        site = procs.start("site-A", [*fu(), "site", "start",
                                       "--kit", str(kits.sites["A"]), "--data",
                                       str(tmp_path / "data"), "--superlink", fleet,
                                       "--state-dir", str(tmp_path / "state")],
                            site_log, env=env)
         # no coordinator yet: the site says why it cannot connect, and waits
-        _wait_for(lambda: "trying again in" in _text(site_log) or site.poll() is not None, 120,
+        wait_for(lambda: "trying again in" in text_of(site_log) or site.poll() is not None, 120,
                   "the site's first retry line")
         first = procs.start("run-1", aggregator("RUN1"), logs / "run-1.log", env=env)
-        _wait_for(lambda: first.poll() is not None, 600, "run 1 to finish")
-        _wait_for(lambda: "has gone: its run ended" in _text(site_log)
+        wait_for(lambda: first.poll() is not None, 600, "run 1 to finish")
+        wait_for(lambda: "has gone: its run ended" in text_of(site_log)
                   or site.poll() is not None, 180, "the site to notice the end of run 1")
         alive_between_runs = site.poll() is None
         second = procs.start("run-2", aggregator("RUN2"), logs / "run-2.log", env=env)
-        _wait_for(lambda: second.poll() is not None, 600, "run 2 to finish")
+        wait_for(lambda: second.poll() is not None, 600, "run 2 to finish")
         alive_after = site.poll() is None
         site.send_signal(signal.SIGTERM)
         code = site.wait(timeout=60)
 
-    text = _text(site_log)
+    text = text_of(site_log)
     assert "cannot reach the coordinator at" in text and "connection refused" in text, text
-    assert first.returncode == 0, _text(logs / "run-1.log")[-3000:]
+    assert first.returncode == 0, text_of(logs / "run-1.log")[-3000:]
     assert alive_between_runs, text[-3000:]
     assert "Waiting for the next run" in text
-    assert second.returncode == 0, _text(logs / "run-2.log")[-3000:]
+    assert second.returncode == 0, text_of(logs / "run-2.log")[-3000:]
     assert alive_after, text[-3000:]
     assert text.count(f"site A: connected to the coordinator at {fleet}") == 2, text[-3000:]
     assert text.count("site A: round 1: trained") == 2  # one round in each run

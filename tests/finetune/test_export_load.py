@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from micro_checkpoint import micro_checkpoint
 from safetensors.torch import load_file, save_file
 
 import fed_unimiss
@@ -14,7 +15,7 @@ from fed_unimiss.cli.main import main as cli_main
 from fed_unimiss.config import to_dict
 from fed_unimiss.finetune.export import ExportError, export_checkpoint
 from fed_unimiss.finetune.load import LoadError, MiTEncoderModel, load_pretrained
-from fed_unimiss.models import MiT, create_model, get_config
+from fed_unimiss.models import MiT, get_config
 
 SECRET_PATH = "/hospital-a/pacs/export/patient-1234"
 
@@ -22,21 +23,15 @@ SECRET_PATH = "/hospital-a/pacs/export/patient-1234"
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A federated-style checkpoint of the micro preset with distinct student and teacher."""
-    torch.manual_seed(0)
-    student, teacher = create_model("micro"), create_model("micro")
-    state = {f"student.{k}": v for k, v in student.state_dict().items()}
-    state.update({f"teacher.{k}": v for k, v in teacher.state_dict().items()})
-    state["center"] = torch.zeros(1, student.config.head_out_dim)
     meta = {
         "round": 3,
         "round_log": {"round": 3, "sites": [
             {"name": "A", "samples_2d": 0, "samples_3d": 12, "data": SECRET_PATH},
             {"name": "B", "samples_2d": 30, "samples_3d": 0}]},
-        "run": {"recipe": {"model": to_dict(student.config)}, "num_rounds": 3,
-                "sites": {"A": SECRET_PATH}},
+        "run": {"num_rounds": 3, "sites": {"A": SECRET_PATH}},
     }
     run = tmp_path_factory.mktemp("run")
-    path = save_checkpoint(run, "global_round_0003", state, meta)
+    path, student, teacher = micro_checkpoint(run, "global_round_0003", seed=0, meta=meta)
     return path, student, teacher
 
 

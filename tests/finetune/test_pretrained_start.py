@@ -9,26 +9,17 @@ from __future__ import annotations
 import pytest
 import torch
 from ft_phantoms import write_seg_set
+from micro_checkpoint import micro_checkpoint
 from safetensors.torch import load_file
 
-from fed_unimiss.checkpoint import save_checkpoint
-from fed_unimiss.config import to_dict
 from fed_unimiss.finetune import FinetuneConfig, finetune
 from fed_unimiss.finetune.export import export_checkpoint
 from fed_unimiss.finetune.trainer import _optimizer, build_task_model
-from fed_unimiss.models import create_model
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    torch.manual_seed(0)
-    student, teacher = create_model("micro"), create_model("micro")
-    state = {f"student.{k}": v for k, v in student.state_dict().items()}
-    state.update({f"teacher.{k}": v for k, v in teacher.state_dict().items()})
-    state["center"] = torch.zeros(1, student.config.head_out_dim)
-    run = tmp_path_factory.mktemp("run")
-    path = save_checkpoint(run, "ckpt", state, {"run": {"recipe": {
-        "model": to_dict(student.config)}}})
+    path, _, _ = micro_checkpoint(tmp_path_factory.mktemp("run"), "ckpt", seed=0)
     out = tmp_path_factory.mktemp("export") / "model"
     export_checkpoint(path, out, which="student")
     return out

@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from micro_checkpoint import micro_checkpoint
 
-from fed_unimiss.checkpoint import save_checkpoint
 from fed_unimiss.cli.main import main as cli_main
-from fed_unimiss.config import to_dict
 from fed_unimiss.data.phantom import write_phantoms
 from fed_unimiss.finetune.export import export_checkpoint
-from fed_unimiss.models import create_model
 
 CONFIG = "configs/probe/seg3d-micro.yaml"
 
@@ -28,13 +25,8 @@ def phantoms(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A micro pretraining checkpoint (untrained weights: the probe reads any encoder)."""
-    torch.manual_seed(5)
-    student, teacher = create_model("micro"), create_model("micro")
-    state = {f"student.{k}": v for k, v in student.state_dict().items()}
-    state.update({f"teacher.{k}": v for k, v in teacher.state_dict().items()})
-    state["center"] = torch.zeros(1, student.config.head_out_dim)
-    meta = {"round": 1, "run": {"recipe": {"model": to_dict(student.config)}}}
-    return save_checkpoint(tmp_path_factory.mktemp("run"), "global_round_0001", state, meta)
+    return micro_checkpoint(tmp_path_factory.mktemp("run"), "global_round_0001", seed=5,
+                            meta={"round": 1})[0]
 
 
 def test_probe_cli_writes_stages_with_intervals_and_a_random_row(phantoms, checkpoint, tmp_path,
