@@ -39,5 +39,5 @@ def test_researcher_guide_runs_as_written(tmp_path):
         assert out.returncode == 0, f"block {i} ({kind}):\n{code}\n{out.stderr[-3000:]}"
         if "pretrain --config" in code:  # the final loss line says which loss, as the log does
             assert "mean loss of steps 0..3" in out.stdout, out.stdout
-    for run in ("seg3d", "seg2d", "cls2d"):
+    for run in ("seg3d", "seg2d", "cls2d", "probe"):
         assert (tmp_path / "guide" / run / "metrics.json").is_file()
