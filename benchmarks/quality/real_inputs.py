@@ -137,6 +137,9 @@ def pretrain_real(work: Path, a, sites, paths, cli: list[str], run, logs: Path) 
 
     def one(name: str, arm: str, cmd: list[str]) -> None:
         pre, export = work / "pretrain" / name, work / "exports" / name
+        if a.collect_only and not (export / ".done").exists():
+            missing.append(f"pretrain {name}")
+            return
         if not (pre / ".done").exists():
             seconds = run([*cmd, "--out", str(pre)], logs / f"pretrain-{name}.log")
             (pre / ".done").write_text(json.dumps({"seconds": seconds}))
@@ -150,8 +153,10 @@ def pretrain_real(work: Path, a, sites, paths, cli: list[str], run, logs: Path) 
                      "pretrain_seconds": json.loads((pre / ".done").read_text())["seconds"],
                      **({"rounds": rounds} if arm == "federated" else {})}
 
+    missing: list[str] = []
     _in_parallel(one, todo, a.jobs)
-    return out
+    a.missing += sorted(missing)
+    return dict(sorted(out.items()))
 
 
 def _probe_rows(metrics: dict, arm: str, seed: int, row: str) -> list[dict]:
@@ -175,12 +180,15 @@ def probe_real(work: Path, a, sites, paths, exports: dict, cli: list[str], run, 
         jobs.append((name, e["arm"], seed, out, cmd))
 
     def one(name, arm, seed, out, cmd) -> None:
-        if not (out / "metrics.json").exists():
+        if not (out / "metrics.json").exists() and not a.collect_only:
             run(cmd, logs / f"probe-{name}.log")
 
     _in_parallel(one, jobs, a.jobs)
     rows, random_seeds = [], set()
-    for _, arm, seed, out, _ in jobs:
+    for name, arm, seed, out, _ in jobs:
+        if not (out / "metrics.json").exists():
+            a.missing.append(f"probe {name}")
+            continue
         m = json.loads((out / "metrics.json").read_text())
         rows += _probe_rows(m, arm, seed, "encoder")
         if seed not in random_seeds and "random" in m:  # the same encoder in every probe
@@ -196,10 +204,11 @@ def finetune_real(work: Path, a, sites, paths, exports: dict, cli: list[str], ru
     for frac in a.fractions:
         for seed in a.seeds:
             for arm in a.arms:
+                out = work / "finetune" / f"{arm}-f{frac:.3f}-s{seed}"
                 init = "scratch" if arm == "scratch" else exports.get(f"{arm}-p{seed}", {}).get("dir")
                 if init is None:
+                    a.missing.append(f"finetune {out.name}")
                     continue
-                out = work / "finetune" / f"{arm}-f{frac:.3f}-s{seed}"
                 cmd = [*cli, "finetune", "--config", str(paths["finetune"]), "--task", "seg3d",
                        "--init", str(init), "--train", str(sites["train"]), "--val",
                        str(sites["val"]), "--out", str(out), "--label-fraction", str(frac),
@@ -207,7 +216,7 @@ def finetune_real(work: Path, a, sites, paths, exports: dict, cli: list[str], ru
                 jobs.append((arm, frac, seed, out, cmd))
 
     def one(arm, frac, seed, out, cmd) -> None:
-        if not (out / "metrics.json").exists():
+        if not (out / "metrics.json").exists() and not a.collect_only:
             run(cmd, logs / f"finetune-{out.name}.log")
             m = json.loads((out / "metrics.json").read_text())
             print(f"{arm:12s} {m['data']['train_items']} labelled, seed {seed}: "
@@ -216,9 +225,19 @@ def finetune_real(work: Path, a, sites, paths, exports: dict, cli: list[str], ru
     _in_parallel(one, jobs, a.jobs)
     rows = []
     for arm, frac, seed, out, _ in jobs:
+        if not (out / "metrics.json").exists():
+            a.missing.append(f"finetune {out.name}")
+            continue
         m = json.loads((out / "metrics.json").read_text())
         rows.append({"arm": arm, "fraction": frac, "seed": seed, "dice_mean": m["dice_mean"],
                      "dice_per_class": m["dice_per_class"],
                      "train_items": m["data"]["train_items"],
                      "train_seconds": sum(h["train_seconds"] for h in m["history"])})
     return rows
+
+
+def span_seconds(work: Path, first_start: float) -> float:
+    """Seconds from the first launch to the newest finished step (over resumed sessions)."""
+    done = [*work.glob("pretrain/*/.done"), *work.glob("probe/*/metrics.json"),
+            *work.glob("finetune/*/metrics.json")]
+    return max((f.stat().st_mtime for f in done), default=first_start) - first_start

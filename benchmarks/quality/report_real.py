@@ -117,10 +117,14 @@ def markdown_real(results: dict) -> str:
                for arm in ("central", "central_3d", "federated")}
     rows, probe_rows = results["rows"], results["probe_rows"]
     seeds = sorted({r["seed"] for r in rows} | {r["seed"] for r in probe_rows})
+    missing = results.get("missing", [])
     lines = [
-        f"Measured with `{results['command']}` (wall time "
-        f"{results['wall_seconds'] / 60:.0f} min of the last session on 2 shared CPU cores).",
+        f"Measured with `{results['command']}` ("
+        f"{results.get('span_seconds', results['wall_seconds']) / 60:.0f} min from its first "
+        "launch to its last finished step on 2 CPU cores shared with other jobs).",
         "",
+        *([f"**Partial: {len(missing)} step(s) not finished** ({', '.join(missing)}); the "
+           "same command resumes the run.", ""] if missing else []),
         f"Pretraining: site A = {results['sites']['A']}; site B = {results['sites']['B']}. "
         f"{s['pretrain_steps']} optimiser steps per arm and seed (federated: {rounds} rounds x "
         f"{s['local_steps']} local steps x 2 sites), pretraining seeds {s['pretrain_seeds']}. "

@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
                    "starts from pretraining seed s (default: --seeds = these)")
     p.add_argument("--jobs", type=int, default=None,
                    help="real mode: subprocesses at a time (default: the size's, or 1)")
+    p.add_argument("--collect-only", action="store_true",
+                   help="real mode: run nothing, write results.json from the finished steps "
+                   "(a partial result lists what is missing)")
     a = p.parse_args(argv)
     for key, value in SIZES[a.size].items():
         if getattr(a, key) is None:
@@ -320,19 +323,24 @@ def main_real(p: argparse.ArgumentParser, a: argparse.Namespace, argv: list[str]
         p.error("--seeds: every fine-tuning seed needs the pretraining run of the same seed "
                 "(--pretrain-seeds)")
     a.jobs = a.jobs or 1
+    a.missing = []
     work = a.work.resolve()
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    first = work / "started.json"  # the first launch; resumed sessions keep it
+    if not first.exists():
+        first.write_text(json.dumps({"unix": time.time()}))
     sites = real.make_real_data(work, a)
     paths = real.write_real_configs(work, a)
     exports = real.pretrain_real(work, a, sites, paths, CLI, _run, logs)
     probe_rows = real.probe_real(work, a, sites, paths, exports, CLI, _run, logs)
     rows = real.finetune_real(work, a, sites, paths, exports, CLI, _run, logs)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()
-                if k != "work"}
+                if k not in ("work", "missing", "collect_only")}
     results = {
         "settings": settings,
+        "missing": a.missing,
         "sites": {"A": "UniMiSS example CT: 11 DeepLesion sub-volumes + 1 RICORD chest CT",
                   "B": "UniMiSS example NIH chest X-rays (7) + head CTs: "
                        + ", ".join(real.HEAD_CT)},
@@ -343,10 +351,13 @@ def main_real(p: argparse.ArgumentParser, a: argparse.Namespace, argv: list[str]
         "probe_rows": probe_rows,
         "rows": rows,
         "wall_seconds": time.perf_counter() - started,
-        "command": "python benchmarks/quality/run_quality.py " + " ".join(argv or sys.argv[1:]),
+        "span_seconds": real.span_seconds(work, json.loads(first.read_text())["unix"]),
+        "command": "python benchmarks/quality/run_quality.py " + " ".join(
+            x for x in (argv or sys.argv[1:]) if x != "--collect-only"),
     }
     (work / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"results in {work / 'results.json'}")
+    print(f"results in {work / 'results.json'}"
+          + (f"; not finished: {', '.join(a.missing)}" if a.missing else ""))
     return 0
 
 
