@@ -158,6 +158,11 @@ def markdown_real(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _color(arm: str) -> str:
+    """One colour per init in both panels (the probe's random encoder is the scratch init)."""
+    return f"C{['scratch', 'central', 'central_3d', 'federated'].index(arm.replace('random', 'scratch'))}"
+
+
 def plot_real(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -171,10 +176,10 @@ def plot_real(results: dict, path: Path) -> None:
         for n in counts:
             vals = list(dice_values(rows, arm, n).values())
             x = n + (i - 1.5) * 0.08
-            left.scatter([x] * len(vals), vals, s=10, color=f"C{i}")
+            left.scatter([x] * len(vals), vals, s=10, color=_color(arm))
         means = [statistics.mean(dice_values(rows, arm, n).values() or [math.nan])
                  for n in counts]
-        left.plot([n + (i - 1.5) * 0.08 for n in counts], means, color=f"C{i}",
+        left.plot([n + (i - 1.5) * 0.08 for n in counts], means, color=_color(arm),
                   label=LABELS[arm])
     left.set_xticks(counts)
     left.set_xlabel("labelled training slabs")
@@ -188,8 +193,7 @@ def plot_real(results: dict, path: Path) -> None:
         vals = [list(probe_values(probe_rows, arm, s, k).values()) for s, k in keys]
         xs = [j + (i - (len(arms) - 1) / 2) * width for j in range(len(keys))]
         right.bar(xs, [statistics.mean(v) if v else math.nan for v in vals], width,
-                  label=LABELS[arm], color=f"C{(i + len(ARMS)) % 10}" if arm == "random"
-                  else f"C{['scratch', 'central', 'central_3d', 'federated'].index(arm)}")
+                  label=LABELS[arm], color=_color(arm))
         for x, v in zip(xs, vals, strict=True):
             right.scatter([x] * len(v), v, color="black", s=6, zorder=3)
     right.set_xticks(range(len(keys)), [f"stage {s}\n{k}" for s, k in keys])
