@@ -38,16 +38,22 @@ def _t_halfwidth(vals: list[float]) -> float:
     return float(stats.t.ppf(0.975, len(vals) - 1) * statistics.stdev(vals) / math.sqrt(len(vals)))
 
 
-def paired_difference(rows: list[dict], a: str, b: str, frac: float) -> dict | None:
-    """Mean and 95 % t-interval of Dice(a) - Dice(b) over seeds run by both (paired by seed:
-    the seed fixes the labelled subset, the patches and the new layers for every arm)."""
-    da = {r["seed"]: r["dice_mean"] for r in rows if r["arm"] == a and r["fraction"] == frac}
-    db = {r["seed"]: r["dice_mean"] for r in rows if r["arm"] == b and r["fraction"] == frac}
-    diffs = [da[s] - db[s] for s in sorted(da.keys() & db.keys())
-             if da[s] is not None and db[s] is not None]
+def paired(a: dict[int, float | None], b: dict[int, float | None]) -> dict | None:
+    """Mean and 95 % t-interval half-width of a[s] - b[s] over the seeds s both have (None
+    when fewer than two pairs): the seed is what the two runs share, so its variation cancels."""
+    diffs = [a[s] - b[s] for s in sorted(a.keys() & b.keys())
+             if a[s] is not None and b[s] is not None]
     if len(diffs) < 2:
         return None
     return {"mean": statistics.mean(diffs), "ci95": _t_halfwidth(diffs), "n": len(diffs)}
+
+
+def paired_difference(rows: list[dict], a: str, b: str, frac: float) -> dict | None:
+    """Dice(a) - Dice(b) paired by seed (the seed fixes the labelled subset, the patches and
+    the new layers for every arm, and on real inputs the pretraining run too)."""
+    da = {r["seed"]: r["dice_mean"] for r in rows if r["arm"] == a and r["fraction"] == frac}
+    db = {r["seed"]: r["dice_mean"] for r in rows if r["arm"] == b and r["fraction"] == frac}
+    return paired(da, db)
 
 
 # The questions of docs/quality.md, as paired comparisons (question, a, b, non-inferiority).
@@ -187,21 +193,33 @@ def plot(summary: dict, rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def replace_section(text: str, begin: str, end: str, body: str) -> str:
+    """``text`` with what lies between the markers replaced by ``body`` (markers appended
+    when missing); the prose around them is kept."""
+    if begin not in text or end not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{body}\n{end}{tail}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--doc", type=Path, default=REPO / "docs" / "quality.md")
-    p.add_argument("--png", type=Path, default=REPO / "docs" / "quality.png")
+    p.add_argument("--png", type=Path, default=None,
+                   help="the figure (default docs/quality.png, real inputs docs/quality-real.png)")
     a = p.parse_args(argv)
     results = json.loads((a.work / "results.json").read_text())
+    if results["settings"].get("data") == "real":
+        from report_real import write_real_section
+
+        return write_real_section(results, a.doc, a.png or REPO / "docs" / "quality-real.png")
+    a.png = a.png or REPO / "docs" / "quality.png"
     summary = summarise(results["rows"])
     plot(summary, results["rows"], a.png)
-    text = a.doc.read_text() if a.doc.exists() else f"# Quality\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        text += f"\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    a.doc.write_text(f"{head}{BEGIN}\n{markdown(results, summary)}\n{END}{tail}")
+    text = a.doc.read_text() if a.doc.exists() else "# Quality\n"
+    a.doc.write_text(replace_section(text, BEGIN, END, markdown(results, summary)))
     json.dump({f"{k[0]}@{k[1]}": v for k, v in summary.items()}, sys.stdout, indent=1)
     print()
     return 0

@@ -25,9 +25,14 @@ section of docs/quality.md and the plot docs/quality.png.
     python benchmarks/quality/run_quality.py --size long --work /tmp/quality-long \
         --real-ct .cache/real-samples                                           # a few hours
     python benchmarks/quality/run_quality.py --size full --work runs/quality    # hours
+    python benchmarks/quality/run_quality.py --size real --work /tmp/quality-real \
+        --real-unlabelled /tmp/unimiss-data --real-ct /tmp/real-samples \
+        --abdomen-source /tmp/realct                                            # ~1 h
     python benchmarks/quality/report.py --work /tmp/quality
 
-Sizes are presets of the flags below (any flag overrides its preset value).
+Sizes are presets of the flags below (any flag overrides its preset value). The ``real`` sizes
+(``--data real``) pretrain on real unlabelled CT and X-rays, once per ``--pretrain-seeds`` seed,
+and fine-tune on a real abdominal CT: see real_inputs.py.
 """
 
 from __future__ import annotations
@@ -67,6 +72,16 @@ SIZES = {
     "full": dict(ct_per_site=24, xray_per_site=96, train_ct=40, val_ct=10, pretrain_steps=600,
                  local_steps=10, epochs=30, steps_per_epoch=20, seeds=[0, 1, 2, 3, 4],
                  fractions=[0.1, 0.25, 1.0]),
+    # Real inputs (real_inputs.py), sized for about 1 h on 2 shared cores: 3 pretraining
+    # seeds x 3 arms of 300 steps (federated 15 rounds x 10 local steps x 2 sites), the probe,
+    # and fine-tuning at 1, 2 and 3 labelled slabs for 200 steps, two subprocesses at a time.
+    "real": dict(data="real", pretrain_steps=300, local_steps=10, epochs=1, steps_per_epoch=200,
+                 pretrain_seeds=[0, 1, 2], fractions=[1 / 3, 2 / 3, 1.0], jobs=2,
+                 arms=["scratch", "central", "federated", "central_3d"]),
+    # A few steps of everything on the real inputs: checks the pipeline end to end.
+    "real-tiny": dict(data="real", pretrain_steps=4, local_steps=2, epochs=1, steps_per_epoch=4,
+                      pretrain_seeds=[0, 1], fractions=[1 / 3, 1.0], jobs=2,
+                      arms=["scratch", "central", "federated", "central_3d"]),
 }
 
 # Data grid shared by pretraining and fine-tuning: phantom CT (~1.8 mm pixels, 128^2) at
@@ -246,10 +261,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", nargs="+", help="fine-tuning arms (default: the size's, or all)")
     p.add_argument("--real-ct", type=Path, default=None, metavar="DIR",
                    help="real unlabelled CT for pretraining (fetch-real-samples.sh's folder)")
+    p.add_argument("--data", choices=("phantom", "real"), default=None,
+                   help="phantom sites and phantom labels, or real inputs (real_inputs.py)")
+    p.add_argument("--real-unlabelled", type=Path, default=None, metavar="DIR",
+                   help="real mode: the UniMiSS example data (DIR/ct: DeepLesion + RICORD "
+                   "NIfTI, DIR/xray: NIH chest X-ray PNGs)")
+    p.add_argument("--abdomen-source", type=Path, default=None, metavar="DIR",
+                   help="real mode: TotalSegmentator's example_ct_sm.nii.gz + example_seg.nii.gz")
+    p.add_argument("--pretrain-seeds", type=int, nargs="+",
+                   help="real mode: one pretraining run per seed and arm; fine-tuning seed s "
+                   "starts from pretraining seed s (default: --seeds = these)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="real mode: subprocesses at a time (default: the size's, or 1)")
+    p.add_argument("--collect-only", action="store_true",
+                   help="real mode: run nothing, write results.json from the finished steps "
+                   "(a partial result lists what is missing)")
     a = p.parse_args(argv)
     for key, value in SIZES[a.size].items():
         if getattr(a, key) is None:
             setattr(a, key, value)
+    a.data = a.data or "phantom"
+    if a.data == "real":
+        return main_real(p, a, argv)
     if a.arms is None:
         a.arms = ["scratch", "central", "central_teacher", "federated", "central_3d",
                   "federated_fp32"]
@@ -275,6 +308,56 @@ def main(argv: list[str] | None = None) -> int:
     }
     (work / "results.json").write_text(json.dumps(results, indent=1))
     print(f"results in {work / 'results.json'}")
+    return 0
+
+
+def main_real(p: argparse.ArgumentParser, a: argparse.Namespace, argv: list[str] | None) -> int:
+    """The benchmark on real inputs: pretrain x seeds, probe, fine-tune, results.json."""
+    import real_inputs as real
+
+    for flag in ("real_unlabelled", "real_ct", "abdomen_source"):
+        if getattr(a, flag) is None:
+            p.error(f"--data real needs --{flag.replace('_', '-')} DIR")
+    a.seeds = a.seeds or a.pretrain_seeds
+    if a.pretrain_seeds is None or not set(a.seeds) <= set(a.pretrain_seeds):
+        p.error("--seeds: every fine-tuning seed needs the pretraining run of the same seed "
+                "(--pretrain-seeds)")
+    a.jobs = a.jobs or 1
+    a.missing = []
+    work = a.work.resolve()
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    first = work / "started.json"  # the first launch; resumed sessions keep it
+    if not first.exists():
+        first.write_text(json.dumps({"unix": time.time()}))
+    sites = real.make_real_data(work, a)
+    paths = real.write_real_configs(work, a)
+    exports = real.pretrain_real(work, a, sites, paths, CLI, _run, logs)
+    probe_rows = real.probe_real(work, a, sites, paths, exports, CLI, _run, logs)
+    rows = real.finetune_real(work, a, sites, paths, exports, CLI, _run, logs)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()
+                if k not in ("work", "missing", "collect_only")}
+    results = {
+        "settings": settings,
+        "missing": a.missing,
+        "sites": {"A": "UniMiSS example CT: 11 DeepLesion sub-volumes + 1 RICORD chest CT",
+                  "B": "UniMiSS example NIH chest X-rays (7) + head CTs: "
+                       + ", ".join(real.HEAD_CT)},
+        "ct_spacing": real.CT_SPACING,
+        "patch": real.PATCH,
+        "pretraining": {k: {kk: vv for kk, vv in v.items() if kk != "dir"}
+                        for k, v in exports.items()},
+        "probe_rows": probe_rows,
+        "rows": rows,
+        "wall_seconds": time.perf_counter() - started,
+        "span_seconds": real.span_seconds(work, json.loads(first.read_text())["unix"]),
+        "command": "python benchmarks/quality/run_quality.py " + " ".join(
+            x for x in (argv or sys.argv[1:]) if x != "--collect-only"),
+    }
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"results in {work / 'results.json'}"
+          + (f"; not finished: {', '.join(a.missing)}" if a.missing else ""))
     return 0
 
 
