@@ -37,7 +37,7 @@ RUN_KEYS = {"name", "kind", "state", "why", "run_id", "rounds_done", "rounds_tar
 ROUND_KEYS = {"round", "ended_at", "loss", "eval_loss", "samples_2d", "samples_3d", "samples",
               "seconds", "bytes_in", "bytes_out_per_site", "bytes_out", "sites", "per_site",
               "eval_per_site", "epsilon", "epsilon_budget", "rejected", "missing_nodes",
-              "absent", "teacher_entropy", "site_compute_s", "coordination_s"}
+              "absent", "teacher_entropy", "site_compute_s", "coordination_s", "probe"}
 SITE_KEYS = {"site", "last_seen_round", "last_seen_at", "rounds_joined", "rejections",
              "rejection_reasons", "samples_2d", "samples_3d", "last_loss", "dp", "epsilon",
              "epsilon_budget", "registered", "online"}
