@@ -54,7 +54,8 @@ from .tasks import (
     to_network_input,
 )
 
-__all__ = ["finetune", "build_task_model", "evaluate_segmentation", "evaluate_classification"]
+__all__ = ["finetune", "build_task_model", "load_task_data", "evaluate_segmentation",
+           "evaluate_classification"]
 
 log = logging.getLogger(__name__)
 
@@ -105,23 +106,21 @@ def _optimizer(model: nn.Module, cfg: FinetuneConfig, pretrained: bool) -> torch
     """AdamW; no weight decay on biases and norms (ndim <= 1); a pretrained backbone at a
     fraction ``backbone_lr_scale`` of the new layers' lr (every group records its ``lr_scale``).
     """
+    groups = decay_groups(model, cfg.weight_decay)
     backbone = getattr(model, "backbone", None)
     if not pretrained or backbone is None or cfg.backbone_lr_scale == 1:
-        groups = decay_groups(model, cfg.weight_decay)
         return torch.optim.AdamW([{**g, "lr_scale": 1.0} for g in groups], lr=cfg.lr)
+    # Each decay group split in two: the pretrained backbone's tensors and the new layers'.
     inside = {id(p) for p in backbone.parameters()}
-    groups = []
-    for part, scale in (("backbone", cfg.backbone_lr_scale), ("new", 1.0)):
-        for decays in (True, False):
-            named = [(n, p) for n, p in model.named_parameters()
-                     if p.requires_grad and (id(p) in inside) == (part == "backbone")
-                     and (p.ndim > 1) == decays]
+    split = []
+    for g in groups:
+        for part, scale in (("backbone", cfg.backbone_lr_scale), ("new", 1.0)):
+            named = [(n, p) for n, p in zip(g["names"], g["params"], strict=True)
+                     if (id(p) in inside) == (part == "backbone")]
             if named:
-                groups.append({"name": f"{part}_{'decay' if decays else 'no_decay'}",
-                               "params": [p for _, p in named], "names": [n for n, _ in named],
-                               "weight_decay": cfg.weight_decay if decays else 0.0,
-                               "lr_scale": scale})
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+                split.append({**g, "name": f"{part}_{g['name']}", "names": [n for n, _ in named],
+                              "params": [p for _, p in named], "lr_scale": scale})
+    return torch.optim.AdamW(split, lr=cfg.lr)
 
 
 def _lr_at(step: int, total: int, cfg: FinetuneConfig) -> float:
@@ -198,7 +197,7 @@ def _cls_batches(cases: list[ClsCase], cfg: FinetuneConfig, rng: np.random.Gener
                 yield x, torch.tensor([c.label for c in chunk])
 
 
-def _load_data(cfg: FinetuneConfig, train_dir: Path, val_dir: Path) -> dict[str, Any]:
+def load_task_data(cfg: FinetuneConfig, train_dir: Path, val_dir: Path) -> dict[str, Any]:
     """Training and validation items of this split, the class count and the class names."""
     if cfg.split == "patients" and train_dir.resolve() != val_dir.resolve():
         raise ConfigError(f"split: 'patients' splits one folder by patient; pass the same DIR "
@@ -257,7 +256,7 @@ def finetune(
     (out_dir / "history.jsonl").unlink(missing_ok=True)
 
     # ============ preparing data ... ============
-    data = _load_data(cfg, Path(train_dir), Path(val_dir))  # labels out of range: an error
+    data = load_task_data(cfg, Path(train_dir), Path(val_dir))  # labels out of range: an error
     train, val, num_classes, names = data["train"], data["val"], data["num_classes"], data["names"]
     log.info("%s: %d training and %d validation items, %d classes (split %s)", cfg.task,
              len(train), len(val), num_classes, cfg.split)

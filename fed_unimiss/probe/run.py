@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from fed_unimiss.checkpoint import atomic_write_json
 from fed_unimiss.config import to_dict
-from fed_unimiss.finetune.trainer import _load_data
+from fed_unimiss.finetune.trainer import load_task_data
 from fed_unimiss.models import get_config
 
 from .classifiers import knn_predict, linear_probe_predict
@@ -60,7 +60,7 @@ class ProbeData:
 
 
 def load_probe_data(cfg: ProbeConfig, train_dir: str | Path, val_dir: str | Path) -> ProbeData:
-    data = _load_data(cfg.data, Path(train_dir), Path(val_dir))
+    data = load_task_data(cfg.data, Path(train_dir), Path(val_dir))
     return ProbeData(data["train"], data["val"], data["num_classes"], data["names"],
                      cfg.data.is_segmentation)
 
