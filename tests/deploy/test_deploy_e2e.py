@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+from deploy_helpers import wait_for
 
 from aggregator.demo import write_federation_yaml
 from aggregator.deploy.runner import AggregatorOptions, read_rounds, run_aggregator
@@ -121,15 +122,6 @@ def _site_cmd(kit: Path, data: Path, fleet: str, state: Path) -> list[str]:
             "--data", str(data), "--superlink", fleet, "--state-dir", str(state)]
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def _crash(proc: subprocess.Popen) -> None:
     """SIGKILL a process tree at once, as a power cut would (no cleanup handlers run)."""
     tree = {proc.pid, *descendants(proc.pid)}
@@ -170,7 +162,7 @@ def test_tls_federation_refuses_intruders_and_survives_a_killed_site(world, tmp_
                                                    states[s]), logs / f"site-{s}.log")
 
         def kill_c_mid_round() -> None:
-            _wait_for(lambda: _clientapp_started(states["C"]), 240, "site C to start training")
+            wait_for(lambda: _clientapp_started(states["C"]), 240, "site C to start training")
             killed_at_round.append(len(read_rounds(run)) + 1)
             _crash(procs.children.pop("site-C"))  # site CLI, SuperNode, SuperExec, ClientApp
 
@@ -248,7 +240,7 @@ def test_aggregator_killed_after_round_1_resumes_at_round_2(world, tmp_path):
         for s in ("A", "B"):  # sites wait until the SuperLink is up
             procs.start(f"site-{s}", _site_cmd(world["kits"].sites[s], world["data"], fleet,
                                                tmp_path / "state" / s), tmp_path / f"site-{s}.log")
-        _wait_for(lambda: len(read_rounds(run)) >= 1 or first.poll() is not None, 300,
+        wait_for(lambda: len(read_rounds(run)) >= 1 or first.poll() is not None, 300,
                   "round 1")
         assert first.poll() is None, (tmp_path / "aggregator-1.log").read_text()
         os.kill(first.pid, signal.SIGKILL)  # a crash: no cleanup, the SuperLink lives on
@@ -318,7 +310,7 @@ def test_worker_killed_mid_round_fails_that_round_for_its_site_then_serves_the_n
                                                    states[s]), tmp_path / f"site-{s}.log")
 
         def kill_worker_mid_round() -> None:
-            _wait_for(lambda: _worker_busy(states["A"]), 240, "site A's worker to start training")
+            wait_for(lambda: _worker_busy(states["A"]), 240, "site A's worker to start training")
             pid = int((states["A"] / "worker.pid").read_text())
             killed.append(pid)
             os.kill(pid, signal.SIGKILL)
