@@ -24,14 +24,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ConfigRecord, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
+from aggregator.exchange_records import instruction_payload, put_reply_payload, reply_payload
 from aggregator.inprocess import InProcessGrid, SiteSpec
 from aggregator.validation import count_bound, part_of
 from fed_unimiss import exchange as ex
-from fed_unimiss import exchange_codec as codec
 from fed_unimiss.exchange_config import ExchangeConfig
+from fed_unimiss.exchange_link import Exchange
 
 __all__ = ["ATTACKS", "AttackGrid", "parse_attack", "attack_state"]
 
@@ -82,20 +83,6 @@ def attack_state(kind: str, honest: Mapping[str, torch.Tensor], sent: Mapping[st
     raise ValueError(f"attack kind {kind!r}: expected one of {', '.join(ATTACKS)}")
 
 
-def _decoded(record: ArrayRecord, name: str, layout_json: object = None,
-             base: Mapping[str, torch.Tensor] | None = None,
-             scales: ArrayRecord | None = None) -> dict[str, torch.Tensor]:
-    """fp32 tensors of a record encoded with codec ``name`` (``q8_delta``: ``base`` + delta)."""
-    if codec.PACKED in record:
-        flat = torch.from_numpy(record[codec.PACKED].numpy())
-        if base is None:  # the instruction: its layout is in the config
-            return codec.unpack_state(flat, codec.layout_from_json(str(layout_json)), name)
-        scale = torch.from_numpy(scales[codec.PACKED].numpy()) if scales is not None else None
-        return dict(codec.unpack_update(flat, scale, name, base))
-    return {k: codec.decode_tensor(k, torch.from_numpy(record[k].numpy()), name,
-                                   tuple(record[k].shape)) for k in list(record.keys())}
-
-
 class AttackGrid(InProcessGrid):
     """An in-process grid where the sites named in ``attacks`` misbehave (see module docstring)."""
 
@@ -112,19 +99,15 @@ class AttackGrid(InProcessGrid):
         self.attacks = {node: attacks[s.name] for node, s in enumerate(sites, start=1)
                         if s.name in attacks}
         self._first_sent: dict[int, dict[str, torch.Tensor]] = {}
-        self._bases: dict[int, tuple[dict[str, torch.Tensor], str]] = {}
+        self._links: dict[int, Exchange] = {}  # node -> the attacker's end of the exchange
 
-    def _received_base(self, node: int, record: ArrayRecord, config: ConfigRecord
-                       ) -> dict[str, torch.Tensor]:
-        """``down: q8_delta``: the global state as the site decodes it, from the base it holds."""
-        scales = record.get(codec.PACKED_SCALES)
-        base = codec.receive_base(
-            torch.from_numpy(record[codec.PACKED].numpy()),
-            None if scales is None else torch.from_numpy(scales.numpy()),
-            config, self._bases.get(node))
-        if config.get(ex.EXCHANGE_BASE) is not None:
-            self._bases[node] = (base, str(config[ex.EXCHANGE_BASE]))
-        return dict(base)
+    def _exchange(self, node: int, config: ConfigRecord) -> Exchange:
+        """The attacker's end of the exchange: it holds the base as its honest client does."""
+        announced = ExchangeConfig.from_config(config)
+        link = self._links.get(node)
+        if link is None or link.config != announced:
+            link = self._links[node] = Exchange(announced)
+        return link
 
     def deliver(self, msg: Message) -> Message | None:
         reply = super().deliver(msg)
@@ -134,26 +117,14 @@ class AttackGrid(InProcessGrid):
                 or reply.has_error() or ex.ARRAYS not in reply.content.array_records:
             return reply
         config = msg.content.config_records[ex.CONFIG]
-        xc = ExchangeConfig.from_config(config)  # attack in fp32, then encode as announced
-        if xc.down == "q8_delta":  # the attacker holds the base as its honest client does
-            sent = self._received_base(node, msg.content.array_records[ex.ARRAYS], config)
-        else:
-            sent = _decoded(msg.content.array_records[ex.ARRAYS], xc.down,
-                            config.get(ex.EXCHANGE_LAYOUT))
+        link = self._exchange(node, config)  # attack in fp32, then encode as announced
+        sent = link.receive_state(instruction_payload(msg.content))
         self._first_sent.setdefault(node, sent)
-        honest = _decoded(reply.content.array_records[ex.ARRAYS], xc.up, None,
-                          sent if xc.up != "fp32" else None,
-                          reply.content.array_records.get(ex.SCALES))
+        honest = dict(link.receive_update(reply_payload(reply.content), sent))
         round_num = int(config[ex.ROUND])
         state = attack_state(kind, honest, sent, self._first_sent[node], seed=round_num)
-        if xc.up == "fp32":
-            reply.content[ex.ARRAYS] = ArrayRecord(
-                {k: Array(codec.encode_tensor(v, "fp32").numpy()) for k, v in state.items()})
-        else:
-            values, scales = codec.pack_update(state, sent, xc.up, codec.layout(state, state))
-            reply.content[ex.ARRAYS] = ArrayRecord({codec.PACKED: Array(values.numpy())})
-            if scales is not None:
-                reply.content[ex.SCALES] = ArrayRecord({codec.PACKED: Array(scales.numpy())})
+        # a fresh end: the attacker's reply carries no error feedback of earlier rounds
+        put_reply_payload(reply.content, Exchange(link.config).send_update(state, sent))
         metrics = dict(reply.content.metric_records[ex.METRICS])
         if kind == "inflate":
             for key in ex.COUNT_METRICS:

@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from aggregator.averaging import Aggregator, make_aggregator
+from aggregator.exchange_records import record_tensors, to_record
 from aggregator.probe_report import probe_row, read_probe
 from aggregator.replays import CoordinateSample, ReplayGuard
 from aggregator.screening import (
@@ -60,6 +61,7 @@ from aggregator.validation import (
 from aggregator.verdicts import ACCEPTED, CLIPPED, REFUSED, SiteVerdict, with_verdict
 from fed_unimiss import exchange as ex
 from fed_unimiss import exchange_codec as codec
+from fed_unimiss.exchange_link import Downlink, Exchange, Payload
 from fed_unimiss.federation import FederationConfig
 from fed_unimiss.privacy.report import (
     DP_PLAN_PATIENTS_PER_STEP,
@@ -71,7 +73,7 @@ from fed_unimiss.privacy.report import (
 )
 
 __all__ = ["DimensionAwareStrategy", "SiteResult", "BudgetRefusal", "Rejection", "TrainOutcome",
-           "ReplyLimits", "state_to_record", "record_to_state"]
+           "ReplyLimits", "state_to_record"]
 
 log = logging.getLogger(__name__)
 
@@ -81,22 +83,6 @@ def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state.items()})
 
 
-def encode_record(state: Mapping[str, torch.Tensor], keys: Iterable[str], down: str
-                  ) -> tuple[ArrayRecord, str | None]:
-    """The global state as it travels to the sites (``exchange.down``), tensors ``keys`` only.
-
-    fp32: one array per tensor, as Flower's own examples send it; bf16/fp16: one packed array
-    and its layout JSON (names and shapes) for the instruction config.
-    """
-    keys = list(keys)
-    if down == "fp32":  # one tensor at a time: no second copy of the whole state
-        return ArrayRecord({k: Array(codec.encode_tensor(state[k], down).numpy())
-                            for k in keys}), None
-    items = codec.layout(state, keys)
-    return (ArrayRecord({codec.PACKED: Array(codec.pack_state(state, items, down).numpy())}),
-            codec.layout_to_json(items))
-
-
 def wire_digest(record: ArrayRecord) -> str:
     """SHA-256 of the names and bytes of a record as sent (replay detection)."""
     h = hashlib.sha256()
@@ -104,17 +90,6 @@ def wire_digest(record: ArrayRecord) -> str:
         h.update(name.encode())
         h.update(record[name].data)
     return h.hexdigest()
-
-
-def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """ArrayRecord -> tensors; raises ``ReplyRejected`` for arrays torch cannot hold."""
-    state: dict[str, torch.Tensor] = {}
-    for name in list(record.keys()):
-        try:
-            state[name] = torch.from_numpy(record[name].numpy())
-        except (TypeError, ValueError) as e:
-            raise ReplyRejected(f"tensor {len(state) + 1} is not a numeric array") from e
-    return state
 
 
 @dataclass(frozen=True)
@@ -263,8 +238,8 @@ class DimensionAwareStrategy:
         self._replays = ReplayGuard()
         self._sampler: tuple[object, CoordinateSample] | None = None  # (layout key, sample)
         self._names: dict[int, str] = {}  # node id -> the label its replies declared
-        # down=q8_delta: (base fp32, its digest, its layout JSON), and the digest each node holds.
-        self._base: tuple[dict[str, torch.Tensor], str, str] | None = None
+        # The exchange's end at the aggregator (its shared base), and the base each node holds.
+        self.link = Exchange(cfg.exchange)
         self._holds: dict[int, str] = {}
         self._told: dict[int, SiteVerdict] = {}  # the previous round's verdicts, sent this round
 
@@ -307,7 +282,7 @@ class DimensionAwareStrategy:
         if previous is not None and previous.sent_sample:  # its replies are judged: now old
             self._replays.remember_sent(previous.sent_sample,
                                         f"the global state sent in round {previous.round_num}")
-        keys = codec.sent_keys(global_state, self.exchange)
+        keys = self.link.sent_keys(global_state)
         reference = {k: global_state[k] for k in keys}
         self._round = _RoundState(
             round_num,
@@ -317,75 +292,41 @@ class DimensionAwareStrategy:
             bounds=self.limits.part_bounds(global_state),
             sampler=self._sample_of(reference),
         )
-        self._round.global_sample = self._round.sampler.of(reference)
-        if self.exchange.down == "q8_delta":
-            return self._train_messages_from_base(round_num, global_state, keys, list(node_ids))
-        self._round.sent_sample = {  # as the sites will decode it
-            part: codec.decode_tensor(part, codec.encode_tensor(v, self.exchange.down),
-                                      self.exchange.down, tuple(v.shape)).to(torch.float64)
-            for part, v in self._round.global_sample.items()}
-        arrays, layout = encode_record(global_state, keys, self.exchange.down)
-        config = self._instruction(round_num, ex.TRAIN, layout)
-        self._round.bytes_down = arrays.count_bytes() + config.count_bytes()
-        self._replays.remember(wire_digest(arrays), f"the global state sent in round "
-                               f"{round_num}")
-        return [
-            Message(RecordDict({ex.ARRAYS: arrays,
-                                ex.CONFIG: with_verdict(config, self._told.get(node_id))}),
-                    node_id, ex.TRAIN, group_id=str(round_num))
-            for node_id in node_ids
-        ]
+        rnd = self._round
+        rnd.global_sample = rnd.sampler.of(reference)
+        down = self.link.send_state(global_state)
+        rnd.sent_sample = down.received_sample(rnd.sampler.of, rnd.global_sample)
+        rnd.base_digest = down.digest
+        return self._train_messages(round_num, down, list(node_ids))
 
-    def _train_messages_from_base(self, round_num: int, global_state: Mapping[str, torch.Tensor],
-                                  keys: list[str], node_ids: list[int]) -> list[Message]:
-        """down=q8_delta: the int8 change of the shared base to nodes that hold it, else the base.
+    def _train_messages(self, round_num: int, down: Downlink, node_ids: list[int]
+                        ) -> list[Message]:
+        """Address this round's global state to every node, as that node can decode it.
 
-        A node holds the base of the last round when it answered that round's instruction
-        without an error (a site checks the digest before it trains). Everyone else, and
-        everyone after an aggregator restart, gets the new base in full: bf16 in the first
-        round (the base is the bf16-rounded global state), fp32 after (the base has left bf16).
+        With a shared base (``down: q8_delta``) a node holds the base of the last round when it
+        answered that round's instruction without an error (a site checks the digest before it
+        trains); it gets the int8 change, everyone else the base in full.
         """
         rnd = self._require_round()
-        items = codec.layout(global_state, keys)
-        layout = codec.layout_to_json(items)
-        old = self._base if self._base is not None and self._base[2] == layout else None
-        delta_record = None
-        if old is None:  # the first base: the global state rounded to bf16, sent as bf16
-            base = {name: codec.bf16_round(global_state[name]) for name, _ in items}
-            full_codec = "bf16"
-        else:
-            base = old[0]  # advanced in place to the base the sites will rebuild
-            values, scales = codec.base_delta(global_state, base, items, advance=True)
-            delta_record = ArrayRecord({codec.PACKED: Array(values.numpy()),
-                                        codec.PACKED_SCALES: Array(scales.numpy())})
-            full_codec = "fp32"
-        digest = codec.base_digest(base, items)
-        self._base = (base, digest, layout)
-        rnd.sent_sample = rnd.sampler.of(base)  # the sites train from it
-        full_record = None
+        records: dict[int, ArrayRecord] = {}
         messages = []
         for node_id in node_ids:
-            config = with_verdict(self._instruction(round_num, ex.TRAIN, layout),
+            payload = down.for_node(self._holds.get(node_id))
+            record = records.get(id(payload))
+            if record is None:
+                record = records[id(payload)] = to_record(payload.arrays)
+            config = with_verdict(self._instruction(round_num, ex.TRAIN),
                                   self._told.get(node_id))
-            config[ex.EXCHANGE_BASE] = digest
-            if delta_record is not None and self._holds.get(node_id) == old[1]:
-                record = delta_record
-                config[ex.EXCHANGE_BASE_PREV] = old[1]
-            else:
-                if full_record is None:
-                    full_record = ArrayRecord(
-                        {codec.PACKED: Array(codec.base_bits(base, items, full_codec).numpy())})
-                record = full_record
-                config[ex.EXCHANGE_BASE_CODEC] = full_codec
+            for key, value in payload.config.items():
+                config[key] = value
             rnd.bytes_down_node[node_id] = record.count_bytes() + config.count_bytes()
             messages.append(Message(RecordDict({ex.ARRAYS: record, ex.CONFIG: config}), node_id,
                                     ex.TRAIN, group_id=str(round_num)))
         rnd.bytes_down = max(rnd.bytes_down_node.values(), default=0)
-        rnd.base_digest = digest
-        for record, what in ((delta_record, "delta"), (full_record, "base")):
-            if record is not None:
-                self._replays.remember(wire_digest(record), f"the global {what} sent in round "
-                                       f"{round_num}")
+        for payload in down.payloads():
+            if id(payload) in records:
+                self._replays.remember(wire_digest(records[id(payload)]),
+                                       f"the global {payload.what} sent in round {round_num}")
         return messages
 
     def _sample_of(self, reference: Mapping[str, torch.Tensor]) -> CoordinateSample:
@@ -534,11 +475,7 @@ class DimensionAwareStrategy:
         non-finite value, a center coordinate outside the head's range, or a part's update norm
         above its bound for the round.
         """
-        up = self.exchange.up
         reference = rnd.reference
-        if (scales is not None) != (up == "q8_delta"):
-            raise ReplyRejected(f"undecodable update: int8 scales {'present' if scales else 'missing'} "
-                                f"under the announced codec up={up}")
         sq = dict.fromkeys(PARTS, 0.0)
         sampler = rnd.sampler
         sample = sampler.empty()
@@ -583,38 +520,12 @@ class DimensionAwareStrategy:
 
         An int8 reply also leaves each tensor's update norm in ``delta_norms``.
         """
-        up = self.exchange.up
-        if up == "fp32":  # one array per tensor, named
-            missing = [name for name in reference if name not in record]
-            if missing:
-                shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
-                raise ReplyRejected(f"{len(missing)} tensor(s) missing: {shown}")
-            unexpected = sum(1 for name in record.keys() if name not in reference)
-            if unexpected:
-                raise ReplyRejected(f"{unexpected} unexpected tensor(s)")
-            for name, ref in reference.items():
-                try:
-                    wire = torch.from_numpy(record[name].numpy())
-                except (TypeError, ValueError) as e:
-                    raise ReplyRejected(f"tensor {name} is not a numeric array") from e
-                try:
-                    yield name, codec.decode_update_tensor(name, wire, None, up, ref)
-                except codec.CodecError as e:
-                    raise ReplyRejected(str(e)) from None
-            return
-        for rec, what in ((record, "values"), (scales, "scales")):  # packed: one array each
-            if rec is not None and list(rec.keys()) != [codec.PACKED]:
-                raise ReplyRejected(f"undecodable update ({up}): {what} record must hold one "
-                                    f"array {codec.PACKED!r}")
         try:
-            values = torch.from_numpy(record[codec.PACKED].numpy())
-            scale = torch.from_numpy(scales[codec.PACKED].numpy()) if scales is not None else None
-        except (TypeError, ValueError) as e:
-            raise ReplyRejected(f"undecodable update ({up}): not a numeric array") from e
-        try:
-            yield from codec.unpack_update(values, scale, up, reference, delta_norms)
+            payload = Payload(record_tensors(record),
+                              None if scales is None else record_tensors(scales))
+            yield from self.link.receive_update(payload, reference, delta_norms)
         except codec.CodecError as e:
-            raise ReplyRejected(f"undecodable update ({up}): {e}") from None
+            raise ReplyRejected(str(e)) from None
 
     def close(self) -> None:
         """Delete whatever replies are still parked (a failed round) and the spill folder."""
@@ -671,13 +582,11 @@ class DimensionAwareStrategy:
     def configure_evaluate(
         self, round_num: int, state: Mapping[str, torch.Tensor], node_ids: Iterable[int]
     ) -> list[Message]:
-        keys = codec.sent_keys(state, self.exchange)
-        # down=q8_delta: evaluation gets the state in full (bf16) and leaves the base alone.
-        down = "bf16" if self.exchange.down == "q8_delta" else self.exchange.down
-        arrays, layout = encode_record(state, keys, down)
-        config = self._instruction(round_num, ex.EVALUATE, layout)
-        if self.exchange.down == "q8_delta":
-            config[ex.EXCHANGE_BASE_CODEC] = down
+        payload = self.link.send_state(state, train=False).for_node(None)
+        arrays = to_record(payload.arrays)
+        config = self._instruction(round_num, ex.EVALUATE)
+        for key, value in payload.config.items():
+            config[key] = value
         return [
             Message(RecordDict({ex.ARRAYS: arrays, ex.CONFIG: config}), node_id, ex.EVALUATE,
                     group_id=f"{round_num}-eval")
