@@ -9,15 +9,16 @@ a message. Where it runs:
   imports neither torch nor the models, so the ``flwr-clientapp`` process Flower starts for
   every message stays short. If the worker dies during the round the reply is error
   :data:`ERROR_WORKER` (the round fails for this site; the worker is restarted);
-- without a worker (``simulate``, tests) the round runs in this process
-  (:func:`site_client.round_work.handle`), whose memory persists between messages as well.
+- without a worker (``simulate``, tests) the round runs in this process, in its sessions
+  (:func:`in_process_sessions`), whose memory persists between messages as well.
 
 A train instruction may carry the coordinator's decision on this site's previous update, and
 the run's last message (type ``query``) the decision on its last one: a rejected or clipped
 update is said on the site's terminal and in its log (:mod:`site_client.verdicts`).
 
-The work itself (decode, train with the one trainer plain or DP-SGD, encode) is in
-:mod:`site_client.round_work`. A reply carries only model-state tensors (and int8 scales),
+The work itself (decode, train with the one trainer plain or DP-SGD, encode) is a
+:class:`~site_client.site_session.SiteSession`'s, run the same way by the worker and here
+(:class:`site_client.round_work.SiteSessions`). A reply carries only model-state tensors (and int8 scales),
 numeric counts and metrics, and at most the site's self-declared label; a failure is an error
 reply with a fixed text.
 """
@@ -28,6 +29,7 @@ import json
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 from flwr.app import (
     Array,
@@ -42,12 +44,17 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from fed_unimiss import exchange as ex
+from fed_unimiss.checkpoint import append_jsonl
 from site_client.errors import ERROR_EVALUATE, ERROR_EXCHANGE, ERROR_TRAIN, ERROR_WORKER
 from site_client.flower_tuning import shorten_object_pull_backoff
+from site_client.local_state import PROGRESS_FILE
 from site_client.round_messages import RoundReply, RoundRequest
 from site_client.verdicts import heard_verdict
 
-__all__ = ["app", "ERROR_TRAIN", "ERROR_EVALUATE", "ERROR_EXCHANGE", "ERROR_WORKER"]
+if TYPE_CHECKING:
+    from site_client.round_work import SiteSessions
+
+__all__ = ["app", "in_process_sessions", "ERROR_TRAIN", "ERROR_EVALUATE", "ERROR_EXCHANGE", "ERROR_WORKER"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,19 @@ app = ClientApp()
 shorten_object_pull_backoff()  # this flwr-clientapp process pulls the instruction's chunks
 
 TIMING_LOG = "shim-timing.jsonl"  # STATE/logs/: where a round's time went (site-local, numbers)
+
+_IN_PROCESS: SiteSessions | None = None  # SiteSessions of the sites this process runs without a worker (simulate)
+
+
+def in_process_sessions() -> SiteSessions:
+    """The sessions of the sites whose rounds run in this process (built on first use: the
+    shim itself stays free of the trainer's imports)."""
+    global _IN_PROCESS
+    if _IN_PROCESS is None:
+        from site_client.round_work import SiteSessions
+
+        _IN_PROCESS = SiteSessions()
+    return _IN_PROCESS
 
 
 def _process_start() -> float | None:
@@ -67,15 +87,13 @@ def _process_start() -> float | None:
 
 
 def _record_progress(context: Context, round_num: object, event: str, why: str) -> None:
-    """A line of STATE/progress.jsonl (site_client/local_state.py), written without torch."""
+    """A line of the site's progress file (site_client/local_state.py) for its terminal."""
     state = context.node_config.get(ex.NODE_STATE_DIR)
     if not isinstance(state, str) or not state:
         return
     try:
-        os.makedirs(state, exist_ok=True)
-        with open(os.path.join(state, "progress.jsonl"), "a") as f:
-            f.write(json.dumps({"round": round_num, "event": event, "why": why},
-                               sort_keys=True) + "\n")
+        append_jsonl(os.path.join(state, PROGRESS_FILE),
+                     {"round": round_num, "event": event, "why": why})
     except OSError:
         pass
 
@@ -162,9 +180,7 @@ def _run(kind: str, msg: Message, context: Context) -> Message:
             reply = RoundReply.failed(ERROR_WORKER, "site worker stopped during the round; "
                                       "it is being restarted")
     else:
-        from site_client.round_work import handle
-
-        reply = handle(request)
+        reply = in_process_sessions().handle(request)
     timing["work_end"] = time.time()
     out = _message(msg, reply, _site_name(context))
     timing["end"] = time.time()

@@ -100,7 +100,9 @@ def _exit_with_parent(parent: int) -> None:
 
 def serve(state: Path) -> None:
     """Listen on ``state/worker.sock`` and run one request at a time until killed."""
-    from site_client import round_work  # the warm part: torch, the models, the trainer
+    from site_client.round_work import SiteSessions  # the warm part: torch, models, trainer
+
+    sessions = SiteSessions()  # what the site keeps between rounds, in this process
 
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     key = (state / KEY).read_bytes()
@@ -128,7 +130,7 @@ def serve(state: Path) -> None:
                 continue
             t0 = time.perf_counter()
             log.info("%s request (round work) started", request.kind)
-            reply = round_work.handle(request)
+            reply = sessions.handle(request)
             log.info("%s request done in %.2f s", request.kind, time.perf_counter() - t0)
             try:
                 conn.send(reply)
