@@ -369,13 +369,13 @@ class BaseTapGrid(InProcessGrid):
     log: list[tuple[Message, Message]] = []
 
     def deliver(self, msg):
-        from site_client import round_work
+        from site_client.client_app import in_process_sessions
 
         if msg.metadata.message_type == ex.TRAIN and msg.metadata.group_id == "2" \
                 and msg.metadata.dst_node_id == 1:
-            for key, mem in round_work._MEMORY.items():  # a restarted worker remembers nothing
-                if Path(key).name == "ct":
-                    mem.base = None
+            for session in in_process_sessions().sessions.values():  # a restarted worker
+                if session.state_dir.name == "ct":  # remembers nothing
+                    session.exchange.forget_base()
         reply = super().deliver(msg)
         if msg.metadata.message_type == ex.TRAIN:
             BaseTapGrid.log.append((msg, reply))
