@@ -41,7 +41,7 @@ def parse_site(text: str, flag: str = "--site") -> tuple[str, Path]:
     return name, Path(folder)
 
 
-# Issue 7: simulate's DP flags, each a dp-* node config key of the sites (docs/privacy.md).
+# simulate's DP flags, each a dp-* node config key of the sites (docs/privacy.md).
 DP_FLAGS = {
     "dp-epsilon": "turn DP on with this target epsilon per patient",
     "dp-delta": "target delta (default 1e-5)",
@@ -82,7 +82,7 @@ def simulate(config: Path, sites: list[tuple[str, Path]], rounds: int, out: Path
              probes: dict[str, dict[str, str]] | None = None) -> None:
     """Run the federation in-process; ``grid_cls`` lets tests inject faults into the transport.
 
-    ``attacks`` (site name -> kind, issue 17) runs those sites as attackers
+    ``attacks`` (site name -> kind) runs those sites as attackers
     (:class:`aggregator.attacks.AttackGrid`); it cannot be combined with ``grid_cls``.
     ``runtime`` is every simulated site's hardware as node config (``Runtime.to_node_config``).
     ``probes`` (site name -> probe-* node config, :func:`fed_unimiss.exchange.probe_node_config`)
@@ -98,7 +98,7 @@ def simulate(config: Path, sites: list[tuple[str, Path]], rounds: int, out: Path
     client_app = load_component(CLIENTAPP)
 
     out = out.resolve()
-    dp = site_dp_configs(config, [name for name, _ in sites], dp_flags or {})  # issue 7
+    dp = site_dp_configs(config, [name for name, _ in sites], dp_flags or {})
     specs = [SiteSpec(name, folder.resolve(),
                       {**(runtime or {}), **dp[name], **(probes or {}).get(name, {})})
              for name, folder in sites]
@@ -167,7 +167,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_runtime_arguments(p)
     p.add_argument("--workers", dest="nproc", type=int, default=1, metavar="N",
                    help="data-parallel processes per simulated site and round (not with DP)")
-    for key, what in DP_FLAGS.items():  # issue 7: differential privacy per site
+    for key, what in DP_FLAGS.items():  # differential privacy per site
         p.add_argument(f"--{key}", action="append", metavar="[NAME=]VALUE",
                        help=f"{what}; VALUE for every site or NAME=VALUE for one (repeatable); "
                             "overrides the federation YAML's site_privacy")

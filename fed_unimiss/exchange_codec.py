@@ -1,9 +1,10 @@
 """How the exchanged state travels: half-precision transport, int8 deltas, a site-local teacher.
 
-Both sides of the federation use these functions, so the encoding cannot drift between them.
-The federation YAML's ``exchange:`` section (:class:`ExchangeConfig`) picks one codec per
-direction and announces it in every instruction (:data:`CONFIG_KEYS`); a site that does not know
-a codec refuses the round, it never guesses.
+The tensor arithmetic of every codec. Both sides call it through one exchange object
+(:class:`fed_unimiss.exchange_link.Exchange`), which decides which codec applies, so the
+encoding cannot drift between them. The federation YAML's ``exchange:`` section
+(:class:`ExchangeConfig`) picks one codec per direction and announces it in every instruction
+(:data:`CONFIG_KEYS`); a site that does not know a codec refuses the round, it never guesses.
 
 - ``down`` (global state to the sites): ``fp32`` as it is, or ``bf16`` / ``fp16`` full tensors.
   bf16 travels as its raw 16 bits in an int16 array (numpy has no bfloat16). ``q8_delta``: the
@@ -185,7 +186,7 @@ def decode_update_tensor(name: str, wire: torch.Tensor, scale: torch.Tensor | No
 # ---------------------------------------------------------------- packed payloads
 # Flower moves every array of a record as its own object (plus 5 MiB chunks), with a round trip
 # per object on each of three hops: 415-830 small arrays cost seconds per round on loopback
-# (issue 15). A compressed payload is therefore one flat array per record, the tensors
+# (docs/benchmarks.md). A compressed payload is therefore one flat array per record, the tensors
 # concatenated in :func:`layout` order; only the uncompressed fp32 exchange keeps one array per
 # tensor. The layout (names and shapes, no values) travels down in the instruction config.
 

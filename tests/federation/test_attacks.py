@@ -1,4 +1,4 @@
-"""Issue 17, end to end: one attacking site of each kind against the default configuration.
+"""Robust aggregation end to end: one attacking site of each kind against the default configuration.
 
 3 honest phantom sites (CT only, X-ray only, both) + 1 attacker (CT + X-rays), 3 rounds of the
 micro recipe with 2 local steps, the real ServerApp and ClientApps in process

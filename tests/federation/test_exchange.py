@@ -1,4 +1,4 @@
-"""Issue 15: the compressed exchange, end to end in process and codec by codec.
+"""The compressed exchange, end to end in process and codec by codec.
 
 The federation below runs bf16 down, int8 deltas up with error feedback and a site-local teacher,
 on real phantom sites through the real ServerApp and ClientApp. A tap on the transport records
