@@ -16,11 +16,11 @@ A train instruction may carry the coordinator's decision on this site's previous
 the run's last message (type ``query``) the decision on its last one: a rejected or clipped
 update is said on the site's terminal and in its log (:mod:`site_client.verdicts`).
 
-The work itself (decode, train with the one trainer plain or DP-SGD, encode) is a
-:class:`~site_client.site_session.SiteSession`'s, run the same way by the worker and here
-(:class:`site_client.round_work.SiteSessions`). A reply carries only model-state tensors (and int8 scales),
-numeric counts and metrics, and at most the site's self-declared label; a failure is an error
-reply with a fixed text.
+The work itself (decode, train with the one trainer plain or DP-SGD, encode) is a site
+session's (:mod:`site_client.site_session`), run the same way by the worker and here
+(:class:`site_client.round_work.SiteSessions`). A reply carries only model-state tensors (and
+int8 scales), numeric counts and metrics, and at most the site's self-declared label; a failure
+is an error reply with a fixed text.
 """
 
 from __future__ import annotations
