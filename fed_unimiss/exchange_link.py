@@ -107,7 +107,7 @@ class Downlink:
 
     def received_sample(self, sample_of: Callable[[Mapping[str, torch.Tensor]], dict],
                         global_sample: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The coordinate sample of the state the sites decode (aggregator/replays.py).
+        """The coordinate sample of the state the sites decode (the replay guard's).
 
         With a base it is the base's sample; a full-tensor codec rounds every value on its own,
         so the global sample rounded as the codec rounds it is enough (no pass over the state).
