@@ -29,10 +29,10 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from aggregator.flower_private import shorten_object_pull_backoff
 from aggregator.rounds import FederationRun, RoundFailed, run_federation
 from aggregator.run_status import recorded_status
 from fed_unimiss import exchange as ex
+from flower_layer.backoff import shorten_object_pull_backoff
 
 __all__ = ["app", "serverapp_log", "SERVERAPP_LOG", "COORDINATOR_LOGGERS", "StoppedRunOneLine",
            "quiet_stopped_runs"]
