@@ -1,6 +1,6 @@
 """The site's warm worker: one long-lived process that runs every round's work.
 
-Flower 1.39 runs each message in a fresh ``flwr-clientapp`` process (FLOWER-1.39.md), so without
+Flower 1.39 runs each message in a fresh ``flwr-clientapp`` process (docs/flower.md), so without
 this every round pays for a Python start, a torch import, a model build and a cache open. ``site
 start`` therefore starts this worker next to the SuperNode; the ClientApp becomes a shim that
 hands the round to it (:func:`call`) and returns its reply.
