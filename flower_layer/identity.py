@@ -8,13 +8,14 @@ The in-process grid plays the SuperLink's part (docs/flower.md, "In-process, wit
   read-only property over the private ``_message_id``;
 - a Grid holds a ``Run``, whose class lives in the private ``flwr.supercore.run``.
 
-The error code below is Flower's own value, restated so the apps need not import
-``flwr.common.constant``; tests/core/test_flower_layer.py checks that it still matches.
+The error code a SuperNode replies with when a ClientApp raises comes from Flower's private
+``flwr.common.constant`` too.
 """
 
 from __future__ import annotations
 
 from flwr.app import Message
+from flwr.common.constant import ErrorCode
 from flwr.supercore.run import Run
 
 __all__ = [
@@ -25,7 +26,7 @@ __all__ = [
     "empty_run",
 ]
 
-CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+CLIENT_APP_RAISED_EXCEPTION: int = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
 
 def set_task_identity(run_id: int, node_id: int, task_id: int = 1) -> None:

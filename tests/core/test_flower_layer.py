@@ -88,10 +88,9 @@ def test_the_patched_functions_still_read_their_backoff_from_those_keywords():
         assert "initial_backoff" in source and "backoff_cap" in source, name
 
 
-def test_error_code_matches_flowers():
-    from flwr.common.constant import ErrorCode
-
-    assert identity.CLIENT_APP_RAISED_EXCEPTION == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+def test_error_code_is_the_one_the_project_has_always_sent():
+    """Sites' and the aggregator's logs and tests read this number; Flower must not renumber it."""
+    assert identity.CLIENT_APP_RAISED_EXCEPTION == 2
 
 
 def test_empty_run_has_the_run_id():
