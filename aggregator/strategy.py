@@ -1,4 +1,4 @@
-"""The federation's strategy: build instructions, check and fold replies, summarise a round.
+"""The federation's strategy: build instructions, check and fold replies.
 
 Shaped like Flower's strategies (configure_train / aggregate / configure_evaluate). Each reply is
 checked on its own as it arrives (``accept_train``: shape, finite values, absolute norm bound,
@@ -6,18 +6,21 @@ count bound, replay) and held; when the round closes (``close_round``) the held 
 screened against each other (norm against the round's median, direction; see
 :mod:`aggregator.screening`), clipped if the aggregation says so, and folded one at a time into
 the aggregator. The round loop that drives it (push, poll, deadline, quorum) is in
-:mod:`aggregator.rounds`.
+:mod:`aggregator.rounds`; the run's per-reply bounds are
+:class:`~aggregator.validation.ReplyLimits`.
 
-Every train reply ends as one typed outcome (:data:`TrainOutcome`): a :class:`SiteResult`
-folded in, a :class:`BudgetRefusal` (a DP site whose budget is spent), or a :class:`Rejection`
-(an error reply, a malformed or out-of-bounds update, counts above what the round could have
-trained, a replayed state, an update far from the round's others, or, with ``require_dp``, a
-reply that reports no DP). Every outcome is one entry of the round row's ``decisions``, and a
-:class:`~aggregator.verdicts.SiteVerdict` that node hears in its next train instruction (or in
-the run's last message): what was done with its reply and why, in its own terms. ``require_dp`` is the strategy's too: it stamps every train instruction with
-:data:`~fed_unimiss.privacy.REQUIRE_DP` (a non-DP site then refuses with error 5103) and
-rejects any train reply that carries no ``epsilon``. That is a protocol check, not a proof: the
-aggregator trusts a site's report that it trained with DP (docs/privacy.md).
+Every train reply ends as one typed outcome: a :class:`~aggregator.run_summary.SiteResult`
+folded in, a :class:`~aggregator.run_summary.BudgetRefusal` (a DP site whose budget is spent), or
+a :class:`~aggregator.run_summary.Rejection` (an error reply, a malformed or out-of-bounds
+update, counts above what the round could have trained, a replayed state, an update far from the
+round's others, or, with ``require_dp``, a reply that reports no DP). The round's
+:class:`~aggregator.run_summary.RoundRecord` keeps every outcome (the content of its rounds.jsonl
+row), and each node hears a :class:`~aggregator.verdicts.SiteVerdict` in its next train
+instruction (or in the run's last message): what was done with its reply and why, in its own
+terms. ``require_dp`` stamps every train instruction with :data:`~fed_unimiss.privacy.REQUIRE_DP`
+(a non-DP site then refuses with error 5103) and rejects any train reply that carries no
+``epsilon``. That is a protocol check, not a proof: the aggregator trusts a site's report that it
+trained with DP (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -30,30 +33,23 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from aggregator.averaging import Aggregator, make_aggregator
-from aggregator.probe_report import probe_row, read_probe
+from aggregator.probe_report import read_probe
 from aggregator.replays import CoordinateSample, ReplayGuard
-from aggregator.screening import (
-    REJECTED,
-    Verdict,
-    clip_state,
-    screen_round,
-)
+from aggregator.run_summary import BudgetRefusal, Rejection, RoundRecord, SiteResult, TrainOutcome
+from aggregator.screening import REJECTED, clip_state, screen_round
 from aggregator.spill import SpilledState, SpillWriter
 from aggregator.validation import (
     PARTS,
-    CountBound,
+    ReplyLimits,
     ReplyRejected,
-    SiteReport,
     check_center,
     check_counts,
     parse_report,
-    part_bounds,
     part_of,
     site_label,
 )
@@ -70,8 +66,7 @@ from fed_unimiss.privacy.report import (
     reported_epsilon,
 )
 
-__all__ = ["DimensionAwareStrategy", "SiteResult", "BudgetRefusal", "Rejection", "TrainOutcome",
-           "ReplyLimits", "state_to_record", "record_to_state"]
+__all__ = ["DimensionAwareStrategy", "state_to_record", "record_to_state"]
 
 log = logging.getLogger(__name__)
 
@@ -117,119 +112,35 @@ def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return state
 
 
-@dataclass(frozen=True)
-class ReplyLimits:
-    """The per-reply bounds of a run, resolved from the federation config and the recipe.
-
-    ``max_update_norm`` bounds the student's update. When it comes from the recipe
-    (``derived``), the teacher and the center get the bounds their own updates obey
-    (:func:`aggregator.validation.part_bounds`) and the center's coordinates must lie in the
-    head's logit range (:func:`aggregator.validation.check_center`). A number from the config
-    replaces all of these with one bound for every part.
-    """
-
-    max_update_norm: float = math.inf  # the student's; every part's unless derived
-    counts: CountBound | None = None  # replies without DP
-    dp_counts: CountBound | None = None  # replies reporting epsilon (Poisson plan)
-    # The DP plan behind dp_counts, announced in every train instruction: a DP site with more
-    # expected patients per step adopts this value or refuses before it spends budget.
-    dp_patients_per_step: float | None = None
-    derived: bool = False  # max_update_norm is the recipe's Adam bound, not a config number
-    teacher_pull: float = 1.0  # 1 - momentum^local_steps: the teacher's share of its EMA gap
-
-    def part_bounds(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """The round's bound on each part's update norm, from the global state it starts at."""
-        if not self.derived:
-            return dict.fromkeys(PARTS, self.max_update_norm)
-        return part_bounds(global_state, self.max_update_norm, self.teacher_pull)
-
-
-@dataclass
-class SiteResult:
-    """One accepted train reply, as recorded in rounds.jsonl (numbers only)."""
-
-    node_id: int
-    label: str
-    report: SiteReport
-    update_norm: float
-    bytes_in: int
-    norms: dict[str, float] = field(default_factory=dict)  # per part
-    verdict: Verdict = field(default_factory=Verdict)  # the round's screening
-    digest: str = ""  # of the reply as sent (replay guard)
-
-    def as_row(self) -> dict[str, Any]:
-        return {
-            "node_id": self.node_id,
-            ex.SAMPLES_2D: self.report.samples_2d,
-            ex.SAMPLES_3D: self.report.samples_3d,
-            "update_norm": self.update_norm,
-            "bytes_in": self.bytes_in,
-            **self.report.metrics,
-            "norms": self.norms,
-            **self.verdict.as_row(),
-        }
-
-
-@dataclass(frozen=True)
-class BudgetRefusal:
-    """A DP site refused the round: its privacy budget would be exceeded."""
-
-    label: str
-    epsilon: float  # spent so far (NaN if the site reported none)
-
-    @property
-    def reason(self) -> str:
-        return f"refused: privacy budget exhausted (epsilon spent {self.epsilon:.4g})"
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """A reply the strategy did not fold; ``reason`` names our checks, never the site's text."""
-
-    label: str
-    reason: str
-    # Numbers behind a screening rejection (norms, norm / round median, cosine), else None.
-    detail: dict[str, Any] | None = None
-    # What the site is told instead of ``reason`` when that names another site's numbers or
-    # label (the round's medians, a replayed reply of another site); None: ``reason`` itself.
-    site_reason: str | None = None
-
-
-TrainOutcome = SiteResult | BudgetRefusal | Rejection
-
-
 @dataclass
 class _RoundState:
+    """One round at the coordinator, from ``configure_train`` to the next round's."""
+
     round_num: int
     global_state: Mapping[str, torch.Tensor]
     aggregator: Aggregator
-    accepted: list[SiteResult] = field(default_factory=list)
-    rejected: dict[str, BudgetRefusal | Rejection] = field(default_factory=dict)
-    # The tensors that travel this round (all, or without teacher.* with a site-local teacher).
+    # What was sent, and what each reply is decoded and checked against: the tensors that
+    # travel (all, or without teacher.* with a site-local teacher), each part's norm bound, and
+    # coordinate samples (aggregator/replays.py) of the state the sites decode and of the global
+    # state their updates are added to (they differ by the codec's rounding).
     reference: Mapping[str, torch.Tensor] = field(default_factory=dict)
-    # Replies that passed the per-reply checks, decoded and parked on disk until close_round.
-    held: list[tuple[SiteResult, SpilledState]] = field(default_factory=list)
-    bytes_down: int = 0  # one instruction as sent (arrays + config); the largest, if they differ
-    bytes_down_node: dict[int, int] = field(default_factory=dict)  # down=q8_delta: per node
-    base_digest: str | None = None  # down=q8_delta: the base every node was sent this round
-    # Coordinate samples (aggregator/replays.py) of the state the sites decode this round and
-    # of the global state their updates are added to (they differ by the codec's rounding).
+    bounds: dict[str, float] = field(default_factory=dict)  # per part, ReplyLimits.part_bounds
     sampler: CoordinateSample | None = None
     sent_sample: dict[str, torch.Tensor] = field(default_factory=dict)
     global_sample: dict[str, torch.Tensor] = field(default_factory=dict)
-    bytes_down_site: dict[str, int] = field(default_factory=dict)  # label -> its instruction
-    bytes_up: dict[str, int] = field(default_factory=dict)  # label -> reply as sent
-    site_seconds: dict[str, float] = field(default_factory=dict)  # label -> local training s
-    spills: list[SpilledState] = field(default_factory=list)
-    closed: bool = False
-    medians: dict[str, float] = field(default_factory=dict)
-    bounds: dict[str, float] = field(default_factory=dict)  # per part, ReplyLimits.part_bounds
-    evaluated: dict[str, dict[str, float]] = field(default_factory=dict)
-    epsilon: dict[str, float] = field(default_factory=dict)  # DP sites: epsilon spent so far
-    epsilon_budget: dict[str, float] = field(default_factory=dict)  # DP sites: their target
+    bytes_down: int = 0  # one instruction as sent (arrays + config); the largest, if they differ
+    bytes_down_node: dict[int, int] = field(default_factory=dict)  # down=q8_delta: per node
+    base_digest: str | None = None  # down=q8_delta: the base every node was sent this round
     # node id -> what that site is told about its reply (aggregator/verdicts.py)
     verdicts: dict[int, SiteVerdict] = field(default_factory=dict)
-    probed: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> probe numbers
+    # Replies that passed the per-reply checks, decoded and parked on disk until close_round.
+    held: list[tuple[SiteResult, SpilledState]] = field(default_factory=list)
+    spills: list[SpilledState] = field(default_factory=list)  # all parked this round
+    closed: bool = False
+    record: RoundRecord = field(init=False)  # what became of each reply: the round's row
+
+    def __post_init__(self) -> None:
+        self.record = RoundRecord(self.round_num)
 
 
 class DimensionAwareStrategy:
@@ -395,6 +306,7 @@ class DimensionAwareStrategy:
             self._sampler = (key, CoordinateSample(dict(key)))
         return self._sampler[1]
 
+
     def accept_train(self, reply: Message) -> TrainOutcome:
         """Check one reply on its own and hold it for the round's screening (``close_round``).
 
@@ -412,7 +324,7 @@ class DimensionAwareStrategy:
                 self._holds.pop(node_id, None)
             else:
                 self._holds[node_id] = rnd.base_digest
-        if label in rnd.rejected or any(r.label == label for r, _ in rnd.held):
+        if label in rnd.record.rejected or any(r.label == label for r, _ in rnd.held):
             label = f"{label}@node-{reply.metadata.src_node_id}"  # two sites declared one name
         outcome = self._judge(reply, label, rnd)
         if not isinstance(outcome, SiteResult):
@@ -424,9 +336,7 @@ class DimensionAwareStrategy:
         return outcome
 
     def _reject(self, rnd: _RoundState, outcome: BudgetRefusal | Rejection) -> None:
-        rnd.rejected[outcome.label] = outcome
-        if isinstance(outcome, BudgetRefusal):
-            rnd.epsilon[outcome.label] = outcome.epsilon
+        rnd.record.reject(outcome)
         log.warning("round %d: rejected reply of %s: %s", rnd.round_num, outcome.label,
                     outcome.reason)
 
@@ -442,7 +352,7 @@ class DimensionAwareStrategy:
         held, rnd.held = rnd.held, []
         norms = {r.label: r.norms for r, _ in held}
         states = {r.label: state for r, state in held}
-        rnd.medians, verdicts = screen_round(
+        rnd.record.medians, verdicts = screen_round(
             norms, states, rnd.reference, self.cfg.norm_factor, self.cfg.min_cosine,
             clip_to_median=self.cfg.aggregation == "clipped_mean")
         for result, state in held:
@@ -464,7 +374,7 @@ class DimensionAwareStrategy:
             rnd.aggregator.add(state, result.report.samples_2d, result.report.samples_3d)
             self._replays.remember(result.digest,
                                    f"a reply of {result.label} in round {rnd.round_num}")
-            rnd.accepted.append(result)
+            rnd.record.accepted.append(result)
             log.info("round %d: folded %s (2d=%d, 3d=%d, loss=%s)", rnd.round_num,
                      result.label, result.report.samples_2d, result.report.samples_3d,
                      result.report.metrics.get(ex.LOSS))
@@ -478,10 +388,10 @@ class DimensionAwareStrategy:
         metrics = content.metric_records.get(ex.METRICS)
         probe = read_probe(metrics)
         if probe is not None:  # about the global model sent, whatever becomes of the update
-            rnd.probed[label] = probe
+            rnd.record.probed[label] = probe
         budget = reported_budget(metrics)
-        if budget is not None:  # a DP site's target epsilon (a setting; issue 16's dashboard)
-            rnd.epsilon_budget[label] = budget
+        if budget is not None:  # a DP site's target epsilon: a setting the dashboard shows
+            rnd.record.epsilon_budget[label] = budget
         refusal = privacy_refusal(metrics)  # a DP site whose budget is spent: metrics only
         if refusal is not None:
             return BudgetRefusal(label, refusal)
@@ -491,6 +401,7 @@ class DimensionAwareStrategy:
                         "federation requires DP: rejected", node_id)
             return Rejection(label, "no DP report although the federation requires differential "
                              f"privacy (code {ERROR_DP_REQUIRED})")
+        costs = rnd.record.costs
         try:
             if ex.ARRAYS not in content.array_records or metrics is None:
                 raise ReplyRejected("reply lacks the arrays or metrics record")
@@ -499,12 +410,12 @@ class DimensionAwareStrategy:
             if bound is not None:
                 check_counts(report, bound)
             if ex.SECONDS in report.metrics:
-                rnd.site_seconds[label] = report.metrics[ex.SECONDS]
+                costs.seconds[label] = report.metrics[ex.SECONDS]
             record = content.array_records[ex.ARRAYS]
             scales = content.array_records.get(ex.SCALES)
             bytes_in = record.count_bytes() + (scales.count_bytes() if scales else 0)
-            rnd.bytes_up[label] = bytes_in
-            rnd.bytes_down_site[label] = rnd.bytes_down_node.get(node_id, rnd.bytes_down)
+            costs.bytes_up[label] = bytes_in
+            costs.bytes_down[label] = rnd.bytes_down_node.get(node_id, rnd.bytes_down)
             digest = wire_digest(record)
             replayed = self._replays.replayed(digest)
             if replayed is not None:
@@ -516,12 +427,13 @@ class DimensionAwareStrategy:
         except ReplyRejected as e:
             return Rejection(label, str(e), site_reason=e.for_site)
         if epsilon is not None:  # DP sites report what they spent so far
-            rnd.epsilon[label] = epsilon
+            rnd.record.epsilon[label] = epsilon
         result = SiteResult(node_id, label, report, math.sqrt(sum(n * n for n in norms.values())),
                             bytes_in, norms, digest=digest)
         rnd.held.append((result, spilled))
         rnd.spills.append(spilled)
         return result
+
 
     @torch.no_grad()
     def _decode_validate_spill(self, record: ArrayRecord, scales: ArrayRecord | None,
@@ -638,16 +550,23 @@ class DimensionAwareStrategy:
         """One train instruction of this round as sent (arrays + config)."""
         return self._require_round().bytes_down
 
-    def only_budget_refusals(self) -> bool:
-        """True when the round rejected replies and every one was a privacy-budget refusal."""
-        rejected = self._require_round().rejected.values()
-        return bool(rejected) and all(isinstance(r, BudgetRefusal) for r in rejected)
+    @property
+    def record(self) -> RoundRecord:
+        """What the current round did with each reply so far: its rounds.jsonl row's content."""
+        return self._require_round().record
+
+    def screening(self) -> dict[str, object]:
+        """The run's screening settings and this round's part bounds, for the round's row."""
+        return {"norm_factor": self.cfg.norm_factor, "min_cosine": self.cfg.min_cosine,
+                "max_update_norm": self.limits.max_update_norm,
+                "part_bounds": self._require_round().bounds,
+                "aggregation": self.cfg.aggregation}
 
     @property
     def num_accepted(self) -> int:
         """Replies folded into this round (after ``close_round``), or held so far (before)."""
         rnd = self._require_round()
-        return len(rnd.accepted) + len(rnd.held)
+        return len(rnd.record.accepted) + len(rnd.held)
 
     def aggregate_train(self) -> dict[str, torch.Tensor]:
         """The new global state from the folded replies (tensors nobody trained keep theirs)."""
@@ -666,6 +585,8 @@ class DimensionAwareStrategy:
                     and not bool(torch.isfinite(tensor).all()):
                 raise FloatingPointError(f"aggregated tensor {name} is not finite")
         return new_state
+
+    # ------------------------------------------------------------------ evaluate
 
     # ------------------------------------------------------------------ evaluate
     def configure_evaluate(
@@ -697,66 +618,7 @@ class DimensionAwareStrategy:
             return
         if not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0:
             n = 1
-        rnd.evaluated[label] = {ex.LOSS: float(loss), ex.NUM_EXAMPLES: float(n)}
-
-    # ------------------------------------------------------------------ summary
-    def round_row(self, seconds: float, bytes_out_per_site: int, missing: list[int]) -> dict:
-        """The rounds.jsonl row: who took part, their counts and metrics, who was dropped."""
-        rnd = self._require_round()
-        accepted = sorted(rnd.accepted, key=lambda r: r.label)
-        total = sum(r.report.samples for r in accepted)
-        losses = [(r.report.metrics[ex.LOSS], r.report.samples) for r in accepted
-                  if ex.LOSS in r.report.metrics]
-        loss = sum(v * n for v, n in losses) / sum(n for _, n in losses) if losses else None
-        row: dict[str, Any] = {
-            "round": rnd.round_num,
-            "sites": [r.label for r in accepted],
-            "loss": loss,
-            ex.SAMPLES_2D: sum(r.report.samples_2d for r in accepted),
-            ex.SAMPLES_3D: sum(r.report.samples_3d for r in accepted),
-            "samples": total,
-            "per_site": {r.label: r.as_row() for r in accepted},
-            "rejected": {k: v.reason for k, v in sorted(rnd.rejected.items())},
-            "decisions": self._decisions(rnd),  # issue 17: every site, what was done and why
-            "screening": {"median_norm": rnd.medians, "norm_factor": self.cfg.norm_factor,
-                          "min_cosine": self.cfg.min_cosine,
-                          "max_update_norm": self.limits.max_update_norm,
-                          "part_bounds": rnd.bounds,
-                          "aggregation": self.cfg.aggregation},
-            "missing_nodes": sorted(missing),
-            "seconds": seconds,
-            "bytes_out_per_site": bytes_out_per_site,
-            "bytes_in": sum(r.bytes_in for r in accepted),
-            # issue 15: every round's cost, per site (train message; bytes as sent)
-            "site_seconds": dict(sorted(rnd.site_seconds.items())),
-            "bytes_down": dict(sorted(rnd.bytes_down_site.items())),
-            "bytes_up": dict(sorted(rnd.bytes_up.items())),
-            "exchange": codec.describe(self.exchange),
-            "epsilon": dict(sorted(rnd.epsilon.items())),  # issue 7: site -> epsilon spent
-            "epsilon_budget": dict(sorted(rnd.epsilon_budget.items())),  # site -> its target
-        }
-        if rnd.evaluated:
-            weight = sum(v[ex.NUM_EXAMPLES] for v in rnd.evaluated.values()) or 1.0
-            row["eval_loss"] = sum(v[ex.LOSS] * v[ex.NUM_EXAMPLES]
-                                   for v in rnd.evaluated.values()) / weight
-            row["eval_per_site"] = {k: v[ex.LOSS] for k, v in sorted(rnd.evaluated.items())}
-        if rnd.probed:
-            row["probe"] = probe_row(rnd.probed, rnd.round_num)
-        return row
-
-    @staticmethod
-    def _decisions(rnd: _RoundState) -> dict[str, dict[str, Any]]:
-        """label -> {action, reason, norms, vs_median, ...}: accepted, clipped, rejected, refused."""
-        out: dict[str, dict[str, Any]] = {}
-        for r in rnd.accepted:
-            out[r.label] = {"norms": r.norms, **r.verdict.as_row()}
-        for label, outcome in rnd.rejected.items():
-            action = "refused" if isinstance(outcome, BudgetRefusal) else REJECTED
-            entry: dict[str, Any] = {"action": action, "reason": outcome.reason}
-            if isinstance(outcome, Rejection) and outcome.detail:
-                entry.update(outcome.detail)
-            out[label] = entry
-        return dict(sorted(out.items()))
+        rnd.record.evaluated[label] = {ex.LOSS: float(loss), ex.NUM_EXAMPLES: float(n)}
 
     def _require_round(self) -> _RoundState:
         if self._round is None:
