@@ -183,8 +183,8 @@ def _run_round(
         collect_replies(grid, eval_msgs, strategy.accept_evaluate, eval_deadline,
                         cfg.poll_interval)
         phases["evaluate_s"] = time.monotonic() - t
-    row = round_row(strategy.record, strategy.screening(), describe(cfg.exchange),
-                    time.monotonic() - started, bytes_out, missing)
+    row = round_row(strategy.record, describe(cfg.exchange), time.monotonic() - started,
+                    bytes_out, missing)
     row["phases"] = phases
     return new_state, row
 
@@ -223,8 +223,8 @@ def run_federation(
     """
     from fed_unimiss.ssl.config import recipe_to_dict
 
-    store = RunStore(run.out)
     identity = run.identity()
+    store = RunStore(run.out)
     done, state = store.start(identity, resume)
     total_steps = run.rounds * run.cfg.local_steps
     if state is None:

@@ -115,7 +115,8 @@ class RoundRecord:
     round_num: int
     accepted: list[SiteResult] = field(default_factory=list)  # folded, in order
     rejected: dict[str, BudgetRefusal | Rejection] = field(default_factory=dict)  # by label
-    medians: dict[str, float] = field(default_factory=dict)  # per part, the screening's
+    # The screening's settings, the round's part bounds and its median norms (close_round).
+    screening: dict[str, Any] = field(default_factory=dict)
     costs: RoundCosts = field(default_factory=RoundCosts)
     epsilon: dict[str, float] = field(default_factory=dict)  # DP sites: epsilon spent so far
     epsilon_budget: dict[str, float] = field(default_factory=dict)  # DP sites: their target
@@ -133,12 +134,11 @@ class RoundRecord:
         return bool(rejected) and all(isinstance(r, BudgetRefusal) for r in rejected)
 
 
-def round_row(record: RoundRecord, screening: dict[str, Any], exchange: str, seconds: float,
-              bytes_out_per_site: int, missing: list[int]) -> dict[str, Any]:
+def round_row(record: RoundRecord, exchange: str, seconds: float, bytes_out_per_site: int,
+              missing: list[int]) -> dict[str, Any]:
     """The rounds.jsonl row: who took part, their counts and metrics, who was dropped and why.
 
-    ``screening`` holds the run's screening settings and the round's bounds (the medians come
-    from ``record``); ``exchange`` describes the codecs the round's tensors travelled in.
+    ``exchange`` describes the codecs the round's tensors travelled in.
     """
     accepted = sorted(record.accepted, key=lambda r: r.label)
     total = sum(r.report.samples for r in accepted)
@@ -156,7 +156,7 @@ def round_row(record: RoundRecord, screening: dict[str, Any], exchange: str, sec
         "per_site": {r.label: r.as_row() for r in accepted},
         "rejected": {k: v.reason for k, v in sorted(record.rejected.items())},
         "decisions": decisions(record),  # every site that replied: what was done and why
-        "screening": {"median_norm": record.medians, **screening},
+        "screening": record.screening,
         "missing_nodes": sorted(missing),
         "seconds": seconds,
         "bytes_out_per_site": bytes_out_per_site,

@@ -352,9 +352,13 @@ class DimensionAwareStrategy:
         held, rnd.held = rnd.held, []
         norms = {r.label: r.norms for r, _ in held}
         states = {r.label: state for r, state in held}
-        rnd.record.medians, verdicts = screen_round(
+        medians, verdicts = screen_round(
             norms, states, rnd.reference, self.cfg.norm_factor, self.cfg.min_cosine,
             clip_to_median=self.cfg.aggregation == "clipped_mean")
+        rnd.record.screening = {
+            "median_norm": medians, "norm_factor": self.cfg.norm_factor,
+            "min_cosine": self.cfg.min_cosine, "max_update_norm": self.limits.max_update_norm,
+            "part_bounds": rnd.bounds, "aggregation": self.cfg.aggregation}
         for result, state in held:
             verdict = result.verdict = verdicts[result.label]
             site_reason = verdict.site_reason or "rejected by the round's screening"
@@ -554,13 +558,6 @@ class DimensionAwareStrategy:
     def record(self) -> RoundRecord:
         """What the current round did with each reply so far: its rounds.jsonl row's content."""
         return self._require_round().record
-
-    def screening(self) -> dict[str, object]:
-        """The run's screening settings and this round's part bounds, for the round's row."""
-        return {"norm_factor": self.cfg.norm_factor, "min_cosine": self.cfg.min_cosine,
-                "max_update_norm": self.limits.max_update_norm,
-                "part_bounds": self._require_round().bounds,
-                "aggregation": self.cfg.aggregation}
 
     @property
     def num_accepted(self) -> int:
