@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -122,6 +123,18 @@ class RoundRecord:
     epsilon_budget: dict[str, float] = field(default_factory=dict)  # DP sites: their target
     evaluated: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> loss, n
     probed: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> probe numbers
+
+    def add_evaluation(self, label: str, metrics: Mapping[str, Any] | None) -> str | None:
+        """Keep a site's evaluation loss and example count; or say why there is none to keep."""
+        if metrics is None:
+            return f"no evaluation from {label}"
+        loss, n = metrics.get(ex.LOSS), metrics.get(ex.NUM_EXAMPLES, 1)
+        if not isinstance(loss, (int, float)) or not math.isfinite(loss):
+            return f"evaluation of {label} has no finite loss"
+        if not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0:
+            n = 1
+        self.evaluated[label] = {ex.LOSS: float(loss), ex.NUM_EXAMPLES: float(n)}
+        return None
 
     def reject(self, outcome: BudgetRefusal | Rejection) -> None:
         self.rejected[outcome.label] = outcome

@@ -47,11 +47,11 @@ from aggregator.validation import (
     PARTS,
     ReplyLimits,
     ReplyRejected,
+    SiteLabels,
     check_center,
     check_counts,
     parse_report,
     part_of,
-    site_label,
 )
 from aggregator.verdicts import ACCEPTED, CLIPPED, REFUSED, SiteVerdict, with_verdict
 from fed_unimiss import exchange as ex
@@ -173,7 +173,7 @@ class DimensionAwareStrategy:
         self._round: _RoundState | None = None
         self._replays = ReplayGuard()
         self._sampler: tuple[object, CoordinateSample] | None = None  # (layout key, sample)
-        self._names: dict[int, str] = {}  # node id -> the label its replies declared
+        self._labels = SiteLabels()  # node id -> the label its replies declared
         # down=q8_delta: (base fp32, its digest, its layout JSON), and the digest each node holds.
         self._base: tuple[dict[str, torch.Tensor], str, str] | None = None
         self._holds: dict[int, str] = {}
@@ -604,18 +604,10 @@ class DimensionAwareStrategy:
 
     def accept_evaluate(self, reply: Message) -> None:
         rnd = self._require_round()
-        label = self._label(reply)
-        if reply.has_error() or ex.METRICS not in reply.content.metric_records:
-            log.warning("round %d: no evaluation from %s", rnd.round_num, label)
-            return
-        metrics = reply.content.metric_records[ex.METRICS]
-        loss, n = metrics.get(ex.LOSS), metrics.get(ex.NUM_EXAMPLES, 1)
-        if not isinstance(loss, (int, float)) or not math.isfinite(loss):
-            log.warning("round %d: evaluation of %s has no finite loss", rnd.round_num, label)
-            return
-        if not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0:
-            n = 1
-        rnd.record.evaluated[label] = {ex.LOSS: float(loss), ex.NUM_EXAMPLES: float(n)}
+        metrics = None if reply.has_error() else reply.content.metric_records.get(ex.METRICS)
+        problem = rnd.record.add_evaluation(self._label(reply), metrics)
+        if problem is not None:
+            log.warning("round %d: %s", rnd.round_num, problem)
 
     def _require_round(self) -> _RoundState:
         if self._round is None:
@@ -623,16 +615,9 @@ class DimensionAwareStrategy:
         return self._round
 
     def _label(self, reply: Message) -> str:
-        """The reply's site label: declared in its site record, or at the start of an error
-        reply's text (validated either way), or the label this node declared before."""
-        node_id = reply.metadata.src_node_id
-        declared = None
+        """The reply's site label (:class:`~aggregator.validation.SiteLabels`)."""
         if reply.has_error():
             declared = ex.error_site(reply.error.reason)
-        elif ex.SITE in reply.content.config_records:
-            declared = reply.content.config_records[ex.SITE].get(ex.SITE_NAME_KEY)
-        label = site_label(declared, node_id)
-        if label == site_label(None, node_id):
-            return self._names.get(node_id, label)
-        self._names[node_id] = label
-        return label
+        else:
+            declared = reply.content.config_records.get(ex.SITE, {}).get(ex.SITE_NAME_KEY)
+        return self._labels.of(reply.metadata.src_node_id, declared)

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ReplyRejected", "SiteReport", "CountBound", "parse_report", "validate_state",
            "check_state", "update_norms", "count_bound", "check_counts", "default_max_update_norm",
-           "ReplyLimits", "check_center", "CENTER_LIMIT", "site_label", "PARTS", "part_of"]
+           "ReplyLimits", "check_center", "CENTER_LIMIT", "site_label", "SiteLabels", "PARTS", "part_of"]
 
 # The parts of the exchanged state, each checked on its own (its norms differ by 10-100x).
 PARTS = ("student", "teacher", ex.CENTER_KEY)
@@ -315,3 +315,23 @@ def site_label(declared: Any, node_id: int) -> str:
     if ex.is_valid_site_name(declared):
         return str(declared)
     return f"node-{node_id}"
+
+
+class SiteLabels:
+    """The label each node's replies appear under, remembered for the run.
+
+    A reply names its site in its site record, or at the start of an error reply's text; either
+    is validated (:func:`site_label`). A reply that names none, or an invalid one, takes the label
+    its node declared before, else ``node-<id>``: an error reply from a site whose name was seen
+    is still filed under that name.
+    """
+
+    def __init__(self) -> None:
+        self._names: dict[int, str] = {}
+
+    def of(self, node_id: int, declared: Any) -> str:
+        label = site_label(declared, node_id)
+        if label == site_label(None, node_id):
+            return self._names.get(node_id, label)
+        self._names[node_id] = label
+        return label
