@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from aggregator.probe_report import probe_row, probe_series
+from aggregator.probe_report import probe_row, probe_series, read_probe
 from aggregator.run_status import STATUS_FILE, process_gone, read_json, run_state
 from fed_unimiss import exchange as ex
 from fed_unimiss.exchange import is_valid_site_name
+from fed_unimiss.privacy.report import reported_budget
 
 if TYPE_CHECKING:
     from aggregator.screening import Verdict
@@ -108,6 +109,12 @@ class RoundCosts:
     bytes_down: dict[str, int] = field(default_factory=dict)  # its instruction
     bytes_up: dict[str, int] = field(default_factory=dict)  # its reply
 
+    def note(self, label: str, seconds: float | None, bytes_up: int, bytes_down: int) -> None:
+        if seconds is not None:
+            self.seconds[label] = seconds
+        self.bytes_up[label] = bytes_up
+        self.bytes_down[label] = bytes_down
+
 
 @dataclass
 class RoundRecord:
@@ -123,6 +130,17 @@ class RoundRecord:
     epsilon_budget: dict[str, float] = field(default_factory=dict)  # DP sites: their target
     evaluated: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> loss, n
     probed: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> probe numbers
+
+    def note_reports(self, label: str, metrics: Mapping[str, Any] | None) -> None:
+        """Keep what a train reply reports beside its update, whatever becomes of the update:
+        its probe of the global model it was sent, and a DP site's target epsilon (a setting
+        the dashboard shows beside the epsilon spent)."""
+        probe = read_probe(metrics)
+        if probe is not None:
+            self.probed[label] = probe
+        budget = reported_budget(metrics)
+        if budget is not None:
+            self.epsilon_budget[label] = budget
 
     def add_evaluation(self, label: str, metrics: Mapping[str, Any] | None) -> str | None:
         """Keep a site's evaluation loss and example count; or say why there is none to keep."""

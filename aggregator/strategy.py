@@ -1,26 +1,17 @@
 """The federation's strategy: build instructions, check and fold replies.
 
 Shaped like Flower's strategies (configure_train / aggregate / configure_evaluate). Each reply is
-checked on its own as it arrives (``accept_train``: shape, finite values, absolute norm bound,
-count bound, replay) and held; when the round closes (``close_round``) the held replies are
-screened against each other (norm against the round's median, direction; see
-:mod:`aggregator.screening`), clipped if the aggregation says so, and folded one at a time into
-the aggregator. The round loop that drives it (push, poll, deadline, quorum) is in
-:mod:`aggregator.rounds`; the run's per-reply bounds are
-:class:`~aggregator.validation.ReplyLimits`.
+checked on its own as it arrives (``accept_train``: counts, shape, finite values, norm bounds
+(:class:`~aggregator.validation.ReplyLimits`), replay) and parked on disk; ``close_round``
+screens the parked replies against each other (:mod:`aggregator.screening`), clips if the
+aggregation says so, and folds them one at a time. :mod:`aggregator.rounds` drives it.
 
-Every train reply ends as one typed outcome: a :class:`~aggregator.run_summary.SiteResult`
-folded in, a :class:`~aggregator.run_summary.BudgetRefusal` (a DP site whose budget is spent), or
-a :class:`~aggregator.run_summary.Rejection` (an error reply, a malformed or out-of-bounds
-update, counts above what the round could have trained, a replayed state, an update far from the
-round's others, or, with ``require_dp``, a reply that reports no DP). The round's
-:class:`~aggregator.run_summary.RoundRecord` keeps every outcome (the content of its rounds.jsonl
-row), and each node hears a :class:`~aggregator.verdicts.SiteVerdict` in its next train
-instruction (or in the run's last message): what was done with its reply and why, in its own
-terms. ``require_dp`` stamps every train instruction with :data:`~fed_unimiss.privacy.REQUIRE_DP`
-(a non-DP site then refuses with error 5103) and rejects any train reply that carries no
-``epsilon``. That is a protocol check, not a proof: the aggregator trusts a site's report that it
-trained with DP (docs/privacy.md).
+Every reply ends as one outcome in the round's :class:`~aggregator.run_summary.RoundRecord`
+(the content of its rounds.jsonl row), and its node hears a
+:class:`~aggregator.verdicts.SiteVerdict` in its next instruction or the run's last message.
+``require_dp`` stamps every train instruction with :data:`~fed_unimiss.privacy.REQUIRE_DP` (a
+non-DP site refuses with error 5103) and rejects a reply without ``epsilon``: a protocol check,
+not a proof; the aggregator trusts a site's report that it trained with DP (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -38,7 +29,6 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from aggregator.averaging import Aggregator, make_aggregator
-from aggregator.probe_report import read_probe
 from aggregator.replays import CoordinateSample, ReplayGuard
 from aggregator.run_summary import BudgetRefusal, Rejection, RoundRecord, SiteResult, TrainOutcome
 from aggregator.screening import REJECTED, clip_state, screen_round
@@ -49,7 +39,6 @@ from aggregator.validation import (
     ReplyRejected,
     SiteLabels,
     check_center,
-    check_counts,
     parse_report,
     part_of,
 )
@@ -62,7 +51,6 @@ from fed_unimiss.privacy.report import (
     ERROR_DP_REQUIRED,
     REQUIRE_DP,
     privacy_refusal,
-    reported_budget,
     reported_epsilon,
 )
 
@@ -167,9 +155,7 @@ class DimensionAwareStrategy:
         self.recipe_json = recipe_json
         self.num_rounds = num_rounds
         self.classes = dict(classes)
-        if limits is None:
-            limits = ReplyLimits(cfg.max_update_norm or math.inf)
-        self.limits = limits
+        self.limits = limits if limits is not None else ReplyLimits(cfg.max_update_norm or math.inf)
         self._round: _RoundState | None = None
         self._replays = ReplayGuard()
         self._sampler: tuple[object, CoordinateSample] | None = None  # (layout key, sample)
@@ -180,10 +166,11 @@ class DimensionAwareStrategy:
         self._told: dict[int, SiteVerdict] = {}  # the previous round's verdicts, sent this round
 
     # ------------------------------------------------------------------ train
-    def train_config(self, round_num: int) -> ConfigRecord:
-        """What every site needs to train this round the same way (no site-specific values)."""
+    def _instruction(self, round_num: int, message_type: str, layout: str | None = None
+                     ) -> ConfigRecord:
+        """What every site needs to train or evaluate this round alike (nothing site-specific)."""
         steps = self.cfg.local_steps
-        return ConfigRecord({
+        config = ConfigRecord({
             ex.RECIPE_JSON: self.recipe_json,
             ex.ROUND: round_num,
             ex.NUM_ROUNDS: self.num_rounds,
@@ -193,10 +180,6 @@ class DimensionAwareStrategy:
             ex.EVAL_BATCHES: self.cfg.eval_batches,
             **self.exchange.to_config(),
         })
-
-    def _instruction(self, round_num: int, message_type: str, layout: str | None = None
-                     ) -> ConfigRecord:
-        config = self.train_config(round_num)
         if layout is not None:
             config[ex.EXCHANGE_LAYOUT] = layout
         if message_type == ex.TRAIN and self.cfg.require_dp:
@@ -390,12 +373,7 @@ class DimensionAwareStrategy:
             return Rejection(label, f"refused: {ex.error_category(code)} (code {code})")
         content = reply.content
         metrics = content.metric_records.get(ex.METRICS)
-        probe = read_probe(metrics)
-        if probe is not None:  # about the global model sent, whatever becomes of the update
-            rnd.record.probed[label] = probe
-        budget = reported_budget(metrics)
-        if budget is not None:  # a DP site's target epsilon: a setting the dashboard shows
-            rnd.record.epsilon_budget[label] = budget
+        rnd.record.note_reports(label, metrics)  # whatever becomes of the update
         refusal = privacy_refusal(metrics)  # a DP site whose budget is spent: metrics only
         if refusal is not None:
             return BudgetRefusal(label, refusal)
@@ -405,21 +383,16 @@ class DimensionAwareStrategy:
                         "federation requires DP: rejected", node_id)
             return Rejection(label, "no DP report although the federation requires differential "
                              f"privacy (code {ERROR_DP_REQUIRED})")
-        costs = rnd.record.costs
         try:
             if ex.ARRAYS not in content.array_records or metrics is None:
                 raise ReplyRejected("reply lacks the arrays or metrics record")
             report = parse_report(metrics)
-            bound = self.limits.counts if epsilon is None else self.limits.dp_counts
-            if bound is not None:
-                check_counts(report, bound)
-            if ex.SECONDS in report.metrics:
-                costs.seconds[label] = report.metrics[ex.SECONDS]
+            self.limits.check_counts(report, dp=epsilon is not None)
             record = content.array_records[ex.ARRAYS]
             scales = content.array_records.get(ex.SCALES)
             bytes_in = record.count_bytes() + (scales.count_bytes() if scales else 0)
-            costs.bytes_up[label] = bytes_in
-            costs.bytes_down[label] = rnd.bytes_down_node.get(node_id, rnd.bytes_down)
+            rnd.record.costs.note(label, report.metrics.get(ex.SECONDS), bytes_in,
+                                  rnd.bytes_down_node.get(node_id, rnd.bytes_down))
             digest = wire_digest(record)
             replayed = self._replays.replayed(digest)
             if replayed is not None:

@@ -178,6 +178,13 @@ class ReplyLimits:
                    dp_patients_per_step=per_step, derived=derived,
                    teacher_pull=1.0 - ssl.momentum_teacher ** cfg.local_steps)
 
+    def check_counts(self, report: SiteReport, dp: bool) -> None:
+        """Raise ``ReplyRejected`` when a count exceeds what the round could have trained: a
+        reply that reports epsilon is held to the DP plan, any other to the batch sizes."""
+        bound = self.dp_counts if dp else self.counts
+        if bound is not None:
+            check_counts(report, bound)
+
     def part_bounds(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """Each part's bound on an honest update norm this round, from the state it starts at.
 
