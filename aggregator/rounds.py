@@ -221,8 +221,6 @@ def run_federation(
     ``initial`` replaces the recipe-seeded round-0 state (tests with hand-made tensors).
     ``registered`` (the coordinator kit's sites) adds each round's ``absent`` sites to its row.
     """
-    from fed_unimiss.ssl.config import recipe_to_dict
-
     identity = run.identity()
     store = RunStore(run.out)
     done, state = store.start(identity, resume)
@@ -230,7 +228,7 @@ def run_federation(
     if state is None:
         state = initial if initial is not None else initial_state(run.recipe, total_steps)
     classes = ex.classify_exchange_keys(state)
-    recipe_json = json.dumps(recipe_to_dict(run.recipe), sort_keys=True)
+    recipe_json = json.dumps(identity["recipe"], sort_keys=True)  # the recipe every site trains
     limits = ReplyLimits.of_run(run.cfg, run.recipe, state)
     log.info("reply bounds: update norm %s; counts %s",
              {k: round(v, 4) for k, v in limits.part_bounds(state).items()}, limits.counts)
