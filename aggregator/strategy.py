@@ -22,14 +22,14 @@ import math
 import tempfile
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from aggregator.averaging import Aggregator, make_aggregator
+from aggregator.averaging import make_aggregator
 from aggregator.replays import CoordinateSample, ReplayGuard
+from aggregator.round_state import RoundState as _RoundState
 from aggregator.run_summary import BudgetRefusal, Rejection, RoundRecord, SiteResult, TrainOutcome
 from aggregator.screening import REJECTED, clip_state, screen_round
 from aggregator.spill import SpilledState, SpillWriter
@@ -98,37 +98,6 @@ def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
         except (TypeError, ValueError) as e:
             raise ReplyRejected(f"tensor {len(state) + 1} is not a numeric array") from e
     return state
-
-
-@dataclass
-class _RoundState:
-    """One round at the coordinator, from ``configure_train`` to the next round's."""
-
-    round_num: int
-    global_state: Mapping[str, torch.Tensor]
-    aggregator: Aggregator
-    # What was sent, and what each reply is decoded and checked against: the tensors that
-    # travel (all, or without teacher.* with a site-local teacher), each part's norm bound, and
-    # coordinate samples (aggregator/replays.py) of the state the sites decode and of the global
-    # state their updates are added to (they differ by the codec's rounding).
-    reference: Mapping[str, torch.Tensor] = field(default_factory=dict)
-    bounds: dict[str, float] = field(default_factory=dict)  # per part, ReplyLimits.part_bounds
-    sampler: CoordinateSample | None = None
-    sent_sample: dict[str, torch.Tensor] = field(default_factory=dict)
-    global_sample: dict[str, torch.Tensor] = field(default_factory=dict)
-    bytes_down: int = 0  # one instruction as sent (arrays + config); the largest, if they differ
-    bytes_down_node: dict[int, int] = field(default_factory=dict)  # down=q8_delta: per node
-    base_digest: str | None = None  # down=q8_delta: the base every node was sent this round
-    # node id -> what that site is told about its reply (aggregator/verdicts.py)
-    verdicts: dict[int, SiteVerdict] = field(default_factory=dict)
-    # Replies that passed the per-reply checks, decoded and parked on disk until close_round.
-    held: list[tuple[SiteResult, SpilledState]] = field(default_factory=list)
-    spills: list[SpilledState] = field(default_factory=list)  # all parked this round
-    closed: bool = False
-    record: RoundRecord = field(init=False)  # what became of each reply: the round's row
-
-    def __post_init__(self) -> None:
-        self.record = RoundRecord(self.round_num)
 
 
 class DimensionAwareStrategy:
@@ -410,7 +379,6 @@ class DimensionAwareStrategy:
         rnd.held.append((result, spilled))
         rnd.spills.append(spilled)
         return result
-
 
     @torch.no_grad()
     def _decode_validate_spill(self, record: ArrayRecord, scales: ArrayRecord | None,
