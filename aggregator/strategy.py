@@ -525,8 +525,6 @@ class DimensionAwareStrategy:
         return new_state
 
     # ------------------------------------------------------------------ evaluate
-
-    # ------------------------------------------------------------------ evaluate
     def configure_evaluate(
         self, round_num: int, state: Mapping[str, torch.Tensor], node_ids: Iterable[int]
     ) -> list[Message]:
