@@ -10,8 +10,10 @@ exceeds it, and the rest of such a reply deserves no more trust than its counts.
 Reasons are built from our own tensor names and numbers only, never from text the site sent, so
 nothing a site controls reaches the aggregator's logs.
 
-The checks relative to the round (norm against the round's median, direction) need every reply
-of the round and live in :mod:`aggregator.screening`.
+The run's bounds are resolved once, from the federation config and the recipe, into
+:class:`ReplyLimits` (each part's norm bound, the count bounds, the DP plan announced to the
+sites). The checks relative to the round (norm against the round's median, direction) need every
+reply of the round and live in :mod:`aggregator.screening`.
 """
 
 from __future__ import annotations
