@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 # completed; 1 it started but did not complete (a round failed, the SuperLink died, the sites
 # did not come online in time); 2 refused before anything started (bad kit, config, flags, or a
 # resume that does not match RUN); 130 / 143 stopped by Ctrl-C / SIGTERM (fed_unimiss.cli.main,
-# fed_unimiss.processes).
+# flower_layer.processes).
 EXIT_FAILED = 1
 EXIT_REFUSED = 2
 

@@ -294,7 +294,7 @@ def run_demo(workdir: Path, rounds: int, round_timeout: float = 300.0,
     from aggregator.cli import format_round
     from aggregator.deploy.control import ControlError
     from aggregator.deploy.runner import AggregatorOptions, run_aggregator
-    from fed_unimiss.processes import ProcessSet
+    from flower_layer.processes import ProcessSet
 
     t0 = time.monotonic()
     print(f"preparing phantom data and kits for sites {', '.join(SITES)} ...", flush=True)

@@ -6,8 +6,9 @@ is a ``Grid`` that hands each pushed message straight to the ClientApp with that
 computed lazily, one per ``pull_messages`` call, so the aggregator's fold-as-they-arrive path runs
 exactly as it does against a SuperLink.
 
-It needs two private details of Flower 1.39 (the task identity ``Message()`` reads, and message
-ids); both are isolated in :mod:`aggregator.flower_private`, with the version pin.
+It needs three private details of Flower 1.39 (the task identity ``Message()`` reads, message
+ids, and the ``Run`` a Grid holds); they are isolated in :mod:`flower_layer.identity`, with the
+version pin in :mod:`flower_layer.version`.
 """
 
 from __future__ import annotations
@@ -24,17 +25,23 @@ from typing import Any
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.run import Run
 
-from aggregator.flower_private import assign_message_id, check_flower_version, set_task_identity
 from fed_unimiss import exchange as ex
+from flower_layer.identity import (
+    CLIENT_APP_RAISED_EXCEPTION,
+    Run,
+    assign_message_id,
+    empty_run,
+    set_task_identity,
+)
+from flower_layer.version import check_flower_version
 
 __all__ = ["SiteSpec", "InProcessGrid", "check_flower_version", "run_inprocess"]
 
 log = logging.getLogger(__name__)
 
-SERVER_NODE_ID = 0  # Flower's SuperLink node id (SUPERLINK_NODE_ID)
-CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode
+# The node the ServerApp's messages come from in this grid; the sites are nodes 1..N.
+SERVER_NODE_ID = 0
 
 
 def load_component(reference: str) -> Any:
@@ -54,7 +61,7 @@ class SiteSpec:
 
     name: str
     data_path: Path
-    # Issue 7: extra node config of this site (its dp-* privacy settings), merged in.
+    # Extra node config of this site (its dp-* privacy settings), merged over the defaults.
     node_config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -75,7 +82,7 @@ class InProcessGrid(Grid):
         self.client_app = client_app
         self._run_id = run_id if run_id is not None else int(time.time() * 1000) % (2**62)
         set_task_identity(self._run_id, SERVER_NODE_ID)
-        self._run = Run.create_empty(self._run_id)
+        self._run = empty_run(self._run_id)
         self.contexts: dict[int, Context] = {}
         for node_id, site in enumerate(sites, start=1):
             node_config = {

@@ -8,10 +8,10 @@
     KITS/site-<name>/  ca.crt, site.key, site.pub, site.yaml
 
 Why this shape: the SuperLink needs a TLS certificate whose SANs cover every name it is dialled by
-(the sites' --superlink host, and 127.0.0.1 for its own SuperExec, see FLOWER-1.39.md section 2),
-and SuperNode authentication needs one NIST EC key pair per site in OpenSSH format, whose public
-half is registered at the SuperLink. A site's kit holds only the CA certificate (to verify the
-coordinator) and its own private key; the coordinator's kit holds only public site keys.
+(the sites' --superlink host, and 127.0.0.1 for its own SuperExec, see docs/flower.md, "Ports and
+TLS"), and SuperNode authentication needs one NIST EC key pair per site in OpenSSH format, whose
+public half is registered at the SuperLink. A site's kit holds only the CA certificate (to verify
+the coordinator) and its own private key; the coordinator's kit holds only public site keys.
 
 Private keys are written 0600 and kit folders 0700. An existing kit is never overwritten: the
 coordinator would otherwise silently invalidate every site's key.
@@ -127,7 +127,7 @@ def _san_entries(server_names: list[str]) -> list[x509.GeneralName]:
     """DNS or IP SANs for every name, always including localhost and 127.0.0.1.
 
     127.0.0.1 is not optional: the SuperLink's own SuperExec dials the Runtime API on it and
-    crashes on a mismatch, leaving runs pending forever (FLOWER-1.39.md section 2).
+    crashes on a mismatch, leaving runs pending forever (docs/flower.md, "Ports and TLS").
     """
     names = list(dict.fromkeys([*server_names, "localhost", "127.0.0.1"]))
     entries: list[x509.GeneralName] = []

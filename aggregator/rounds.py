@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,8 +24,9 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from aggregator.run_store import RunStore
-from aggregator.strategy import DimensionAwareStrategy, ReplyLimits
-from aggregator.validation import count_bound, default_max_update_norm
+from aggregator.run_summary import RoundRecord, round_row
+from aggregator.strategy import DimensionAwareStrategy
+from aggregator.validation import ReplyLimits
 from aggregator.verdicts import last_word_messages
 from fed_unimiss import exchange as ex
 from fed_unimiss.config import ConfigError, to_dict
@@ -34,7 +34,7 @@ from fed_unimiss.exchange_config import describe
 from fed_unimiss.federation import FederationConfig, load_federation, resolve_recipe
 
 __all__ = ["RoundFailed", "FederationRun", "absent_sites", "collect_replies", "initial_state",
-           "reply_limits", "run_federation"]
+           "run_federation"]
 
 log = logging.getLogger(__name__)
 
@@ -125,36 +125,10 @@ class FederationRun:
 
         cfg = {k: v for k, v in to_dict(self.cfg).items() if k != "recipe"}
         # A resumed run may use a longer timeout, a different poll interval or another
-        # transport of the same state (exchange, issue 15): not the state.
+        # transport of the same state (exchange): not the state.
         for key in ("round_timeout", "poll_interval", "exchange"):
             cfg.pop(key, None)
         return {"federation": cfg, "recipe": recipe_to_dict(self.recipe), "rounds": self.rounds}
-
-
-def reply_limits(cfg: FederationConfig, recipe: Any,
-                 state: dict[str, torch.Tensor]) -> ReplyLimits:
-    """The run's per-reply bounds: update norm (config or the recipe's Adam bound) and counts."""
-    from fed_unimiss.privacy.config import PrivacyConfig
-
-    ssl = recipe.ssl
-    bound = cfg.max_update_norm
-    derived = bound is None
-    if derived:
-        student = [v for k, v in state.items() if k.startswith(ex.STUDENT_PREFIX)]
-        weight_norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in student))
-        bound = default_max_update_norm(
-            lr_peak=ssl.lr * max(ssl.batch_size_2d, ssl.batch_size_3d) / 256,
-            weight_decay_max=max(ssl.weight_decay, ssl.weight_decay_end),
-            local_steps=cfg.local_steps, num_params=sum(v.numel() for v in student),
-            weight_norm=weight_norm)
-    per_step = cfg.max_patients_per_step
-    if per_step is None:
-        per_step = float((cfg.site_privacy or {}).get("dp-patients-per-step",
-                                                       PrivacyConfig.patients_per_step))
-    sizes = (cfg.local_steps, ssl.batch_size_2d, ssl.batch_size_3d, ssl.view_depth)
-    return ReplyLimits(bound, count_bound(*sizes), count_bound(*sizes, patients_per_step=per_step),
-                       dp_patients_per_step=per_step, derived=derived,
-                       teacher_pull=1.0 - ssl.momentum_teacher ** cfg.local_steps)
 
 
 def _run_round(
@@ -165,7 +139,7 @@ def _run_round(
     started = time.monotonic()
     deadline = started + cfg.round_timeout
     nodes = wait_for_nodes(grid, cfg.min_sites, cfg.round_timeout, cfg.poll_interval)
-    phases: dict[str, Any] = {}  # issue 15: where the round's time went at the coordinator
+    phases: dict[str, Any] = {}  # where the round's time went at the coordinator
     t = time.monotonic()
     messages = strategy.configure_train(round_num, state, nodes)
     phases["encode_s"] = time.monotonic() - t
@@ -197,7 +171,7 @@ def _run_round(
             f"round {round_num}: {strategy.num_accepted} valid replie(s) from {len(nodes)} "
             f"site(s) by the {cfg.round_timeout:g} s deadline, but min_sites={cfg.min_sites} are "
             f"needed; the last complete round's checkpoint in {run.out} is intact"
-            + _rejection_note(strategy)
+            + _rejection_note(strategy.record)
         )
     t = time.monotonic()
     new_state = strategy.aggregate_train()
@@ -209,7 +183,8 @@ def _run_round(
         collect_replies(grid, eval_msgs, strategy.accept_evaluate, eval_deadline,
                         cfg.poll_interval)
         phases["evaluate_s"] = time.monotonic() - t
-    row = strategy.round_row(time.monotonic() - started, bytes_out, missing)
+    row = round_row(strategy.record, describe(cfg.exchange), time.monotonic() - started,
+                    bytes_out, missing)
     row["phases"] = phases
     return new_state, row
 
@@ -224,13 +199,12 @@ def absent_sites(registered: list[str], row: dict[str, Any]) -> list[str]:
     return sorted(set(registered) - heard)
 
 
-def _rejection_note(strategy: DimensionAwareStrategy) -> str:
+def _rejection_note(record: RoundRecord) -> str:
     """Why replies were dropped (e.g. every DP site refused: its privacy budget is spent)."""
-    rejected = strategy.round_row(0.0, 0, [])["rejected"]
-    if not rejected:
+    if not record.rejected:
         return ""
-    reasons = "; ".join(f"{site}: {why}" for site, why in rejected.items())
-    if strategy.only_budget_refusals():
+    reasons = "; ".join(f"{site}: {why.reason}" for site, why in sorted(record.rejected.items()))
+    if record.only_budget_refusals():
         return f". Every replying site refused: privacy budget exhausted ({reasons})"
     return f". Rejected replies: {reasons}"
 
@@ -247,17 +221,15 @@ def run_federation(
     ``initial`` replaces the recipe-seeded round-0 state (tests with hand-made tensors).
     ``registered`` (the coordinator kit's sites) adds each round's ``absent`` sites to its row.
     """
-    from fed_unimiss.ssl.config import recipe_to_dict
-
-    store = RunStore(run.out)
     identity = run.identity()
+    store = RunStore(run.out)
     done, state = store.start(identity, resume)
     total_steps = run.rounds * run.cfg.local_steps
     if state is None:
         state = initial if initial is not None else initial_state(run.recipe, total_steps)
     classes = ex.classify_exchange_keys(state)
-    recipe_json = json.dumps(recipe_to_dict(run.recipe), sort_keys=True)
-    limits = reply_limits(run.cfg, run.recipe, state)
+    recipe_json = json.dumps(identity["recipe"], sort_keys=True)  # the recipe every site trains
+    limits = ReplyLimits.of_run(run.cfg, run.recipe, state)
     log.info("reply bounds: update norm %s; counts %s",
              {k: round(v, 4) for k, v in limits.part_bounds(state).items()}, limits.counts)
     log.info("DP plan announced to the sites: at most %g expected patients per step (a DP site "

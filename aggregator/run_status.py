@@ -75,7 +75,7 @@ def stop_cause(e: BaseException) -> str | None:
     None for anything else (an error, or ``sys.exit`` with an ordinary code).
 
     Ctrl-C raises KeyboardInterrupt; SIGTERM and SIGHUP are turned into ``SystemExit(128 + N)``
-    by :class:`fed_unimiss.processes.ProcessSet`.
+    by :class:`flower_layer.processes.ProcessSet`.
     """
     if isinstance(e, KeyboardInterrupt):
         return "Ctrl-C"

@@ -1,22 +1,34 @@
-"""What ``aggregator status`` (and the dashboard) read from a RUN folder, without torch or Flower.
+"""The rows of RUN/rounds.jsonl: what the strategy writes for each round, and what
+``aggregator status`` (and the dashboard) read back, without torch or Flower.
 
-``aggregator status`` must answer in a second or two while a federation trains on the same
-machine; importing torch or Flower alone takes several seconds on a loaded 2-core machine, so
-nothing here (or in :mod:`aggregator.run_status`) imports them at module level.
+The row's writer and its readers sit in one file so that a field is added, renamed or read in
+one place. ``aggregator status`` must answer in a second or two while a federation trains on the
+same machine; importing torch or Flower alone takes several seconds on a loaded 2-core machine,
+so nothing here (or in :mod:`aggregator.run_status`) imports them at module level: the round's
+outcomes are plain records, and the screening's verdict is read through its own ``as_row``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from aggregator.probe_report import probe_series
+from aggregator.probe_report import probe_row, probe_series, read_probe
 from aggregator.run_status import STATUS_FILE, process_gone, read_json, run_state
+from fed_unimiss import exchange as ex
 from fed_unimiss.exchange import is_valid_site_name
+from fed_unimiss.privacy.report import reported_budget
 
-__all__ = ["RoundsTail", "read_rounds", "last_run_of_kit", "run_summary", "screening_summary",
+if TYPE_CHECKING:
+    from aggregator.screening import Verdict
+    from aggregator.validation import SiteReport
+
+__all__ = ["SiteResult", "BudgetRefusal", "Rejection", "TrainOutcome", "RoundCosts",
+           "RoundRecord", "round_row", "RoundsTail", "read_rounds", "last_run_of_kit", "run_summary", "screening_summary",
            "round_costs", "sites_online", "run_id_text",
            "epsilon_spent", "ROUNDS_LOG", "CHECKPOINT_PREFIX", "STATE_FILE", "LAST_RUN",
            "ONLINE_FILE"]
@@ -26,6 +38,189 @@ CHECKPOINT_PREFIX = "global_round_"  # RUN/global_round_NNNN.safetensors + .json
 STATE_FILE = "aggregator.json"
 LAST_RUN = "last-run"  # in the coordinator kit: the RUN folder of the latest start
 ONLINE_FILE = "sites-online.json"  # written by aggregator.deploy.runner.OnlineRecord
+
+
+@dataclass
+class SiteResult:
+    """One accepted train reply, as recorded in rounds.jsonl (numbers only)."""
+
+    node_id: int
+    label: str
+    report: SiteReport
+    update_norm: float
+    bytes_in: int
+    norms: dict[str, float] = field(default_factory=dict)  # per part
+    verdict: Verdict | None = None  # the round's screening, once the round closes
+    digest: str = ""  # of the reply as sent (replay guard)
+
+    def as_row(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            ex.SAMPLES_2D: self.report.samples_2d,
+            ex.SAMPLES_3D: self.report.samples_3d,
+            "update_norm": self.update_norm,
+            "bytes_in": self.bytes_in,
+            **self.report.metrics,
+            "norms": self.norms,
+            **self.verdict_row(),
+        }
+
+    def verdict_row(self) -> dict[str, Any]:
+        # A reply the screening has not judged yet counts as accepted (it passed every check).
+        return self.verdict.as_row() if self.verdict is not None \
+            else {"action": "accepted", "vs_median": {}}
+
+
+@dataclass(frozen=True)
+class BudgetRefusal:
+    """A DP site refused the round: its privacy budget would be exceeded."""
+
+    action: ClassVar[str] = "refused"
+    label: str
+    epsilon: float  # spent so far (NaN if the site reported none)
+
+    @property
+    def reason(self) -> str:
+        return f"refused: privacy budget exhausted (epsilon spent {self.epsilon:.4g})"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A reply the strategy did not fold; ``reason`` names our checks, never the site's text."""
+
+    action: ClassVar[str] = "rejected"
+    label: str
+    reason: str
+    # Numbers behind a screening rejection (norms, norm / round median, cosine), else None.
+    detail: dict[str, Any] | None = None
+    # What the site is told instead of ``reason`` when that names another site's numbers or
+    # label (the round's medians, a replayed reply of another site); None: ``reason`` itself.
+    site_reason: str | None = None
+
+
+TrainOutcome = SiteResult | BudgetRefusal | Rejection
+
+
+@dataclass
+class RoundCosts:
+    """Where one round's time and bytes went, per site label (train message, bytes as sent)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)  # local training
+    bytes_down: dict[str, int] = field(default_factory=dict)  # its instruction
+    bytes_up: dict[str, int] = field(default_factory=dict)  # its reply
+
+    def note(self, label: str, seconds: float | None, bytes_up: int, bytes_down: int) -> None:
+        if seconds is not None:
+            self.seconds[label] = seconds
+        self.bytes_up[label] = bytes_up
+        self.bytes_down[label] = bytes_down
+
+
+@dataclass
+class RoundRecord:
+    """What one round did with each site's reply, as the strategy learns it: the row's content."""
+
+    round_num: int
+    accepted: list[SiteResult] = field(default_factory=list)  # folded, in order
+    rejected: dict[str, BudgetRefusal | Rejection] = field(default_factory=dict)  # by label
+    # The screening's settings, the round's part bounds and its median norms (close_round).
+    screening: dict[str, Any] = field(default_factory=dict)
+    costs: RoundCosts = field(default_factory=RoundCosts)
+    epsilon: dict[str, float] = field(default_factory=dict)  # DP sites: epsilon spent so far
+    epsilon_budget: dict[str, float] = field(default_factory=dict)  # DP sites: their target
+    evaluated: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> loss, n
+    probed: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> probe numbers
+
+    def note_reports(self, label: str, metrics: Mapping[str, Any] | None) -> None:
+        """Keep what a train reply reports beside its update, whatever becomes of the update:
+        its probe of the global model it was sent, and a DP site's target epsilon (a setting
+        the dashboard shows beside the epsilon spent)."""
+        probe = read_probe(metrics)
+        if probe is not None:
+            self.probed[label] = probe
+        budget = reported_budget(metrics)
+        if budget is not None:
+            self.epsilon_budget[label] = budget
+
+    def add_evaluation(self, label: str, metrics: Mapping[str, Any] | None) -> str | None:
+        """Keep a site's evaluation loss and example count; or say why there is none to keep."""
+        if metrics is None:
+            return f"no evaluation from {label}"
+        loss, n = metrics.get(ex.LOSS), metrics.get(ex.NUM_EXAMPLES, 1)
+        if not isinstance(loss, (int, float)) or not math.isfinite(loss):
+            return f"evaluation of {label} has no finite loss"
+        if not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0:
+            n = 1
+        self.evaluated[label] = {ex.LOSS: float(loss), ex.NUM_EXAMPLES: float(n)}
+        return None
+
+    def reject(self, outcome: BudgetRefusal | Rejection) -> None:
+        self.rejected[outcome.label] = outcome
+        if isinstance(outcome, BudgetRefusal):
+            self.epsilon[outcome.label] = outcome.epsilon
+
+    def only_budget_refusals(self) -> bool:
+        """True when the round rejected replies and every one was a privacy-budget refusal."""
+        rejected = self.rejected.values()
+        return bool(rejected) and all(isinstance(r, BudgetRefusal) for r in rejected)
+
+
+def round_row(record: RoundRecord, exchange: str, seconds: float, bytes_out_per_site: int,
+              missing: list[int]) -> dict[str, Any]:
+    """The rounds.jsonl row: who took part, their counts and metrics, who was dropped and why.
+
+    ``exchange`` describes the codecs the round's tensors travelled in.
+    """
+    accepted = sorted(record.accepted, key=lambda r: r.label)
+    total = sum(r.report.samples for r in accepted)
+    losses = [(r.report.metrics[ex.LOSS], r.report.samples) for r in accepted
+              if ex.LOSS in r.report.metrics]
+    loss = sum(v * n for v, n in losses) / sum(n for _, n in losses) if losses else None
+    costs = record.costs
+    row: dict[str, Any] = {
+        "round": record.round_num,
+        "sites": [r.label for r in accepted],
+        "loss": loss,
+        ex.SAMPLES_2D: sum(r.report.samples_2d for r in accepted),
+        ex.SAMPLES_3D: sum(r.report.samples_3d for r in accepted),
+        "samples": total,
+        "per_site": {r.label: r.as_row() for r in accepted},
+        "rejected": {k: v.reason for k, v in sorted(record.rejected.items())},
+        "decisions": decisions(record),  # every site that replied: what was done and why
+        "screening": record.screening,
+        "missing_nodes": sorted(missing),
+        "seconds": seconds,
+        "bytes_out_per_site": bytes_out_per_site,
+        "bytes_in": sum(r.bytes_in for r in accepted),
+        # what each site cost the round (its train message, bytes as sent), for the dashboard
+        "site_seconds": dict(sorted(costs.seconds.items())),
+        "bytes_down": dict(sorted(costs.bytes_down.items())),
+        "bytes_up": dict(sorted(costs.bytes_up.items())),
+        "exchange": exchange,
+        "epsilon": dict(sorted(record.epsilon.items())),  # DP site -> epsilon spent so far
+        "epsilon_budget": dict(sorted(record.epsilon_budget.items())),  # site -> its target
+    }
+    if record.evaluated:
+        weight = sum(v[ex.NUM_EXAMPLES] for v in record.evaluated.values()) or 1.0
+        row["eval_loss"] = sum(v[ex.LOSS] * v[ex.NUM_EXAMPLES]
+                               for v in record.evaluated.values()) / weight
+        row["eval_per_site"] = {k: v[ex.LOSS] for k, v in sorted(record.evaluated.items())}
+    if record.probed:
+        row["probe"] = probe_row(record.probed, record.round_num)
+    return row
+
+
+def decisions(record: RoundRecord) -> dict[str, dict[str, Any]]:
+    """label -> {action, reason, norms, vs_median, ...}: accepted, clipped, rejected, refused."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in record.accepted:
+        out[r.label] = {"norms": r.norms, **r.verdict_row()}
+    for label, outcome in record.rejected.items():
+        entry: dict[str, Any] = {"action": outcome.action, "reason": outcome.reason}
+        if isinstance(outcome, Rejection) and outcome.detail:
+            entry.update(outcome.detail)
+        out[label] = entry
+    return dict(sorted(out.items()))
 
 
 class RoundsTail:
@@ -154,7 +349,7 @@ def run_summary(out: str | Path) -> dict[str, Any]:
 
 
 def round_costs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Issue 15: per round, its wall time, the exchange, and per site local seconds and bytes."""
+    """Per round, its wall time, the exchange, and per site local seconds and bytes."""
     out = []
     for row in rows:
         if "bytes_up" not in row and "site_seconds" not in row:
@@ -172,7 +367,7 @@ def screening_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
     Also the teacher's direction cosine of the last round and the lowest the site had while it
     was accepted: how close an honest site came to ``min_cosine`` (docs/federation.md). From
-    each rounds.jsonl row's ``decisions`` (issue 17); rows without them are skipped.
+    each rounds.jsonl row's ``decisions``; rows written before they existed are skipped.
     """
     sites: dict[str, dict[str, Any]] = {}
     for row in rows:

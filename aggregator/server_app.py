@@ -29,10 +29,10 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from aggregator.flower_private import shorten_object_pull_backoff
 from aggregator.rounds import FederationRun, RoundFailed, run_federation
 from aggregator.run_status import recorded_status
 from fed_unimiss import exchange as ex
+from flower_layer.backoff import shorten_object_pull_backoff
 
 __all__ = ["app", "serverapp_log", "SERVERAPP_LOG", "COORDINATOR_LOGGERS", "StoppedRunOneLine",
            "quiet_stopped_runs"]
@@ -120,7 +120,7 @@ def main(grid: Grid, context: Context) -> None:
         rounds = int(rounds)
     run = FederationRun.from_files(str(rc[ex.RUN_CONFIG]), str(rc[ex.RUN_OUT]), rounds)
     quiet_stopped_runs()  # Flower logs the failure after main returns: the filter stays
-    shorten_object_pull_backoff()  # replies' chunks: no 1-2-4 s waits (issue 15)
+    shorten_object_pull_backoff()  # replies' chunks: no 1-2-4 s waits between pulls
     resume = bool(rc.get(ex.RUN_RESUME, False))
     registered = ([s for s in str(rc[ex.RUN_SITES]).split(",") if ex.is_valid_site_name(s)]
                   if ex.RUN_SITES in rc else None)

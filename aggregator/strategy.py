@@ -1,23 +1,17 @@
-"""The federation's strategy: build instructions, check and fold replies, summarise a round.
+"""The federation's strategy: build instructions, check and fold replies.
 
 Shaped like Flower's strategies (configure_train / aggregate / configure_evaluate). Each reply is
-checked on its own as it arrives (``accept_train``: shape, finite values, absolute norm bound,
-count bound, replay) and held; when the round closes (``close_round``) the held replies are
-screened against each other (norm against the round's median, direction; see
-:mod:`aggregator.screening`), clipped if the aggregation says so, and folded one at a time into
-the aggregator. The round loop that drives it (push, poll, deadline, quorum) is in
-:mod:`aggregator.rounds`.
+checked on its own as it arrives (``accept_train``: counts, shape, finite values, norm bounds
+(:class:`~aggregator.validation.ReplyLimits`), replay) and parked on disk; ``close_round``
+screens the parked replies against each other (:mod:`aggregator.screening`), clips if the
+aggregation says so, and folds them one at a time. :mod:`aggregator.rounds` drives it.
 
-Every train reply ends as one typed outcome (:data:`TrainOutcome`): a :class:`SiteResult`
-folded in, a :class:`BudgetRefusal` (a DP site whose budget is spent), or a :class:`Rejection`
-(an error reply, a malformed or out-of-bounds update, counts above what the round could have
-trained, a replayed state, an update far from the round's others, or, with ``require_dp``, a
-reply that reports no DP). Every outcome is one entry of the round row's ``decisions``, and a
-:class:`~aggregator.verdicts.SiteVerdict` that node hears in its next train instruction (or in
-the run's last message): what was done with its reply and why, in its own terms. ``require_dp`` is the strategy's too: it stamps every train instruction with
-:data:`~fed_unimiss.privacy.REQUIRE_DP` (a non-DP site then refuses with error 5103) and
-rejects any train reply that carries no ``epsilon``. That is a protocol check, not a proof: the
-aggregator trusts a site's report that it trained with DP (docs/privacy.md).
+Every reply ends as one outcome in the round's :class:`~aggregator.run_summary.RoundRecord`
+(the content of its rounds.jsonl row), and its node hears a
+:class:`~aggregator.verdicts.SiteVerdict` in its next instruction or the run's last message.
+``require_dp`` stamps every train instruction with :data:`~fed_unimiss.privacy.REQUIRE_DP` (a
+non-DP site refuses with error 5103) and rejects a reply without ``epsilon``: a protocol check,
+not a proof; the aggregator trusts a site's report that it trained with DP (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -28,35 +22,26 @@ import math
 import tempfile
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-from aggregator.averaging import Aggregator, make_aggregator
+from aggregator.averaging import make_aggregator
 from aggregator.exchange_records import record_tensors, to_record
-from aggregator.probe_report import probe_row, read_probe
 from aggregator.replays import CoordinateSample, ReplayGuard
-from aggregator.screening import (
-    REJECTED,
-    Verdict,
-    clip_state,
-    screen_round,
-)
+from aggregator.round_state import RoundState as _RoundState
+from aggregator.run_summary import BudgetRefusal, Rejection, RoundRecord, SiteResult, TrainOutcome
+from aggregator.screening import REJECTED, clip_state, screen_round
 from aggregator.spill import SpilledState, SpillWriter
 from aggregator.validation import (
     PARTS,
-    CountBound,
+    ReplyLimits,
     ReplyRejected,
-    SiteReport,
+    SiteLabels,
     check_center,
-    check_counts,
     parse_report,
-    part_bounds,
     part_of,
-    site_label,
 )
 from aggregator.verdicts import ACCEPTED, CLIPPED, REFUSED, SiteVerdict, with_verdict
 from fed_unimiss import exchange as ex
@@ -68,12 +53,10 @@ from fed_unimiss.privacy.report import (
     ERROR_DP_REQUIRED,
     REQUIRE_DP,
     privacy_refusal,
-    reported_budget,
     reported_epsilon,
 )
 
-__all__ = ["DimensionAwareStrategy", "SiteResult", "BudgetRefusal", "Rejection", "TrainOutcome",
-           "ReplyLimits", "state_to_record"]
+__all__ = ["DimensionAwareStrategy", "state_to_record"]
 
 log = logging.getLogger(__name__)
 
@@ -90,121 +73,6 @@ def wire_digest(record: ArrayRecord) -> str:
         h.update(name.encode())
         h.update(record[name].data)
     return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class ReplyLimits:
-    """The per-reply bounds of a run, resolved from the federation config and the recipe.
-
-    ``max_update_norm`` bounds the student's update. When it comes from the recipe
-    (``derived``), the teacher and the center get the bounds their own updates obey
-    (:func:`aggregator.validation.part_bounds`) and the center's coordinates must lie in the
-    head's logit range (:func:`aggregator.validation.check_center`). A number from the config
-    replaces all of these with one bound for every part.
-    """
-
-    max_update_norm: float = math.inf  # the student's; every part's unless derived
-    counts: CountBound | None = None  # replies without DP
-    dp_counts: CountBound | None = None  # replies reporting epsilon (Poisson plan)
-    # The DP plan behind dp_counts, announced in every train instruction: a DP site with more
-    # expected patients per step adopts this value or refuses before it spends budget.
-    dp_patients_per_step: float | None = None
-    derived: bool = False  # max_update_norm is the recipe's Adam bound, not a config number
-    teacher_pull: float = 1.0  # 1 - momentum^local_steps: the teacher's share of its EMA gap
-
-    def part_bounds(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """The round's bound on each part's update norm, from the global state it starts at."""
-        if not self.derived:
-            return dict.fromkeys(PARTS, self.max_update_norm)
-        return part_bounds(global_state, self.max_update_norm, self.teacher_pull)
-
-
-@dataclass
-class SiteResult:
-    """One accepted train reply, as recorded in rounds.jsonl (numbers only)."""
-
-    node_id: int
-    label: str
-    report: SiteReport
-    update_norm: float
-    bytes_in: int
-    norms: dict[str, float] = field(default_factory=dict)  # per part
-    verdict: Verdict = field(default_factory=Verdict)  # the round's screening
-    digest: str = ""  # of the reply as sent (replay guard)
-
-    def as_row(self) -> dict[str, Any]:
-        return {
-            "node_id": self.node_id,
-            ex.SAMPLES_2D: self.report.samples_2d,
-            ex.SAMPLES_3D: self.report.samples_3d,
-            "update_norm": self.update_norm,
-            "bytes_in": self.bytes_in,
-            **self.report.metrics,
-            "norms": self.norms,
-            **self.verdict.as_row(),
-        }
-
-
-@dataclass(frozen=True)
-class BudgetRefusal:
-    """A DP site refused the round: its privacy budget would be exceeded."""
-
-    label: str
-    epsilon: float  # spent so far (NaN if the site reported none)
-
-    @property
-    def reason(self) -> str:
-        return f"refused: privacy budget exhausted (epsilon spent {self.epsilon:.4g})"
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """A reply the strategy did not fold; ``reason`` names our checks, never the site's text."""
-
-    label: str
-    reason: str
-    # Numbers behind a screening rejection (norms, norm / round median, cosine), else None.
-    detail: dict[str, Any] | None = None
-    # What the site is told instead of ``reason`` when that names another site's numbers or
-    # label (the round's medians, a replayed reply of another site); None: ``reason`` itself.
-    site_reason: str | None = None
-
-
-TrainOutcome = SiteResult | BudgetRefusal | Rejection
-
-
-@dataclass
-class _RoundState:
-    round_num: int
-    global_state: Mapping[str, torch.Tensor]
-    aggregator: Aggregator
-    accepted: list[SiteResult] = field(default_factory=list)
-    rejected: dict[str, BudgetRefusal | Rejection] = field(default_factory=dict)
-    # The tensors that travel this round (all, or without teacher.* with a site-local teacher).
-    reference: Mapping[str, torch.Tensor] = field(default_factory=dict)
-    # Replies that passed the per-reply checks, decoded and parked on disk until close_round.
-    held: list[tuple[SiteResult, SpilledState]] = field(default_factory=list)
-    bytes_down: int = 0  # one instruction as sent (arrays + config); the largest, if they differ
-    bytes_down_node: dict[int, int] = field(default_factory=dict)  # down=q8_delta: per node
-    base_digest: str | None = None  # down=q8_delta: the base every node was sent this round
-    # Coordinate samples (aggregator/replays.py) of the state the sites decode this round and
-    # of the global state their updates are added to (they differ by the codec's rounding).
-    sampler: CoordinateSample | None = None
-    sent_sample: dict[str, torch.Tensor] = field(default_factory=dict)
-    global_sample: dict[str, torch.Tensor] = field(default_factory=dict)
-    bytes_down_site: dict[str, int] = field(default_factory=dict)  # label -> its instruction
-    bytes_up: dict[str, int] = field(default_factory=dict)  # label -> reply as sent
-    site_seconds: dict[str, float] = field(default_factory=dict)  # label -> local training s
-    spills: list[SpilledState] = field(default_factory=list)
-    closed: bool = False
-    medians: dict[str, float] = field(default_factory=dict)
-    bounds: dict[str, float] = field(default_factory=dict)  # per part, ReplyLimits.part_bounds
-    evaluated: dict[str, dict[str, float]] = field(default_factory=dict)
-    epsilon: dict[str, float] = field(default_factory=dict)  # DP sites: epsilon spent so far
-    epsilon_budget: dict[str, float] = field(default_factory=dict)  # DP sites: their target
-    # node id -> what that site is told about its reply (aggregator/verdicts.py)
-    verdicts: dict[int, SiteVerdict] = field(default_factory=dict)
-    probed: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> probe numbers
 
 
 class DimensionAwareStrategy:
@@ -231,23 +99,22 @@ class DimensionAwareStrategy:
         self.recipe_json = recipe_json
         self.num_rounds = num_rounds
         self.classes = dict(classes)
-        if limits is None:
-            limits = ReplyLimits(cfg.max_update_norm or math.inf)
-        self.limits = limits
+        self.limits = limits if limits is not None else ReplyLimits(cfg.max_update_norm or math.inf)
         self._round: _RoundState | None = None
         self._replays = ReplayGuard()
         self._sampler: tuple[object, CoordinateSample] | None = None  # (layout key, sample)
-        self._names: dict[int, str] = {}  # node id -> the label its replies declared
+        self._labels = SiteLabels()  # node id -> the label its replies declared
         # The exchange's end at the aggregator (its shared base), and the base each node holds.
         self.link = Exchange(cfg.exchange)
         self._holds: dict[int, str] = {}
         self._told: dict[int, SiteVerdict] = {}  # the previous round's verdicts, sent this round
 
     # ------------------------------------------------------------------ train
-    def train_config(self, round_num: int) -> ConfigRecord:
-        """What every site needs to train this round the same way (no site-specific values)."""
+    def _instruction(self, round_num: int, message_type: str, layout: str | None = None
+                     ) -> ConfigRecord:
+        """What every site needs to train or evaluate this round alike (nothing site-specific)."""
         steps = self.cfg.local_steps
-        return ConfigRecord({
+        config = ConfigRecord({
             ex.RECIPE_JSON: self.recipe_json,
             ex.ROUND: round_num,
             ex.NUM_ROUNDS: self.num_rounds,
@@ -257,10 +124,6 @@ class DimensionAwareStrategy:
             ex.EVAL_BATCHES: self.cfg.eval_batches,
             **self.exchange.to_config(),
         })
-
-    def _instruction(self, round_num: int, message_type: str, layout: str | None = None
-                     ) -> ConfigRecord:
-        config = self.train_config(round_num)
         if layout is not None:
             config[ex.EXCHANGE_LAYOUT] = layout
         if message_type == ex.TRAIN and self.cfg.require_dp:
@@ -336,6 +199,7 @@ class DimensionAwareStrategy:
             self._sampler = (key, CoordinateSample(dict(key)))
         return self._sampler[1]
 
+
     def accept_train(self, reply: Message) -> TrainOutcome:
         """Check one reply on its own and hold it for the round's screening (``close_round``).
 
@@ -353,7 +217,7 @@ class DimensionAwareStrategy:
                 self._holds.pop(node_id, None)
             else:
                 self._holds[node_id] = rnd.base_digest
-        if label in rnd.rejected or any(r.label == label for r, _ in rnd.held):
+        if label in rnd.record.rejected or any(r.label == label for r, _ in rnd.held):
             label = f"{label}@node-{reply.metadata.src_node_id}"  # two sites declared one name
         outcome = self._judge(reply, label, rnd)
         if not isinstance(outcome, SiteResult):
@@ -365,9 +229,7 @@ class DimensionAwareStrategy:
         return outcome
 
     def _reject(self, rnd: _RoundState, outcome: BudgetRefusal | Rejection) -> None:
-        rnd.rejected[outcome.label] = outcome
-        if isinstance(outcome, BudgetRefusal):
-            rnd.epsilon[outcome.label] = outcome.epsilon
+        rnd.record.reject(outcome)
         log.warning("round %d: rejected reply of %s: %s", rnd.round_num, outcome.label,
                     outcome.reason)
 
@@ -383,9 +245,13 @@ class DimensionAwareStrategy:
         held, rnd.held = rnd.held, []
         norms = {r.label: r.norms for r, _ in held}
         states = {r.label: state for r, state in held}
-        rnd.medians, verdicts = screen_round(
+        medians, verdicts = screen_round(
             norms, states, rnd.reference, self.cfg.norm_factor, self.cfg.min_cosine,
             clip_to_median=self.cfg.aggregation == "clipped_mean")
+        rnd.record.screening = {
+            "median_norm": medians, "norm_factor": self.cfg.norm_factor,
+            "min_cosine": self.cfg.min_cosine, "max_update_norm": self.limits.max_update_norm,
+            "part_bounds": rnd.bounds, "aggregation": self.cfg.aggregation}
         for result, state in held:
             verdict = result.verdict = verdicts[result.label]
             site_reason = verdict.site_reason or "rejected by the round's screening"
@@ -405,7 +271,7 @@ class DimensionAwareStrategy:
             rnd.aggregator.add(state, result.report.samples_2d, result.report.samples_3d)
             self._replays.remember(result.digest,
                                    f"a reply of {result.label} in round {rnd.round_num}")
-            rnd.accepted.append(result)
+            rnd.record.accepted.append(result)
             log.info("round %d: folded %s (2d=%d, 3d=%d, loss=%s)", rnd.round_num,
                      result.label, result.report.samples_2d, result.report.samples_3d,
                      result.report.metrics.get(ex.LOSS))
@@ -417,12 +283,7 @@ class DimensionAwareStrategy:
             return Rejection(label, f"refused: {ex.error_category(code)} (code {code})")
         content = reply.content
         metrics = content.metric_records.get(ex.METRICS)
-        probe = read_probe(metrics)
-        if probe is not None:  # about the global model sent, whatever becomes of the update
-            rnd.probed[label] = probe
-        budget = reported_budget(metrics)
-        if budget is not None:  # a DP site's target epsilon (a setting; issue 16's dashboard)
-            rnd.epsilon_budget[label] = budget
+        rnd.record.note_reports(label, metrics)  # whatever becomes of the update
         refusal = privacy_refusal(metrics)  # a DP site whose budget is spent: metrics only
         if refusal is not None:
             return BudgetRefusal(label, refusal)
@@ -436,16 +297,12 @@ class DimensionAwareStrategy:
             if ex.ARRAYS not in content.array_records or metrics is None:
                 raise ReplyRejected("reply lacks the arrays or metrics record")
             report = parse_report(metrics)
-            bound = self.limits.counts if epsilon is None else self.limits.dp_counts
-            if bound is not None:
-                check_counts(report, bound)
-            if ex.SECONDS in report.metrics:
-                rnd.site_seconds[label] = report.metrics[ex.SECONDS]
+            self.limits.check_counts(report, dp=epsilon is not None)
             record = content.array_records[ex.ARRAYS]
             scales = content.array_records.get(ex.SCALES)
             bytes_in = record.count_bytes() + (scales.count_bytes() if scales else 0)
-            rnd.bytes_up[label] = bytes_in
-            rnd.bytes_down_site[label] = rnd.bytes_down_node.get(node_id, rnd.bytes_down)
+            rnd.record.costs.note(label, report.metrics.get(ex.SECONDS), bytes_in,
+                                  rnd.bytes_down_node.get(node_id, rnd.bytes_down))
             digest = wire_digest(record)
             replayed = self._replays.replayed(digest)
             if replayed is not None:
@@ -457,7 +314,7 @@ class DimensionAwareStrategy:
         except ReplyRejected as e:
             return Rejection(label, str(e), site_reason=e.for_site)
         if epsilon is not None:  # DP sites report what they spent so far
-            rnd.epsilon[label] = epsilon
+            rnd.record.epsilon[label] = epsilon
         result = SiteResult(node_id, label, report, math.sqrt(sum(n * n for n in norms.values())),
                             bytes_in, norms, digest=digest)
         rnd.held.append((result, spilled))
@@ -549,16 +406,16 @@ class DimensionAwareStrategy:
         """One train instruction of this round as sent (arrays + config)."""
         return self._require_round().bytes_down
 
-    def only_budget_refusals(self) -> bool:
-        """True when the round rejected replies and every one was a privacy-budget refusal."""
-        rejected = self._require_round().rejected.values()
-        return bool(rejected) and all(isinstance(r, BudgetRefusal) for r in rejected)
+    @property
+    def record(self) -> RoundRecord:
+        """What the current round did with each reply so far: its rounds.jsonl row's content."""
+        return self._require_round().record
 
     @property
     def num_accepted(self) -> int:
         """Replies folded into this round (after ``close_round``), or held so far (before)."""
         rnd = self._require_round()
-        return len(rnd.accepted) + len(rnd.held)
+        return len(rnd.record.accepted) + len(rnd.held)
 
     def aggregate_train(self) -> dict[str, torch.Tensor]:
         """The new global state from the folded replies (tensors nobody trained keep theirs)."""
@@ -595,77 +452,10 @@ class DimensionAwareStrategy:
 
     def accept_evaluate(self, reply: Message) -> None:
         rnd = self._require_round()
-        label = self._label(reply)
-        if reply.has_error() or ex.METRICS not in reply.content.metric_records:
-            log.warning("round %d: no evaluation from %s", rnd.round_num, label)
-            return
-        metrics = reply.content.metric_records[ex.METRICS]
-        loss, n = metrics.get(ex.LOSS), metrics.get(ex.NUM_EXAMPLES, 1)
-        if not isinstance(loss, (int, float)) or not math.isfinite(loss):
-            log.warning("round %d: evaluation of %s has no finite loss", rnd.round_num, label)
-            return
-        if not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0:
-            n = 1
-        rnd.evaluated[label] = {ex.LOSS: float(loss), ex.NUM_EXAMPLES: float(n)}
-
-    # ------------------------------------------------------------------ summary
-    def round_row(self, seconds: float, bytes_out_per_site: int, missing: list[int]) -> dict:
-        """The rounds.jsonl row: who took part, their counts and metrics, who was dropped."""
-        rnd = self._require_round()
-        accepted = sorted(rnd.accepted, key=lambda r: r.label)
-        total = sum(r.report.samples for r in accepted)
-        losses = [(r.report.metrics[ex.LOSS], r.report.samples) for r in accepted
-                  if ex.LOSS in r.report.metrics]
-        loss = sum(v * n for v, n in losses) / sum(n for _, n in losses) if losses else None
-        row: dict[str, Any] = {
-            "round": rnd.round_num,
-            "sites": [r.label for r in accepted],
-            "loss": loss,
-            ex.SAMPLES_2D: sum(r.report.samples_2d for r in accepted),
-            ex.SAMPLES_3D: sum(r.report.samples_3d for r in accepted),
-            "samples": total,
-            "per_site": {r.label: r.as_row() for r in accepted},
-            "rejected": {k: v.reason for k, v in sorted(rnd.rejected.items())},
-            "decisions": self._decisions(rnd),  # issue 17: every site, what was done and why
-            "screening": {"median_norm": rnd.medians, "norm_factor": self.cfg.norm_factor,
-                          "min_cosine": self.cfg.min_cosine,
-                          "max_update_norm": self.limits.max_update_norm,
-                          "part_bounds": rnd.bounds,
-                          "aggregation": self.cfg.aggregation},
-            "missing_nodes": sorted(missing),
-            "seconds": seconds,
-            "bytes_out_per_site": bytes_out_per_site,
-            "bytes_in": sum(r.bytes_in for r in accepted),
-            # issue 15: every round's cost, per site (train message; bytes as sent)
-            "site_seconds": dict(sorted(rnd.site_seconds.items())),
-            "bytes_down": dict(sorted(rnd.bytes_down_site.items())),
-            "bytes_up": dict(sorted(rnd.bytes_up.items())),
-            "exchange": codec.describe(self.exchange),
-            "epsilon": dict(sorted(rnd.epsilon.items())),  # issue 7: site -> epsilon spent
-            "epsilon_budget": dict(sorted(rnd.epsilon_budget.items())),  # site -> its target
-        }
-        if rnd.evaluated:
-            weight = sum(v[ex.NUM_EXAMPLES] for v in rnd.evaluated.values()) or 1.0
-            row["eval_loss"] = sum(v[ex.LOSS] * v[ex.NUM_EXAMPLES]
-                                   for v in rnd.evaluated.values()) / weight
-            row["eval_per_site"] = {k: v[ex.LOSS] for k, v in sorted(rnd.evaluated.items())}
-        if rnd.probed:
-            row["probe"] = probe_row(rnd.probed, rnd.round_num)
-        return row
-
-    @staticmethod
-    def _decisions(rnd: _RoundState) -> dict[str, dict[str, Any]]:
-        """label -> {action, reason, norms, vs_median, ...}: accepted, clipped, rejected, refused."""
-        out: dict[str, dict[str, Any]] = {}
-        for r in rnd.accepted:
-            out[r.label] = {"norms": r.norms, **r.verdict.as_row()}
-        for label, outcome in rnd.rejected.items():
-            action = "refused" if isinstance(outcome, BudgetRefusal) else REJECTED
-            entry: dict[str, Any] = {"action": action, "reason": outcome.reason}
-            if isinstance(outcome, Rejection) and outcome.detail:
-                entry.update(outcome.detail)
-            out[label] = entry
-        return dict(sorted(out.items()))
+        metrics = None if reply.has_error() else reply.content.metric_records.get(ex.METRICS)
+        problem = rnd.record.add_evaluation(self._label(reply), metrics)
+        if problem is not None:
+            log.warning("round %d: %s", rnd.round_num, problem)
 
     def _require_round(self) -> _RoundState:
         if self._round is None:
@@ -673,16 +463,9 @@ class DimensionAwareStrategy:
         return self._round
 
     def _label(self, reply: Message) -> str:
-        """The reply's site label: declared in its site record, or at the start of an error
-        reply's text (validated either way), or the label this node declared before."""
-        node_id = reply.metadata.src_node_id
-        declared = None
+        """The reply's site label (:class:`~aggregator.validation.SiteLabels`)."""
         if reply.has_error():
             declared = ex.error_site(reply.error.reason)
-        elif ex.SITE in reply.content.config_records:
-            declared = reply.content.config_records[ex.SITE].get(ex.SITE_NAME_KEY)
-        label = site_label(declared, node_id)
-        if label == site_label(None, node_id):
-            return self._names.get(node_id, label)
-        self._names[node_id] = label
-        return label
+        else:
+            declared = reply.content.config_records.get(ex.SITE, {}).get(ex.SITE_NAME_KEY)
+        return self._labels.of(reply.metadata.src_node_id, declared)

@@ -10,8 +10,10 @@ exceeds it, and the rest of such a reply deserves no more trust than its counts.
 Reasons are built from our own tensor names and numbers only, never from text the site sent, so
 nothing a site controls reaches the aggregator's logs.
 
-The checks relative to the round (norm against the round's median, direction) need every reply
-of the round and live in :mod:`aggregator.screening`.
+The run's bounds are resolved once, from the federation config and the recipe, into
+:class:`ReplyLimits` (each part's norm bound, the count bounds, the DP plan announced to the
+sites). The checks relative to the round (norm against the round's median, direction) need every
+reply of the round and live in :mod:`aggregator.screening`.
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fed_unimiss import exchange as ex
 
+if TYPE_CHECKING:
+    from fed_unimiss.federation import FederationConfig
+
 __all__ = ["ReplyRejected", "SiteReport", "CountBound", "parse_report", "validate_state",
            "check_state", "update_norms", "count_bound", "check_counts", "default_max_update_norm",
-           "part_bounds", "check_center", "CENTER_LIMIT", "site_label", "PARTS", "part_of"]
+           "ReplyLimits", "check_center", "CENTER_LIMIT", "site_label", "SiteLabels", "PARTS", "part_of"]
 
 # The parts of the exchanged state, each checked on its own (its norms differ by 10-100x).
 PARTS = ("student", "teacher", ex.CENTER_KEY)
@@ -35,6 +40,7 @@ PARTS = ("student", "teacher", ex.CENTER_KEY)
 # gradients); 3 leaves room for bias-correction transients. Measured honest micro updates reach
 # up to 0.38 of lr x steps x sqrt(P) (docs/federation.md, "Robustness").
 ADAM_STEP_FACTOR = 3.0
+
 
 class ReplyRejected(ValueError):
     """A reply the aggregator will not use; ``str(e)`` is the reason logged and recorded.
@@ -128,32 +134,90 @@ def default_max_update_norm(lr_peak: float, weight_decay_max: float, local_steps
 CENTER_LIMIT = 1.05
 
 
-def part_bounds(global_state: Mapping[str, torch.Tensor], student_bound: float,
-                teacher_pull: float) -> dict[str, float]:
-    """Each part's bound on an honest update norm this round, given the state it starts from.
+@dataclass(frozen=True)
+class ReplyLimits:
+    """The per-reply bounds of a run, resolved once from the federation config and the recipe.
 
-    - student: ``student_bound`` (the recipe's Adam bound, :func:`default_max_update_norm`).
-    - teacher: an EMA of the student, ``T <- m T + (1 - m) S``, so over the round it moves by
-      at most ``teacher_pull`` (``1 - m^local_steps``) of the largest distance from the
-      starting teacher to a student, i.e. of (global student - global teacher gap + the
-      student's bound).
-    - center: both ends lie in ``[-CENTER_LIMIT, CENTER_LIMIT]^out_dim``, so the update is at
-      most ``2 CENTER_LIMIT sqrt(out_dim)``. A running mean of logits can move that far in
-      one round while the student barely moves (measured 13.1 for tiny with 20 steps, against
-      an Adam bound of 4.9), which is why the center does not share the student's bound.
+    ``max_update_norm`` bounds the student's update. When it comes from the recipe
+    (``derived``), the teacher and the center get the bounds their own updates obey
+    (:meth:`part_bounds`) and the center's coordinates must lie in the head's logit range
+    (:func:`check_center`). A number from the config replaces all of these with one bound for
+    every part.
     """
-    sq_gap = 0.0
-    for name, value in global_state.items():
-        if name.startswith(ex.STUDENT_PREFIX):
-            twin = global_state.get(ex.TEACHER_PREFIX + name[len(ex.STUDENT_PREFIX):])
-            if twin is not None:
-                sq_gap += float((value.double() - twin.double()).pow(2).sum())
-    bounds = {"student": student_bound,
-              "teacher": teacher_pull * (math.sqrt(sq_gap) + student_bound)}
-    center = global_state.get(ex.CENTER_KEY)
-    bounds[ex.CENTER_KEY] = 2 * CENTER_LIMIT * math.sqrt(center.numel()) \
-        if center is not None else student_bound
-    return bounds
+
+    max_update_norm: float = math.inf  # the student's; every part's unless derived
+    counts: CountBound | None = None  # replies without DP
+    dp_counts: CountBound | None = None  # replies reporting epsilon (Poisson plan)
+    # The DP plan behind dp_counts, announced in every train instruction: a DP site with more
+    # expected patients per step adopts this value or refuses before it spends budget.
+    dp_patients_per_step: float | None = None
+    derived: bool = False  # max_update_norm is the recipe's Adam bound, not a config number
+    teacher_pull: float = 1.0  # 1 - momentum^local_steps: the teacher's share of its EMA gap
+
+    @classmethod
+    def of_run(cls, cfg: FederationConfig, recipe: Any,
+               state: Mapping[str, torch.Tensor]) -> ReplyLimits:
+        """The run's bounds: update norm (config or the recipe's Adam bound) and counts."""
+        from fed_unimiss.privacy.config import PrivacyConfig
+
+        ssl = recipe.ssl
+        bound = cfg.max_update_norm
+        derived = bound is None
+        if derived:
+            student = [v for k, v in state.items() if k.startswith(ex.STUDENT_PREFIX)]
+            weight_norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in student))
+            bound = default_max_update_norm(
+                lr_peak=ssl.lr * max(ssl.batch_size_2d, ssl.batch_size_3d) / 256,
+                weight_decay_max=max(ssl.weight_decay, ssl.weight_decay_end),
+                local_steps=cfg.local_steps, num_params=sum(v.numel() for v in student),
+                weight_norm=weight_norm)
+        per_step = cfg.max_patients_per_step
+        if per_step is None:
+            per_step = float((cfg.site_privacy or {}).get("dp-patients-per-step",
+                                                           PrivacyConfig.patients_per_step))
+        sizes = (cfg.local_steps, ssl.batch_size_2d, ssl.batch_size_3d, ssl.view_depth)
+        return cls(bound, count_bound(*sizes), count_bound(*sizes, patients_per_step=per_step),
+                   dp_patients_per_step=per_step, derived=derived,
+                   teacher_pull=1.0 - ssl.momentum_teacher ** cfg.local_steps)
+
+    def check_counts(self, report: SiteReport, dp: bool) -> None:
+        """Raise ``ReplyRejected`` when a count exceeds what the round could have trained: a
+        reply that reports epsilon is held to the DP plan, any other to the batch sizes."""
+        bound = self.dp_counts if dp else self.counts
+        if bound is not None:
+            check_counts(report, bound)
+
+    def part_bounds(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Each part's bound on an honest update norm this round, from the state it starts at.
+
+        A config number bounds every part alike. Derived from the recipe:
+
+        - student: ``max_update_norm`` (the recipe's Adam bound, :func:`default_max_update_norm`).
+        - teacher: an EMA of the student, ``T <- m T + (1 - m) S``, so over the round it moves
+          by at most ``teacher_pull`` (``1 - m^local_steps``) of the largest distance from the
+          starting teacher to a student, i.e. of (global student - global teacher gap + the
+          student's bound).
+        - center: both ends lie in ``[-CENTER_LIMIT, CENTER_LIMIT]^out_dim``, so the update is
+          at most ``2 CENTER_LIMIT sqrt(out_dim)``. A running mean of logits can move that far
+          in one round while the student barely moves (measured 13.1 for tiny with 20 steps,
+          against an Adam bound of 4.9), which is why the center does not share the student's
+          bound.
+        """
+        student_bound = self.max_update_norm
+        if not self.derived:
+            return dict.fromkeys(PARTS, student_bound)
+        sq_gap = 0.0
+        for name, value in global_state.items():
+            if name.startswith(ex.STUDENT_PREFIX):
+                twin = global_state.get(ex.TEACHER_PREFIX + name[len(ex.STUDENT_PREFIX):])
+                if twin is not None:
+                    sq_gap += float((value.double() - twin.double()).pow(2).sum())
+        bounds = {"student": student_bound,
+                  "teacher": self.teacher_pull * (math.sqrt(sq_gap) + student_bound)}
+        center = global_state.get(ex.CENTER_KEY)
+        bounds[ex.CENTER_KEY] = 2 * CENTER_LIMIT * math.sqrt(center.numel()) \
+            if center is not None else student_bound
+        return bounds
 
 
 def check_center(value: torch.Tensor) -> None:
@@ -260,3 +324,23 @@ def site_label(declared: Any, node_id: int) -> str:
     if ex.is_valid_site_name(declared):
         return str(declared)
     return f"node-{node_id}"
+
+
+class SiteLabels:
+    """The label each node's replies appear under, remembered for the run.
+
+    A reply names its site in its site record, or at the start of an error reply's text; either
+    is validated (:func:`site_label`). A reply that names none, or an invalid one, takes the label
+    its node declared before, else ``node-<id>``: an error reply from a site whose name was seen
+    is still filed under that name.
+    """
+
+    def __init__(self) -> None:
+        self._names: dict[int, str] = {}
+
+    def of(self, node_id: int, declared: Any) -> str:
+        label = site_label(declared, node_id)
+        if label == site_label(None, node_id):
+            return self._names.get(node_id, label)
+        self._names[node_id] = label
+        return label

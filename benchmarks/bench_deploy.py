@@ -86,7 +86,7 @@ def bench_arm(preset: str, arm: str, rounds: int, local_steps: int, work: Path) 
     from aggregator.provision import provision
     from fed_unimiss.checkpoint import load_checkpoint
     from fed_unimiss.data.phantom import write_phantoms
-    from fed_unimiss.processes import ProcessSet
+    from flower_layer.processes import ProcessSet
     from site_client.supernode import free_port
 
     warm, exchange = ARMS[arm]

@@ -77,13 +77,15 @@ def run_arm(arm: str, init: Path | None, data: Path, out: Path, a, seed: int,
     s = SETTINGS[a.dataset]
     if arm == "plain":
         return run_plain(data, out, a, seed, fraction)
-    cfg = FinetuneConfig(task="seg3d", model=a.model, num_classes=s["num_classes"], epochs=1,
-                         steps_per_epoch=a.steps, batch_size=a.batch, lr=a.lr,
-                         warmup_steps=a.warmup, patch_3d=s["patch_3d"],
-                         ct_spacing=s["ct_spacing"], hu_scale=s["hu_scale"],
-                         class_names=("background", *s["class_names"]),
-                         foreground_prob=0.5, sw_overlap=0.25, seed=seed,
-                         label_fraction=fraction, threads=a.threads, **a.options)
+    # --option overrides any of these, the benchmark's own settings included.
+    settings = dict(task="seg3d", model=a.model, num_classes=s["num_classes"], epochs=1,
+                    steps_per_epoch=a.steps, batch_size=a.batch, lr=a.lr,
+                    warmup_steps=a.warmup, patch_3d=s["patch_3d"],
+                    ct_spacing=s["ct_spacing"], hu_scale=s["hu_scale"],
+                    class_names=("background", *s["class_names"]),
+                    foreground_prob=0.5, sw_overlap=0.25, seed=seed,
+                    label_fraction=fraction, threads=a.threads)
+    cfg = FinetuneConfig(**{**settings, **a.options})
     model = None
     if arm == "unet":
         torch.manual_seed(seed)

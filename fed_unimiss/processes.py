@@ -1,42 +1,34 @@
-"""Child processes that never outlive us: own sessions, recorded PIDs, whole-tree termination.
+"""Ending a child's whole process tree: descendants, orphans in its session, SIGTERM then SIGKILL.
 
-Flower's executables spawn grandchildren (the SuperExec, then one ``flwr-serverapp`` per run or
-one ``flwr-clientapp`` per message) and do not always reap them: a ``flwr-serverapp`` blocked on
-"waiting for nodes" survives its SuperLink as an orphan (FLOWER-1.39.md section 4). Orphans are
-re-parented to init, so walking parent links is not enough. Every child is therefore started in a
-new session (``setsid``); its descendants inherit the session id unless they call setsid
-themselves, so scanning every process for that session id finds orphans too. Descendants by
-parent link are collected as well, for anything that did start its own session. The process
-table is read with psutil; the session id with ``os.getsid``, which psutil does not expose.
+A child's descendants are not always reaped by their parents; an orphan is re-parented to init,
+so walking parent links alone misses it. Children started in a new session (``setsid``) pass
+their session id on to every descendant that does not start its own session, so scanning every
+process for that session id finds orphans too; descendants by parent link are collected as well,
+for anything that did start its own session. The process table is read with psutil; the session
+id with ``os.getsid``, which psutil does not expose.
 
-PIDs are written to ``<pid_dir>/<name>.pid`` so that a later start of the same command (or a
-person) can find and stop leftovers of a crashed one.
-
-Shared by the coordinator's and the site's process handling (SuperLink, demo sites, the SuperNode
-and its ``flwr-clientapp`` processes), which must not import each other.
+Generic and free of Flower: the site's warm worker and the SuperNode wrapper end their trees with
+:func:`terminate_pids`; the Flower-aware parts (the set of a command's children, PID records,
+remembered sessions of Flower's detached SuperExec) are in ``flower_layer/processes.py``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
-import subprocess
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterable
 
 import psutil
 
 __all__ = [
-    "ProcessSet",
-    "tree_sessions",
-    "session_members",
-    "descendants",
-    "terminate_pids",
-    "kill_recorded",
     "alive",
+    "command_line",
+    "descendants",
+    "session_members",
+    "terminate_pids",
+    "tree_sessions",
 ]
 
 log = logging.getLogger(__name__)
@@ -71,7 +63,8 @@ def descendants(root: int) -> list[int]:
         return []
 
 
-def _cmdline(pid: int) -> str:
+def command_line(pid: int) -> str:
+    """The command line of ``pid`` joined by spaces; empty when it is gone or unreadable."""
     try:
         return " ".join(psutil.Process(pid).cmdline())
     except psutil.Error:
@@ -81,9 +74,8 @@ def _cmdline(pid: int) -> str:
 def _tree(roots: Iterable[int], sessions: Iterable[int] = ()) -> set[int]:
     """The roots, their descendants, and every member of their and their descendants' sessions.
 
-    Flower starts its SuperExec with ``start_new_session``; the ``flwr-serverapp`` it spawns
-    stays in the SuperExec's session after the SuperExec dies, so sessions seen earlier
-    (``sessions``) are scanned too.
+    A descendant that started its own session can leave orphans in it after it died; sessions
+    seen earlier (``sessions``) are scanned too, so those orphans are still found.
     """
     me, my_sid = os.getpid(), _sid(os.getpid())
     found: set[int] = set()
@@ -151,137 +143,3 @@ def terminate_pids(
         log.warning("force-killed %d process(es) that ignored SIGTERM: %s", len(left),
                     sorted(left))
     return sorted(seen)
-
-
-def kill_recorded(pid_dir: Path) -> list[int]:
-    """Stop the trees recorded in ``pid_dir`` by a previous (crashed) run; returns what was hit.
-
-    A recorded PID is only trusted when its command line still matches the record, since PIDs are
-    reused by the kernel.
-    """
-    roots: list[int] = []
-    sessions: set[int] = set()
-    for f in sorted(Path(pid_dir).glob("*.pid")):
-        try:
-            rec = json.loads(f.read_text())
-            pid, exe = int(rec["pid"]), str(rec["cmd"][0])
-            recorded_sessions = [int(x) for x in rec.get("sessions", [])]
-        except (OSError, ValueError, KeyError, IndexError, TypeError):
-            continue
-        for sid in recorded_sessions:  # orphans of Flower's detached SuperExec
-            if any("flwr" in _cmdline(p) or "flower" in _cmdline(p) for p in session_members(sid)):
-                sessions.add(sid)
-        if alive(pid) and Path(exe).name in _cmdline(pid):
-            roots.append(pid)
-        f.unlink(missing_ok=True)
-    return terminate_pids(roots, sessions=sessions) if roots or sessions else []
-
-
-class ProcessSet:
-    """The children of one command; ``close()`` (or leaving the ``with``) ends all their trees.
-
-    SIGTERM and SIGHUP are turned into ``SystemExit`` while the set is open, so a ``kill`` of the
-    command unwinds through ``close()`` just as Ctrl-C (KeyboardInterrupt) does.
-    """
-
-    def __init__(self, pid_dir: str | Path | None = None) -> None:
-        self.pid_dir = Path(pid_dir) if pid_dir is not None else None
-        self.children: dict[str, subprocess.Popen] = {}
-        self.sessions: dict[str, set[int]] = {}
-        self._cmds: dict[str, list[str]] = {}
-        self._logs: dict[str, str] = {}
-        self._old_handlers: dict[int, object] = {}
-
-    def __enter__(self) -> ProcessSet:
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            try:
-                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
-            except ValueError:  # not the main thread: the caller handles signals
-                pass
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-        for sig, handler in self._old_handlers.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
-
-    @staticmethod
-    def _on_signal(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    def start(
-        self,
-        name: str,
-        cmd: Sequence[str],
-        log_path: str | Path,
-        env: Mapping[str, str] | None = None,
-        cwd: str | Path | None = None,
-    ) -> subprocess.Popen:
-        """Start ``cmd`` in its own session with stdout+stderr appended to ``log_path``."""
-        log_path = Path(log_path)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as out:
-            proc = subprocess.Popen(
-                list(cmd), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True,
-            )
-        self.children[name] = proc
-        self.sessions[name] = {proc.pid}
-        self._cmds[name], self._logs[name] = list(cmd), str(log_path)
-        self._record(name)
-        log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(cmd))
-        return proc
-
-    def _record(self, name: str) -> None:
-        if self.pid_dir is None:
-            return
-        self.pid_dir.mkdir(parents=True, exist_ok=True)
-        (self.pid_dir / f"{name}.pid").write_text(json.dumps({
-            "pid": self.children[name].pid, "cmd": self._cmds[name], "log": self._logs[name],
-            "sessions": sorted(self.sessions[name]),
-        }))
-
-    def watch(self) -> None:
-        """Remember the sessions the children's trees use now (call it periodically).
-
-        Needed because Flower detaches its SuperExec into a new session: once that SuperExec
-        is gone, only its remembered session id leads to the ``flwr-serverapp`` it left behind.
-        """
-        for name, proc in self.children.items():
-            new = tree_sessions([proc.pid]) - self.sessions[name]
-            if new:
-                self.sessions[name] |= new
-                self._record(name)
-
-    def stop(self, name: str, grace_s: float = 5.0) -> None:
-        """End one child's whole tree (used to simulate or handle a crashed party)."""
-        self.watch()
-        proc = self.children.pop(name, None)
-        if proc is None:
-            return
-        terminate_pids([proc.pid], grace_s, self.sessions.pop(name, set()))
-        self._reap(name, proc, grace_s)
-
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.children.values()]
-
-    def close(self, grace_s: float = 5.0) -> None:
-        """Terminate every child tree, orphans included; idempotent."""
-        self.watch()
-        roots = self.pids()
-        sessions = set().union(*self.sessions.values()) if self.sessions else set()
-        if roots:
-            terminate_pids(roots, grace_s, sessions)
-        self.sessions.clear()
-        for name, proc in list(self.children.items()):
-            self._reap(name, proc, grace_s)
-        self.children.clear()
-
-    def _reap(self, name: str, proc: subprocess.Popen, grace_s: float) -> None:
-        """Collect an ended child's exit status and forget its PID record."""
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-        if self.pid_dir is not None:
-            (self.pid_dir / f"{name}.pid").unlink(missing_ok=True)

@@ -45,8 +45,8 @@ from flwr.clientapp import ClientApp
 
 from fed_unimiss import exchange as ex
 from fed_unimiss.checkpoint import append_jsonl
+from flower_layer.backoff import shorten_object_pull_backoff
 from site_client.errors import ERROR_EVALUATE, ERROR_EXCHANGE, ERROR_TRAIN, ERROR_WORKER
-from site_client.flower_tuning import shorten_object_pull_backoff
 from site_client.local_state import PROGRESS_FILE
 from site_client.round_messages import RoundReply, RoundRequest
 from site_client.verdicts import heard_verdict

@@ -9,7 +9,7 @@ check``; nothing usable means exit code 2 before the coordinator is ever contact
 Then ``flower-supernode`` (this venv's own executable) runs in its own session with TLS, the
 site key and a node config (data path, state dir, site name) written as a TOML file into the
 state dir. Its output goes to STATE/logs/supernode.log. Flower's own refusals are mapped to
-actionable messages (FLOWER-1.39.md section 3): an unregistered key exits with ``[code: 2004]``,
+actionable messages (docs/flower.md, "Refusals"): an unregistered key exits with ``[code: 2004]``,
 a certificate from another CA with ``CERTIFICATE_VERIFY_FAILED``. Before each SuperNode start
 the coordinator is probed (site_client/reach.py): a name that does not resolve or a certificate
 that does not match ends the command in seconds; a coordinator that is not up, or whose run
@@ -98,7 +98,7 @@ class SiteSettings:
     # Seconds to keep trying to reach the coordinator before the first connection, then exit
     # code 3; 0 = until stopped. Once connected, the site waits for the next run until stopped.
     connect_timeout_s: float = 0.0
-    # Differential privacy of everything this site sends (issue 7, docs/privacy.md); off unless
+    # Differential privacy of everything this site sends (docs/privacy.md); off unless
     # `privacy.enabled: true` here or `site start --dp-epsilon E`. The flags override this.
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     # Where this site trains (docs/site-guide.md, "Hardware"); `site start --device/--precision/
@@ -583,9 +583,10 @@ def run_supernode(
                 "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                 "FLWR_HOME": str(state / ".flwr"), "PYTHONUNBUFFERED": "1"})
     env.setdefault("OMP_NUM_THREADS", "1")
-    # Flower's only timing setting (FLOWER-1.39.md): how often the SuperExec that the SuperNode
-    # starts asks it for a task. Its default, 1 s, adds 0.5 s to every round on average; 0.2 s
-    # costs five local calls a second (docs/benchmarks.md, "Rounds at the speed of the network").
+    # Flower's only timing setting (docs/flower.md, "Timing"): how often the SuperExec that the
+    # SuperNode starts asks it for a task. Its default, 1 s, adds 0.5 s to every round on
+    # average; 0.2 s costs five local calls a second (docs/benchmarks.md, "Rounds at the speed of
+    # the network").
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
     # The SuperNode spawns flower-superexec and flwr-clientapp by name: this venv's come first.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])

@@ -1,10 +1,9 @@
 """Run control over the SuperLink's Control API, through the ``flwr`` CLI's own client code.
 
 There is no public Python API for registering SuperNodes or starting runs in Flower 1.39; the
-CLI's internals (``SuperLinkConnection`` + ``init_http_client_from_connection`` and the Control
-API request messages) are what ``flwr run`` itself uses, and they were verified to work
-(FLOWER-1.39.md section 7). Going through them, instead of shelling out to ``flwr``, gives typed
-results: a run id, the run's final status, its byte counters. A zero exit of ``flwr run`` proves
+CLI's internals, reached through :mod:`flower_layer.control_api`, are what ``flwr run`` itself
+uses (docs/flower.md, "Starting a run from Python"). Going through them, instead of shelling out
+to ``flwr``, gives typed results: a run id, the run's final status, its byte counters. A zero exit of ``flwr run`` proves
 nothing (a run that failed to install dependencies still exits 0), so callers check
 :meth:`ControlClient.run_status` for ``finished:completed``.
 
@@ -14,9 +13,7 @@ so that the CLI's credential store is not written to ``~/.flwr``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import logging
 import time
 from dataclasses import dataclass
@@ -25,20 +22,18 @@ from typing import Any
 
 import click
 from cryptography.hazmat.primitives import serialization
-from flwr.cli.typing import SuperLinkConnection
-from flwr.cli.utils import init_http_client_from_connection
-from flwr.common.config import parse_config_args
-from flwr.common.serde import fab_to_proto, run_from_proto, user_config_to_proto
-from flwr.proto.control_pb2 import (  # pylint: disable=E0611
+
+from flower_layer.control_api import (
     ListNodesRequest,
     ListRunsRequest,
     RegisterNodeRequest,
-    StartRunRequest,
     StopRunRequest,
     StreamLogsRequest,
+    open_control_client,
+    public_key_to_bytes,
+    run_from_proto,
+    start_run_request,
 )
-from flwr.supercore.fab import Fab
-from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
 __all__ = ["ControlError", "InputError", "RunState", "ControlClient", "load_site_public_key"]
 
@@ -99,14 +94,7 @@ class ControlClient:
 
     def __init__(self, address: str, root_certificates: str | Path) -> None:
         self.address = address
-        conn = SuperLinkConnection(
-            name="fed-unimiss",
-            address=address,
-            root_certificates=str(Path(root_certificates).resolve()),
-        )
-        # The CLI helper announces the connection on stdout; keep our stdout for progress.
-        with contextlib.redirect_stdout(io.StringIO()):
-            self._client = init_http_client_from_connection(conn)
+        self._client = open_control_client("fed-unimiss", address, root_certificates)
 
     def close(self) -> None:
         self._client.close()
@@ -154,10 +142,7 @@ class ControlClient:
     def start_run(self, fab: bytes, overrides: dict[str, Any] | None = None) -> int:
         """Submit a run of ``fab`` with run-config ``overrides``; returns the run id."""
         pairs = [_config_pair(k, v) for k, v in (overrides or {}).items()]
-        req = StartRunRequest(
-            fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
-            override_config=user_config_to_proto(parse_config_args(pairs or None)),
-        )
+        req = start_run_request(fab, pairs)
         res = self._call("starting the run", self._client.StartRun, req)
         if not res.HasField("run_id"):
             note = res.note if res.HasField("note") else "no reason given"

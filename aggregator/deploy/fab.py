@@ -5,7 +5,7 @@ carries no code at all: only a ``pyproject.toml`` naming the components and the 
 defaults, and a LICENSE (fab-format-version 1 requires one). This keeps repository files (and
 anything a developer left lying around in the checkout) out of what is sent to sites, and keeps
 the bundle ~1 kB. Runtime dependency installation must be off everywhere, since the bundle's
-dependencies are already installed (FLOWER-1.39.md sections 5 and 7).
+dependencies are already installed (docs/flower.md, "Runtime dependency installation").
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any
 
 import flwr
 import tomli_w
-from flwr.cli.build import build_fab_from_files
+
+from flower_layer.fab_build import build_fab_bytes
 
 __all__ = ["FabSpec", "build_fab", "SERVERAPP", "CLIENTAPP", "APP_NAME"]
 
@@ -72,5 +73,5 @@ def build_fab(spec: FabSpec) -> tuple[bytes, str]:
         "pyproject.toml": tomli_w.dumps(_pyproject(spec)).encode(),
         "LICENSE": _LICENSE,
     }
-    fab, _meta = build_fab_from_files(files)
+    fab = build_fab_bytes(files)
     return fab, hashlib.sha256(fab).hexdigest()

@@ -60,7 +60,7 @@ from aggregator.run_summary import (  # light: `aggregator status` imports only 
 )
 from fed_unimiss.checkpoint import atomic_write_json
 from fed_unimiss.exchange import RUN_CONFIG, RUN_OUT, RUN_RESUME, RUN_ROUNDS, RUN_SITES
-from fed_unimiss.processes import ProcessSet, kill_recorded
+from flower_layer.processes import ProcessSet, kill_recorded
 
 __all__ = ["AggregatorOptions", "RunOutcome", "RoundsTail", "run_aggregator", "run_summary",
            "epsilon_spent", "read_rounds", "last_run_of_kit", "resume_command",

@@ -1,6 +1,6 @@
 """The package as a user gets it: installed into a fresh venv from its declared dependencies only.
 
-Every module of the three packages must import there (an undeclared dependency fails), and the
+Every module of the four packages must import there (an undeclared dependency fails), and the
 ``fed-unimiss`` command must find every subcommand through its entry points. A fast static check
 catches what the install would hide: a module imported directly but only installed because a
 declared dependency pulls it in (``click`` through flwr, say).
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("fed_unimiss", "site_client", "aggregator")
+PACKAGES = ("fed_unimiss", "site_client", "aggregator", "flower_layer")
 COMMANDS = ("data", "pretrain", "export", "finetune", "simulate", "provision", "aggregator",
             "site", "demo")
 

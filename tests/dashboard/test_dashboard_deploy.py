@@ -20,7 +20,7 @@ from dash_helpers import http_get, serving
 from aggregator.demo import write_federation_yaml
 from aggregator.deploy.runner import read_rounds
 from aggregator.provision import provision
-from fed_unimiss.processes import ProcessSet
+from flower_layer.processes import ProcessSet
 from site_client.supernode import free_port
 
 pytestmark = pytest.mark.slow

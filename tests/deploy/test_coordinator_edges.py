@@ -16,7 +16,7 @@ from deploy_helpers import fu, json_of, wait_for
 from aggregator.dashboard.data import run_view
 from aggregator.demo import write_federation_yaml
 from aggregator.provision import provision
-from fed_unimiss.processes import ProcessSet
+from flower_layer.processes import ProcessSet
 from site_client.supernode import free_port
 
 pytestmark = pytest.mark.slow

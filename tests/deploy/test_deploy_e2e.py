@@ -31,7 +31,8 @@ from aggregator.demo import write_federation_yaml
 from aggregator.deploy.runner import AggregatorOptions, read_rounds, run_aggregator
 from aggregator.deploy.superlink import flower_env
 from aggregator.provision import provision
-from fed_unimiss.processes import ProcessSet, alive, descendants, session_members
+from fed_unimiss.processes import alive, descendants, session_members
+from flower_layer.processes import ProcessSet
 from site_client.supernode import EXIT_REFUSED, free_port
 
 pytestmark = pytest.mark.slow

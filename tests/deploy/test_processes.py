@@ -6,7 +6,8 @@ import json
 import sys
 import time
 
-from fed_unimiss.processes import ProcessSet, alive, kill_recorded, session_members
+from fed_unimiss.processes import alive, session_members
+from flower_layer.processes import ProcessSet, kill_recorded
 
 # A parent that starts a detached grandchild (like flower-superlink starting flower-superexec with
 # start_new_session) which in turn starts a great-grandchild, then the middle one exits so that

@@ -1,4 +1,4 @@
-"""Issue 17, fast: count bounds, per-part norm bounds, the round's screening, replays, status.
+"""Fast: count bounds, per-part norm bounds, the round's screening, replays, status.
 
 Hand-made tensors and the real strategy through the in-process grid with a toy ClientApp (as
 tests/federation/test_rounds.py); the attacks on real training are in test_attacks.py.
@@ -18,9 +18,10 @@ from flwr.clientapp import ClientApp
 from aggregator.attacks import parse_attack
 from aggregator.cli import _status
 from aggregator.inprocess import InProcessGrid, SiteSpec
-from aggregator.rounds import FederationRun, reply_limits, run_federation
+from aggregator.rounds import FederationRun, run_federation
 from aggregator.screening import clip_state, cosines_to_others, screen_round
 from aggregator.validation import (
+    ReplyLimits,
     ReplyRejected,
     SiteReport,
     check_counts,
@@ -118,7 +119,7 @@ def test_default_norm_bound_sits_between_honest_micro_updates_and_the_probe_atta
     repo = Path(__file__).resolve().parents[2]
     run = FederationRun.from_files(repo / "configs/federation/micro.yaml", "unused", 2)
     state = initial_state(run.recipe, 8)
-    limits = reply_limits(run.cfg, run.recipe, state)
+    limits = ReplyLimits.of_run(run.cfg, run.recipe, state)
     assert 0.90 * 3 < limits.max_update_norm < 20
     zero_pull = math.sqrt(sum(float(v.pow(2).sum()) for k, v in state.items()
                               if k.startswith("student.")))
@@ -134,7 +135,7 @@ def test_derived_bounds_give_teacher_and_center_their_own_geometry():
     repo = Path(__file__).resolve().parents[2]
     run = FederationRun.from_files(repo / "configs/federation/micro.yaml", "unused", 2)
     state = initial_state(run.recipe, 8)
-    limits = reply_limits(run.cfg, run.recipe, state)
+    limits = ReplyLimits.of_run(run.cfg, run.recipe, state)
     bounds = limits.part_bounds(state)
     assert limits.derived and bounds["student"] == limits.max_update_norm
     pull = 1 - run.recipe.ssl.momentum_teacher ** run.cfg.local_steps
@@ -151,7 +152,7 @@ def test_any_center_our_head_produces_stays_inside_the_checked_box():
     """Real DINOHead logits (wildly scaled features) through real DINOLoss center updates: every
     coordinate stays in [-1, 1], so check_center accepts it and the center bound covers the
     move, however small the student's bound (tiny: center 13.1 against a student bound of 4.9)."""
-    from aggregator.validation import CENTER_LIMIT, check_center, part_bounds
+    from aggregator.validation import CENTER_LIMIT, check_center
     from fed_unimiss.models.head import DINOHead
     from fed_unimiss.ssl.dino_loss import DINOLoss
 
@@ -165,7 +166,8 @@ def test_any_center_our_head_produces_stays_inside_the_checked_box():
     assert float(loss.center.abs().max()) <= 1.0
     check_center(loss.center)
     moved = float((loss.center - start).norm())
-    bound = part_bounds({"center": start}, student_bound=0.1, teacher_pull=0.1)["center"]
+    limits = ReplyLimits(0.1, derived=True, teacher_pull=0.1)
+    bound = limits.part_bounds({"center": start})["center"]
     assert 1.0 < moved <= bound == pytest.approx(2 * CENTER_LIMIT * math.sqrt(512))
     with pytest.raises(ReplyRejected, match=r"center coordinate 1.5 outside \[-1.05, 1.05\]"):
         check_center(torch.full((1, 512), 0.1).index_fill_(1, torch.tensor([7]), -1.5))
