@@ -7,6 +7,7 @@ these functions.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import torch
@@ -16,13 +17,22 @@ from fed_unimiss import exchange as ex
 from fed_unimiss.exchange_codec import CodecError
 from fed_unimiss.exchange_link import Payload
 
-__all__ = ["to_record", "record_tensors", "instruction_payload", "reply_payload",
+__all__ = ["to_record", "record_tensors", "wire_digest", "instruction_payload", "reply_payload",
            "put_reply_payload"]
 
 
 def to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """Wire tensors -> ArrayRecord (one numpy array each, names kept)."""
     return ArrayRecord({k: Array(v.numpy()) for k, v in tensors.items()})
+
+
+def wire_digest(record: ArrayRecord) -> str:
+    """SHA-256 of the names and bytes of a record as sent (replay detection)."""
+    h = hashlib.sha256()
+    for name in sorted(record.keys()):
+        h.update(name.encode())
+        h.update(record[name].data)
+    return h.hexdigest()
 
 
 def record_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:

@@ -16,7 +16,6 @@ not a proof; the aggregator trusts a site's report that it trained with DP (docs
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import tempfile
@@ -25,10 +24,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, Message
 
 from aggregator.averaging import make_aggregator
-from aggregator.exchange_records import record_tensors, to_record
+from aggregator.exchange_records import record_tensors, wire_digest
+from aggregator.instructions import Instructions
 from aggregator.replays import CoordinateSample, ReplayGuard
 from aggregator.round_state import RoundState as _RoundState
 from aggregator.run_summary import BudgetRefusal, Rejection, RoundRecord, SiteResult, TrainOutcome
@@ -43,36 +43,20 @@ from aggregator.validation import (
     parse_report,
     part_of,
 )
-from aggregator.verdicts import ACCEPTED, CLIPPED, REFUSED, SiteVerdict, with_verdict
+from aggregator.verdicts import ACCEPTED, CLIPPED, REFUSED, SiteVerdict
 from fed_unimiss import exchange as ex
 from fed_unimiss import exchange_codec as codec
-from fed_unimiss.exchange_link import Downlink, Exchange, Payload
+from fed_unimiss.exchange_link import Exchange, Payload
 from fed_unimiss.federation import FederationConfig
 from fed_unimiss.privacy.report import (
-    DP_PLAN_PATIENTS_PER_STEP,
     ERROR_DP_REQUIRED,
-    REQUIRE_DP,
     privacy_refusal,
     reported_epsilon,
 )
 
-__all__ = ["DimensionAwareStrategy", "state_to_record"]
+__all__ = ["DimensionAwareStrategy"]
 
 log = logging.getLogger(__name__)
-
-
-def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """Global state -> ArrayRecord (float32 numpy arrays, names kept)."""
-    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state.items()})
-
-
-def wire_digest(record: ArrayRecord) -> str:
-    """SHA-256 of the names and bytes of a record as sent (replay detection)."""
-    h = hashlib.sha256()
-    for name in sorted(record.keys()):
-        h.update(name.encode())
-        h.update(record[name].data)
-    return h.hexdigest()
 
 
 class DimensionAwareStrategy:
@@ -92,49 +76,21 @@ class DimensionAwareStrategy:
         spill_dir: str | Path | None = None,
     ):
         self.cfg = cfg
-        self.exchange = cfg.exchange
         # Decoded replies wait here for the round to close (aggregator/spill.py).
         self.spill_dir = Path(spill_dir) if spill_dir is not None else \
             Path(tempfile.gettempdir()) / f"fed-unimiss-spill-{uuid.uuid4().hex[:8]}"
-        self.recipe_json = recipe_json
-        self.num_rounds = num_rounds
         self.classes = dict(classes)
         self.limits = limits if limits is not None else ReplyLimits(cfg.max_update_norm or math.inf)
+        self.instructions = Instructions(cfg, recipe_json, num_rounds, self.limits)
         self._round: _RoundState | None = None
         self._replays = ReplayGuard()
         self._sampler: tuple[object, CoordinateSample] | None = None  # (layout key, sample)
         self._labels = SiteLabels()  # node id -> the label its replies declared
-        # The exchange's end at the aggregator (its shared base), and the base each node holds.
+        # The exchange's end at the aggregator: its shared base and the base each node holds.
         self.link = Exchange(cfg.exchange)
-        self._holds: dict[int, str] = {}
         self._told: dict[int, SiteVerdict] = {}  # the previous round's verdicts, sent this round
 
     # ------------------------------------------------------------------ train
-    def _instruction(self, round_num: int, message_type: str, layout: str | None = None
-                     ) -> ConfigRecord:
-        """What every site needs to train or evaluate this round alike (nothing site-specific)."""
-        steps = self.cfg.local_steps
-        config = ConfigRecord({
-            ex.RECIPE_JSON: self.recipe_json,
-            ex.ROUND: round_num,
-            ex.NUM_ROUNDS: self.num_rounds,
-            ex.LOCAL_STEPS: steps,
-            ex.START_STEP: (round_num - 1) * steps,
-            ex.TOTAL_STEPS: self.num_rounds * steps,
-            ex.EVAL_BATCHES: self.cfg.eval_batches,
-            **self.exchange.to_config(),
-        })
-        if layout is not None:
-            config[ex.EXCHANGE_LAYOUT] = layout
-        if message_type == ex.TRAIN and self.cfg.require_dp:
-            config[REQUIRE_DP] = True
-        if message_type == ex.TRAIN and self.limits.dp_patients_per_step is not None:
-            config[DP_PLAN_PATIENTS_PER_STEP] = float(self.limits.dp_patients_per_step)
-        every = self.cfg.probe_every
-        if message_type == ex.TRAIN and every and (round_num - 1) % every == 0:
-            config[ex.PROBE] = True  # sites with a probe set probe the state they receive
-        return config
-
     def configure_train(
         self, round_num: int, global_state: Mapping[str, torch.Tensor], node_ids: Iterable[int]
     ) -> list[Message]:
@@ -159,38 +115,12 @@ class DimensionAwareStrategy:
         rnd.global_sample = rnd.sampler.of(reference)
         down = self.link.send_state(global_state)
         rnd.sent_sample = down.received_sample(rnd.sampler.of, rnd.global_sample)
-        rnd.base_digest = down.digest
-        return self._train_messages(round_num, down, list(node_ids))
-
-    def _train_messages(self, round_num: int, down: Downlink, node_ids: list[int]
-                        ) -> list[Message]:
-        """Address this round's global state to every node, as that node can decode it.
-
-        With a shared base (``down: q8_delta``) a node holds the base of the last round when it
-        answered that round's instruction without an error (a site checks the digest before it
-        trains); it gets the int8 change, everyone else the base in full.
-        """
-        rnd = self._require_round()
-        records: dict[int, ArrayRecord] = {}
-        messages = []
-        for node_id in node_ids:
-            payload = down.for_node(self._holds.get(node_id))
-            record = records.get(id(payload))
-            if record is None:
-                record = records[id(payload)] = to_record(payload.arrays)
-            config = with_verdict(self._instruction(round_num, ex.TRAIN),
-                                  self._told.get(node_id))
-            for key, value in payload.config.items():
-                config[key] = value
-            rnd.bytes_down_node[node_id] = record.count_bytes() + config.count_bytes()
-            messages.append(Message(RecordDict({ex.ARRAYS: record, ex.CONFIG: config}), node_id,
-                                    ex.TRAIN, group_id=str(round_num)))
-        rnd.bytes_down = max(rnd.bytes_down_node.values(), default=0)
-        for payload in down.payloads():
-            if id(payload) in records:
-                self._replays.remember(wire_digest(records[id(payload)]),
-                                       f"the global {payload.what} sent in round {round_num}")
-        return messages
+        sent = self.instructions.train(round_num, down, node_ids, self.link.held_by, self._told)
+        rnd.bytes_down_node = sent.bytes_per_node
+        rnd.bytes_down = max(sent.bytes_per_node.values(), default=0)
+        for digest, what in sent.digests.items():
+            self._replays.remember(digest, f"the global {what} sent in round {round_num}")
+        return sent.messages
 
     def _sample_of(self, reference: Mapping[str, torch.Tensor]) -> CoordinateSample:
         """The run's coordinate sample for this layout (rebuilt only if the layout changes)."""
@@ -212,11 +142,7 @@ class DimensionAwareStrategy:
                                "configure_train")
         label = self._label(reply)
         node_id = reply.metadata.src_node_id
-        if rnd.base_digest is not None:  # down=q8_delta: an answer without error means it holds it
-            if reply.has_error():
-                self._holds.pop(node_id, None)
-            else:
-                self._holds[node_id] = rnd.base_digest
+        self.link.node_answered(node_id, ok=not reply.has_error())
         if label in rnd.record.rejected or any(r.label == label for r, _ in rnd.held):
             label = f"{label}@node-{reply.metadata.src_node_id}"  # two sites declared one name
         outcome = self._judge(reply, label, rnd)
@@ -424,11 +350,7 @@ class DimensionAwareStrategy:
         folded = rnd.aggregator.result()
         self._cleanup()
         new_state = {name: folded.get(name, ref) for name, ref in rnd.global_state.items()}
-        if self.exchange.teacher == "local":  # the checkpoint's teacher: the new global student
-            for name in new_state:
-                if name.startswith(ex.TEACHER_PREFIX):
-                    student = ex.STUDENT_PREFIX + name[len(ex.TEACHER_PREFIX):]
-                    new_state[name] = new_state[student].clone()
+        new_state = self.link.checkpoint_state(new_state)
         for name, tensor in new_state.items():  # cannot happen after validation
             if not math.isfinite(float(tensor.sum(dtype=torch.float64))) \
                     and not bool(torch.isfinite(tensor).all()):
@@ -439,16 +361,9 @@ class DimensionAwareStrategy:
     def configure_evaluate(
         self, round_num: int, state: Mapping[str, torch.Tensor], node_ids: Iterable[int]
     ) -> list[Message]:
+        """The state in full (an evaluation leaves a shared base alone) to every node."""
         payload = self.link.send_state(state, train=False).for_node(None)
-        arrays = to_record(payload.arrays)
-        config = self._instruction(round_num, ex.EVALUATE)
-        for key, value in payload.config.items():
-            config[key] = value
-        return [
-            Message(RecordDict({ex.ARRAYS: arrays, ex.CONFIG: config}), node_id, ex.EVALUATE,
-                    group_id=f"{round_num}-eval")
-            for node_id in node_ids
-        ]
+        return self.instructions.evaluate(round_num, payload, node_ids)
 
     def accept_evaluate(self, reply: Message) -> None:
         rnd = self._require_round()

@@ -137,6 +137,7 @@ class Exchange:
     def __init__(self, config: ExchangeConfig):
         self.config = config
         self._base: _Base | None = None
+        self._holds: dict[object, str] = {}  # the aggregator's: node -> the base it holds
         self.residual: dict[str, torch.Tensor] = {}  # up q8_delta: what the rounding lost
         self.teacher: dict[str, torch.Tensor] = {}  # teacher local: the site's own teacher
 
@@ -157,6 +158,24 @@ class Exchange:
     def forget_base(self) -> None:
         """Hold no base: the next train instruction must bring it in full."""
         self._base = None
+
+    def held_by(self, node: object) -> str | None:
+        """The aggregator's side: the digest of the base ``node`` holds, or None."""
+        return self._holds.get(node)
+
+    def node_answered(self, node: object, ok: bool) -> None:
+        """The aggregator's side: ``node`` answered this round's train instruction.
+
+        With a shared base a site checks the base's digest before it trains, so an answer
+        without an error means it now holds the base sent this round; an error means it may
+        hold none, and the next round sends it the base in full.
+        """
+        if self._base is None:
+            return
+        if ok:
+            self._holds[node] = self._base.digest
+        else:
+            self._holds.pop(node, None)
 
     # ------------------------------------------------------------------ down
     def send_state(self, state: Mapping[str, torch.Tensor], *, train: bool = True) -> Downlink:
