@@ -40,6 +40,9 @@ from aggregator.validation import (
     ReplyRejected,
     SiteLabels,
     check_center,
+    check_finite,
+    check_part_norms,
+    check_trained,
     parse_report,
     part_of,
 )
@@ -267,27 +270,20 @@ class DimensionAwareStrategy:
             delta_norms: dict[str, float] = {}
             for name, value in self._decoded_tensors(record, scales, reference, delta_norms):
                 ref = reference[name]
-                # A non-finite value makes the update's norm non-finite: one pass checks both
-                # (isfinite over the whole state would cost as much again). An int8 update's
+                # The norm doubles as the finiteness check (check_finite); an int8 update's
                 # norm came with its decoding.
                 norm = delta_norms.pop(name, None)
                 if norm is None:
                     norm = float(torch.linalg.vector_norm(value - ref.to(torch.float32)))
-                if not math.isfinite(norm) and not bool(torch.isfinite(value).all()):
-                    raise ReplyRejected(f"{name}: non-finite values")
+                check_finite(name, value, norm)
                 if name == ex.CENTER_KEY and self.limits.derived:
                     check_center(value)
                 sq[part_of(name)] += norm * norm
                 sampler.take(sample, name, value)
                 writer.add(name, value)
             norms = {part: math.sqrt(v) for part, v in sq.items()}
-            if not any(norms.values()):
-                raise ReplyRejected("state identical to the global state sent (nothing trained)")
-            for part, norm in norms.items():
-                bound = rnd.bounds.get(part, self.limits.max_update_norm)
-                if not math.isfinite(norm) or norm > bound:
-                    raise ReplyRejected(f"{part} update norm {norm:.4g} exceeds max_update_norm "
-                                        f"{bound:.4g}")
+            check_trained(norms)
+            check_part_norms(norms, rnd.bounds, self.limits.max_update_norm)
             replay = self._replays.near_replay(sample, rnd.sent_sample, rnd.global_sample)
             if replay is not None:
                 raise ReplyRejected(replay)

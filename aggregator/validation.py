@@ -10,6 +10,10 @@ exceeds it, and the rest of such a reply deserves no more trust than its counts.
 Reasons are built from our own tensor names and numbers only, never from text the site sent, so
 nothing a site controls reaches the aggregator's logs.
 
+A whole state in memory is checked with :func:`check_state`; the strategy decodes a reply one
+tensor at a time and calls the same per-tensor and per-part checks (:func:`check_finite`,
+:func:`check_part_norms`) as it goes.
+
 The run's bounds are resolved once, from the federation config and the recipe, into
 :class:`ReplyLimits` (each part's norm bound, the count bounds, the DP plan announced to the
 sites). The checks relative to the round (norm against the round's median, direction) need every
@@ -31,7 +35,8 @@ if TYPE_CHECKING:
     from fed_unimiss.federation import FederationConfig
 
 __all__ = ["ReplyRejected", "SiteReport", "CountBound", "parse_report", "validate_state",
-           "check_state", "update_norms", "count_bound", "check_counts", "default_max_update_norm",
+           "check_state", "check_finite", "check_part_norms", "check_trained", "update_norms",
+           "count_bound", "check_counts", "default_max_update_norm",
            "ReplyLimits", "check_center", "CENTER_LIMIT", "site_label", "SiteLabels", "PARTS", "part_of"]
 
 # The parts of the exchanged state, each checked on its own (its norms differ by 10-100x).
@@ -304,14 +309,39 @@ def check_state(
             )
         if value.dtype != ref.dtype:
             raise ReplyRejected(f"{name}: dtype {value.dtype} != expected {ref.dtype}")
-        if not bool(torch.isfinite(value).all()):
-            raise ReplyRejected(f"{name}: non-finite values")
+        check_finite(name, value)
     norms = update_norms(state, global_state)
-    for part, norm in norms.items():
-        if not math.isfinite(norm) or norm > max_update_norm:
-            raise ReplyRejected(f"{part} update norm {norm:.4g} exceeds max_update_norm "
-                                f"{max_update_norm:.4g}")
+    check_part_norms(norms, {}, max_update_norm)
     return norms
+
+
+def check_finite(name: str, value: torch.Tensor, update_norm: float | None = None) -> None:
+    """Raise ``ReplyRejected`` when ``value`` holds a non-finite value.
+
+    A non-finite value makes the update's norm non-finite, so a finite ``update_norm`` (already
+    computed by the caller) proves the tensor finite without a second pass over it.
+    """
+    if update_norm is not None and math.isfinite(update_norm):
+        return
+    if not bool(torch.isfinite(value).all()):
+        raise ReplyRejected(f"{name}: non-finite values")
+
+
+def check_part_norms(norms: Mapping[str, float], bounds: Mapping[str, float],
+                     default: float = math.inf) -> None:
+    """Raise ``ReplyRejected`` when a part's update norm is non-finite or above its bound
+    (``bounds[part]``, else ``default``)."""
+    for part, norm in norms.items():
+        bound = bounds.get(part, default)
+        if not math.isfinite(norm) or norm > bound:
+            raise ReplyRejected(f"{part} update norm {norm:.4g} exceeds max_update_norm "
+                                f"{bound:.4g}")
+
+
+def check_trained(norms: Mapping[str, float]) -> None:
+    """Raise ``ReplyRejected`` when no part moved: the reply is the state it was sent."""
+    if not any(norms.values()):
+        raise ReplyRejected("state identical to the global state sent (nothing trained)")
 
 
 def site_label(declared: Any, node_id: int) -> str:
