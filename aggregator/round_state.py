@@ -3,9 +3,10 @@ became of each reply.
 
 The strategy (:mod:`aggregator.strategy`) starts a :class:`RoundState` with every
 ``configure_train`` and reads it until the next: the tensors the round's replies are decoded and
-checked against, the bytes and digests the exchange sent, the replies that passed the per-reply
-checks (decoded, on disk until ``close_round``), the decision each node hears, and the
-:class:`~aggregator.run_summary.RoundRecord` its rounds.jsonl row is built from.
+checked against, the replies that passed the per-reply checks (decoded, on disk until
+``close_round``), the decision each node hears, and the
+:class:`~aggregator.run_summary.RoundRecord` its rounds.jsonl row is built from (with the bytes
+each instruction took).
 """
 
 from __future__ import annotations
@@ -44,9 +45,6 @@ class RoundState:
     sampler: CoordinateSample | None = None
     sent_sample: dict[str, torch.Tensor] = field(default_factory=dict)
     global_sample: dict[str, torch.Tensor] = field(default_factory=dict)
-    bytes_down: int = 0  # one instruction as sent (arrays + config); the largest, if they differ
-    bytes_down_node: dict[int, int] = field(default_factory=dict)  # down=q8_delta: per node
-    base_digest: str | None = None  # down=q8_delta: the base every node was sent this round
     # node id -> what that site is told about its reply (aggregator/verdicts.py)
     verdicts: dict[int, SiteVerdict] = field(default_factory=dict)
     # Replies that passed the per-reply checks, decoded and parked on disk until close_round.

@@ -143,7 +143,6 @@ def _run_round(
     t = time.monotonic()
     messages = strategy.configure_train(round_num, state, nodes)
     phases["encode_s"] = time.monotonic() - t
-    bytes_out = strategy.bytes_down()
     log.info("round %d/%d: training on %d site(s)", round_num, run.rounds, len(nodes))
     accept_s, first = [0.0], [None]
     pushed = time.monotonic()
@@ -184,7 +183,7 @@ def _run_round(
                         cfg.poll_interval)
         phases["evaluate_s"] = time.monotonic() - t
     row = round_row(strategy.record, describe(cfg.exchange), time.monotonic() - started,
-                    bytes_out, missing)
+                    missing)
     row["phases"] = phases
     return new_state, row
 

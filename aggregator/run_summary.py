@@ -108,12 +108,21 @@ class RoundCosts:
     seconds: dict[str, float] = field(default_factory=dict)  # local training
     bytes_down: dict[str, int] = field(default_factory=dict)  # its instruction
     bytes_up: dict[str, int] = field(default_factory=dict)  # its reply
+    # node id -> its train instruction as sent (arrays + config); they differ only with a
+    # shared base (the int8 change or the base in full)
+    sent: dict[int, int] = field(default_factory=dict)
 
-    def note(self, label: str, seconds: float | None, bytes_up: int, bytes_down: int) -> None:
+    @property
+    def bytes_out_per_site(self) -> int:
+        """One train instruction of the round as sent; the largest, if they differ."""
+        return max(self.sent.values(), default=0)
+
+    def note(self, label: str, seconds: float | None, bytes_up: int, node_id: int) -> None:
+        """A reply of ``label`` from ``node_id``: its training time and bytes both ways."""
         if seconds is not None:
             self.seconds[label] = seconds
         self.bytes_up[label] = bytes_up
-        self.bytes_down[label] = bytes_down
+        self.bytes_down[label] = self.sent.get(node_id, self.bytes_out_per_site)
 
 
 @dataclass
@@ -165,8 +174,8 @@ class RoundRecord:
         return bool(rejected) and all(isinstance(r, BudgetRefusal) for r in rejected)
 
 
-def round_row(record: RoundRecord, exchange: str, seconds: float, bytes_out_per_site: int,
-              missing: list[int]) -> dict[str, Any]:
+def round_row(record: RoundRecord, exchange: str, seconds: float, missing: list[int]
+              ) -> dict[str, Any]:
     """The rounds.jsonl row: who took part, their counts and metrics, who was dropped and why.
 
     ``exchange`` describes the codecs the round's tensors travelled in.
@@ -190,7 +199,7 @@ def round_row(record: RoundRecord, exchange: str, seconds: float, bytes_out_per_
         "screening": record.screening,
         "missing_nodes": sorted(missing),
         "seconds": seconds,
-        "bytes_out_per_site": bytes_out_per_site,
+        "bytes_out_per_site": costs.bytes_out_per_site,
         "bytes_in": sum(r.bytes_in for r in accepted),
         # what each site cost the round (its train message, bytes as sent), for the dashboard
         "site_seconds": dict(sorted(costs.seconds.items())),

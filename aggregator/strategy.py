@@ -119,8 +119,7 @@ class DimensionAwareStrategy:
         down = self.link.send_state(global_state)
         rnd.sent_sample = down.received_sample(rnd.sampler.of, rnd.global_sample)
         sent = self.instructions.train(round_num, down, node_ids, self.link.held_by, self._told)
-        rnd.bytes_down_node = sent.bytes_per_node
-        rnd.bytes_down = max(sent.bytes_per_node.values(), default=0)
+        rnd.record.costs.sent = sent.bytes_per_node
         for digest, what in sent.digests.items():
             self._replays.remember(digest, f"the global {what} sent in round {round_num}")
         return sent.messages
@@ -230,8 +229,7 @@ class DimensionAwareStrategy:
             record = content.array_records[ex.ARRAYS]
             scales = content.array_records.get(ex.SCALES)
             bytes_in = record.count_bytes() + (scales.count_bytes() if scales else 0)
-            rnd.record.costs.note(label, report.metrics.get(ex.SECONDS), bytes_in,
-                                  rnd.bytes_down_node.get(node_id, rnd.bytes_down))
+            rnd.record.costs.note(label, report.metrics.get(ex.SECONDS), bytes_in, node_id)
             digest = wire_digest(record)
             replayed = self._replays.replayed(digest)
             if replayed is not None:
@@ -323,10 +321,6 @@ class DimensionAwareStrategy:
     def last_verdicts(self) -> dict[int, SiteVerdict]:
         """node id -> the decision on its reply in the current (last) round; {} before any."""
         return dict(self._round.verdicts) if self._round is not None else {}
-
-    def bytes_down(self) -> int:
-        """One train instruction of this round as sent (arrays + config)."""
-        return self._require_round().bytes_down
 
     @property
     def record(self) -> RoundRecord:
