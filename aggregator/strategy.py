@@ -263,16 +263,16 @@ class DimensionAwareStrategy:
         sq = dict.fromkeys(PARTS, 0.0)
         sampler = rnd.sampler
         sample = sampler.empty()
+        delta_norms: dict[str, float] = {}  # an int8 update's norms come with its decoding
         writer = SpillWriter(self.spill_dir / f"round{rnd.round_num}-{uuid.uuid4().hex}.f32")
         try:
-            delta_norms: dict[str, float] = {}
-            for name, value in self._decoded_tensors(record, scales, reference, delta_norms):
-                ref = reference[name]
-                # The norm doubles as the finiteness check (check_finite); an int8 update's
-                # norm came with its decoding.
+            payload = Payload(record_tensors(record),
+                              None if scales is None else record_tensors(scales))
+            for name, value in self.link.receive_update(payload, reference, delta_norms):
+                # The norm doubles as the finiteness check (check_finite).
                 norm = delta_norms.pop(name, None)
                 if norm is None:
-                    norm = float(torch.linalg.vector_norm(value - ref.to(torch.float32)))
+                    norm = float(torch.linalg.vector_norm(value - reference[name].float()))
                 check_finite(name, value, norm)
                 if name == ex.CENTER_KEY and self.limits.derived:
                     check_center(value)
@@ -285,24 +285,13 @@ class DimensionAwareStrategy:
             replay = self._replays.near_replay(sample, rnd.sent_sample, rnd.global_sample)
             if replay is not None:
                 raise ReplyRejected(replay)
+        except codec.CodecError as e:  # it does not decode under the announced codec
+            writer.abort()
+            raise ReplyRejected(str(e)) from None
         except BaseException:
             writer.abort()
             raise
         return norms, writer.finish()
-
-    def _decoded_tensors(self, record: ArrayRecord, scales: ArrayRecord | None,
-                         reference: Mapping[str, torch.Tensor],
-                         delta_norms: dict[str, float] | None = None):
-        """(name, fp32 tensor) of a reply, one at a time; ``ReplyRejected`` if it does not decode.
-
-        An int8 reply also leaves each tensor's update norm in ``delta_norms``.
-        """
-        try:
-            payload = Payload(record_tensors(record),
-                              None if scales is None else record_tensors(scales))
-            yield from self.link.receive_update(payload, reference, delta_norms)
-        except codec.CodecError as e:
-            raise ReplyRejected(str(e)) from None
 
     def close(self) -> None:
         """Delete whatever replies are still parked (a failed round) and the spill folder."""
