@@ -1,6 +1,8 @@
-"""The federation's strategy: build instructions, check and fold replies.
+"""The federation's strategy: send the round's instructions, check and fold replies.
 
-Shaped like Flower's strategies (configure_train / aggregate / configure_evaluate). Each reply is
+Shaped like Flower's strategies (configure_train / aggregate / configure_evaluate); the
+instructions themselves are built by :mod:`aggregator.instructions`, the global state travels
+through the exchange object (:class:`~fed_unimiss.exchange_link.Exchange`). Each reply is
 checked on its own as it arrives (``accept_train``: counts, shape, finite values, norm bounds
 (:class:`~aggregator.validation.ReplyLimits`), replay) and parked on disk; ``close_round``
 screens the parked replies against each other (:mod:`aggregator.screening`), clips if the
@@ -84,13 +86,13 @@ class DimensionAwareStrategy:
             Path(tempfile.gettempdir()) / f"fed-unimiss-spill-{uuid.uuid4().hex[:8]}"
         self.classes = dict(classes)
         self.limits = limits if limits is not None else ReplyLimits(cfg.max_update_norm or math.inf)
+        # The exchange's end at the aggregator: its shared base and the base each node holds.
+        self.link = Exchange(cfg.exchange)
         self.instructions = Instructions(cfg, recipe_json, num_rounds, self.limits)
         self._round: _RoundState | None = None
         self._replays = ReplayGuard()
         self._sampler: tuple[object, CoordinateSample] | None = None  # (layout key, sample)
         self._labels = SiteLabels()  # node id -> the label its replies declared
-        # The exchange's end at the aggregator: its shared base and the base each node holds.
-        self.link = Exchange(cfg.exchange)
         self._told: dict[int, SiteVerdict] = {}  # the previous round's verdicts, sent this round
 
     # ------------------------------------------------------------------ train
@@ -130,7 +132,6 @@ class DimensionAwareStrategy:
         if self._sampler is None or self._sampler[0] != key:
             self._sampler = (key, CoordinateSample(dict(key)))
         return self._sampler[1]
-
 
     def accept_train(self, reply: Message) -> TrainOutcome:
         """Check one reply on its own and hold it for the round's screening (``close_round``).
