@@ -17,58 +17,30 @@ text (the details, which may name local files, go to the site's own log only).
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fed_unimiss import exchange as ex
-from fed_unimiss.exchange_codec import CodecError, ExchangeConfig
-from fed_unimiss.privacy import ERROR_DP_REQUIRED, REQUIRE_DP, LedgerError
+from fed_unimiss.exchange_codec import CodecError
+from fed_unimiss.privacy import ERROR_DP_REQUIRED, LedgerError
 from fed_unimiss.privacy.report import ERROR_DP_PLAN
 from fed_unimiss.runtime import Runtime
-from fed_unimiss.ssl.config import Recipe, recipe_from_dict
 from site_client.dp_plan import fit_to_plan
 from site_client.errors import ERROR_EVALUATE, ERROR_EXCHANGE, ERROR_TRAIN, ERROR_WORKER
+from site_client.instruction import Instruction
 from site_client.local_state import SiteState
 from site_client.privacy_ledger import ERROR_DP_EVALUATE, ERROR_LEDGER, site_privacy
 from site_client.probe_round import round_probe
 from site_client.round_messages import RoundReply, RoundRequest
 from site_client.site_session import SiteSession
 
-__all__ = ["RoundRequest", "RoundReply", "Instruction", "SiteSessions", "handle", "ERROR_TRAIN",
+__all__ = ["RoundRequest", "RoundReply", "SiteSessions", "handle", "ERROR_TRAIN",
            "ERROR_EVALUATE", "ERROR_EXCHANGE", "ERROR_WORKER"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Instruction:
-    """What the aggregator asks of every site this round (the same for all sites)."""
-
-    recipe: Recipe
-    round: int
-    local_steps: int
-    start_step: int
-    total_steps: int
-    eval_batches: int
-    require_dp: bool  # the federation accepts updates from DP sites only
-    exchange: ExchangeConfig
-    recipe_json: str
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Instruction:
-        """Raises ``CodecError`` when the announced exchange cannot be honoured here."""
-        exchange = ExchangeConfig.from_config(config)
-        text = str(config[ex.RECIPE_JSON])
-        recipe = recipe_from_dict(json.loads(text), "instruction recipe")
-        return cls(recipe, int(config[ex.ROUND]), int(config[ex.LOCAL_STEPS]),
-                   int(config[ex.START_STEP]), int(config[ex.TOTAL_STEPS]),
-                   int(config[ex.EVAL_BATCHES]), bool(config.get(REQUIRE_DP, False)), exchange,
-                   text)
 
 
 class SiteSessions:

@@ -40,7 +40,7 @@ from site_client.local_state import SiteState
 from site_client.round_messages import RoundReply, RoundRequest
 
 if TYPE_CHECKING:
-    from site_client.round_work import Instruction
+    from site_client.instruction import Instruction
 
 __all__ = ["SiteSession", "Trained"]
 

@@ -14,9 +14,10 @@ from fed_unimiss.exchange_link import Exchange, Payload
 from fed_unimiss.federation import load_federation, resolve_recipe
 from fed_unimiss.runtime import Runtime
 from fed_unimiss.ssl.config import recipe_to_dict
+from site_client.instruction import Instruction
 from site_client.local_state import SiteState
 from site_client.round_messages import RoundRequest
-from site_client.round_work import Instruction, SiteSessions
+from site_client.round_work import SiteSessions
 from site_client.site_session import SiteSession
 
 EXCHANGE = ExchangeConfig("q8_delta", "q8_delta", "local")
