@@ -92,24 +92,34 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Put the tests that share an expensive set-up into one xdist group (``--dist loadgroup``).
+    """Put the tests that share an expensive set-up into one xdist group (``--dist loadgroup``),
+    and on xdist workers hand out the modules with slow tests first.
 
     A module-scoped fixture (or a session-scoped one defined in the test module) is built once per
     worker that runs a test of its module, so such a module's tests stay on one worker; so do the
     users of each fixture in SHARED_SESSION_FIXTURES. Every other test goes to whichever worker
-    is free.
+    is free. The scheduler deals tests out in collection order: with the long ones first, the
+    quick ones fill the gaps at the end instead of one worker finishing a long test alone.
+    Whole modules move, so that a module's tests stay together.
     """
     for item in items:
         group = _shared_setup(item)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        slow_modules = {_module(i) for i in items if i.get_closest_marker("slow") is not None}
+        items.sort(key=lambda i: _module(i) not in slow_modules)  # stable: order kept within
+
+
+def _module(item: pytest.Item) -> str:
+    return item.nodeid.split("::", 1)[0]
 
 
 def _shared_setup(item: pytest.Item) -> str | None:
     info = getattr(item, "_fixtureinfo", None)
     if info is None:
         return None
-    module = item.nodeid.split("::", 1)[0]
+    module = _module(item)
     for name in item.fixturenames:
         if name in SHARED_SESSION_FIXTURES:
             return name
