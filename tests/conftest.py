@@ -1,4 +1,5 @@
-"""Shared test fixtures: the real CT/X-ray samples and the repository paths."""
+"""Shared test fixtures (the real CT/X-ray samples, the repository paths) and the suite's set-up
+for running on several pytest-xdist workers (`-n 2 --dist loadgroup` in pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -23,6 +26,14 @@ def real_samples() -> Path:
     they are present, a failed fetch is a test failure, never a silent skip.
     """
     if (SAMPLES_CACHE / ".complete").exists():
+        return SAMPLES_CACHE
+    SAMPLES_CACHE.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(SAMPLES_CACHE) + ".lock"):  # one fetch, whichever worker asks first
+        return _fetch_real_samples()
+
+
+def _fetch_real_samples() -> Path:
+    if (SAMPLES_CACHE / ".complete").exists():  # fetched by another worker while we waited
         return SAMPLES_CACHE
     if not FETCH_SCRIPT.exists():
         pytest.skip(f"real samples unavailable: {FETCH_SCRIPT} does not exist")
@@ -48,3 +59,74 @@ def real_xray() -> Path:
     if path is None:
         pytest.fail("pydicom-data does not provide RG1_UNCR.dcm (is pydicom-data installed?)")
     return Path(path)
+
+
+# ------------------------------------------------------------------ running on xdist workers
+
+# Fixtures of session scope that cost a whole run to build: the tests that use one run on the same
+# worker, so that it is built once (the cheap ones, such as phantom folders, are built per worker).
+SHARED_SESSION_FIXTURES = {"finished_run"}
+
+
+def _worker_count() -> int:
+    return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """On an xdist worker, give torch this worker's share of the cores (1 on 2 cores with -n 2).
+
+    Without it each worker runs torch on every core and the workers wait on each other's threads.
+    The trainers set the thread count from their config (2 in several test configs), so the cap
+    is kept over later calls too; a test's assertions hold at 1 thread and at 2.
+    """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return
+    share = max(1, (os.cpu_count() or 1) // _worker_count())
+    set_threads = torch.set_num_threads
+
+    def capped(n: int) -> None:
+        set_threads(min(int(n), share))
+
+    torch.set_num_threads = capped
+    set_threads(min(torch.get_num_threads(), share))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Put the tests that share an expensive set-up into one xdist group (``--dist loadgroup``),
+    and on xdist workers hand out the modules with slow tests first.
+
+    A module-scoped fixture (or a session-scoped one defined in the test module) is built once per
+    worker that runs a test of its module, so such a module's tests stay on one worker; so do the
+    users of each fixture in SHARED_SESSION_FIXTURES. Every other test goes to whichever worker
+    is free. The scheduler deals tests out in collection order: with the long ones first, the
+    quick ones fill the gaps at the end instead of one worker finishing a long test alone.
+    Whole modules move, so that a module's tests stay together.
+    """
+    for item in items:
+        group = _shared_setup(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        slow_modules = {_module(i) for i in items if i.get_closest_marker("slow") is not None}
+        items.sort(key=lambda i: _module(i) not in slow_modules)  # stable: order kept within
+
+
+def _module(item: pytest.Item) -> str:
+    return item.nodeid.split("::", 1)[0]
+
+
+def _shared_setup(item: pytest.Item) -> str | None:
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return None
+    module = _module(item)
+    for name in item.fixturenames:
+        if name in SHARED_SESSION_FIXTURES:
+            return name
+        defs = info.name2fixturedefs.get(name)
+        if not defs:
+            continue
+        fixture = defs[-1]
+        if fixture.scope == "module" or (fixture.scope == "session" and fixture.baseid == module):
+            return module
+    return None
