@@ -31,7 +31,7 @@ from aggregator.demo import write_federation_yaml
 from aggregator.deploy.runner import AggregatorOptions, read_rounds, run_aggregator
 from aggregator.deploy.superlink import flower_env
 from aggregator.provision import provision
-from fed_unimiss.processes import alive, descendants, session_members
+from fed_unimiss.processes import alive, command_line, descendants, session_members
 from flower_layer.processes import ProcessSet
 from site_client.supernode import EXIT_REFUSED, free_port
 
@@ -244,7 +244,10 @@ def test_aggregator_killed_after_round_1_resumes_at_round_2(world, tmp_path):
         wait_for(lambda: len(read_rounds(run)) >= 1 or first.poll() is not None, 300,
                   "round 1")
         assert first.poll() is None, (tmp_path / "aggregator-1.log").read_text()
-        os.kill(first.pid, signal.SIGKILL)  # a crash: no cleanup, the SuperLink lives on
+        # A crash: no cleanup, the SuperLink lives on. Its orphaned ServerApp is paused too, as
+        # a hung one would be; running on, it could finish round 2 before the resume starts.
+        assert _pause_serverapps(run / "pids"), "no ServerApp of the first aggregator found"
+        os.kill(first.pid, signal.SIGKILL)
         first.wait()
         procs.children.pop("aggregator-1")
         assert len(read_rounds(run)) == 1
@@ -279,6 +282,20 @@ def test_aggregator_killed_after_round_1_resumes_at_round_2(world, tmp_path):
                             text=True)
     assert by_kit.returncode == 0 and "rounds done: 2/2" in by_kit.stdout
     assert leftovers == [], leftovers
+
+
+def _pause_serverapps(pid_dir: Path) -> list[int]:
+    """SIGSTOP the ServerApps in the trees and sessions an aggregator recorded in ``pid_dir``."""
+    pids: set[int] = set()
+    for record in pid_dir.glob("*.pid"):
+        rec = json.loads(record.read_text())
+        pids.update(descendants(int(rec["pid"])))
+        for sid in rec.get("sessions", []):
+            pids.update(session_members(int(sid)))
+    paused = [p for p in sorted(pids) if "serverapp" in command_line(p)]
+    for pid in paused:
+        os.kill(pid, signal.SIGSTOP)
+    return paused
 
 
 def _worker_busy(state: Path) -> bool:
