@@ -41,10 +41,11 @@ def run_one(preset: str, kind: str, mode: str, batch: int, steps: int, warmup: i
 
     from fed_unimiss.privacy import DPSGD, PrivacyConfig
     from fed_unimiss.privacy.dp_sgd import linear_layers
+    from fed_unimiss.ssl.batches import Batch
     from fed_unimiss.ssl.config import load_recipe
     from fed_unimiss.ssl.dp_step import DPStep
     from fed_unimiss.ssl.engine import SelfDistillation
-    from fed_unimiss.ssl.gradient_step import Batch, PlainStep
+    from fed_unimiss.ssl.gradient_step import PlainStep
     from fed_unimiss.ssl.steps import patient_step_loss, per_sample_teacher_logits
 
     torch.set_num_threads(threads)
@@ -69,7 +70,7 @@ def run_one(preset: str, kind: str, mode: str, batch: int, steps: int, warmup: i
             targets = per_sample_teacher_logits(engine.teacher, kind, views)
             dp.step(patient_step_loss(engine.loss_fn, kind), [views, *targets], batch)
         else:
-            plain.update(engine, 20, kind, Batch([views[:, 0], views[:, 1]], batch, 0))
+            plain.update(engine.step_context(), 20, kind, Batch([views[:, 0], views[:, 1]], batch, 0))
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return {"preset": preset, "kind": kind, "mode": mode, "batch": batch,
