@@ -5,7 +5,7 @@ the 2D path), a child process times the plain step of :class:`fed_unimiss.ssl.Se
 (forward, backward, AdamW) and the DP step of :class:`fed_unimiss.ssl.dp_step.DPStep`
 (per-patient gradients with torch.func, Opacus clipping + noise, AdamW) at the same batch and
 inputs, and records its peak RSS. Results go (with ``--write``) into the
-"## Differential privacy (issue 7)" section of docs/benchmarks.md:
+"## Differential privacy" section of docs/benchmarks.md:
 
     .venv/bin/python benchmarks/bench_dp.py --write docs/benchmarks.md
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from markdown_section import replace_section  # sibling: benchmarks/ is sys.path[0] as a script
 
-SECTION = "## Differential privacy (issue 7)"
+SECTION = "## Differential privacy"
 REPO = Path(__file__).resolve().parents[1]
 # Per preset: 2D crop side, 3D view (depth, side). Tiny uses reduced sizes to fit 2 CPU cores.
 SIZES = {"micro": (48, (8, 48)), "tiny": (96, (8, 64))}
