@@ -24,7 +24,7 @@ test: $(STAMP) chromium
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# Issue 16: the dashboard's browser tests drive Debian's chromium (Playwright never downloads a
+# The dashboard's browser tests drive Debian's chromium (Playwright never downloads a
 # browser). Installed with apt where apt and root are available; elsewhere those tests skip and
 # say why.
 chromium:

@@ -101,7 +101,7 @@ def _start(args: argparse.Namespace) -> int:
     from aggregator.dashboard.cli import start_beside
 
     try:
-        dashboard = start_beside(args)  # issue 16: the live page beside the federation
+        dashboard = start_beside(args)  # the live page beside the federation
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_REFUSED
@@ -221,7 +221,7 @@ def _print_probe(series: list[dict[str, Any]]) -> None:
 
 
 def _print_costs(costs: list[dict[str, Any]]) -> None:
-    """Issue 15: each round's wall time and exchange; per site local seconds and bytes down/up."""
+    """Each round's wall time and exchange; per site local seconds and bytes down/up."""
     if not costs:
         return
     print(f"  round costs (exchange {costs[-1].get('exchange') or '-'}; per site: local "

@@ -4,7 +4,7 @@ The round-relative direction check and the robust aggregation modes need, for ev
 of the model, the replies' values in order (a median, a trimmed mean, each reply's median of the
 others). ``torch.sort`` along the replies' axis is a general sort per coordinate; with the
 handful of replies a round has, a fixed sorting network of elementwise ``minimum``/``maximum``
-over whole rows is 4-6x faster on CPU (3-32 replies of 2 M values; measured for issue 15) and
+over whole rows is 4-6x faster on CPU (measured with 3-32 replies of 2 M values) and
 gives exactly the same values.
 
 The network is Batcher's odd-even merge sort (Knuth, TAOCP vol. 3, 5.3.4) for any row count:

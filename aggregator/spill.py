@@ -3,7 +3,7 @@
 The round-relative checks (:mod:`aggregator.screening`: norm against the round's median,
 direction against the coordinate-wise median) and the robust aggregations need every reply of
 the round, so the strategy cannot fold a reply and forget it. Holding the decoded replies in
-memory cost one state per site (issue 15 measured 7.6-8x the state for a tiny round). Instead each
+memory cost one state per site (measured: 7.6-8x the state in a tiny round). Instead each
 reply is decoded, validated and written here one tensor at a time as it arrives, and read back
 one tensor at a time when the round closes. Reads use ``numpy.fromfile`` into ordinary memory
 (not a memory map), so a read tensor is freed as soon as it is folded and the process's resident

@@ -1,7 +1,7 @@
 """Data-layer benchmark: `data check` throughput and the cost of caching the real CT series.
 
 Run: .venv/bin/python benchmarks/bench_data.py [--samples .cache/real-samples] [--no-write]
-Writes the "## Data layer (issue 2)" section of docs/benchmarks.md (other sections untouched).
+Writes the "## Data layer" section of docs/benchmarks.md (other sections untouched).
 Each measurement runs in a fresh subprocess so peak RSS (ru_maxrss) belongs to it alone.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from markdown_section import replace_section  # sibling: benchmarks/ is sys.path[0] as a script
 
 REPO = Path(__file__).resolve().parents[1]
-HEADING = "## Data layer (issue 2)"
+HEADING = "## Data layer"
 
 _CHILD = r"""
 import json, resource, sys, tempfile, time

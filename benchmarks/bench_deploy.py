@@ -1,11 +1,11 @@
-"""Deployment benchmark: where a round's time and bytes go on loopback (issues 6 and 15).
+"""Deployment benchmark: where a round's time and bytes go on loopback.
 
 A real deployment on 127.0.0.1 (provisioned CA and keys, SuperLink with TLS and site
 authentication, two ``fed-unimiss site start`` processes on phantom X-ray data) runs a few rounds
 of the real ServerApp/ClientApp per model preset and *arm*:
 
 - ``cold-fp32``: no warm worker (``site start --no-worker``: every message imports torch and
-  builds the model in Flower's fresh ``flwr-clientapp`` process), fp32 exchange (issue 6's setup);
+  builds the model in Flower's fresh ``flwr-clientapp`` process), fp32 exchange (the baseline);
 - ``warm-fp32``: the site's warm worker, fp32 exchange;
 - ``warm-compressed``: the warm worker and the shipped exchange (int8 deltas both ways).
 
@@ -26,7 +26,7 @@ Usage::
 
     .venv/bin/python benchmarks/bench_deploy.py --presets micro tiny --rounds 3
 
-Results replace the "## Deployment (issues 6, 15)" section of docs/benchmarks.md.
+Results replace the "## Deployment" section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -45,8 +45,7 @@ from pathlib import Path
 from markdown_section import replace_section  # sibling: benchmarks/ is sys.path[0] as a script
 
 REPO = Path(__file__).resolve().parents[1]
-SECTION = "## Deployment (issues 6, 15)"
-OLD_SECTION = "## Deployment (issue 6)"
+SECTION = "## Deployment"
 ARMS = {  # name -> (warm worker, exchange)
     "cold-fp32": (False, {"down": "fp32", "up": "fp32", "teacher": "exchanged"}),
     "warm-fp32": (True, {"down": "fp32", "up": "fp32", "teacher": "exchanged"}),
@@ -252,10 +251,7 @@ def main() -> int:
         text = _markdown(results, load, sys.argv[1:])
     print(text)
     doc = Path(args.doc)
-    if OLD_SECTION in doc.read_text():
-        replace_section(doc, OLD_SECTION, text)
-    else:
-        replace_section(doc, SECTION, text)
+    replace_section(doc, SECTION, text)
     return 0
 
 

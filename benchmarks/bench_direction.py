@@ -1,4 +1,4 @@
-"""The direction check's margin (issue 17): how honest and sign-flipped updates point.
+"""The direction check's margin: how honest and sign-flipped updates point.
 
 A sign-flipped update has an honest norm, so only its direction gives it away. The aggregator
 compares each reply's *teacher* update with the coordinate-wise median of the other replies'
@@ -35,7 +35,7 @@ from markdown_section import replace_section  # sibling: benchmarks/ is sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SECTION = "## The direction check's margin (issue 17)"
+SECTION = "## The direction check's margin"
 # name -> sites (name, CT volumes, X-ray films, phantom seed); M is added to each.
 LAYOUTS = {
     "mixed": (("ct", 2, 0, 1), ("xr", 0, 4, 2), ("both", 1, 2, 3)),  # as test_attacks.py

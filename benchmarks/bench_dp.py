@@ -5,7 +5,7 @@ the 2D path), a child process times the plain step of :class:`fed_unimiss.ssl.Se
 (forward, backward, AdamW) and the DP step of :class:`fed_unimiss.ssl.dp_step.DPStep`
 (per-patient gradients with torch.func, Opacus clipping + noise, AdamW) at the same batch and
 inputs, and records its peak RSS. Results go (with ``--write``) into the
-"## Differential privacy (issue 7)" section of docs/benchmarks.md:
+"## Differential privacy" section of docs/benchmarks.md:
 
     .venv/bin/python benchmarks/bench_dp.py --write docs/benchmarks.md
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from markdown_section import replace_section  # sibling: benchmarks/ is sys.path[0] as a script
 
-SECTION = "## Differential privacy (issue 7)"
+SECTION = "## Differential privacy"
 REPO = Path(__file__).resolve().parents[1]
 # Per preset: 2D crop side, 3D view (depth, side). Tiny uses reduced sizes to fit 2 CPU cores.
 SIZES = {"micro": (48, (8, 48)), "tiny": (96, (8, 64))}
@@ -41,10 +41,11 @@ def run_one(preset: str, kind: str, mode: str, batch: int, steps: int, warmup: i
 
     from fed_unimiss.privacy import DPSGD, PrivacyConfig
     from fed_unimiss.privacy.dp_sgd import linear_layers
+    from fed_unimiss.ssl.batches import Batch
     from fed_unimiss.ssl.config import load_recipe
     from fed_unimiss.ssl.dp_step import DPStep
     from fed_unimiss.ssl.engine import SelfDistillation
-    from fed_unimiss.ssl.gradient_step import Batch, PlainStep
+    from fed_unimiss.ssl.gradient_step import PlainStep
     from fed_unimiss.ssl.steps import patient_step_loss, per_sample_teacher_logits
 
     torch.set_num_threads(threads)
@@ -69,7 +70,7 @@ def run_one(preset: str, kind: str, mode: str, batch: int, steps: int, warmup: i
             targets = per_sample_teacher_logits(engine.teacher, kind, views)
             dp.step(patient_step_loss(engine.loss_fn, kind), [views, *targets], batch)
         else:
-            plain.update(engine, 20, kind, Batch([views[:, 0], views[:, 1]], batch, 0))
+            plain.update(engine.step_context(), 20, kind, Batch([views[:, 0], views[:, 1]], batch, 0))
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return {"preset": preset, "kind": kind, "mode": mode, "batch": batch,

@@ -29,7 +29,7 @@ from pathlib import Path
 from markdown_section import replace_section  # sibling: benchmarks/ is sys.path[0] as a script
 
 REPO = Path(__file__).resolve().parents[1]
-SECTION = "## Engine step per preset and precision (issue 14)"
+SECTION = "## Engine step per preset and precision"
 
 
 def _child(spec: dict) -> dict:

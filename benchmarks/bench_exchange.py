@@ -1,4 +1,4 @@
-"""Compressed exchange candidates, each alone and combined: bytes, drift, loss (issue 15).
+"""Compressed exchange candidates, each alone and combined: bytes, drift, loss.
 
 Runs the real ServerApp and ClientApps in process (``simulate``) on two phantom sites (CT +
 X-rays each), the micro recipe, for every exchange in :data:`VARIANTS`, and reads back from
@@ -27,7 +27,7 @@ from pathlib import Path
 from markdown_section import replace_section  # sibling: benchmarks/ is sys.path[0] as a script
 
 REPO = Path(__file__).resolve().parents[1]
-SECTION = "## Exchange codecs (issue 15)"
+SECTION = "## Exchange codecs"
 
 VARIANTS = {  # name -> exchange section
     "fp32": {"down": "fp32", "up": "fp32", "teacher": "exchanged"},

@@ -1,4 +1,4 @@
-"""Bytes on the wire and aggregator cost of one federated round (issue 5).
+"""Bytes on the wire and aggregator cost of one federated round.
 
 1. Bytes per site per round, both directions, for the micro, tiny and small presets: the real
    instruction and reply records (ArrayRecord of student + teacher + center, config/metric
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from markdown_section import replace_section  # sibling: benchmarks/ is sys.path[0] as a script
 
-SECTION = "## Federation (issue 5)"
+SECTION = "## Federation"
 
 
 def _rss_mb() -> float:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from markdown_section import replace_section  # sibling: benchmarks/ is sys.path[0] as a script
 
-SECTION = "## Model training step (issues 3, 14)"
+SECTION = "## Model training step"
 INPUTS = {"2d": (3, 224, 224), "3d": (1, 16, 96, 96)}
 HEAD_OUT = 65536  # the reference's --out_dim default; our presets' head_out_dim
 REFERENCE_ARCH = {"tiny": "model_tiny", "small": "model_small"}

@@ -25,7 +25,7 @@ import yaml
 from markdown_section import replace_section  # sibling: benchmarks/ is sys.path[0] as a script
 
 REPO = Path(__file__).resolve().parents[1]
-SECTION = "## bf16 against fp32: training equivalence (issue 14)"
+SECTION = "## bf16 against fp32: training equivalence"
 CLI = [sys.executable, "-m", "fed_unimiss.cli.main"]
 
 

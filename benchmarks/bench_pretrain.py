@@ -9,7 +9,7 @@ measure the engine, not disk I/O.
     .venv/bin/python benchmarks/bench_pretrain.py                      # print the table
     .venv/bin/python benchmarks/bench_pretrain.py --write docs/benchmarks.md
 
-``--write`` replaces only the "## Pretraining steps (issue 4)" section of the markdown file.
+``--write`` replaces only the "## Pretraining steps" section of the markdown file.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from markdown_section import replace_section  # sibling: benchmarks/ is sys.path[0] as a script
 
-SECTION = "## Pretraining steps (issue 4)"
+SECTION = "## Pretraining steps"
 REPO = Path(__file__).resolve().parents[1]
 
 

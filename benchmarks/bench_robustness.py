@@ -1,4 +1,4 @@
-"""One attacking site against each aggregation mode (issue 17): the robustness table.
+"""One attacking site against each aggregation mode: the robustness table.
 
 For every aggregation mode (mean, clipped_mean, median, trimmed_mean) this runs, with the real
 ServerApp and ClientApps in process (``simulate``) on phantom sites and the micro federation
@@ -34,7 +34,7 @@ from markdown_section import replace_section  # sibling: benchmarks/ is sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SECTION = "## Robustness to one attacking site (issue 17)"
+SECTION = "## Robustness to one attacking site"
 MODES = ("mean", "clipped_mean", "median", "trimmed_mean")
 ATTACKS = ("replace", "inflate", "signflip", "noise", "nan", "stale")
 HONEST = (("ct", 2, 0, 1), ("xr", 0, 4, 2), ("both", 1, 2, 3))
@@ -44,8 +44,7 @@ ATTACKER = ("M", 1, 3, 4)
 def _heading(exchange: tuple[str, str]) -> str:
     if exchange == ("fp32", "fp32"):
         return SECTION
-    return SECTION.replace(" (issue 17)", f", exchange down={exchange[0]} up={exchange[1]} "
-                           "(issue 17)")
+    return f"{SECTION}, exchange down={exchange[0]} up={exchange[1]}"
 
 
 def _config(root: Path, mode: str, local_steps: int, exchange: tuple[str, str]) -> Path:

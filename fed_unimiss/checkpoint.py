@@ -78,7 +78,7 @@ def _atomic_save_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """:func:`atomic_write_bytes` for tensors, streamed from their memory to the file.
 
     ``safetensors.torch.save`` builds the whole file as bytes first (one more copy of the state
-    in memory: issue 15 measured it as the coordinator's peak); ``save_file`` writes from the
+    in memory, measured as the coordinator's peak); ``save_file`` writes from the
     tensors' own buffers.
     """
     _atomic_replace(path, lambda tmp: save_file(tensors, tmp), 0o644)

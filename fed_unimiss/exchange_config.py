@@ -1,4 +1,4 @@
-"""The federation's ``exchange:`` section: which codec each direction uses (issue 15).
+"""The federation's ``exchange:`` section: which codec each direction uses.
 
 Light (no torch): the federation config and the site's ClientApp shim import it. The codecs
 themselves are in :mod:`fed_unimiss.exchange_codec`.

@@ -79,15 +79,15 @@ class FederationConfig:
     probe_every: int = 0
     # Seconds between polls for replies (Flower's own send_and_receive sleeps 3 s).
     poll_interval: float = 0.2
-    # Issue 7: dp-* node config (e.g. {dp-epsilon: 8, dp-delta: 1e-5}) that every SIMULATED site
+    # dp-* node config (e.g. {dp-epsilon: 8, dp-delta: 1e-5}) that every SIMULATED site
     # starts with (simulate/demo only; a deployed site sets its own with `site start --dp-...`).
     site_privacy: dict[str, Any] | None = None
-    # Issue 7: accept updates from differentially private sites only. Every train instruction
+    # Accept updates from differentially private sites only. Every train instruction
     # says so; a site without DP refuses (error 5103) rather than release a non-private update,
     # and a reply without the `epsilon` a DP site reports is rejected. The aggregator cannot
     # verify DP: it trusts each site's report (docs/privacy.md, "Required DP").
     require_dp: bool = False
-    # Issue 15: how the state travels (fed_unimiss/exchange_codec.py; docs/federation.md,
+    # How the state travels (fed_unimiss/exchange_codec.py; docs/federation.md,
     # "Exchange"). down: fp32 | bf16 | fp16 | q8_delta (int8 change of a base the sites hold,
     # error feedback at the aggregator); up: fp32 | bf16 | fp16 | q8_delta (int8 update, error
     # feedback at the site); teacher: exchanged | local (a method change). Announced in

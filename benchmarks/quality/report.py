@@ -15,6 +15,9 @@ import statistics
 import sys
 from pathlib import Path
 
+from doc_markers import replace_section
+from seed_pairs import paired, t_halfwidth
+
 REPO = Path(__file__).resolve().parents[2]
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 ARMS = ["scratch", "central", "central_teacher", "federated", "federated_fp32", "central_3d"]
@@ -27,25 +30,6 @@ LABELS = {
     "central_3d": "centralized 3D only",
 }
 CLASSES = ["lung", "liver", "kidney", "bone", "lesion"]
-
-
-def _t_halfwidth(vals: list[float]) -> float:
-    """Half-width of the 95 % t-interval of the mean (NaN for fewer than two values)."""
-    if len(vals) < 2:
-        return math.nan
-    from scipy import stats
-
-    return float(stats.t.ppf(0.975, len(vals) - 1) * statistics.stdev(vals) / math.sqrt(len(vals)))
-
-
-def paired(a: dict[int, float | None], b: dict[int, float | None]) -> dict | None:
-    """Mean and 95 % t-interval half-width of a[s] - b[s] over the seeds s both have (None
-    when fewer than two pairs): the seed is what the two runs share, so its variation cancels."""
-    diffs = [a[s] - b[s] for s in sorted(a.keys() & b.keys())
-             if a[s] is not None and b[s] is not None]
-    if len(diffs) < 2:
-        return None
-    return {"mean": statistics.mean(diffs), "ci95": _t_halfwidth(diffs), "n": len(diffs)}
 
 
 def paired_difference(rows: list[dict], a: str, b: str, frac: float) -> dict | None:
@@ -113,7 +97,7 @@ def summarise(rows: list[dict]) -> dict[tuple[str, float], dict]:
             out[(arm, frac)] = {
                 "mean": statistics.mean(vals),
                 "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                "ci95": _t_halfwidth(vals),
+                "ci95": t_halfwidth(vals),
                 "n": len(vals),
                 "seeds": [round(v, 3) for v in vals],
                 "per_class": per_class,
@@ -191,16 +175,6 @@ def plot(summary: dict, rows: list[dict], path: Path) -> None:
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def replace_section(text: str, begin: str, end: str, body: str) -> str:
-    """``text`` with what lies between the markers replaced by ``body`` (markers appended
-    when missing); the prose around them is kept."""
-    if begin not in text or end not in text:
-        text += f"\n{begin}\n{end}\n"
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    return f"{head}{begin}\n{body}\n{end}{tail}"
 
 
 def main(argv: list[str] | None = None) -> int:

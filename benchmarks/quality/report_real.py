@@ -13,7 +13,8 @@ import math
 import statistics
 from pathlib import Path
 
-from report import _t_halfwidth, paired, replace_section
+from doc_markers import replace_section
+from seed_pairs import paired, t_halfwidth
 
 BEGIN, END = "<!-- quality-real:begin -->", "<!-- quality-real:end -->"
 ARMS = ["random", "scratch", "central", "central_3d", "federated"]
@@ -65,7 +66,7 @@ def _cell(values: dict[int, float]) -> str:
         return "-"
     if len(vals) == 1:
         return f"{vals[0]:.3f} (n=1)"
-    return f"{statistics.mean(vals):.3f} ± {_t_halfwidth(vals):.3f} (n={len(vals)})"
+    return f"{statistics.mean(vals):.3f} ± {t_halfwidth(vals):.3f} (n={len(vals)})"
 
 
 def _label_counts(rows: list[dict]) -> list[int]:

@@ -24,8 +24,8 @@ import numpy as np
 
 from .labels import LabelError
 
-__all__ = ["TableRow", "ClassTable", "read_class_table", "resolve_files", "class_names_of",
-           "multi_hot", "NIH_COLUMNS"]
+__all__ = ["TableRow", "ClassTable", "read_class_table", "read_label_csv", "resolve_files",
+           "class_names_of", "multi_hot", "NIH_COLUMNS"]
 
 # NIH's column names (file, findings, patient), exactly as in Data_Entry_2017.csv.
 NIH_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
@@ -148,6 +148,21 @@ def resolve_files(table: ClassTable, rows: Sequence[TableRow], root: str | Path)
             raise LabelError(f"{table.path}:{row.line}: {row.file} does not exist{under}")
         out.append(target)
     return out
+
+
+def read_label_csv(
+    path: str | Path, num_classes: int | None = None, base: str | Path | None = None
+) -> dict[Path, int]:
+    """Read a ``file,label`` table; files are relative to ``base`` (default: the CSV's folder).
+
+    Every problem names the CSV and the line: missing header, a non-integer or out-of-range
+    label, a duplicate or missing file. It is :func:`read_class_table` for single-label tables
+    without patients, with the files resolved.
+    """
+    path = Path(path)
+    table = read_class_table(path, multi_label=False, num_classes=num_classes)
+    files = resolve_files(table, table.rows, base if base is not None else path.parent)
+    return {f: int(r.target) for f, r in zip(files, table.rows, strict=True)}  # type: ignore[arg-type]
 
 
 def class_names_of(rows: Sequence[TableRow]) -> tuple[str, ...]:

@@ -1,6 +1,8 @@
-"""Downstream labels: segmentation label maps (NIfTI / PNG) and classification tables (CSV).
+"""Segmentation label maps (NIfTI / PNG), and the :class:`LabelError` every label reader raises.
 
-Every check here raises :class:`LabelError` naming the file (and the CSV line) and saying what is
+Classification tables (CSV) are read by :mod:`fed_unimiss.finetune.label_tables`.
+
+Every check here raises :class:`LabelError` naming the file and saying what is
 wrong and how to fix it: a label map whose shape differs from its image, values that are not
 integers, or classes outside ``[0, num_classes)``. A label map is read through the same NIfTI
 reader as its image (:func:`fed_unimiss.data.nifti.read_nifti`, RAS+ then (D, H, W)), so both
@@ -25,7 +27,6 @@ __all__ = [
     "LabelError",
     "read_label_map",
     "check_label_map",
-    "read_label_csv",
     "resample_pair",
     "LABEL_MAP_SUFFIXES",
 ]
@@ -90,23 +91,6 @@ def check_label_map(
             f"{path}: label {high} is outside the class range 0..{num_classes - 1} "
             f"(num_classes = {num_classes}); raise num_classes or fix the label map"
         )
-
-
-def read_label_csv(
-    path: str | Path, num_classes: int | None = None, base: str | Path | None = None
-) -> dict[Path, int]:
-    """Read a ``file,label`` table; files are relative to ``base`` (default: the CSV's folder).
-
-    Every problem names the CSV and the line: missing header, a non-integer or out-of-range
-    label, a duplicate or missing file. (The full reader, with NIH tables, multi-label rows and
-    patients, is :mod:`fed_unimiss.finetune.label_tables`.)
-    """
-    from .label_tables import read_class_table, resolve_files
-
-    path = Path(path)
-    table = read_class_table(path, multi_label=False, num_classes=num_classes)
-    files = resolve_files(table, table.rows, base if base is not None else path.parent)
-    return {f: int(r.target) for f, r in zip(files, table.rows, strict=True)}  # type: ignore[arg-type]
 
 
 def resample_pair(

@@ -17,7 +17,7 @@ Deliberate differences from the reference (same parameters, same results at its 
   larger than the token grid along an axis sees that axis replicate-padded to the kernel size;
 - attention runs through ``F.scaled_dot_product_attention``; activations are not in-place and
   every token-to-map reshape that feeds a conv is made contiguous (Opacus-friendly);
-- speed, same function up to float rounding (issue 14, tests/models pin each against the plain
+- speed, same function up to float rounding (tests/models pin each against the plain
   computation): the 3D spatial-reduction conv runs as one matmul on its non-overlapping blocks,
   and ``forward`` (which returns only the decoder CLS) runs the decoder's last block for the
   CLS row alone; ``forward_intermediates`` still computes every map;

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -35,14 +34,14 @@ from fed_unimiss import exchange as ex
 from fed_unimiss.privacy.config import CENTER_GAUSSIAN, PrivacyConfig
 from fed_unimiss.privacy.dp_sgd import DPSGD, linear_layers, noised_mean
 from fed_unimiss.privacy.sampling import PatientPoissonSampler, sample_rate_for
+from fed_unimiss.ssl.batches import Batch, item_views
 from fed_unimiss.ssl.config import Recipe
-from fed_unimiss.ssl.gradient_step import Batch, StepResult, check_finite, item_views
+from fed_unimiss.ssl.gradient_step import StepResult, check_finite
 from fed_unimiss.ssl.schedules import Phase
 from fed_unimiss.ssl.site_data import SiteData
+from fed_unimiss.ssl.step_context import StepContext
 from fed_unimiss.ssl.steps import patient_step_loss, per_sample_teacher_logits
-
-if TYPE_CHECKING:
-    from fed_unimiss.ssl.engine import SelfDistillation, TrainStats
+from fed_unimiss.ssl.train_stats import TrainStats
 
 __all__ = ["DPStep", "check_dp_recipe", "site_sample_rate"]
 
@@ -117,7 +116,7 @@ class DPStep:
         seed = secrets.randbits(63) if dp_seed is None else int(dp_seed)
         self._dp_gen = torch.Generator().manual_seed(seed)
         self._noise_seed = seed ^ 0x5DEECE66D
-        self._noise_gen: torch.Generator | None = None  # made on the engine's device in begin()
+        self._noise_gen: torch.Generator | None = None  # made on the context's device in begin()
         self._sampler: PatientPoissonSampler | None = None
         self._dp: DPSGD | None = None
         self._expected = 0.0
@@ -126,47 +125,47 @@ class DPStep:
         check_dp_recipe(recipe)
 
     # ------------------------------------------------------------------ hooks
-    def begin(self, engine: SelfDistillation, data: SiteData) -> None:
+    def begin(self, ctx: StepContext, data: SiteData) -> None:
         groups = _patients(data)
         num_patients = _num_patients(groups)
         q = sample_rate_for(self.privacy.patients_per_step, num_patients)
         self._sampler = PatientPoissonSampler(groups, q)
         self._expected = q * num_patients
-        if self._noise_gen is None or self._noise_gen.device != engine.device:
+        if self._noise_gen is None or self._noise_gen.device != ctx.device:
             # Opacus draws the gradient noise on the parameters' device, from this generator
-            self._noise_gen = torch.Generator(device=engine.device).manual_seed(self._noise_seed)
-        self._dp = DPSGD(engine.student, engine.optimizer, self.noise_multiplier,
+            self._noise_gen = torch.Generator(device=ctx.device).manual_seed(self._noise_seed)
+        self._dp = DPSGD(ctx.student, ctx.optimizer, self.noise_multiplier,
                          self.privacy.max_grad_norm, self._expected, self._noise_gen,
-                         self.privacy.secure_mode, ghost=linear_layers(engine.student))
+                         self.privacy.secure_mode, ghost=linear_layers(ctx.student))
 
-    def end(self, engine: SelfDistillation) -> None:
-        for p in engine.params_3d():
+    def end(self, ctx: StepContext) -> None:
+        for p in ctx.params_3d:
             p.requires_grad_(True)
 
-    def batch(self, engine: SelfDistillation, data: SiteData, phase: Phase, position: int,
+    def batch(self, ctx: StepContext, data: SiteData, phase: Phase, position: int,
               step: int) -> Batch:
         """Views of the sampled patients stacked as (B, 2, C, ...); ``position`` is unused."""
         idx = self._require_sampler().sample(phase, self._dp_gen)
-        items, skipped = data.load(phase, idx, min_depth=engine.cfg.view_depth)
-        per_sample, bad = item_views(items, list(range(len(items))), phase, engine.cfg,
+        items, skipped = data.load(phase, idx, min_depth=ctx.cfg.view_depth)
+        per_sample, bad = item_views(items, list(range(len(items))), phase, ctx.cfg,
                                      "dp-views", step)
         if not per_sample:
             return Batch(None, 0, skipped + bad)
-        views = torch.stack([torch.stack(v) for v in per_sample]).to(engine.device)
+        views = torch.stack([torch.stack(v) for v in per_sample]).to(ctx.device)
         return Batch(views, len(per_sample), skipped + bad)
 
-    def update(self, engine: SelfDistillation, step: int, phase: Phase, batch: Batch
+    def update(self, ctx: StepContext, step: int, phase: Phase, batch: Batch
                ) -> StepResult:
-        self._freeze(engine, step, phase)
+        self._freeze(ctx, step, phase)
         views, b = batch.views, batch.size
-        targets = [] if views is None else per_sample_teacher_logits(engine.teacher, phase, views)
+        targets = [] if views is None else per_sample_teacher_logits(ctx.teacher, phase, views)
         inputs = [] if views is None else [views, *targets]
         dp = self._dp
         if dp is None:
             raise RuntimeError("DPStep.update() before begin()")
-        row_losses = dp.step(patient_step_loss(engine.loss_fn, phase), inputs, b)
-        engine.student.head.renormalize_last_layer()
-        self._update_center(engine, targets, b)
+        row_losses = dp.step(patient_step_loss(ctx.loss_fn, phase), inputs, b)
+        ctx.student.head.renormalize_last_layer()
+        self._update_center(ctx, targets, b)
         if not b:
             return StepResult(float("nan"))
         loss = float(row_losses.mean())
@@ -179,22 +178,22 @@ class DPStep:
             raise RuntimeError("DPStep.batch() before begin()")
         return self._sampler
 
-    def _freeze(self, engine: SelfDistillation, step: int, phase: Phase) -> None:
+    def _freeze(self, ctx: StepContext, step: int, phase: Phase) -> None:
         """Frozen tensors are neither clipped, noised nor moved: lr 0 / no gradient at all."""
-        if engine.schedules.last_layer_frozen(step):  # lr 0 instead of zeroed grads (noise)
-            for group in engine.optimizer.param_groups:
+        if ctx.schedules.last_layer_frozen(step):  # lr 0 instead of zeroed grads (noise)
+            for group in ctx.optimizer.param_groups:
                 if group.get("name") == "last_layer":
                     group["lr"] = 0.0
                     group["weight_decay"] = 0.0
-        for p in engine.params_3d():  # X-ray steps: the 3D tensors sit out
+        for p in ctx.params_3d:  # X-ray steps: the 3D tensors sit out
             p.requires_grad_(phase != "2d")
 
     @torch.no_grad()
-    def _update_center(self, engine: SelfDistillation, targets: list[Tensor], batch: int) -> None:
+    def _update_center(self, ctx: StepContext, targets: list[Tensor], batch: int) -> None:
         """"frozen": keep the received center; "gaussian": EMA towards a noised patient mean."""
         if self.privacy.center != CENTER_GAUSSIAN:
             return
-        center = engine.loss_fn.center
+        center = ctx.loss_fn.center
         k = center.shape[1]
         if batch:
             rows = torch.cat([t.reshape(batch, -1, k) for t in targets], dim=1).mean(dim=1)
@@ -202,10 +201,10 @@ class DPStep:
             rows = center.new_zeros((0, k))
         mean = noised_mean(rows, self.privacy.center_clip, self.noise_multiplier, self._expected,
                            self._noise_gen)
-        engine.loss_fn.update_center_to(mean)
+        ctx.loss_fn.update_center_to(mean)
 
     # ------------------------------------------------------------------ public
-    def public_metrics(self, engine: SelfDistillation, data: SiteData, start_step: int,
+    def public_metrics(self, ctx: StepContext, data: SiteData, start_step: int,
                        num_steps: int, stats: TrainStats) -> dict[str, float]:
         """Counts a DP site may release: functions of the public schedule and config only.
 
@@ -213,11 +212,11 @@ class DPStep:
         without noise, so they stay in the site log; the aggregator's sample weights use the
         *expected* patients per step instead.
         """
-        phases = [engine.schedules.phase(s, data.has_2d, data.has_3d)
+        phases = [ctx.schedules.phase(s, data.has_2d, data.has_3d)
                   for s in range(start_step, start_step + num_steps)]
         per_step = float(self.privacy.patients_per_step)
         steps_2d, steps_3d = phases.count("2d"), phases.count("3d")
-        s2d = round(per_step * (steps_2d + steps_3d * engine.cfg.view_depth))
+        s2d = round(per_step * (steps_2d + steps_3d * ctx.cfg.view_depth))
         s3d = round(per_step * steps_3d)
         return {ex.SAMPLES_2D: s2d, ex.SAMPLES_3D: s3d, ex.NUM_EXAMPLES: s2d + s3d,
                 ex.STEPS: float(stats.steps)}

@@ -21,12 +21,12 @@ Full checkpoints (:meth:`state_dict`) add the AdamW state as ``optim.<param name
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,50 +36,24 @@ from fed_unimiss.exchange import CENTER_KEY, STUDENT_PREFIX, TEACHER_PREFIX
 from fed_unimiss.models import UniMiSSNet, dimension_of
 from fed_unimiss.models.classify import DIM_3D
 from fed_unimiss.optim import decay_groups
-from fed_unimiss.runtime import autocast, autocast_dtype, grad_scaler
+from fed_unimiss.runtime import autocast_dtype, grad_scaler
 from fed_unimiss.ssl import distributed
+from fed_unimiss.ssl.batches import Batch, stream_batch
 from fed_unimiss.ssl.config import Recipe
 from fed_unimiss.ssl.dino_loss import DINOLoss
-from fed_unimiss.ssl.gradient_step import (
-    Batch,
-    GradientStep,
-    PlainStep,
-    clip_gradients,
-    item_views,
-)
+from fed_unimiss.ssl.gradient_step import GradientStep, PlainStep
 from fed_unimiss.ssl.schedules import Phase, Schedules, phase_steps_before
 from fed_unimiss.ssl.site_data import SiteData
-from fed_unimiss.ssl.steps import StepOutput, ct_step_loss, xray_step_loss
+from fed_unimiss.ssl.step_context import StepContext
+from fed_unimiss.ssl.steps import StepOutput
+from fed_unimiss.ssl.train_stats import TrainStats
 
-__all__ = ["SelfDistillation", "TrainStats", "param_groups", "clip_gradients", "GradientStep",
-           "PlainStep"]
+__all__ = ["SelfDistillation", "TrainStats", "param_groups"]
 
 log = logging.getLogger(__name__)
 
 OPTIM_PREFIX = "optim."
 LAST_LAYER_PREFIX = "head.last_layer."
-
-
-@dataclass
-class TrainStats:
-    """Summary of one :meth:`SelfDistillation.train_steps` call."""
-
-    steps: int = 0              # optimizer steps taken (steps with an empty batch are not)
-    samples_2d: int = 0         # X-ray images + CT slices through the 2D path (per sample)
-    samples_3d: int = 0         # CT sub-volumes through the 3D path
-    loss: float = float("nan")  # mean loss over the steps taken
-    # Mean loss over the X-ray (2D) steps and the CT (3D) steps apart: the two losses differ in
-    # scale, so a round mixing them can hide the trend of either (the demo prints both).
-    loss_2d: float = float("nan")
-    loss_3d: float = float("nan")
-    seconds: float = 0.0
-    samples_per_s: float = 0.0  # (X-ray images + CT sub-volumes) / seconds, all processes
-    skipped: int = 0            # corrupt or unreadable items
-    empty_batches: int = 0      # steps skipped because every item of the batch was bad
-    teacher_entropy: float = float("nan")
-    batch_entropy: float = float("nan")
-    kl: float = float("nan")
-    history: list[dict[str, Any]] = field(default_factory=list)  # one metric dict per step
 
 
 def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
@@ -217,30 +191,22 @@ class SelfDistillation:
         self.load_optimizer_state_tensors(state)
 
     # ------------------------------------------------------------------ one step
-    def autocast(self):
+    def step_context(self) -> StepContext:
+        """What the gradient step works with, built afresh so a replaced scaler is seen."""
+        return StepContext(student=self.student, teacher=self.teacher, loss_fn=self.loss_fn,
+                           optimizer=self.optimizer, scaler=self.scaler,
+                           schedules=self.schedules, cfg=self.cfg, device=self.device,
+                           precision=self.precision, params_3d=self.params_3d())
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
         """The forward's mixed-precision context (a no-op in fp32)."""
-        return autocast(self.device, self.precision)
+        return self.step_context().autocast()
 
     def batch_at(self, data: SiteData, phase: Phase, position: int, tag: str,
                  step: int) -> Batch:
-        """Two stacked views of this process's shard of the batch at ``position`` of ``phase``.
-
-        The views of an item are seeded by its position in the global batch, so one process and
-        N processes see the same views of the same items.
-        """
-        cfg = self.cfg
-        bs = cfg.batch_size_2d if phase == "2d" else cfg.batch_size_3d
-        items, positions, skipped = [], [], 0
-        for pos, i in distributed.shard(data.batch_indices(phase, position, bs, cfg.seed)):
-            good, bad = data.load(phase, [i], min_depth=cfg.view_depth)
-            items += good
-            positions += [pos] * len(good)
-            skipped += bad
-        per_sample, bad = item_views(items, positions, phase, cfg, tag, step)
-        if not per_sample:
-            return Batch(None, 0, skipped + bad)
-        views = [torch.stack([v[i] for v in per_sample]).to(self.device) for i in range(2)]
-        return Batch(views, len(per_sample), skipped + bad)
+        """Two stacked views of this process's shard of the batch at ``position`` of ``phase``
+        (:func:`fed_unimiss.ssl.batches.stream_batch`)."""
+        return stream_batch(data, phase, position, tag, step, self.cfg, self.device)
 
     def params_3d(self) -> list[torch.nn.Parameter]:
         """The student's 3D-specific parameters (they sit out the X-ray steps)."""
@@ -256,9 +222,7 @@ class SelfDistillation:
     def step_loss(self, phase: Phase, views: list[Tensor], update_center: bool = True,
                   teacher_out: list[Tensor] | None = None) -> StepOutput:
         """The batch loss of one plain step (:mod:`fed_unimiss.ssl.steps`)."""
-        loss = xray_step_loss if phase == "2d" else ct_step_loss
-        return loss(self.student, self.teacher, self.loss_fn, views, update_center=update_center,
-                    koleo_weight=self.cfg.koleo_weight, teacher_out=teacher_out)
+        return self.step_context().step_loss(phase, views, update_center, teacher_out)
 
     @torch.no_grad()
     def _update_teacher(self, step: int) -> None:
@@ -281,9 +245,9 @@ class SelfDistillation:
         stats = TrainStats()
         self.student.train()
         self.teacher.train()
-        grad_step = self.gradient_step
+        grad_step, ctx = self.gradient_step, self.step_context()
         losses, view_samples, t0 = [], 0, time.perf_counter()
-        grad_step.begin(self, data)
+        grad_step.begin(ctx, data)
         try:
             for step in range(start_step, start_step + num_steps):
                 t_step = time.perf_counter()
@@ -291,7 +255,7 @@ class SelfDistillation:
                 position = phase_steps_before(step, phase, self.schedules.steps_per_epoch,
                                               self.cfg.alternate_interval, data.has_2d,
                                               data.has_3d)
-                batch = grad_step.batch(self, data, phase, position, step)
+                batch = grad_step.batch(ctx, data, phase, position, step)
                 stats.skipped += batch.skipped
                 # every process must take the same steps and micro-batches (they meet in
                 # collectives), so a shard too small for its micro-batches skips the step for all
@@ -310,7 +274,7 @@ class SelfDistillation:
                                     "skipped", step, phase)
                         continue
                 self._set_hyperparameters(step, phase)
-                result = grad_step.update(self, step, phase, batch)
+                result = grad_step.update(ctx, step, phase, batch)
                 self._update_teacher(step)
                 # ---- bookkeeping ----
                 stats.steps += 1
@@ -338,7 +302,7 @@ class SelfDistillation:
                 if on_step is not None:
                     on_step(metrics)
         finally:
-            grad_step.end(self)
+            grad_step.end(ctx)
         stats.seconds = time.perf_counter() - t0
         if losses:
             stats.loss = sum(losses) / len(losses)
@@ -353,6 +317,12 @@ class SelfDistillation:
             stats.kl = last.get("kl", float("nan"))
         stats.samples_per_s = view_samples / stats.seconds if stats.seconds > 0 else 0.0
         return stats
+
+    def public_metrics(self, data: SiteData, start_step: int, num_steps: int,
+                       stats: TrainStats) -> dict[str, float]:
+        """What of a ``train_steps`` call may leave the site; the gradient step decides."""
+        return self.gradient_step.public_metrics(self.step_context(), data, start_step,
+                                                 num_steps, stats)
 
     @torch.no_grad()
     def evaluate(self, data: SiteData, max_batches: int) -> dict[str, float]:

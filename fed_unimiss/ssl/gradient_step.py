@@ -1,7 +1,8 @@
 """How one optimizer step of :class:`~fed_unimiss.ssl.engine.SelfDistillation` is taken.
 
 The engine owns what every step shares: the 2D/3D phase, the schedules, the teacher EMA and the
-bookkeeping. A :class:`GradientStep` owns what differs between plain training and DP-SGD:
+bookkeeping. A :class:`GradientStep` owns what differs between plain training and DP-SGD (each
+hook receives a :class:`~fed_unimiss.ssl.step_context.StepContext`, never the engine itself):
 
 - :meth:`~GradientStep.batch` which items the step trains on (the seeded stream position, or a
   Poisson sample of patients) and how their views are stacked;
@@ -18,41 +19,27 @@ Both compute their loss with :mod:`fed_unimiss.ssl.steps`, the only loss code.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from fed_unimiss import exchange as ex
 from fed_unimiss.ssl import distributed
+from fed_unimiss.ssl.batches import Batch, stream_batch
 from fed_unimiss.ssl.collapse import CollapseStats
-from fed_unimiss.ssl.config import Recipe, SSLConfig
+from fed_unimiss.ssl.config import Recipe
 from fed_unimiss.ssl.schedules import Phase
 from fed_unimiss.ssl.site_data import SiteData
+from fed_unimiss.ssl.step_context import StepContext
 from fed_unimiss.ssl.steps import center_updates, teacher_logits
-from fed_unimiss.ssl.views import ct_views, step_generator, xray_views
+from fed_unimiss.ssl.train_stats import TrainStats
 
-if TYPE_CHECKING:  # the engine imports this module; the hooks only receive an engine
-    from fed_unimiss.ssl.engine import SelfDistillation, TrainStats
-
-__all__ = ["Batch", "StepResult", "GradientStep", "PlainStep", "clip_gradients", "item_views",
-           "check_finite", "micro_batches"]
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class Batch:
-    """The items of one step: ``views`` stacked as the step's loss wants them, or None."""
-
-    views: list[Tensor] | Tensor | None
-    size: int      # samples (plain) or sampled patients (DP) that made it into ``views``
-    skipped: int   # corrupt or unusable items
-    total: int = 0  # usable items over all data-parallel processes (the engine sets it)
+__all__ = ["StepResult", "GradientStep", "PlainStep", "clip_gradients", "check_finite",
+           "micro_batches"]
 
 
 @dataclass
@@ -74,41 +61,23 @@ class GradientStep(Protocol):
     def check_recipe(self, recipe: Recipe) -> None:
         """Raise ``ValueError`` if ``recipe`` cannot be trained with this step."""
 
-    def begin(self, engine: SelfDistillation, data: SiteData) -> None:
+    def begin(self, ctx: StepContext, data: SiteData) -> None:
         """Prepare a ``train_steps`` call on ``data``."""
 
-    def batch(self, engine: SelfDistillation, data: SiteData, phase: Phase, position: int,
+    def batch(self, ctx: StepContext, data: SiteData, phase: Phase, position: int,
               step: int) -> Batch:
         """The items of global step ``step`` (``position``: its index in ``phase``'s stream)."""
 
-    def update(self, engine: SelfDistillation, step: int, phase: Phase, batch: Batch
+    def update(self, ctx: StepContext, step: int, phase: Phase, batch: Batch
                ) -> StepResult:
         """Loss, gradient and optimizer step of the student (hyperparameters are already set)."""
 
-    def end(self, engine: SelfDistillation) -> None:
-        """Undo what :meth:`begin` changed on the engine (called even after an error)."""
+    def end(self, ctx: StepContext) -> None:
+        """Undo what :meth:`begin` changed on the context (called even after an error)."""
 
-    def public_metrics(self, engine: SelfDistillation, data: SiteData, start_step: int,
+    def public_metrics(self, ctx: StepContext, data: SiteData, start_step: int,
                        num_steps: int, stats: TrainStats) -> dict[str, float]:
         """The counts and metrics of a ``train_steps`` call that may leave the site."""
-
-
-def item_views(items: list[Tensor], positions: list[int], phase: Phase, cfg: SSLConfig, tag: str,
-               step: int) -> tuple[list[list[Tensor]], int]:
-    """The two views of every item, and how many items could not be viewed.
-
-    An item's views are seeded by (seed, tag, step, its position in the step's global batch), so
-    they do not depend on which process of a data-parallel group makes them.
-    """
-    make = xray_views if phase == "2d" else ct_views
-    per_sample, skipped = [], 0
-    for item, pos in zip(items, positions, strict=True):
-        try:
-            per_sample.append(make(item, step_generator(cfg.seed, tag, step, pos), cfg))
-        except ValueError as e:
-            log.warning("skipping %s item at position %d of step %d: %s", phase, pos, step, e)
-            skipped += 1
-    return per_sample, skipped
 
 
 def check_finite(loss: float, step: int, what: str) -> None:
@@ -146,7 +115,7 @@ def clip_gradients(model: torch.nn.Module, clip: float) -> None:
 
 
 @contextlib.contextmanager
-def _whole_batch_centers(engine: SelfDistillation, phase: Phase, chunks: list[list[Tensor]]
+def _whole_batch_centers(ctx: StepContext, phase: Phase, chunks: list[list[Tensor]]
                          ) -> Iterator[list[list[Tensor] | None]]:
     """Teacher logits of every micro-batch, and the DINO centers of the whole batch around them.
 
@@ -159,13 +128,13 @@ def _whole_batch_centers(engine: SelfDistillation, phase: Phase, chunks: list[li
     if len(chunks) == 1:
         yield [None]
         return
-    with torch.no_grad(), engine.autocast():
-        teacher = [teacher_logits(engine.teacher, phase, torch.cat(views)) for views in chunks]
+    with torch.no_grad(), ctx.autocast():
+        teacher = [teacher_logits(ctx.teacher, phase, torch.cat(views)) for views in chunks]
     per_update = zip(*(center_updates(phase, t) for t in teacher), strict=True)
     sums = [(sum(x.float().sum(0, keepdim=True) for x in xs),
              torch.tensor(float(sum(x.shape[0] for x in xs)), device=xs[0].device))
             for xs in per_update]
-    with engine.loss_fn.scheduled_centers(engine.loss_fn.center_schedule(sums)):
+    with ctx.loss_fn.scheduled_centers(ctx.loss_fn.center_schedule(sums)):
         yield teacher
 
 
@@ -186,56 +155,56 @@ class PlainStep:
     def check_recipe(self, recipe: Recipe) -> None:
         return None
 
-    def begin(self, engine: SelfDistillation, data: SiteData) -> None:
+    def begin(self, ctx: StepContext, data: SiteData) -> None:
         return None
 
-    def end(self, engine: SelfDistillation) -> None:
+    def end(self, ctx: StepContext) -> None:
         return None
 
-    def batch(self, engine: SelfDistillation, data: SiteData, phase: Phase, position: int,
+    def batch(self, ctx: StepContext, data: SiteData, phase: Phase, position: int,
               step: int) -> Batch:
-        return engine.batch_at(data, phase, position, "views", step)
+        return stream_batch(data, phase, position, "views", step, ctx.cfg, ctx.device)
 
-    def update(self, engine: SelfDistillation, step: int, phase: Phase, batch: Batch
+    def update(self, ctx: StepContext, step: int, phase: Phase, batch: Batch
                ) -> StepResult:
-        engine.optimizer.zero_grad(set_to_none=True)
-        chunks = micro_batches(batch.views, engine.cfg.accumulate)
+        ctx.optimizer.zero_grad(set_to_none=True)
+        chunks = micro_batches(batch.views, ctx.cfg.accumulate)
         loss, parts = 0.0, {}
-        with _whole_batch_centers(engine, phase, chunks) as teacher:
+        with _whole_batch_centers(ctx, phase, chunks) as teacher:
             for views, teacher_out in zip(chunks, teacher, strict=True):
-                engine.loss_fn.restart_schedule()
+                ctx.loss_fn.restart_schedule()
                 weight = views[0].shape[0] / batch.size
-                with engine.autocast():
-                    out = engine.step_loss(phase, views, teacher_out=teacher_out)
+                with ctx.autocast():
+                    out = ctx.step_loss(phase, views, teacher_out=teacher_out)
                 part_loss = float(out.loss.detach())
                 check_finite(part_loss, step, f"{phase} step")
-                engine.scaler.scale(out.loss * weight).backward()
+                ctx.scaler.scale(out.loss * weight).backward()
                 loss += part_loss * weight
                 for k, v in out.parts.items():
                     parts[k] = parts.get(k, 0.0) + v * weight
-        params = list(engine.student.parameters())
+        params = list(ctx.student.parameters())
         distributed.average_gradients(params, batch.size, batch.total or batch.size)
-        engine.scaler.unscale_(engine.optimizer)
+        ctx.scaler.unscale_(ctx.optimizer)
         if phase == "2d":  # X-ray epochs: the 3D-specific tensors are frozen
-            for p in engine.params_3d():
+            for p in ctx.params_3d:
                 p.grad = None
-        if not engine.scaler.is_enabled():  # fp16: the scaler finds overflows and skips
+        if not ctx.scaler.is_enabled():  # fp16: the scaler finds overflows and skips
             check_finite_gradients(params, step, f"{phase} step")
-        if engine.cfg.clip_grad > 0:
-            clip_gradients(engine.student, engine.cfg.clip_grad)
-        if engine.schedules.last_layer_frozen(step):
-            for p in engine.student.head.last_layer.parameters():
+        if ctx.cfg.clip_grad > 0:
+            clip_gradients(ctx.student, ctx.cfg.clip_grad)
+        if ctx.schedules.last_layer_frozen(step):
+            for p in ctx.student.head.last_layer.parameters():
                 p.grad = None
-        scale = engine.scaler.get_scale() if engine.scaler.is_enabled() else 1.0
-        engine.scaler.step(engine.optimizer)
-        engine.scaler.update()
-        if engine.scaler.is_enabled():
-            parts["amp_skipped"] = float(engine.scaler.get_scale() < scale)
-        engine.student.head.renormalize_last_layer()
-        loss = distributed.all_reduce_mean(loss, batch.size, engine.device)
+        scale = ctx.scaler.get_scale() if ctx.scaler.is_enabled() else 1.0
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+        if ctx.scaler.is_enabled():
+            parts["amp_skipped"] = float(ctx.scaler.get_scale() < scale)
+        ctx.student.head.renormalize_last_layer()
+        loss = distributed.all_reduce_mean(loss, batch.size, ctx.device)
         return StepResult(loss, parts, out.collapse)
 
-    def public_metrics(self, engine: SelfDistillation, data: SiteData, start_step: int,
+    def public_metrics(self, ctx: StepContext, data: SiteData, start_step: int,
                        num_steps: int, stats: TrainStats) -> dict[str, float]:
         """Samples trained on and the finite summary metrics (NaN = "not measured": not sent)."""
         out: dict[str, float] = {ex.SAMPLES_2D: int(stats.samples_2d),

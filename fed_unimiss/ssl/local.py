@@ -151,7 +151,7 @@ def run_local(engine: SelfDistillation, data: SiteData, start_step: int, num_ste
     stats = engine.train_steps(data, start_step, num_steps, on_step=on_step)
     log.info("stretch %d: %d steps, %d empty batches, mean loss %.4f (site log only)", interval,
              stats.steps, stats.empty_batches, stats.loss)
-    counts = engine.gradient_step.public_metrics(engine, data, start_step, num_steps, stats)
+    counts = engine.public_metrics(data, start_step, num_steps, stats)
     return LocalRun(stats, {**counts, **guard.commit()})
 
 

@@ -305,7 +305,7 @@ def _worker_busy(state: Path) -> bool:
 
 def test_worker_killed_mid_round_fails_that_round_for_its_site_then_serves_the_next(world,
                                                                                      tmp_path):
-    """Issue 15: SIGKILL site A's warm worker while it trains round 1 (compressed exchange on).
+    """SIGKILL site A's warm worker while it trains round 1 (compressed exchange on).
 
     A's shim sees the worker vanish and answers error 5004 at once, so round 1 closes with B
     alone (min_sites 1) without waiting for any deadline; `site start` restarts the worker and

@@ -1,4 +1,4 @@
-"""The coordinator and site guides, walked command by command as a new user would (issue 18).
+"""The coordinator and site guides, walked command by command as a new user would.
 
 Everything goes through the ``fed-unimiss`` command, on 127.0.0.1 with TLS and site keys:
 provision with a public server name (which does not resolve here, so sites pass

@@ -9,7 +9,8 @@ import pytest
 from ft_phantoms import phantom_volume, save_nifti, write_seg_set
 
 from fed_unimiss.finetune.config import FinetuneConfig
-from fed_unimiss.finetune.labels import LabelError, read_label_csv, read_label_map
+from fed_unimiss.finetune.label_tables import read_label_csv
+from fed_unimiss.finetune.labels import LabelError, read_label_map
 from fed_unimiss.finetune.tasks import find_seg_pairs, load_seg_cases
 
 CFG = FinetuneConfig(task="seg3d", patch_3d=(8, 48, 48), size_2d=48, ct_spacing=None)

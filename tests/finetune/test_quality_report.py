@@ -10,8 +10,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "quality"))
 
-from report import paired, paired_difference, replace_section  # noqa: E402
+from doc_markers import replace_section  # noqa: E402
+from report import paired_difference  # noqa: E402
 from report_real import markdown_real, reading  # noqa: E402
+from seed_pairs import paired  # noqa: E402
 
 T_975_2DF = 4.302652729911275  # Student's t, 97.5 % quantile, 2 degrees of freedom
 

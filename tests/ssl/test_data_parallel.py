@@ -1,4 +1,4 @@
-"""Several processes per site (issue 14): 2 gloo processes train the model 1 process trains.
+"""Several processes per site: 2 gloo processes train the model 1 process trains.
 
 Real torch.distributed on CPU: ``pretrain`` with ``Runtime(workers=2)`` spawns two processes
 that shard every global batch, average gradients and the DINO center, and write one checkpoint.

@@ -1,4 +1,4 @@
-"""Device, precision and gradient accumulation of the one trainer (issue 14).
+"""Device, precision and gradient accumulation of the one trainer.
 
 bf16 runs on this CPU, so its path is tested here against fp32 on the same state and batch; fp16
 runs on CPU too (with the gradient scaler). CUDA tests carry the ``gpu`` marker and run the same
