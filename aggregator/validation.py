@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fed_unimiss import exchange as ex
+from fed_unimiss.exchange_link import name_mismatch
 
 if TYPE_CHECKING:
     from fed_unimiss.federation import FederationConfig
@@ -294,13 +295,9 @@ def check_state(
     dtype mismatch, a non-finite value, or a student, teacher or center update norm above
     ``max_update_norm``.
     """
-    missing = [name for name in global_state if name not in state]
-    if missing:
-        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
-        raise ReplyRejected(f"{len(missing)} tensor(s) missing: {shown}")
-    unexpected = sum(1 for name in state if name not in global_state)
-    if unexpected:
-        raise ReplyRejected(f"{unexpected} unexpected tensor(s)")
+    problem = name_mismatch(state, global_state)
+    if problem:
+        raise ReplyRejected(problem)
     for name, ref in global_state.items():
         value = state[name]
         if tuple(value.shape) != tuple(ref.shape):

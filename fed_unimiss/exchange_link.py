@@ -343,14 +343,25 @@ def _full_state(state: Mapping[str, torch.Tensor], keys: list[str], codec: str) 
                    config={ex.EXCHANGE_LAYOUT: layout_to_json(items)})
 
 
-def _named_update(arrays: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
-                  up: str) -> Iterator[tuple[str, torch.Tensor]]:
-    missing = [name for name in reference if name not in arrays]
+def name_mismatch(names: Iterable[str], expected: Iterable[str]) -> str | None:
+    """What is wrong with a reply's tensor names against the expected ones, or None.
+
+    Names only the first few missing tensors and only counts unexpected ones: an unexpected
+    name is the sender's text and does not belong in the aggregator's log.
+    """
+    names, expected = set(names), list(expected)
+    missing = [name for name in expected if name not in names]
     if missing:
         shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
-        raise CodecError(f"{len(missing)} tensor(s) missing: {shown}")
-    unexpected = sum(1 for name in arrays if name not in reference)
-    if unexpected:
-        raise CodecError(f"{unexpected} unexpected tensor(s)")
+        return f"{len(missing)} tensor(s) missing: {shown}"
+    unexpected = len(names - set(expected))
+    return f"{unexpected} unexpected tensor(s)" if unexpected else None
+
+
+def _named_update(arrays: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
+                  up: str) -> Iterator[tuple[str, torch.Tensor]]:
+    problem = name_mismatch(arrays, reference)
+    if problem:
+        raise CodecError(problem)
     for name, ref in reference.items():
         yield name, decode_update_tensor(name, arrays[name], None, up, ref)
