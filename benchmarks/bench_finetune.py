@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fractions", type=float, nargs="+", default=[1.0])
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--model", default="micro", help="our preset for the scratch arm")
     p.add_argument("--threads", type=int, default=2)
