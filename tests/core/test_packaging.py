@@ -21,8 +21,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("fed_unimiss", "site_client", "aggregator", "flower_layer")
-COMMANDS = ("data", "pretrain", "export", "finetune", "probe", "simulate", "provision", "aggregator",
-            "site", "demo")
+COMMANDS = ("data", "pretrain", "export", "finetune", "probe", "simulate", "provision",
+            "aggregator", "site", "demo")
 
 IMPORT_ALL = f"""
 import importlib, pkgutil
