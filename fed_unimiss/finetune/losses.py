@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from monai.losses import DeepSupervisionLoss, DiceCELoss
 from torch import Tensor, nn
 
 __all__ = ["SegmentationLoss", "deep_supervision_weights"]
@@ -36,6 +35,10 @@ class SegmentationLoss(nn.Module):
 
     def __init__(self, ce_weight: float = 1.0, dice_weight: float = 1.0, levels: int = 1) -> None:
         super().__init__()
+        # monai's package import takes ~1.7 s (it loads its data and transform stacks): imported
+        # here, so that commands and site processes that never fine-tune do not pay for it.
+        from monai.losses import DeepSupervisionLoss, DiceCELoss
+
         base = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True,
                           lambda_ce=ce_weight, lambda_dice=dice_weight)
         self.loss = DeepSupervisionLoss(base, weights=deep_supervision_weights(levels))

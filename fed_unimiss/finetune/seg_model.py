@@ -17,13 +17,23 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import UnetResBlock
 from torch import Tensor, nn
 
 from fed_unimiss.models.mit import MiT
 
 __all__ = ["SegmentationNet"]
 
+
+
+def _res_unit(spatial_dims: int, in_chans: int, out_chans: int) -> nn.Module:
+    """MONAI's residual conv unit (3x3, stride 1, instance norm).
+
+    monai is imported here, not at the top: its package import takes ~1.7 s, which every
+    command that merely imports the fine-tuning package would otherwise pay.
+    """
+    from monai.networks.blocks import UnetResBlock
+
+    return UnetResBlock(spatial_dims, in_chans, out_chans, 3, 1, "instance")
 
 class SegmentationNet(nn.Module):
     """``backbone`` (a pretrained or fresh :class:`~fed_unimiss.models.MiT`) + segmentation head.
@@ -52,13 +62,13 @@ class SegmentationNet(nn.Module):
         width = cfg.stem_dim
         # The decoder's finest map (stride of encoder stage 1) up to the stem's grid, with the
         # stem map (through a residual conv unit) as its skip.
-        self.stem_skip = UnetResBlock(spatial_dims, width, width, 3, 1, "instance")
+        self.stem_skip = _res_unit(spatial_dims, width, width)
         self.up_stem = UpBlock(spatial_dims, cfg.decoder_dims[-1], width, 2)
         # Full resolution: the pretrained backbone's finest map is at the stem's stride, which
         # loses thin and small structures. A residual conv unit on the raw input (UNETR's
         # "encoder1") is the skip of one more learned up-sampling, so the logits come from
         # full-resolution features instead of an interpolation.
-        self.input_skip = UnetResBlock(spatial_dims, in_chans, width, 3, 1, "instance")
+        self.input_skip = _res_unit(spatial_dims, in_chans, width)
         self.up_full = UpBlock(spatial_dims, width, width, self.stem_stride)
         self.ds_heads = nn.ModuleList(conv(d, num_classes, 1) for d in cfg.decoder_dims)
         self.ds_stem = conv(width, num_classes, 1)
@@ -100,7 +110,7 @@ class UpBlock(nn.Module):
         super().__init__()
         up = nn.ConvTranspose2d if spatial_dims == 2 else nn.ConvTranspose3d
         self.up = up(in_chans, out_chans, kernel_size=stride, stride=stride)
-        self.conv = UnetResBlock(spatial_dims, 2 * out_chans, out_chans, 3, 1, "instance")
+        self.conv = _res_unit(spatial_dims, 2 * out_chans, out_chans)
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
         up = _fit(self.up(x), skip.shape[2:])  # (B, out, *skip grid)

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 from torch import nn
 
 from fed_unimiss.checkpoint import append_jsonl, atomic_write_json, save_checkpoint
@@ -145,6 +144,10 @@ def evaluate_segmentation(
     Windows run on the model's device (in ``precision``); the whole-volume logits are
     assembled on the CPU, so a large volume never has to fit on the GPU at once.
     """
+    # monai's package import takes ~1.7 s (it loads its data and transform stacks): imported
+    # here, so that commands and site processes that never validate a segmentation do not pay for it.
+    from monai.inferers import sliding_window_inference
+
     model.eval()
     device = _device_of(model)
     counter = DiceCounter(num_classes)
