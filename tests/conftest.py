@@ -67,19 +67,6 @@ def real_xray() -> Path:
 # worker, so that it is built once (the cheap ones, such as phantom folders, are built per worker).
 SHARED_SESSION_FIXTURES = {"finished_run"}
 
-# The longest modules (minutes each on 2 cores, from `--durations`), dealt out before every
-# other: one of them started last would run on alone after the rest has finished. The order only
-# changes how long the suite takes, never what it checks.
-LONGEST_FIRST = (
-    "tests/ssl/test_micro_recipe.py",
-    "tests/core/test_researcher_guide.py",
-    "tests/deploy/test_site_lifecycle.py",
-    "tests/deploy/test_deploy_e2e.py",
-    "tests/finetune/test_overfit.py",
-    "tests/finetune/test_flips.py",
-    "tests/core/test_packaging.py",
-)
-
 
 def _worker_count() -> int:
     return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
@@ -111,9 +98,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     A module-scoped fixture (or a session-scoped one defined in the test module) is built once per
     worker that runs a test of its module, so such a module's tests stay on one worker; so do the
     users of each fixture in SHARED_SESSION_FIXTURES. Every other test goes to whichever worker
-    is free. The scheduler deals tests out in collection order: with the long ones first (the
-    longest known ones before them), the quick ones fill the gaps at the end instead of one
-    worker finishing a long test alone.
+    is free. The scheduler deals tests out in collection order: with the long ones first, the
+    quick ones fill the gaps at the end instead of one worker finishing a long test alone.
     Whole modules move, so that a module's tests stay together.
     """
     for item in items:
@@ -122,14 +108,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group(group))
     if "PYTEST_XDIST_WORKER" in os.environ:
         slow_modules = {_module(i) for i in items if i.get_closest_marker("slow") is not None}
-
-        def rank(item: pytest.Item) -> tuple[int, int]:
-            module = _module(item)
-            if module in LONGEST_FIRST:
-                return 0, LONGEST_FIRST.index(module)
-            return (1 if module in slow_modules else 2), 0
-
-        items.sort(key=rank)  # stable: the order within a module is kept
+        items.sort(key=lambda i: _module(i) not in slow_modules)  # stable: order kept within
 
 
 def _module(item: pytest.Item) -> str:
