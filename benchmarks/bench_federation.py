@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -85,12 +86,9 @@ def bytes_one(preset: str) -> dict:
 
     from aggregator.exchange_records import to_record
     from fed_unimiss import exchange as ex
-    from fed_unimiss.exchange_config import ExchangeConfig
-    from fed_unimiss.exchange_link import Exchange
 
     state = _exchange_state(preset)
-    payload = Exchange(ExchangeConfig()).send_state(state).for_node(None)  # fp32 both ways
-    arrays = to_record(payload.arrays).count_bytes()
+    arrays = to_record(state).count_bytes()  # fp32: one array per tensor
     config = ConfigRecord({ex.RECIPE_JSON: "x" * 2500, ex.ROUND: 1, ex.NUM_ROUNDS: 10,
                            ex.LOCAL_STEPS: 4, ex.START_STEP: 0, ex.TOTAL_STEPS: 40,
                            ex.EVAL_BATCHES: 1}).count_bytes()
@@ -107,23 +105,20 @@ def aggregate_one(sites: int, preset: str, exchange: str = "fp32,fp32",
 
     ``exchange`` is ``DOWN,UP`` (e.g. ``q8_delta,q8_delta``). Two rounds, because with
     ``down: q8_delta`` round 1 sends the bf16 base and round 2 the int8 delta, the steady
-    state. The instant site decodes and encodes through the exchange object as a real site
-    does (add noise in between) and keeps nothing, so the process's peak is the aggregator's
-    (the instruction and the replies as received, plus what the aggregator itself holds; with
-    ``down: q8_delta`` that includes the base) and one site's decoded state and its noisy copy.
+    state. The instant site builds its reply one tensor at a time (decode, add noise, encode),
+    so the process's peak is the aggregator's: the instruction and the replies as received,
+    plus what the aggregator itself holds (with ``down: q8_delta`` that includes the base).
     """
     import tempfile
 
     import torch
-    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
-    from aggregator.exchange_records import instruction_payload, put_reply_payload
     from aggregator.inprocess import InProcessGrid, SiteSpec
     from aggregator.rounds import FederationRun, run_federation
     from fed_unimiss import exchange as ex
-    from fed_unimiss.exchange_codec import CodecError
-    from fed_unimiss.exchange_link import Exchange
+    from fed_unimiss import exchange_codec as codec
 
     down, up = exchange.split(",")
     torch.set_num_threads(1)
@@ -131,28 +126,56 @@ def aggregate_one(sites: int, preset: str, exchange: str = "fp32,fp32",
     app = ClientApp()
     client_seconds, client_cpu = [0.0], [0.0]
 
-    def received(msg: Message, link: Exchange) -> dict[str, torch.Tensor]:
-        """The state as a site decodes it; an instant site keeps no base (it would count as
-        the aggregator's memory here), so a shared base's int8 change does not decode, and
-        its reply is noise against zeros (an int8 reply is noise whatever the base holds)."""
-        try:
-            return link.receive_state(instruction_payload(msg.content), train=False)
-        except CodecError:
-            return {k: torch.zeros_like(state[k]) for k in link.sent_keys(state)}
+    def received(msg: Message) -> list[tuple[str, object]]:
+        """(name, thunk -> fp32 tensor) of the state as sent, one tensor at a time."""
+        got = msg.content.array_records[ex.ARRAYS]
+        config = msg.content.config_records[ex.CONFIG]
+        if codec.PACKED not in got:  # fp32: one array per tensor
+            return [(k, lambda k=k: torch.from_numpy(got[k].numpy())) for k in list(got.keys())]
+        items = codec.layout_from_json(config[ex.EXCHANGE_LAYOUT])
+        flat = torch.from_numpy(got[codec.PACKED].numpy())
+        if down == "q8_delta":  # an instant site keeps no base (it would count as the
+            # aggregator's memory here): its int8 reply is noise whatever the base holds
+            return [(k, lambda shape=shape: torch.zeros(shape)) for k, shape in items]
+        tensors, start = [], 0
+        for name, shape in items:  # one tensor at a time, like the aggregator
+            n = math.prod(shape)
+            tensors.append((name, lambda s=start, n=n, shape=shape, name=name: codec.decode_tensor(
+                name, flat[s:s + n].view(shape), down, shape)))
+            start += n
+        return tensors
 
     @app.train()
     def train(msg: Message, context) -> Message:
         t, c = time.perf_counter(), time.process_time()
-        link = Exchange.announced(msg.content.config_records[ex.CONFIG])
-        start = received(msg, link)
-        new = {k: v + 1e-3 * torch.randn_like(v) for k, v in start.items()}
-        payload = link.send_update(new, start)
-        del start, new
+        tensors = received(msg)
+        arrays, scales = {}, {}
+        if up == "fp32":
+            for name, value in tensors:
+                v = value()
+                arrays[name] = Array((v + 1e-3 * torch.randn_like(v)).numpy())
+        else:  # the packed update, one tensor at a time (a real site packs the whole state)
+            parts_v, parts_s = [], []
+            for _name, value in sorted(tensors):
+                v = value()
+                if up == "q8_delta":
+                    q, s = codec.quantise(1e-3 * torch.randn_like(v))
+                    parts_v.append(q)
+                    parts_s.append(s)
+                else:
+                    parts_v.append(codec.encode_tensor(v + 1e-3 * torch.randn_like(v), up)
+                                   .reshape(-1))
+            arrays[codec.PACKED] = Array(torch.cat(parts_v).numpy())
+            del parts_v
+            if parts_s:
+                scales[codec.PACKED] = Array(torch.cat(parts_s).numpy())
         s2, s3 = (8, 2) if context.node_id % 3 else (8, 0)
         content = RecordDict({
+            ex.ARRAYS: ArrayRecord(arrays),
             ex.METRICS: MetricRecord({ex.SAMPLES_2D: s2, ex.SAMPLES_3D: s3, ex.LOSS: 1.0}),
             ex.SITE: ConfigRecord({ex.SITE_NAME_KEY: f"s{context.node_id}"})})
-        put_reply_payload(content, payload)
+        if scales:
+            content[ex.SCALES] = ArrayRecord(scales)
         reply = Message(content, reply_to=msg)
         client_seconds[0] += time.perf_counter() - t
         client_cpu[0] += time.process_time() - c
