@@ -32,7 +32,7 @@ from aggregator.averaging import make_aggregator
 from aggregator.exchange_records import record_tensors, wire_digest
 from aggregator.instructions import Instructions
 from aggregator.replays import CoordinateSample, ReplayGuard
-from aggregator.round_state import RoundState as _RoundState
+from aggregator.round_state import RoundState
 from aggregator.run_summary import BudgetRefusal, Rejection, RoundRecord, SiteResult, TrainOutcome
 from aggregator.screening import REJECTED, clip_state, screen_round
 from aggregator.spill import SpilledState, SpillWriter
@@ -89,7 +89,7 @@ class DimensionAwareStrategy:
         # The exchange's end at the aggregator: its shared base and the base each node holds.
         self.link = Exchange(cfg.exchange)
         self.instructions = Instructions(cfg, recipe_json, num_rounds, self.limits)
-        self._round: _RoundState | None = None
+        self._round: RoundState | None = None
         self._replays = ReplayGuard()
         self._sampler: tuple[object, CoordinateSample] | None = None  # (layout key, sample)
         self._labels = SiteLabels()  # node id -> the label its replies declared
@@ -108,7 +108,7 @@ class DimensionAwareStrategy:
                                         f"the global state sent in round {previous.round_num}")
         keys = self.link.sent_keys(global_state)
         reference = {k: global_state[k] for k in keys}
-        self._round = _RoundState(
+        self._round = RoundState(
             round_num,
             global_state,
             make_aggregator(self.cfg.aggregation, reference, self.classes, self.cfg.trim_fraction),
@@ -157,7 +157,7 @@ class DimensionAwareStrategy:
                 outcome.reason if own else (outcome.site_reason or outcome.reason))
         return outcome
 
-    def _reject(self, rnd: _RoundState, outcome: BudgetRefusal | Rejection) -> None:
+    def _reject(self, rnd: RoundState, outcome: BudgetRefusal | Rejection) -> None:
         rnd.record.reject(outcome)
         log.warning("round %d: rejected reply of %s: %s", rnd.round_num, outcome.label,
                     outcome.reason)
@@ -205,7 +205,7 @@ class DimensionAwareStrategy:
                      result.label, result.report.samples_2d, result.report.samples_3d,
                      result.report.metrics.get(ex.LOSS))
 
-    def _judge(self, reply: Message, label: str, rnd: _RoundState) -> TrainOutcome:
+    def _judge(self, reply: Message, label: str, rnd: RoundState) -> TrainOutcome:
         node_id = reply.metadata.src_node_id
         if reply.has_error():  # the error text comes from the site; record only its code
             code = int(reply.error.code)
@@ -251,7 +251,7 @@ class DimensionAwareStrategy:
 
     @torch.no_grad()
     def _decode_validate_spill(self, record: ArrayRecord, scales: ArrayRecord | None,
-                               rnd: _RoundState, label: str
+                               rnd: RoundState, label: str
                                ) -> tuple[dict[str, float], SpilledState]:
         """Decode, check and park a reply one tensor at a time; returns its norms per part.
 
@@ -352,7 +352,7 @@ class DimensionAwareStrategy:
         if problem is not None:
             log.warning("round %d: %s", rnd.round_num, problem)
 
-    def _require_round(self) -> _RoundState:
+    def _require_round(self) -> RoundState:
         if self._round is None:
             raise RuntimeError("no round in progress: call configure_train first")
         return self._round
