@@ -32,9 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-
 from fed_unimiss.checkpoint import atomic_write_json
 
 from .config import PrivacyConfig
@@ -77,6 +74,9 @@ def epsilon_of(history: list[HistoryEntry], delta: float, accountant: str = "rdp
 
 @functools.lru_cache(maxsize=256)
 def _epsilon_cached(history: tuple[HistoryEntry, ...], delta: float, accountant: str) -> float:
+    # Opacus (and the scipy it pulls in) costs ~1.5 s to import; a site without DP never needs it.
+    from opacus.accountants import create_accountant
+
     acc = create_accountant(mechanism=accountant)
     acc.history = list(history)
     return float(acc.get_epsilon(delta=delta))
@@ -85,6 +85,8 @@ def _epsilon_cached(history: tuple[HistoryEntry, ...], delta: float, accountant:
 @functools.lru_cache(maxsize=64)
 def _calibrated(epsilon: float, delta: float, sample_rate: float, steps: int,
                 accountant: str) -> float:
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
                                       sample_rate=sample_rate, steps=steps,
                                       accountant=accountant))
