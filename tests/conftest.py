@@ -1,5 +1,5 @@
 """Shared test fixtures (the real CT/X-ray samples, the repository paths) and the suite's set-up
-for running on several pytest-xdist workers (`-n 2 --dist loadgroup` in pyproject.toml)."""
+for running on several pytest-xdist workers (`-n 3 --dist loadgroup` in pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -91,24 +91,46 @@ def pytest_configure(config: pytest.Config) -> None:
     set_threads(min(torch.get_num_threads(), share))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Put the tests that share an expensive set-up into one xdist group (``--dist loadgroup``),
-    and on xdist workers hand out the modules with slow tests first.
+    and on xdist workers hand out the longest work first.
 
     A module-scoped fixture (or a session-scoped one defined in the test module) is built once per
     worker that runs a test of its module, so such a module's tests stay on one worker; so do the
     users of each fixture in SHARED_SESSION_FIXTURES. Every other test goes to whichever worker
-    is free. The scheduler deals tests out in collection order: with the long ones first, the
-    quick ones fill the gaps at the end instead of one worker finishing a long test alone.
-    Whole modules move, so that a module's tests stay together.
+    is free. The scheduler deals work out in collection order (``--no-loadscope-reorder``): the
+    longest first, so that the quick tests fill the gaps at the end instead of one worker
+    finishing a long test alone.
     """
     for item in items:
         group = _shared_setup(item)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
     if "PYTEST_XDIST_WORKER" in os.environ:
-        slow_modules = {_module(i) for i in items if i.get_closest_marker("slow") is not None}
-        items.sort(key=lambda i: _module(i) not in slow_modules)  # stable: order kept within
+        items.sort(key=_dealing_order)  # stable: the order within a module is kept
+
+
+# The modules whose work takes longest on 2 cores (``--durations``, a whole suite on 3 workers),
+# longest first; after them come the other modules with slow tests, then the rest.
+LONGEST_FIRST = (
+    "tests/core/test_researcher_guide.py",
+    "tests/deploy/test_site_lifecycle.py",
+    "tests/ssl/test_micro_recipe.py",
+    "tests/finetune/test_flips.py",
+    "tests/federation/test_attacks.py",
+    "tests/finetune/test_overfit.py",
+    "tests/deploy/test_deploy_e2e.py",
+    "tests/core/test_packaging.py",
+    "tests/deploy/test_guide_walk.py",
+)
+
+
+def _dealing_order(item: pytest.Item) -> tuple[int, int]:
+    module = _module(item)
+    if module in LONGEST_FIRST:
+        return 0, LONGEST_FIRST.index(module)
+    return (1 if item.get_closest_marker("slow") is not None else 2), 0
 
 
 def _module(item: pytest.Item) -> str:

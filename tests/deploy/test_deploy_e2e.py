@@ -1,6 +1,7 @@
 """End to end on 127.0.0.1: real SuperLink, SuperNodes, TLS, site keys, the real ServerApp/ClientApp.
 
-Two federations share one provisioned kit set and one phantom data folder (session fixture):
+Each test provisions its own kits and phantom folder (``world``: a second or two, so that the long
+tests below need not share a worker):
 
 1. three sites over TLS with site authentication, while an unregistered key, a plaintext
    SuperNode and a kit from another CA try to join (all refused, the run goes on) and site C is
@@ -65,7 +66,7 @@ def _rogue_kit(src: Path, dst: Path, name: str) -> Path:
     return dst
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def world(tmp_path_factory):
     from fed_unimiss.data.phantom import write_phantoms
 
