@@ -173,7 +173,8 @@ def test_missing_root_is_a_rejection_not_an_exception(tmp_path):
     assert report.usable == [] and report.rejected[0].reason == "does not exist"
 
 
-@pytest.mark.parametrize("payload", [b"\x00" * 200, b"DICM" * 100, os.urandom(4096)])
+@pytest.mark.parametrize("payload", [b"\x00" * 200, b"DICM" * 100, os.urandom(4096)],
+                         ids=["zeros", "dicm-magic-repeated", "random"])  # one id on every worker
 def test_garbage_named_dcm_never_raises(tmp_path, payload):
     (tmp_path / "x.dcm").write_bytes(payload)
     (rejection,) = scan(tmp_path).rejected
