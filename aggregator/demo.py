@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import logging
 import socket
 import sys
@@ -56,6 +57,7 @@ DEMO_LOCAL_STEPS = 80
 # not fall in 300 steps at micro.yaml's federation batches (4 / 1), and did at these.
 DEMO_RECIPE_OVERRIDES: dict[str, Any] = {"ssl": {"threads": 1}}
 PLOT_NAME = "demo.png"
+FINAL_PROBE_NAME = "final_probe.json"  # the final model's probe, as a rounds.jsonl probe entry
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # The site holding a labelled probe set (phantom CT with organ labels), probed every round.
 PROBE_SITE = "A"
@@ -350,7 +352,10 @@ def _final_probe_rows(layout: DemoLayout) -> list[dict[str, Any]]:
     except Exception:  # noqa: BLE001 - the rounds' own probes are already printed
         log.exception("the probe of the final global model failed")
         return []
-    return [row] if row is not None else []
+    if row is None:
+        return []
+    (layout.root / FINAL_PROBE_NAME).write_text(json.dumps(row, indent=1) + "\n")
+    return [row]
 
 
 def run_demo(workdir: Path, rounds: int, round_timeout: float = 300.0,
@@ -402,7 +407,8 @@ def run_demo(workdir: Path, rounds: int, round_timeout: float = 300.0,
     print(f"demo folder:    {layout.root}")
     print(f"checkpoints:    {layout.run} ({len(checkpoints)} file(s), last: "
           f"{checkpoints[-1].name if checkpoints else 'none'})")
-    print(f"rounds.jsonl:   {layout.run / 'rounds.jsonl'}")
+    print(f"rounds.jsonl:   {layout.run / 'rounds.jsonl'} (the final model's probe: "
+          f"{layout.root / FINAL_PROBE_NAME})")
     print(f"plot:           {plot if plot else 'none (no round completed)'}")
     print(f"logs:           {layout.run / 'logs'} (aggregator), {layout.logs} (sites), "
           f"{layout.root / 'sites'}/*/state/logs (SuperNodes)")
