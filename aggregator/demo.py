@@ -329,11 +329,15 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
                 color=f"C{stages.index(name.split()[1])}",
                 linestyle="-" if name.startswith("knn") else "--")
     ax.set_title(f"probe of the global {PROBE_NETWORK} (site {PROBE_SITE})")
-    ax.set_xlabel("rounds trained")
+    final = any(r.get("final_probe") for r in rows)
+    ax.set_xlabel("rounds trained" + (" (the last: the final checkpoint)" if final else ""))
     ax.set_ylabel("organ balanced accuracy")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    if probe:
-        ax.legend()
+    if probe:  # room above the curves for the legend
+        values = [v for c in probe.values() for v in c.values()]
+        low, high = min(values), max(values)
+        ax.set_ylim(low - 0.02, high + 0.45 * (high - low) + 0.03)
+        ax.legend(loc="upper left", ncol=2, fontsize="small")
     else:
         ax.text(0.5, 0.5, "no probe reported", ha="center", transform=ax.transAxes)
     fig.suptitle("fed-unimiss demo: 3 sites on loopback (A: CT, B: X-ray, C: both)")
