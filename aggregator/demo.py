@@ -444,8 +444,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", default="demo-run",
                    help="parent folder; each demo writes a new demo-YYYYmmdd-HHMMSS inside")
     p.add_argument("--rounds", type=int, default=DEMO_ROUNDS,
-                   help=f"federated rounds (default {DEMO_ROUNDS}: 1.5-3 minutes on 2 CPU "
-                   "cores; each round adds its coordination time)")
+                   help=f"federated rounds (default {DEMO_ROUNDS}; each round adds its training, "
+                   "site A's probe and its coordination time: docs/benchmarks.md, 'The demo')")
     p.add_argument("--local-steps", type=int, default=DEMO_LOCAL_STEPS,
                    help=f"training steps per site per round (default {DEMO_LOCAL_STEPS}; fewer "
                    "steps are faster but show less learning)")
