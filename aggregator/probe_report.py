@@ -18,7 +18,7 @@ from typing import Any
 
 from fed_unimiss import exchange as ex
 
-__all__ = ["read_probe", "probe_row", "probe_series", "last_stage"]
+__all__ = ["read_probe", "probe_row", "probe_series", "last_stage", "deepest_stages"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,19 @@ def last_stage(scores: Mapping[str, Any] | None) -> dict[str, float] | None:
     stage = max(scores, key=lambda s: int(s[len("stage"):]) if s[len("stage"):].isdigit() else 0)
     value = scores[stage]
     return dict(value) if isinstance(value, Mapping) else None
+
+
+def _stage_number(name: str) -> int:
+    return int(name[len("stage"):]) if name[len("stage"):].isdigit() else 0
+
+
+def deepest_stages(scores: Mapping[str, Any] | None, count: int) -> dict[int, dict[str, float]]:
+    """``{stage number: {kind: accuracy}}`` of the ``count`` deepest stages of one network's
+    scores, deepest first: the deepest stage alone is the noisiest read-out of a short run."""
+    if not isinstance(scores, Mapping):
+        return {}
+    names = sorted(scores, key=_stage_number, reverse=True)[:count]
+    return {_stage_number(n): dict(scores[n]) for n in names if isinstance(scores[n], Mapping)}
 
 
 def probe_series(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -357,20 +357,22 @@ def _write_xray(out: Path, image: np.ndarray, seed: int, index: int, as_dicom: b
 
 
 def write_phantoms(out: str | Path, n_ct: int, n_xray: int, *, labels: bool = False,
-                   seed: int = 0, fmt: Format = "alternate", lateral: bool = False) -> PhantomSet:
+                   seed: int = 0, fmt: Format = "alternate", lateral: bool = False,
+                   lesions: bool = True) -> PhantomSet:
     """Write ``n_ct`` CT phantoms and ``n_xray`` radiographs under ``out`` (see module doc).
 
     ``fmt`` chooses CT formats: ``alternate`` (DICOM for even cases, NIfTI for odd: every reader
     is exercised and a scan counts each case once), ``dicom``, ``nifti`` or ``both`` (each case
     twice - a scan of ``out`` then counts it twice). X-rays always alternate DICOM and PNG.
     ``lateral`` labels the kidneys by side (:data:`LATERAL_LABEL_CLASSES`); the images are the
-    same bytes either way.
+    same bytes either way. ``lesions=False`` draws no CT lesion (an organs-only label set: a
+    lesion is a few hundred voxels in half the volumes, too rare a class for a small probe).
     """
     out = Path(out)
     result = PhantomSet()
     for case in range(n_ct):
         rng = np.random.default_rng([seed, 1, case])
-        lesion = bool(rng.integers(2))
+        lesion = bool(rng.integers(2)) and lesions
         hu, seg, spacing = make_ct_phantom(rng, lesion)
         if lateral:
             seg = split_kidneys_by_side(seg)

@@ -67,22 +67,34 @@ def _probed_rows() -> list[dict]:
     return rows
 
 
-def test_probe_table_shows_the_deepest_stage_per_round_trained(tmp_path):
+def test_probe_table_shows_the_teachers_two_deepest_stages_per_round_trained(tmp_path):
     from aggregator.demo import probe_curves, probe_table
 
     curves = probe_curves(_probed_rows())
-    assert curves["teacher knn"] == {0: 0.41, 1: 0.58}  # round r probes after r - 1 rounds
-    assert curves["teacher linear"] == {0: 0.30, 1: 0.47}
+    assert curves["knn stage4"] == {0: 0.41, 1: 0.58}  # round r probes after r - 1 rounds
+    assert curves["linear stage4"] == {0: 0.30, 1: 0.47}
+    assert curves["knn stage3"] == {0: 0.2, 1: 0.2}
+    assert set(curves) == {"knn stage4", "linear stage4", "knn stage3"}  # the teacher only
     lines = probe_table(_probed_rows()).splitlines()
-    assert lines[1].split() == ["after", "rounds", "teacher", "knn", "teacher", "linear",
-                                "student", "knn"]
-    assert lines[3].split() == ["1", "0.580", "0.470", "0.570"]
+    assert lines[1].split() == ["after", "rounds", "knn", "stage4", "linear", "stage4", "knn",
+                                "stage3"]
+    assert lines[3].split() == ["1", "0.580", "0.470", "0.200"]
     assert probe_table(_rows()) == "probe: no site reported one"
-    path = write_plot(_probed_rows(), tmp_path / "demo.png")
-    assert path is not None and path.stat().st_size > 10_000
 
 
-def test_round_line_shows_the_probe_of_the_model_it_started_from():
-    line = format_round(_probed_rows()[1], 2)
-    assert "probe after 1 round(s): teacher k-NN 0.580 / linear 0.470" in line
-    assert "probe" not in format_round(_rows()[1], 2)
+def test_the_final_models_probe_is_a_row_of_its_own():
+    """The demo probes the last checkpoint itself (no round probes the model after the last
+    round): that row extends the curve and the table says who probed it."""
+    from aggregator.demo import probe_curves, probe_table
+    from aggregator.probe_report import probe_row, read_probe
+    from fed_unimiss import exchange as ex
+
+    rows = _probed_rows()
+    final = read_probe({ex.probe_key("teacher", 4, "knn"): 0.66,
+                        ex.probe_key("teacher", 4, "linear"): 0.52, ex.PROBE_ITEMS: 4})
+    rows.append({"round": 3, "final_probe": True, "probe": probe_row({"A": final}, 3)})
+    assert probe_curves(rows)["knn stage4"] == {0: 0.41, 1: 0.58, 2: 0.66}
+    text = probe_table(rows)
+    assert text.splitlines()[4].split()[:3] == ["2", "0.660", "0.520"]
+    assert "after 2 rounds: the final model, probed by the demo" in text
+    assert loss_table(rows[:2]) == loss_table(_rows())  # the probe-only row is not a round
