@@ -39,9 +39,10 @@ print("\\n".join(failed) or "ok")
 
 
 def _source_copy(dest: Path) -> Path:
-    """The working tree's files without the venv and build leftovers (pip builds in the copy)."""
+    """The working tree's files without the venv, build leftovers and the real-sample cache (pip
+    builds in the copy)."""
     ignore = shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__",
-                                    ".pytest_cache", ".ruff_cache", "demo-run")
+                                    ".pytest_cache", ".ruff_cache", "demo-run", ".cache")
     shutil.copytree(REPO, dest, ignore=ignore)
     return dest
 
