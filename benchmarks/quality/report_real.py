@@ -32,6 +32,9 @@ QUESTIONS = [
     ("2D+3D (central) - 3D only (central_3d)", "central", "central_3d"),
     ("federated - central", "federated", "central"),
 ]
+# Does the federated start, too, beat a random one? (Not one of the three questions; asked
+# beside them.)
+FEDERATED_VS_RANDOM = ("pretrained (federated) - random", "federated", "random")
 PROBE_STAGES = (3, 4)
 PROBE_KINDS = (("knn", "k-NN"), ("linear", "linear"))
 
@@ -98,15 +101,16 @@ def _dice_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _question_table(probe_rows: list[dict], rows: list[dict]) -> list[str]:
+def _question_table(probe_rows: list[dict], rows: list[dict],
+                    questions: list[tuple[str, str, str]] = QUESTIONS) -> list[str]:
     metrics = [(f"probe stage {s} {name}", lambda arm, s=s, k=kind: probe_values(
         probe_rows, arm, s, k)) for s in PROBE_STAGES for kind, name in PROBE_KINDS]
     metrics += [(f"Dice, {n} labelled", lambda arm, n=n: dice_values(rows, arm, n))
                 for n in _label_counts(rows)]
-    lines = ["| metric | " + " | ".join(q for q, _, _ in QUESTIONS) + " |",
-             "|---|" + "---|" * len(QUESTIONS)]
+    lines = ["| metric | " + " | ".join(q for q, _, _ in questions) + " |",
+             "|---|" + "---|" * len(questions)]
     for name, values in metrics:
-        cells = [reading(paired(values(a), values(b))) for _, a, b in QUESTIONS]
+        cells = [reading(paired(values(a), values(b))) for _, a, b in questions]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -205,6 +209,10 @@ def markdown_real(results: dict) -> str:
         "'random' is the probe's random encoder and, in fine-tuning, the scratch init):",
         "",
         *_question_table(probe_rows, rows),
+        "",
+        "The federated start against the same reference, paired by seed:",
+        "",
+        *_question_table(probe_rows, rows, [FEDERATED_VS_RANDOM]),
         "",
         f"Per-organ validation Dice (mean over seeds; in brackets the runs where the organ's "
         f"Dice exceeds {FOUND}, of all runs):",
