@@ -32,6 +32,9 @@ QUESTIONS = [
     ("2D+3D (central) - 3D only (central_3d)", "central", "central_3d"),
     ("federated - central", "federated", "central"),
 ]
+# Does the federated start, too, beat a random one? (Not one of the three questions; asked
+# beside them.)
+FEDERATED_VS_RANDOM = ("pretrained (federated) - random", "federated", "random")
 PROBE_STAGES = (3, 4)
 PROBE_KINDS = (("knn", "k-NN"), ("linear", "linear"))
 
@@ -98,16 +101,72 @@ def _dice_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _question_table(probe_rows: list[dict], rows: list[dict]) -> list[str]:
+def _question_table(probe_rows: list[dict], rows: list[dict],
+                    questions: list[tuple[str, str, str]] = QUESTIONS) -> list[str]:
     metrics = [(f"probe stage {s} {name}", lambda arm, s=s, k=kind: probe_values(
         probe_rows, arm, s, k)) for s in PROBE_STAGES for kind, name in PROBE_KINDS]
     metrics += [(f"Dice, {n} labelled", lambda arm, n=n: dice_values(rows, arm, n))
                 for n in _label_counts(rows)]
-    lines = ["| metric | " + " | ".join(q for q, _, _ in QUESTIONS) + " |",
-             "|---|" + "---|" * len(QUESTIONS)]
+    lines = ["| metric | " + " | ".join(q for q, _, _ in questions) + " |",
+             "|---|" + "---|" * len(questions)]
     for name, values in metrics:
-        cells = [reading(paired(values(a), values(b))) for _, a, b in QUESTIONS]
+        cells = [reading(paired(values(a), values(b))) for _, a, b in questions]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+ORGANS = ["spleen", "kidney_right", "kidney_left", "liver", "stomach", "aorta"]  # classes 1..6
+FOUND = 0.1  # an organ counts as found in a run when its validation Dice exceeds this
+# Per-organ paired differences: does a pretrained start learn an organ scratch does not, or
+# lose one scratch learns?
+ORGAN_QUESTIONS = [("central - scratch", "central", "scratch"),
+                   ("federated - scratch", "federated", "scratch")]
+
+
+def organ_values(rows: list[dict], arm: str, items: int, organ: int) -> dict[int, float | None]:
+    """Validation Dice of class ``organ`` (1..6) per seed; None where the class was not scored."""
+    out = {}
+    for r in rows:
+        if r["arm"] == arm and r["train_items"] == items:
+            per = r.get("dice_per_class") or []
+            out[r["seed"]] = per[organ] if len(per) > organ else None
+    return out
+
+
+def _organ_cell(values: dict[int, float | None]) -> str:
+    vals = [v for v in values.values() if v is not None]
+    if not vals:
+        return "-"
+    found = sum(v > FOUND for v in vals)
+    return f"{statistics.mean(vals):.3f} ({found}/{len(vals)})"
+
+
+def _organ_table(rows: list[dict]) -> list[str]:
+    lines = ["| init | labelled | " + " | ".join(ORGANS) + " |",
+             "|---|---|" + "---|" * len(ORGANS)]
+    for n in _label_counts(rows):
+        for arm in _present(rows, ["scratch", "central", "central_3d", "federated"]):
+            cells = [_organ_cell(organ_values(rows, arm, n, c))
+                     for c in range(1, len(ORGANS) + 1)]
+            lines.append(f"| {LABELS[arm]} | {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _organ_difference_table(rows: list[dict]) -> list[str]:
+    lines = ["| difference | labelled | " + " | ".join(ORGANS) + " |",
+             "|---|---|" + "---|" * len(ORGANS)]
+    have = {r["arm"] for r in rows}
+    for name, a, b in ORGAN_QUESTIONS:
+        if not {a, b} <= have:
+            continue
+        for n in _label_counts(rows):
+            cells = []
+            for c in range(1, len(ORGANS) + 1):
+                d = paired(organ_values(rows, a, n, c), organ_values(rows, b, n, c))
+                cells.append("-" if d is None else
+                             f"{d['mean']:+.3f} [{d['mean'] - d['ci95']:+.3f}, "
+                             f"{d['mean'] + d['ci95']:+.3f}]")
+            lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -150,6 +209,19 @@ def markdown_real(results: dict) -> str:
         "'random' is the probe's random encoder and, in fine-tuning, the scratch init):",
         "",
         *_question_table(probe_rows, rows),
+        "",
+        "The federated start against the same reference, paired by seed:",
+        "",
+        *_question_table(probe_rows, rows, [FEDERATED_VS_RANDOM]),
+        "",
+        f"Per-organ validation Dice (mean over seeds; in brackets the runs where the organ's "
+        f"Dice exceeds {FOUND}, of all runs):",
+        "",
+        *_organ_table(rows),
+        "",
+        "Per-organ differences paired by seed (mean [95 % t-interval]):",
+        "",
+        *_organ_difference_table(rows),
         "",
         "Pretraining wall time per run (seconds, mean over seeds, two runs at a time): "
         + ", ".join(f"{arm} {statistics.mean(v):.0f}" for arm, v in seconds.items() if v) + ".",
