@@ -39,18 +39,23 @@ PROBE_STAGES = (3, 4)
 PROBE_KINDS = (("knn", "k-NN"), ("linear", "linear"))
 
 
+def span(d: dict) -> str:
+    """A paired difference as ``mean [low, high]`` of its 95 % interval."""
+    return f"{d['mean']:+.3f} [{d['mean'] - d['ci95']:+.3f}, {d['mean'] + d['ci95']:+.3f}]"
+
+
 def reading(d: dict | None, unit: str = "") -> str:
     """A paired difference in words: which is better and by how much, or that the interval
     holds zero."""
     if d is None:
         return "not measured (fewer than two paired seeds)"
     lo, hi = d["mean"] - d["ci95"], d["mean"] + d["ci95"]
-    span = f"{d['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]{unit}"
+    span_text = f"{span(d)}{unit}"
     if lo > 0:
-        return f"better by {span}"
+        return f"better by {span_text}"
     if hi < 0:
-        return f"worse by {span}"
-    return f"cannot be told apart: {span}"
+        return f"worse by {span_text}"
+    return f"cannot be told apart: {span_text}"
 
 
 def probe_values(rows: list[dict], arm: str, stage: int, kind: str) -> dict[int, float]:
@@ -163,9 +168,7 @@ def _organ_difference_table(rows: list[dict]) -> list[str]:
             cells = []
             for c in range(1, len(ORGANS) + 1):
                 d = paired(organ_values(rows, a, n, c), organ_values(rows, b, n, c))
-                cells.append("-" if d is None else
-                             f"{d['mean']:+.3f} [{d['mean'] - d['ci95']:+.3f}, "
-                             f"{d['mean'] + d['ci95']:+.3f}]")
+                cells.append("-" if d is None else span(d))
             lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
     return lines
 
