@@ -234,6 +234,9 @@ state_dir: "state"
 # the next one until stopped. A name that does not resolve, or a certificate that does not
 # match, ends it at once.
 connect_timeout_s: 0
+# Seconds the site keeps retrying a coordinator it lost before it decides the run ended and
+# waits for the next one (1-3600).
+reconnect_grace_s: 30
 # Where this site trains (docs/site-guide.md, "Hardware"); `site start --device/--precision/
 # --workers` override these.
 device: auto        # auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps

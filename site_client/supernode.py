@@ -98,6 +98,11 @@ class SiteSettings:
     # Seconds to keep trying to reach the coordinator before the first connection, then exit
     # code 3; 0 = until stopped. Once connected, the site waits for the next run until stopped.
     connect_timeout_s: float = 0.0
+    # Seconds a connected SuperNode keeps retrying a lost coordinator by itself (Flower's
+    # --max-wait-time) before the site notices that the run ended and waits for the next one.
+    # Long enough to ride out a network blip without starting Flower again; a shorter value
+    # makes the site notice the end of a run sooner.
+    reconnect_grace_s: float = 30.0
     # Differential privacy of everything this site sends (docs/privacy.md); off unless
     # `privacy.enabled: true` here or `site start --dp-epsilon E`. The flags override this.
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -120,6 +125,9 @@ class SiteSettings:
             raise ValueError(f"superlink: expected HOST:PORT, got {self.superlink!r}")
         if self.connect_timeout_s < 0:
             raise ValueError("connect_timeout_s: must be 0 (until stopped) or positive")
+        if not 1 <= self.reconnect_grace_s <= 3600:
+            raise ValueError(f"reconnect_grace_s: {self.reconnect_grace_s} is outside 1-3600 "
+                             "seconds (Flower's SuperNode retries a lost coordinator this long)")
         try:
             self.privacy.validate()
         except ValueError as e:
@@ -290,7 +298,7 @@ def supernode_command(
         "--superlink", superlink,
         "--auth-supernode-private-key", str(kit.key),
         "--node-config", str(node_config),
-        "--max-wait-time", str(int(max_wait_s)),
+        "--max-wait-time", str(max(1, round(max_wait_s))),
         "--host", "127.0.0.1",
         "--port", str(clientapp_port),
     ]
@@ -505,11 +513,6 @@ def _run_once(cmd: list[str], env: dict[str, str], state: Path, log_path: Path,
     return code, _read_from(log_path, start)
 
 
-# How long a connected SuperNode retries a lost coordinator by itself before this command takes
-# over (probe, then backoff); also bounds a SuperNode that cannot get through after the probe did.
-SUPERNODE_MAX_WAIT_S = 30.0
-
-
 def _until_reachable(superlink: str, ca: Path, waiting: CoordinatorWait,
                      reach: Reach | None = None) -> None:
     """Return once the coordinator answers the probe; sleep with backoff meanwhile.
@@ -590,8 +593,11 @@ def run_supernode(
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
     # The SuperNode spawns flower-superexec and flwr-clientapp by name: this venv's come first.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # the SuperNode retries a lost coordinator this long by itself before this command takes
+    # over (probe, then backoff); it also bounds a SuperNode that cannot get through after the
+    # probe did
     cmd = supernode_command(kit, superlink, node_config, clientapp_port or free_port(),
-                            SUPERNODE_MAX_WAIT_S)
+                            kit.settings.reconnect_grace_s)
     log_path = logs / "supernode.log"
     site = kit.settings.site_name
     progress = SiteProgress(site, superlink, state, log_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -37,3 +38,17 @@ def json_of(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def set_site_yaml(kit: Path, **values: object) -> None:
+    """Rewrite top-level ``key: value`` lines of a kit's site.yaml (keys provision wrote).
+
+    The tests shorten ``reconnect_grace_s``: a site notices a finished run after that many
+    seconds instead of the production 30, which is all the deployment tests wait for.
+    """
+    path = kit / "site.yaml"
+    text = path.read_text()
+    for key, value in values.items():
+        text, n = re.subn(rf"^{key}: .*$", f"{key}: {value}", text, flags=re.M)
+        assert n == 1, f"{path}: no line {key!r} to set"
+    path.write_text(text)

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
-from deploy_helpers import wait_for
+from deploy_helpers import set_site_yaml, wait_for
 
 from aggregator.demo import write_federation_yaml
 from aggregator.deploy.runner import AggregatorOptions, read_rounds, run_aggregator
@@ -73,6 +73,8 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
     kits = provision(["A", "B", "C"], root / "KITS", server_names=["127.0.0.1"])
     foreign = provision(["A"], root / "OTHER")  # another consortium's CA
+    for kit in kits.sites.values():  # a restarted coordinator is found again within seconds
+        set_site_yaml(kit, reconnect_grace_s=3)
     data = root / "data"
     write_phantoms(data, 0, 2, seed=7)  # X-rays only: the cheapest site cache to build
     return {

@@ -216,7 +216,8 @@ def test_site_yaml_writes_every_setting_with_the_default_the_site_uses(kits, tmp
     written = yaml.safe_load(text)
     assert {f.name for f in dataclasses.fields(SiteSettings)} <= set(written)
     defaults = SiteSettings()
-    for key in ("device", "precision", "workers", "connect_timeout_s", "state_dir"):
+    for key in ("device", "precision", "workers", "connect_timeout_s", "reconnect_grace_s",
+                "state_dir"):
         assert written[key] == getattr(defaults, key), key
     for key in ("device:", "precision:", "workers:"):  # each with a comment saying its values
         line = next(ln for ln in text.splitlines() if ln.startswith(key))

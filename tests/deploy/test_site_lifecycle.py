@@ -19,7 +19,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from deploy_helpers import fu, text_of, wait_for
+from deploy_helpers import fu, set_site_yaml, text_of, wait_for
 
 from aggregator.demo import write_federation_yaml
 from aggregator.deploy.runner import read_rounds
@@ -35,6 +35,7 @@ def test_a_site_outlives_the_run_joins_the_next_and_hears_why_it_was_rejected(tm
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     kits = provision(["A"], tmp_path / "KITS", server_names=["127.0.0.1"])
+    set_site_yaml(kits.sites["A"], reconnect_grace_s=3)
     write_phantoms(tmp_path / "data", 0, 2, seed=7)
     config = write_federation_yaml(tmp_path / "fed.yaml", min_sites=1, round_timeout=150.0,
                                    local_steps=1)

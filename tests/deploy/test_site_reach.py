@@ -126,6 +126,25 @@ def test_a_site_that_never_connected_gives_up_after_connect_timeout():
     assert not wait.expired()
 
 
+def test_reconnect_grace_reaches_the_supernode_and_a_bad_value_is_named(kits, tmp_path):
+    """site.yaml's grace becomes Flower's --max-wait-time; 0 or an hour-plus is refused."""
+    import shutil
+
+    from site_client.supernode import SiteError, load_site_kit, supernode_command
+
+    kit_dir = shutil.copytree(kits["ours"].sites["A"], tmp_path / "site-A")
+    text = (kit_dir / "site.yaml").read_text()
+    kit = load_site_kit(kit_dir)
+    assert kit.settings.reconnect_grace_s == 30
+    cmd = supernode_command(kit, "127.0.0.1:1", tmp_path / "n.toml", 2, 7.0)
+    assert cmd[cmd.index("--max-wait-time") + 1] == "7"
+    for bad in ("0", "7200"):
+        (kit_dir / "site.yaml").write_text(text.replace("reconnect_grace_s: 30",
+                                                        f"reconnect_grace_s: {bad}"))
+        with pytest.raises(SiteError, match=r"site.yaml.*reconnect_grace_s: .* outside 1-3600"):
+            load_site_kit(kit_dir)
+
+
 def _site_start(kit: Path, data: Path, superlink: str, state: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fed_unimiss.cli.main", "site", "start",
                            "--kit", str(kit), "--data", str(data), "--superlink", superlink,
