@@ -8,9 +8,16 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-import torch
-from filelock import FileLock
+# Three workers share two cores, and the CLIs the tests start train with the thread count of
+# their config (2 in the micro configs). OpenMP threads that spin while they wait for each other
+# then burn the cores the other workers need: a seg3d-micro fine-tune under that load took 31
+# CPU-s spinning and 17 CPU-s sleeping, with the same results. Set before torch is imported, and
+# inherited by every process a test starts; an explicit setting in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
