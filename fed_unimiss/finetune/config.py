@@ -49,6 +49,9 @@ class FinetuneConfig:
     # ---- how a pretrained start is kept (all ignored from scratch) ----
     # The pretrained backbone's learning rate as a fraction of lr; the new layers train at lr.
     backbone_lr_scale: float = 1.0
+    # Layer-wise lr decay (BEiT): each backbone layer trains at lr x backbone_lr_scale x
+    # layer_decay ** (its depth below the new layers), the stems least; 1 = every layer alike.
+    layer_decay: float = 1.0
     # "pretrained" starts the U-like decoder from the export; "fresh" re-initialises it and
     # keeps only the pretrained encoder (the decoder was trained for the CLS objective only).
     decoder_init: Literal["pretrained", "fresh"] = "pretrained"
@@ -187,9 +190,10 @@ class FinetuneConfig:
                 if n is not None and n != len(self.label_values):
                     raise ValueError(f"label_values: {len(self.label_values)} values, but "
                                      f"{name} gives {n} classes")
-        if not 0 < self.backbone_lr_scale <= 1:
-            raise ValueError(f"backbone_lr_scale: expected a fraction of lr in (0, 1], got "
-                             f"{self.backbone_lr_scale}")
+        for name in ("backbone_lr_scale", "layer_decay"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name}: expected a fraction in (0, 1], got "
+                                 f"{getattr(self, name)}")
         if self.decoder_init == "fresh" and not self.is_segmentation:
             raise ValueError(f"decoder_init: 'fresh' is for segmentation; {self.task} uses the "
                              "encoder only")

@@ -101,24 +101,39 @@ def build_task_model(
     return model, info
 
 
-def _optimizer(model: nn.Module, cfg: FinetuneConfig, pretrained: bool) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norms (ndim <= 1); a pretrained backbone at a
-    fraction ``backbone_lr_scale`` of the new layers' lr (every group records its ``lr_scale``).
-    """
-    groups = decay_groups(model, cfg.weight_decay)
+def _lr_scales(model: nn.Module, cfg: FinetuneConfig, pretrained: bool) -> dict[int, float]:
+    """Each trainable parameter's fraction of lr, by ``id``: 1 for the new layers; for a
+    pretrained backbone ``backbone_lr_scale`` x ``layer_decay`` ** (its depth below the new
+    layers), so the layers nearest the input, the most general ones, move the least."""
     backbone = getattr(model, "backbone", None)
-    if not pretrained or backbone is None or cfg.backbone_lr_scale == 1:
-        return torch.optim.AdamW([{**g, "lr_scale": 1.0} for g in groups], lr=cfg.lr)
-    # Each decay group split in two: the pretrained backbone's tensors and the new layers'.
-    inside = {id(p) for p in backbone.parameters()}
+    scales = {id(p): 1.0 for p in model.parameters()}
+    if not pretrained or backbone is None:
+        return scales
+    named = list(backbone.named_parameters())
+    if cfg.layer_decay == 1:
+        depth = {name: 0 for name, _ in named}
+    else:
+        layer = {name: backbone.layer_of(name) for name, _ in named}
+        top = max(layer.values())
+        depth = {name: top - layer[name] + 1 for name in layer}
+    for name, p in named:
+        scales[id(p)] = cfg.backbone_lr_scale * cfg.layer_decay ** depth[name]
+    return scales
+
+
+def _optimizer(model: nn.Module, cfg: FinetuneConfig, pretrained: bool) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norms (ndim <= 1); each decay group split by the
+    parameters' lr fractions (:func:`_lr_scales`), every group recording its ``lr_scale``."""
+    scales = _lr_scales(model, cfg, pretrained)
     split = []
-    for g in groups:
-        for part, scale in (("backbone", cfg.backbone_lr_scale), ("new", 1.0)):
-            named = [(n, p) for n, p in zip(g["names"], g["params"], strict=True)
-                     if (id(p) in inside) == (part == "backbone")]
-            if named:
-                split.append({**g, "name": f"{part}_{g['name']}", "names": [n for n, _ in named],
-                              "params": [p for _, p in named], "lr_scale": scale})
+    for g in decay_groups(model, cfg.weight_decay):
+        by_scale: dict[float, list[tuple[str, nn.Parameter]]] = {}
+        for n, p in zip(g["names"], g["params"], strict=True):
+            by_scale.setdefault(scales[id(p)], []).append((n, p))
+        for scale, named in sorted(by_scale.items(), reverse=True):
+            name = g["name"] if len(by_scale) == 1 else f"{g['name']}@{scale:.4g}"
+            split.append({**g, "name": name, "names": [n for n, _ in named],
+                          "params": [p for _, p in named], "lr_scale": scale})
     return torch.optim.AdamW(split, lr=cfg.lr)
 
 

@@ -513,6 +513,39 @@ class MiT(nn.Module):
             )
         return info
 
+    @property
+    def num_layers(self) -> int:
+        """Depth levels of :meth:`layer_of`: the stems, every encoder stage, every decoder
+        stage, the decoder norm."""
+        return len(self.config.embed_dims) + len(self.config.decoder_dims) + 2
+
+    def layer_of(self, name: str) -> int:
+        """The depth of parameter ``name`` (as ``named_parameters`` spells it) counted from
+        the input, for layer-wise learning-rate decay (BEiT): 0 the stems; 1..n the encoder
+        stages, each with the patch embedding, positional embedding and CLS projection that
+        feed it; then the decoder stages with their up-sampling; last the decoder norm.
+
+        Raises ``ValueError`` for a name that is not one of this model's parameters.
+        """
+        parts = name.split(".")
+        n_enc = len(self.config.embed_dims)
+        try:
+            if parts[0] == "encoder":
+                if parts[1] in ("stem_2d", "stem_3d"):
+                    return 0
+                if parts[1] == "cls_token":
+                    return 1
+                index = int(parts[2])
+                # cls_proj[i] takes the token from stage i + 1 to stage i + 2
+                return index + (2 if parts[1] == "cls_proj" else 1)
+            if parts[0] == "decoder":
+                if parts[1] == "norm":
+                    return self.num_layers - 1
+                return 1 + n_enc + int(parts[2])
+        except (IndexError, ValueError):
+            pass
+        raise ValueError(f"{name!r} is not a parameter name of this MiT")
+
     def check_input(self, x: Tensor) -> int:
         """Validate ``x`` and return its spatial rank (2 or 3); raises ``ValueError``/``TypeError``."""
         if not isinstance(x, Tensor):

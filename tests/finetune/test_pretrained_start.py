@@ -55,17 +55,36 @@ def test_fresh_decoder_keeps_the_encoder_and_reinitialises_the_decoder(exported)
     assert not any(torch.equal(fresh_sd[k], stored[k]) for k in decoder)
 
 
+def _scale_of(model, optimizer) -> dict[str, float]:
+    """Every parameter's lr fraction, by name, as the optimizer holds it."""
+    by_id = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    assert len(by_id) == sum(1 for _ in model.parameters())  # each parameter in one group
+    return {n: by_id[id(p)] for n, p in model.named_parameters()}
+
+
 def test_backbone_learning_rate_is_a_fraction_of_the_new_layers(exported):
     model, _ = build_task_model(_cfg(backbone_lr_scale=0.1), exported, 3)
-    groups = {g["name"]: g for g in _optimizer(model, _cfg(backbone_lr_scale=0.1), True)
-              .param_groups}
-    assert {g["lr_scale"] for n, g in groups.items() if n.startswith("backbone")} == {0.1}
-    assert {g["lr_scale"] for n, g in groups.items() if n.startswith("new")} == {1.0}
-    inside = {id(p) for p in model.backbone.parameters()}
-    counted = sum(len(g["params"]) for g in groups.values())
-    assert counted == sum(1 for _ in model.parameters())
-    assert all(id(p) in inside for n, g in groups.items() if n.startswith("backbone")
-               for p in g["params"])
+    scale = _scale_of(model, _optimizer(model, _cfg(backbone_lr_scale=0.1), True))
+    assert {s for n, s in scale.items() if n.startswith("backbone.")} == {0.1}
+    assert {s for n, s in scale.items() if not n.startswith("backbone.")} == {1.0}
+    # from scratch there is nothing to keep: one lr for all
+    assert set(_scale_of(model, _optimizer(model, _cfg(backbone_lr_scale=0.1), False))
+               .values()) == {1.0}
+
+
+def test_layer_decay_slows_the_layers_nearest_the_input_most(exported):
+    cfg = _cfg(backbone_lr_scale=0.5, layer_decay=0.8)
+    model, _ = build_task_model(cfg, exported, 3)
+    scale = _scale_of(model, _optimizer(model, cfg, True))
+    top = model.backbone.num_layers - 1  # the decoder norm, just below the new layers
+    assert scale["backbone.decoder.norm.weight"] == pytest.approx(0.5 * 0.8)
+    assert scale["backbone.encoder.stem_3d.conv.weight"] == pytest.approx(0.5 * 0.8 ** (top + 1))
+    stage = [scale[f"backbone.encoder.stages.{i}.0.mlp.fc1.weight"] for i in range(4)]
+    assert stage == pytest.approx([0.5 * 0.8 ** (top + 1 - (i + 1)) for i in range(4)])
+    assert scale["backbone.encoder.patch_embed_3d.2.conv.weight"] == stage[2]  # feeds stage 3
+    assert {s for n, s in scale.items() if not n.startswith("backbone.")} == {1.0}
+    with pytest.raises(ValueError, match="not a parameter name"):
+        model.backbone.layer_of("encoder.nothing")
 
 
 @pytest.mark.parametrize("frozen, moves", [(2, False), (1, True)])
@@ -85,6 +104,8 @@ def test_frozen_warm_up_keeps_the_backbone_until_it_ends(exported, seg_data, tmp
 def test_options_are_validated():
     with pytest.raises(ValueError, match="backbone_lr_scale"):
         _cfg(backbone_lr_scale=0.0).validate()
+    with pytest.raises(ValueError, match="layer_decay: expected a fraction in"):
+        _cfg(layer_decay=1.5).validate()
     with pytest.raises(ValueError, match="decoder_init"):
         _cfg(task="cls3d", decoder_init="fresh").validate()
     with pytest.raises(ValueError, match="freeze_backbone_steps"):
