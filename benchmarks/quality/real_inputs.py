@@ -64,6 +64,14 @@ def make_real_data(work: Path, a: argparse.Namespace) -> dict[str, Path]:
             "train": abdomen / "train", "val": abdomen / "val"}
 
 
+def shipped_pretrained_start() -> dict:
+    """How configs/finetune/seg3d-micro.yaml keeps a pretrained start (the FinetuneConfig
+    options that act only from a pretrained init), read rather than restated."""
+    shipped = yaml.safe_load((REPO / "configs" / "finetune" / "seg3d-micro.yaml").read_text())
+    keys = ("backbone_lr_scale", "layer_decay", "decoder_init", "freeze_backbone_steps")
+    return {k: shipped[k] for k in keys if k in shipped}
+
+
 def write_real_configs(work: Path, a: argparse.Namespace) -> dict[str, Path]:
     """Per pretraining seed a recipe and a federation; one probe and one fine-tuning config."""
     base = yaml.safe_load((HERE / "micro-real.yaml").read_text())
@@ -93,10 +101,11 @@ def write_real_configs(work: Path, a: argparse.Namespace) -> dict[str, Path]:
             "class_names": CLASS_NAMES}
     paths["probe"] = work / "probe.yaml"
     paths["probe"].write_text(yaml.safe_dump({"data": data}, sort_keys=False))
-    # bench_finetune.py's abdomen settings; everything else the shipped FinetuneConfig defaults.
+    # bench_finetune.py's abdomen settings, how seg3d-micro.yaml keeps a pretrained start;
+    # everything else the shipped FinetuneConfig defaults.
     ft = {**data, "epochs": 1, "steps_per_epoch": a.steps_per_epoch, "batch_size": 2,
           "lr": a.lr, "warmup_steps": min(20, a.steps_per_epoch // 10), "foreground_prob": 0.5,
-          "sw_overlap": 0.25, "val_every": 1, "threads": 1}
+          "sw_overlap": 0.25, "val_every": 1, "threads": 1, **shipped_pretrained_start()}
     paths["finetune"] = work / "finetune.yaml"
     paths["finetune"].write_text(yaml.safe_dump(ft, sort_keys=False))
     return paths
