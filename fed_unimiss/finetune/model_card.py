@@ -26,7 +26,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["NOT_RECORDED", "card_facts", "read_round_log", "render_card", "model_card"]
+__all__ = ["NOT_RECORDED", "card_facts", "read_round_log", "render_card", "model_card",
+           "finetune_card"]
 
 NOT_RECORDED = "not recorded"
 
@@ -436,3 +437,87 @@ def model_card(checkpoint: str | Path, meta: dict[str, Any], model: dict[str, An
     round_num = int(meta["round"]) if _number(meta.get("round")) else None
     rows = read_round_log(checkpoint, round_num)
     return render_card(card_facts(meta, rows, model, which, parameters))
+
+
+# ---------------------------------------------------------------------------------------------
+# The card of a fine-tuned model (MONAI bundle of a seg3d fine-tune)
+# ---------------------------------------------------------------------------------------------
+FINETUNE_KEYS = ("mode", "epochs", "steps_per_epoch", "batch_size", "lr", "weight_decay",
+                 "warmup_steps", "backbone_lr_scale", "layer_decay", "decoder_init",
+                 "freeze_backbone_steps", "label_fraction", "seed", "patch_3d", "ct_spacing",
+                 "hu_scale", "hu_window", "intensity", "foreground_prob", "flip_prob",
+                 "sw_overlap", "deep_supervision")
+
+
+def finetune_card(meta: dict[str, Any], metrics: dict[str, Any], model: dict[str, Any],
+                  class_names: list[str], parameters: int) -> str:
+    """The card of a fine-tuned segmentation model, from its ``finetuned.json`` record and the
+    run's ``metrics.json`` (validation result); the pretraining it started from is described
+    by the whitelisted provenance the export's config.json carried into the record."""
+    ft, init = _dict(meta.get("config")), _dict(meta.get("init"))
+    pre = _dict(init.get("pretraining"))
+    data = _dict(metrics.get("data"))
+    settings = {k: _safe(ft.get(k)) for k in FINETUNE_KEYS}
+    kind = _safe(pre.get("kind"))
+    head = {"library_name": "monai", "license": "other", "pipeline_tag": "image-segmentation",
+            "tags": ["medical-imaging", "ct", "segmentation", "unimiss", "mit", "monai",
+                     "pytorch"] + (["federated-learning"] if kind == "federated" else []),
+            "model_name": f"fed-unimiss MiT {_safe(model.get('preset')) or ''} seg3d".strip()}
+    lines = [
+        f"# fed-unimiss MiT ({_v(_safe(model.get('preset')))}) fine-tuned for 3D CT "
+        "segmentation", "",
+        "This card was written by `fed-unimiss export --format monai-bundle` from the "
+        f"fine-tuning run's records only; \"{NOT_RECORDED}\" marks what they do not hold.", "",
+        "## What it is", "",
+        f"A MiT encoder-decoder ({parameters:,} parameters with the segmentation head) that "
+        f"labels every voxel of a CT volume with one of {len(class_names)} classes: "
+        + ", ".join(f"{i} {n}" for i, n in enumerate(class_names)) + ".", "",
+        f"- Input: `(B, 1, D, H, W)` CT, {_v(settings['intensity'])} intensity mode: HU / "
+        f"{_v(settings['hu_scale'])}"
+        + (f" after clipping to {_v(settings['hu_window'])}" if settings["hu_window"] else
+           " (no clipping)")
+        + f", resampled to {_v(settings['ct_spacing'])} mm, axcodes `SPL`; whole volumes "
+        f"are read by Gaussian sliding windows of {_v(settings['patch_3d'])} voxels.",
+        "- Output: logits `(B, classes, D, H, W)`; the bundle's inference writes the arg-max "
+        "label map on the input's grid.", "",
+        "## How it was trained", "",
+        f"`fed-unimiss finetune --task seg3d` from a {init.get('init') or NOT_RECORDED} start "
+        f"(pretrained network: {_v(_safe(init.get('network')))}; pretraining: "
+        f"{_v(kind)}"
+        + (f", {_v(_safe(pre.get('round')))} rounds, sites "
+           + ", ".join(lab for s in pre.get("sites", []) if (lab := _label(s)))
+           if kind == "federated" else
+           f", {_v(_safe(pre.get('step')))} steps" if kind == "centralized" else "")
+        + ").", "",
+        "| fine-tuning setting | value |", "|---|---|"]
+    lines += [f"| {k} | {_v(v)} |" for k, v in settings.items()]
+    lines += ["", "## Training data", "",
+              f"- training items: {_v(_safe(data.get('train_items')))}",
+              f"- validation items: {_v(_safe(data.get('val_items')))}",
+              "(counts only; the fine-tuning data are the fine-tuner's own).", "",
+              "## Privacy", "",
+              "Fine-tuning ran on one party's data, without differential privacy (none is "
+              "recorded). The pretraining's privacy is described by its own card.", "",
+              "## Quality", ""]
+    dice = _safe(metrics.get("dice_mean"))
+    per_class = metrics.get("dice_per_class")
+    if dice is None:
+        lines += [f"Validation: {NOT_RECORDED}.", ""]
+    else:
+        lines += ["Validation at the end of fine-tuning (`fed-unimiss finetune --task seg3d`: "
+                  "MONAI Gaussian sliding-window inference over each whole validation volume; "
+                  "Dice from true/false positive and false negative counts pooled over the "
+                  "volumes):", "", f"- mean Dice over foreground classes: {_v(dice)}"]
+        if isinstance(per_class, list):
+            lines += [f"- Dice of {class_names[i] if i < len(class_names) else i}: "
+                      f"{_v(_safe(v))}" for i, v in enumerate(per_class) if i > 0]
+        lines.append("")
+    lines += ["## Intended use and limitations", "",
+              "- Research use; not a medical device and not clinically validated.",
+              "- Validated only on the validation items counted above; performance on other "
+              "scanners, protocols or populations is unknown until measured.",
+              "- Inputs must follow the conventions above (intensity, spacing, orientation).",
+              "- The bundle's network class is `fed_unimiss.finetune.monai_bundle."
+              "MiTSegmentationNet`: the fed-unimiss package must be importable.", ""]
+    return ("---\n" + yaml.safe_dump(head, sort_keys=False) + "---\n\n"
+            + "\n".join(lines).rstrip() + "\n")
