@@ -17,11 +17,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="export a checkpoint as a loadable model",
         description="Write the MiT backbone of a pretraining checkpoint (ckpt_STEP or "
         "global_round_NNNN) as DIR/model.safetensors + DIR/config.json, loadable with "
-        "fed_unimiss.load_pretrained(DIR) without Flower. Only aggregate provenance (rounds, "
-        "site labels, sample counts) is written; no paths or site data.",
+        "fed_unimiss.load_pretrained(DIR) without Flower, and the model card DIR/README.md "
+        "written from the run's records. Only aggregate provenance (rounds, site labels, "
+        "sample counts, epsilon per site) is written; no paths or site data. --format "
+        "monai-bundle also takes a fine-tuned seg3d model (finetuned.safetensors).",
     )
     p.add_argument("checkpoint", type=Path, metavar="CKPT",
-                   help="the checkpoint's .safetensors or .json file")
+                   help="the checkpoint's .safetensors or .json file (monai-bundle: also "
+                   "a seg3d fine-tune's finetuned.safetensors)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     p.add_argument("--which", choices=("student", "teacher"), default="student",
                    help="network to export (default student: it was the better fine-tuning "

@@ -412,9 +412,10 @@ def _limitations(f: dict[str, Any]) -> list[str]:
         "- The training loss and any evaluation above are from the pretraining run; they are "
         "not a clinical validation.",
         "",
-        "Loading: `fed_unimiss.load_pretrained(DIR)` for the safetensors export; "
-        "`fed-unimiss export --format torchscript` gives a file plain PyTorch loads, "
-        "`--format monai-bundle` a MONAI bundle.",
+        "Formats: `fed-unimiss export` writes the weights (safetensors) and the configuration "
+        "for `fed_unimiss.load_pretrained`; `--format torchscript` adds an encoder file plain "
+        "PyTorch runs without fed-unimiss (fixed input sizes); `--format monai-bundle` writes a "
+        "MONAI bundle whose network class comes from fed-unimiss.",
         "",
     ]
 
@@ -496,8 +497,9 @@ def finetune_card(meta: dict[str, Any], metrics: dict[str, Any], model: dict[str
               f"- validation items: {_v(_safe(data.get('val_items')))}",
               "(counts only; the fine-tuning data are the fine-tuner's own).", "",
               "## Privacy", "",
-              "Fine-tuning ran on one party's data, without differential privacy (none is "
-              "recorded). The pretraining's privacy is described by its own card.", "",
+              "`fed-unimiss finetune` trains on one party's data and has no differential "
+              "privacy. The pretraining's privacy (per site) is in the pretrained model's "
+              "own card.", "",
               "## Quality", ""]
     dice = _safe(metrics.get("dice_mean"))
     per_class = metrics.get("dice_per_class")

@@ -188,7 +188,8 @@ def _pretrained_bundle(checkpoint: Path, out: Path, which: Which,
         f"fed-unimiss MiT {cfg.preset} encoder ({which})",
         "UniMiSS-pretrained MiT encoder (3D path) as a feature extractor: input a CT patch, "
         "output the last encoder stage's feature map. Pretrained by self-distillation; see "
-        "docs/README.md for how and on what.",
+        "docs/README.md for how and on what. The network class is fed_unimiss.finetune."
+        "monai_bundle.MiTFeatureNet: fed-unimiss must be importable.",
         inputs, outputs, {"task": "feature extraction (self-supervised pretrained backbone)"})
     return _write_bundle(out, metadata, inference, encoder.state_dict(), card)
 
@@ -301,7 +302,10 @@ def _segmentation_bundle(checkpoint: Path, out: Path, model_config: ModelConfig 
         f"fed-unimiss MiT {cfg.preset} seg3d",
         f"A UniMiSS-pretrained MiT fine-tuned for 3D CT segmentation into {num_classes} "
         "classes. `python -m monai.bundle run --config_file configs/inference.json "
-        "--bundle_root . --dataset_dir DIR --output_dir OUT` segments every NIfTI in DIR.",
+        "--bundle_root . --dataset_dir DIR --output_dir OUT` (MONAI's CLI needs the fire "
+        "package; from Python: monai.bundle.run(config_file=..., bundle_root=..., "
+        "dataset_dir=..., output_dir=...)) segments every NIfTI in DIR. The network class is "
+        "fed_unimiss.finetune.monai_bundle.MiTSegmentationNet: fed-unimiss must be importable.",
         inputs, outputs, extra)
     card = finetune_card(meta, metrics, to_dict(cfg), names,
                          sum(v.numel() for v in expected.values()))
