@@ -67,6 +67,14 @@ def _safe(v: Any) -> Any:
     return None
 
 
+def _field(record: dict[str, Any], key: str) -> Any:
+    """A recorded setting: "none" where the record holds null (e.g. no window), None (printed
+    "not recorded") where it lacks the key or holds something unsafe."""
+    if key in record and record[key] is None:
+        return "none"
+    return _safe(record.get(key))
+
+
 def _label(v: Any) -> str | None:
     return str(v) if _LABEL.match(str(v)) else None
 
@@ -176,12 +184,12 @@ def card_facts(meta: dict[str, Any], rows: list[dict[str, Any]], model: dict[str
             "hu_scale", "ct_spacing", "xray_size", "xray_default_spacing", "min_ct_slices",
             "min_xray_side")},
         "kind": "federated" if federated else "centralized",
-        "recipe": {k: _safe(ssl.get(k)) for k in RECIPE_KEYS},
+        "recipe": {k: _field(ssl, k) for k in RECIPE_KEYS},
     }
     if federated:
         facts["rounds"] = int(meta["round"])
         facts["planned_rounds"] = _safe(run.get("rounds"))
-        facts["federation"] = {k: _safe(federation.get(k)) for k in FEDERATION_KEYS}
+        facts["federation"] = {k: _field(federation, k) for k in FEDERATION_KEYS}
         exchange = last.get("exchange") or next(
             (r.get("exchange") for r in reversed(rows) if r.get("exchange")), None)
         facts["exchange"] = _safe(exchange)
@@ -294,7 +302,7 @@ def _how_trained(f: dict[str, Any]) -> list[str]:
             f"{_v(fed['trim_fraction'])}) |",
             f"| screening | update norm > {_v(fed['norm_factor'])} x the round median or "
             f"cosine < {_v(fed['min_cosine'])} rejected; absolute norm bound "
-            f"{_v(fed['max_update_norm']) if fed['max_update_norm'] is not None else 'none'} |",
+            f"{_v(fed['max_update_norm'])} |",
             f"| minimum sites per round | {_v(fed['min_sites'])} |",
             f"| DP required of every site | {_v(fed['require_dp'])} |",
         ]
@@ -451,14 +459,15 @@ FINETUNE_KEYS = ("mode", "epochs", "steps_per_epoch", "batch_size", "lr", "weigh
 
 
 def finetune_card(meta: dict[str, Any], metrics: dict[str, Any], model: dict[str, Any],
-                  class_names: list[str], parameters: int) -> str:
+                  class_names: list[str] | None, parameters: int) -> str:
     """The card of a fine-tuned segmentation model, from its ``finetuned.json`` record and the
     run's ``metrics.json`` (validation result); the pretraining it started from is described
     by the whitelisted provenance the export's config.json carried into the record."""
     ft, init = _dict(meta.get("config")), _dict(meta.get("init"))
+    num_classes = int(meta.get("num_classes") or 0)
     pre = _dict(init.get("pretraining"))
     data = _dict(metrics.get("data"))
-    settings = {k: _safe(ft.get(k)) for k in FINETUNE_KEYS}
+    settings = {k: _field(ft, k) for k in FINETUNE_KEYS}
     kind = _safe(pre.get("kind"))
     head = {"library_name": "monai", "license": "other", "pipeline_tag": "image-segmentation",
             "tags": ["medical-imaging", "ct", "segmentation", "unimiss", "mit", "monai",
@@ -471,12 +480,18 @@ def finetune_card(meta: dict[str, Any], metrics: dict[str, Any], model: dict[str
         f"fine-tuning run's records only; \"{NOT_RECORDED}\" marks what they do not hold.", "",
         "## What it is", "",
         f"A MiT encoder-decoder ({parameters:,} parameters with the segmentation head) that "
-        f"labels every voxel of a CT volume with one of {len(class_names)} classes: "
-        + ", ".join(f"{i} {n}" for i, n in enumerate(class_names)) + ".", "",
-        f"- Input: `(B, 1, D, H, W)` CT, {_v(settings['intensity'])} intensity mode: HU / "
-        f"{_v(settings['hu_scale'])}"
-        + (f" after clipping to {_v(settings['hu_window'])}" if settings["hu_window"] else
-           " (no clipping)")
+        f"labels every voxel of a CT volume with one of {num_classes} classes: "
+        + (", ".join(f"{i} {n}" for i, n in enumerate(class_names)) if class_names else
+           f"0..{num_classes - 1} (class names {NOT_RECORDED})") + ".", "",
+        f"- Input: `(B, 1, D, H, W)` CT, intensity mode {_v(settings['intensity'])}"
+        + (" (resolved at fine-tuning from the data set's modality, CT -> HU; the resolved "
+           "mode is not recorded and the bundle applies the HU scaling)"
+           if settings["intensity"] == "auto" else "")
+        + (": per-volume z-score (mean 0, std 1)" if settings["intensity"] == "zscore" else
+           f": HU / {_v(settings['hu_scale'])}")
+        + ("" if settings["intensity"] == "zscore" else
+           f" after clipping to {_v(settings['hu_window'])}"
+           if settings["hu_window"] not in (None, "none") else " (no clipping)")
         + f", resampled to {_v(settings['ct_spacing'])} mm, axcodes `SPL`; whole volumes "
         f"are read by Gaussian sliding windows of {_v(settings['patch_3d'])} voxels.",
         "- Output: logits `(B, classes, D, H, W)`; the bundle's inference writes the arg-max "
@@ -511,7 +526,8 @@ def finetune_card(meta: dict[str, Any], metrics: dict[str, Any], model: dict[str
                   "Dice from true/false positive and false negative counts pooled over the "
                   "volumes):", "", f"- mean Dice over foreground classes: {_v(dice)}"]
         if isinstance(per_class, list):
-            lines += [f"- Dice of {class_names[i] if i < len(class_names) else i}: "
+            names = class_names or [f"class {i}" for i in range(len(per_class))]
+            lines += [f"- Dice of {names[i] if i < len(names) else i}: "
                       f"{_v(_safe(v))}" for i, v in enumerate(per_class) if i > 0]
         lines.append("")
     lines += ["## Intended use and limitations", "",

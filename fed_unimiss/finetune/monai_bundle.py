@@ -285,9 +285,12 @@ def _segmentation_bundle(checkpoint: Path, out: Path, model_config: ModelConfig 
         "initialize": ["$@load_weights", "$@network.eval()", "$torch.set_grad_enabled(False)"],
         "run": ["$[@predict(d) for d in @dataset]"],
     }
-    names = metrics.get("label_names") or [str(i) for i in range(num_classes)]
-    names = [n if isinstance(n, str) and re.match(r"^[\w \-]{1,40}$", n) else str(i)
-             for i, n in enumerate(names)]
+    recorded = metrics.get("label_names")
+    safe_names = None
+    if isinstance(recorded, list) and len(recorded) == num_classes:
+        safe_names = [n if isinstance(n, str) and re.match(r"^[\w \-]{1,40}$", n)
+                      else f"class {i}" for i, n in enumerate(recorded)]
+    names = safe_names or [f"class {i}" for i in range(num_classes)]
     inputs = {"image": _image_input(patch, cfg.in_chans_3d, intensity, window)}
     outputs = {"pred": {"type": "image", "format": "segmentation", "num_channels": num_classes,
                         "spatial_shape": patch, "dtype": "float32", "value_range": [],
@@ -307,7 +310,7 @@ def _segmentation_bundle(checkpoint: Path, out: Path, model_config: ModelConfig 
         "dataset_dir=..., output_dir=...)) segments every NIfTI in DIR. The network class is "
         "fed_unimiss.finetune.monai_bundle.MiTSegmentationNet: fed-unimiss must be importable.",
         inputs, outputs, extra)
-    card = finetune_card(meta, metrics, to_dict(cfg), names,
+    card = finetune_card(meta, metrics, to_dict(cfg), safe_names,
                          sum(v.numel() for v in expected.values()))
     return _write_bundle(out, metadata, inference, tensors, card)
 
