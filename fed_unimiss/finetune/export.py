@@ -6,6 +6,7 @@ plus a JSON sidecar. Output ``DIR``::
 
     DIR/model.safetensors   the MiT backbone (encoder + decoder) of the chosen network, no head
     DIR/config.json         format version, the full ModelConfig, which network, provenance
+    DIR/README.md           the model card, from the run's records (model_card.py)
 
 The DINO projection head and the center are pretraining machinery and are not exported. The
 sidecar is *not* copied: it can hold site data paths and run details. Only a whitelist of
@@ -28,6 +29,8 @@ from fed_unimiss.checkpoint import atomic_write_bytes, atomic_write_json, load_c
 from fed_unimiss.config import ConfigError, to_dict
 from fed_unimiss.models.model_config import ModelConfig
 
+from .model_card import model_card
+
 __all__ = ["ExportError", "FORMAT", "export_checkpoint", "model_config_from_meta", "provenance"]
 
 log = logging.getLogger(__name__)
@@ -49,7 +52,9 @@ def _candidate_model_sections(meta: Any, depth: int = 0) -> Iterator[Any]:
         if isinstance(meta.get(key), dict):
             yield meta[key]
     for key, value in meta.items():
-        if isinstance(value, dict) and key not in ("model", "model_config"):
+        # A federation's recipe_overrides.model holds a few changed fields, not a model: read
+        # as one it would resolve to the default preset and miss the run's real architecture.
+        if isinstance(value, dict) and key not in ("model", "model_config", "recipe_overrides"):
             yield from _candidate_model_sections(value, depth + 1)
 
 
@@ -147,7 +152,8 @@ def export_checkpoint(
     which: Which = "student",
     model_config: ModelConfig | None = None,
 ) -> Path:
-    """Write ``out_dir/model.safetensors`` and ``out_dir/config.json``; returns ``out_dir``.
+    """Write ``out_dir/model.safetensors``, ``config.json`` and ``README.md`` (the model card);
+    returns ``out_dir``.
 
     The backbone state is checked against a freshly built MiT of the recorded config (strict:
     missing or unexpected names are an error), so a published model always loads.
@@ -186,6 +192,10 @@ def export_checkpoint(
         "pretraining": provenance(meta),
     }
     atomic_write_json(out_dir / "config.json", config)
+    parameters = {part: sum(v.numel() for k, v in state.items() if k.startswith(part + "."))
+                  for part in ("encoder", "decoder")}
+    card = model_card(checkpoint, meta, config["model"], which, parameters)
+    atomic_write_bytes(out_dir / "README.md", card.encode())
     log.info("exported the %s backbone (%d tensors, preset %s) to %s", which, len(state),
              cfg.preset, out_dir)
     return out_dir

@@ -41,3 +41,7 @@ def test_researcher_guide_runs_as_written(tmp_path):
             assert "mean loss of steps 0..3" in out.stdout, out.stdout
     for run in ("seg3d", "seg2d", "cls2d", "probe"):
         assert (tmp_path / "guide" / run / "metrics.json").is_file()
+    # the published formats (section 9): a card in every export, the bundle's segmentation
+    assert (tmp_path / "guide" / "model" / "README.md").is_file()
+    assert (tmp_path / "guide" / "model-ts" / "encoder.torchscript.pt").is_file()
+    assert list((tmp_path / "guide" / "seg3d-bundle" / "eval").glob("*_seg.nii.gz"))
