@@ -305,9 +305,8 @@ def _segmentation_bundle(checkpoint: Path, out: Path, model_config: ModelConfig 
         f"fed-unimiss MiT {cfg.preset} seg3d",
         f"A UniMiSS-pretrained MiT fine-tuned for 3D CT segmentation into {num_classes} "
         "classes. `python -m monai.bundle run --config_file configs/inference.json "
-        "--bundle_root . --dataset_dir DIR --output_dir OUT` (MONAI's CLI needs the fire "
-        "package; from Python: monai.bundle.run(config_file=..., bundle_root=..., "
-        "dataset_dir=..., output_dir=...)) segments every NIfTI in DIR. The network class is "
+        "--meta_file configs/metadata.json --bundle_root . --dataset_dir DIR --output_dir OUT` "
+        "segments every NIfTI in DIR. The network class is "
         "fed_unimiss.finetune.monai_bundle.MiTSegmentationNet: fed-unimiss must be importable.",
         inputs, outputs, extra)
     card = finetune_card(meta, metrics, to_dict(cfg), safe_names,
