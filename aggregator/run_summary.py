@@ -21,7 +21,7 @@ from aggregator.probe_report import probe_row, probe_series, read_probe
 from aggregator.run_status import STATUS_FILE, process_gone, read_json, run_state
 from fed_unimiss import exchange as ex
 from fed_unimiss.exchange import is_valid_site_name
-from fed_unimiss.privacy.report import reported_budget
+from fed_unimiss.privacy.report import reported_budget, reported_delta
 
 if TYPE_CHECKING:
     from aggregator.screening import Verdict
@@ -137,19 +137,23 @@ class RoundRecord:
     costs: RoundCosts = field(default_factory=RoundCosts)
     epsilon: dict[str, float] = field(default_factory=dict)  # DP sites: epsilon spent so far
     epsilon_budget: dict[str, float] = field(default_factory=dict)  # DP sites: their target
+    delta: dict[str, float] = field(default_factory=dict)  # DP sites: the delta of their epsilon
     evaluated: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> loss, n
     probed: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> probe numbers
 
     def note_reports(self, label: str, metrics: Mapping[str, Any] | None) -> None:
         """Keep what a train reply reports beside its update, whatever becomes of the update:
-        its probe of the global model it was sent, and a DP site's target epsilon (a setting
-        the dashboard shows beside the epsilon spent)."""
+        its probe of the global model it was sent, and a DP site's target epsilon and delta
+        (settings the dashboard and the model card show beside the epsilon spent)."""
         probe = read_probe(metrics)
         if probe is not None:
             self.probed[label] = probe
         budget = reported_budget(metrics)
         if budget is not None:
             self.epsilon_budget[label] = budget
+        delta = reported_delta(metrics)
+        if delta is not None:
+            self.delta[label] = delta
 
     def add_evaluation(self, label: str, metrics: Mapping[str, Any] | None) -> str | None:
         """Keep a site's evaluation loss and example count; or say why there is none to keep."""
@@ -208,6 +212,7 @@ def round_row(record: RoundRecord, exchange: str, seconds: float, missing: list[
         "exchange": exchange,
         "epsilon": dict(sorted(record.epsilon.items())),  # DP site -> epsilon spent so far
         "epsilon_budget": dict(sorted(record.epsilon_budget.items())),  # site -> its target
+        "dp_delta": dict(sorted(record.delta.items())),  # DP site -> its delta
     }
     if record.evaluated:
         weight = sum(v[ex.NUM_EXAMPLES] for v in record.evaluated.values()) or 1.0

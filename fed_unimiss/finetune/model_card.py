@@ -118,7 +118,7 @@ def _sites_from_rows(rows: list[dict[str, Any]], last: dict[str, Any]) -> dict[s
             for key in ("samples_2d", "samples_3d"):
                 if _number(item.get(key)):
                     site[key] += int(item[key])
-        for key in ("epsilon", "epsilon_budget"):
+        for key in ("epsilon", "epsilon_budget", "dp_delta"):
             for name, value in _dict(row.get(key)).items():
                 label = _label(name)
                 if label is not None and _number(value):
@@ -355,14 +355,12 @@ def _privacy(f: dict[str, Any]) -> list[str]:
         out.append(f"| {name} | {'yes' if dp else 'no (none reported)'} | "
                    f"{_v(s.get('epsilon')) if dp else '-'} | "
                    f"{_v(s.get('epsilon_budget')) if dp else '-'} | "
-                   f"{NOT_RECORDED if dp else '-'} |")
+                   f"{_v(s.get('dp_delta')) if dp else '-'} |")
     suggested = f["suggested_site_privacy"]
     if suggested:
         out += ["", "The federation config suggested to its sites: " + ", ".join(
             f"{k} {_v(v)}" for k, v in sorted(suggested.items()))
-            + " (each site sets its own; the delta a site used is not in the run's records)."]
-    else:
-        out += ["", "Delta: not recorded in the run's records (each DP site sets its own)."]
+            + " (each site sets its own; the table gives what each DP site reported)."]
     return out + [""]
 
 

@@ -1,7 +1,7 @@
 """What a DP site says about privacy in its reply: the shared vocabulary of both sides.
 
-A DP site's train reply carries ``epsilon`` (spent so far, per patient, at its delta) and
-``epsilon_budget`` (its target, a setting, not computed from data). A site whose budget would be
+A DP site's train reply carries ``epsilon`` (spent so far, per patient, at its delta),
+``epsilon_budget`` (its target) and ``dp_delta`` (its delta): settings, not computed from data. A site whose budget would be
 exceeded replies metrics only: ``dp_refused = 1``, ``epsilon`` and ``epsilon_budget``, no state.
 Numbers only; the aggregator records them per site in rounds.jsonl (``epsilon``).
 
@@ -22,12 +22,14 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["EPSILON", "EPSILON_BUDGET", "DP_REFUSED", "REQUIRE_DP", "ERROR_DP_REQUIRED",
+__all__ = ["EPSILON", "EPSILON_BUDGET", "DELTA", "DP_REFUSED", "REQUIRE_DP", "ERROR_DP_REQUIRED",
            "DP_PLAN_PATIENTS_PER_STEP", "ERROR_DP_PLAN", "privacy_refusal", "reported_epsilon",
-           "reported_budget"]
+           "reported_budget", "reported_delta"]
 
 EPSILON = "epsilon"
 EPSILON_BUDGET = "epsilon_budget"  # the site's target epsilon (the coordinator's dashboard shows it)
+# the site's delta: its epsilon holds at this delta, so a published model names both
+DELTA = "dp_delta"
 DP_REFUSED = "dp_refused"
 # Train-instruction config key (bool): the federation accepts updates from DP sites only.
 REQUIRE_DP = "require-dp"
@@ -69,5 +71,16 @@ def reported_budget(metrics: Mapping[str, Any] | None) -> float | None:
     value = metrics.get(EPSILON_BUDGET)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value <= 0:
+        return None
+    return float(value)
+
+
+def reported_delta(metrics: Mapping[str, Any] | None) -> float | None:
+    """The ``dp_delta`` a DP site reported in ``metrics`` (in (0, 1)), or None."""
+    if metrics is None:
+        return None
+    value = metrics.get(DELTA)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 < value < 1:
         return None
     return float(value)

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from fed_unimiss.privacy.config import PrivacyConfig
 from fed_unimiss.privacy.ledger import PrivacyLedger, RoundPlan
-from fed_unimiss.privacy.report import DP_REFUSED, EPSILON, EPSILON_BUDGET
+from fed_unimiss.privacy.report import DELTA, DP_REFUSED, EPSILON, EPSILON_BUDGET
 from fed_unimiss.ssl.config import Recipe
 from fed_unimiss.ssl.engine import SelfDistillation, TrainStats
 from fed_unimiss.ssl.gradient_step import GradientStep, PlainStep
@@ -97,15 +97,18 @@ class LedgerGuard:
     def refusal_metrics(self) -> dict[str, float]:
         if self._refused is None:
             raise RuntimeError("refusal_metrics() without a refused plan")
-        return {DP_REFUSED: 1, EPSILON: self._refused.epsilon_before,
-                EPSILON_BUDGET: float(self.ledger.config.target_epsilon)}
+        return {DP_REFUSED: 1, EPSILON: self._refused.epsilon_before, **self._settings()}
 
     def commit(self) -> dict[str, float]:
         if self._plan is None:
             raise RuntimeError("commit() without an allowed plan")
         epsilon, self._plan = self.ledger.commit(self._plan), None
-        return {EPSILON: epsilon, DP_REFUSED: 0,
-                EPSILON_BUDGET: float(self.ledger.config.target_epsilon)}
+        return {EPSILON: epsilon, DP_REFUSED: 0, **self._settings()}
+
+    def _settings(self) -> dict[str, float]:
+        """The target epsilon and the delta it holds at: settings, nothing from the data."""
+        config = self.ledger.config
+        return {EPSILON_BUDGET: float(config.target_epsilon), DELTA: float(config.target_delta)}
 
     def epsilon(self) -> float:
         return self.ledger.epsilon()

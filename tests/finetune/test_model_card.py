@@ -20,6 +20,7 @@ from fed_unimiss.cli.main import main as cli_main
 from fed_unimiss.data.phantom import write_phantoms
 from fed_unimiss.finetune.export import export_checkpoint
 from fed_unimiss.finetune.model_card import NOT_RECORDED
+from fed_unimiss.privacy.config import PrivacyConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -131,7 +132,9 @@ def test_federated_card_says_what_the_records_say(federated):
         assert f"| {site} | 2 | {s2} | {s3} |" in body
     spent = meta["round_log"]["epsilon"]["A"]
     assert 0 < spent <= 8.0 and "B" not in meta["round_log"]["epsilon"]
-    assert f"| A | yes | {spent:.4g} | 8 | {NOT_RECORDED} |" in body
+    delta = PrivacyConfig().target_delta  # site A's delta: the default, as each row reports it
+    assert all(r["dp_delta"] == {"A": delta} for r in rows)
+    assert f"| A | yes | {spent:.4g} | 8 | {delta:.4g} |" in body
     assert "| B | no (none reported) | - | - | - |" in body
     # quality: the federated evaluation of every round and the probe of round 1 (probe_every 2)
     for r in rows:
