@@ -60,19 +60,19 @@ class _Dispatch(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         if x.dim() == 4:
-            if x.shape[1] != self.chans_2d or list(x.shape[2:]) != self.size_2d:
-                raise ValueError("this TorchScript encoder was traced for 2D inputs (B, "
-                                 + str(self.chans_2d) + ", " + str(self.size_2d)
-                                 + "); got shape " + str(list(x.shape)))
+            self._check(x, "2D", self.chans_2d, self.size_2d)
             return self.paths.forward_2d(x)
         if x.dim() == 5:
-            if x.shape[1] != self.chans_3d or list(x.shape[2:]) != self.size_3d:
-                raise ValueError("this TorchScript encoder was traced for 3D inputs (B, "
-                                 + str(self.chans_3d) + ", " + str(self.size_3d)
-                                 + "); got shape " + str(list(x.shape)))
+            self._check(x, "3D", self.chans_3d, self.size_3d)
             return self.paths.forward_3d(x)
         raise ValueError("input must be (B, C, H, W) or (B, C, D, H, W); got shape "
                          + str(list(x.shape)))
+
+    def _check(self, x: Tensor, kind: str, chans: int, size: list[int]) -> None:
+        if x.shape[1] != chans or list(x.shape[2:]) != size:
+            raise ValueError("this TorchScript encoder was traced for " + kind + " inputs (B, "
+                             + str(chans) + ", " + str(size) + "); got shape "
+                             + str(list(x.shape)))
 
 
 def traced_sizes(model_config: dict, size_2d: Sequence[int] | None,
