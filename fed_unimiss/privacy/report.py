@@ -48,39 +48,30 @@ def privacy_refusal(metrics: Mapping[str, Any] | None) -> float | None:
     """Epsilon spent if ``metrics`` is a budget refusal, else None (also for malformed values)."""
     if metrics is None or metrics.get(DP_REFUSED) != 1:
         return None
-    eps = metrics.get(EPSILON)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
-        return float("nan")
-    return float(eps)
+    eps = _finite(metrics, EPSILON)
+    return float("nan") if eps is None else eps
+
+
+def _finite(metrics: Mapping[str, Any] | None, key: str) -> float | None:
+    """``metrics[key]`` as a float if it is a finite number (not a bool), else None."""
+    value = None if metrics is None else metrics.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def reported_epsilon(metrics: Mapping[str, Any] | None) -> float | None:
     """The finite ``epsilon`` a DP site reported in ``metrics``, or None (no DP report)."""
-    if metrics is None:
-        return None
-    eps = metrics.get(EPSILON)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
-        return None
-    return float(eps)
+    return _finite(metrics, EPSILON)
 
 
 def reported_budget(metrics: Mapping[str, Any] | None) -> float | None:
     """The finite, positive ``epsilon_budget`` a DP site reported in ``metrics``, or None."""
-    if metrics is None:
-        return None
-    value = metrics.get(EPSILON_BUDGET)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value <= 0:
-        return None
-    return float(value)
+    value = _finite(metrics, EPSILON_BUDGET)
+    return value if value is not None and value > 0 else None
 
 
 def reported_delta(metrics: Mapping[str, Any] | None) -> float | None:
     """The ``dp_delta`` a DP site reported in ``metrics`` (in (0, 1)), or None."""
-    if metrics is None:
-        return None
-    value = metrics.get(DELTA)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not 0 < value < 1:
-        return None
-    return float(value)
+    value = _finite(metrics, DELTA)
+    return value if value is not None and 0 < value < 1 else None
