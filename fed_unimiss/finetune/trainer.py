@@ -109,10 +109,15 @@ def _lr_scales(model: nn.Module, cfg: FinetuneConfig, pretrained: bool) -> dict[
     scales = {id(p): 1.0 for p in model.parameters()}
     if not pretrained or backbone is None:
         return scales
-    layer = {name: backbone.layer_of(name) for name, _ in backbone.named_parameters()}
-    top = max(layer.values())
-    for name, p in backbone.named_parameters():
-        scales[id(p)] = cfg.backbone_lr_scale * cfg.layer_decay ** (top - layer[name] + 1)
+    named = list(backbone.named_parameters())
+    if cfg.layer_decay == 1:
+        depth = {name: 0 for name, _ in named}
+    else:
+        layer = {name: backbone.layer_of(name) for name, _ in named}
+        top = max(layer.values())
+        depth = {name: top - layer[name] + 1 for name in layer}
+    for name, p in named:
+        scales[id(p)] = cfg.backbone_lr_scale * cfg.layer_decay ** depth[name]
     return scales
 
 
