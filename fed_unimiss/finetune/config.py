@@ -194,6 +194,9 @@ class FinetuneConfig:
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name}: expected a fraction in (0, 1], got "
                                  f"{getattr(self, name)}")
+        if self.layer_decay != 1 and not self.is_segmentation:
+            raise ValueError(f"layer_decay: for segmentation (the MiT's layer map); {self.task} "
+                             "fine-tunes the encoder alone: use backbone_lr_scale")
         if self.decoder_init == "fresh" and not self.is_segmentation:
             raise ValueError(f"decoder_init: 'fresh' is for segmentation; {self.task} uses the "
                              "encoder only")

@@ -110,7 +110,7 @@ def _lr_scales(model: nn.Module, cfg: FinetuneConfig, pretrained: bool) -> dict[
     if not pretrained or backbone is None:
         return scales
     named = list(backbone.named_parameters())
-    if cfg.layer_decay == 1:
+    if cfg.layer_decay == 1:  # also the only case for an encoder-only backbone (cls tasks)
         depth = {name: 0 for name, _ in named}
     else:
         layer = {name: backbone.layer_of(name) for name, _ in named}

@@ -106,6 +106,8 @@ def test_options_are_validated():
         _cfg(backbone_lr_scale=0.0).validate()
     with pytest.raises(ValueError, match="layer_decay: expected a fraction in"):
         _cfg(layer_decay=1.5).validate()
+    with pytest.raises(ValueError, match="layer_decay: for segmentation"):
+        _cfg(task="cls3d", layer_decay=0.8).validate()
     with pytest.raises(ValueError, match="decoder_init"):
         _cfg(task="cls3d", decoder_init="fresh").validate()
     with pytest.raises(ValueError, match="freeze_backbone_steps"):
