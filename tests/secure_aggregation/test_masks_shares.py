@@ -77,3 +77,12 @@ def test_sealed_shares_open_only_for_their_receiver_and_round():
         sh.open_sealed(key_at_b, "r1", "site-a", "site-b", tampered)
     reverse = sh.seal_key(x25519_agree(b.share, a.share_public()), "r1", "site-b", "site-a")
     assert reverse != key_ab  # each direction has its own key
+
+
+def test_the_keystream_is_the_same_in_any_chunking():
+    from fed_unimiss.secure_aggregation.prg import keystream, keystream_chunks
+
+    key = new_seed()
+    whole = keystream(key, 100_003, "pair_mask")
+    assert b"".join(keystream_chunks(key, 100_003, "pair_mask", chunk=4097)) == whole
+    assert keystream(key, 64, "self_mask") != whole[:64]

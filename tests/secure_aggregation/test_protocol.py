@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from secagg_helpers import make_plan, plain_sum, run_round, site_inputs
+from secagg_helpers import SiteInput, make_plan, plain_sum, run_round, site_inputs
 
 from fed_unimiss.secure_aggregation import (
     AggregatorParty,
@@ -14,7 +14,7 @@ from fed_unimiss.secure_aggregation import (
     SiteParty,
     TooFewSurvivors,
 )
-from fed_unimiss.secure_aggregation.ring import PARTS
+from fed_unimiss.secure_aggregation.ring import PARTS, part_weights, quantise, to_ring
 
 
 def _mixed_counts(sites):
@@ -178,3 +178,22 @@ def test_the_aggregator_refuses_out_of_bound_counts_and_strangers(identities, ro
         agg.receive_masked("site-b", masked, {"2d": 1, "3d": 101, "shared": 1})
     with pytest.raises(ProtocolError, match="site 'site-a': masked input from a site that"):
         agg.receive_masked("site-a", masked, {"2d": 1, "3d": 1, "shared": 1})
+
+
+def test_a_round_the_size_of_the_micro_state(identities, roster):
+    """7.3 M coordinates (student + teacher + center of the micro preset): the chunked
+    quantisation and masking give the exact sum across chunk boundaries."""
+    size = 7_335_936 + 1024
+    layout = ((3_000_000, "2d"), (2_000_000, "3d"), (size - 5_000_000, "shared"))
+    plan = make_plan(3, threshold=2, layout=layout, levels=15, max_weight=500, block=256)
+    gen = torch.Generator().manual_seed(3)
+    counts = {"site-a": (400, 100), "site-b": (300, 0), "site-c": (200, 50)}
+    inputs = {}
+    for i, s in enumerate(plan.sites):
+        q = (quantise(torch.randn(size, generator=gen) * 0.1, plan.ring, seed=bytes([i]) * 32)
+             .values if i == 0 else torch.randint(-15, 16, (size,), generator=gen,
+                                                  dtype=torch.int32))
+        w = part_weights(*counts[s], plan.ring)
+        inputs[s] = SiteInput(q, w, to_ring(q, plan.ring, w))
+    r = run_round(plan, identities, roster, inputs, drop_before=["site-b"])
+    assert np.array_equal(r.result.levels(), plain_sum(plan, inputs, ["site-a", "site-c"]))
