@@ -6,6 +6,7 @@
     advert = party.advertise()                       # 1. advertise keys   -> aggregator
     sealed = party.share_keys(adverts)               # 2. share keys       -> aggregator
     masked = party.masked_input(inbox, ring_vector)  # 3. masked input     -> aggregator
+                                     # (or party.open_inbox(inbox); party.mask(ring_vector))
     reveal = party.unmask(survivors)                 # 4. unmasking        -> aggregator
 
 Every argument and result is plain data (bytes, dicts of bytes, a numpy ring vector), ready for a
@@ -119,17 +120,19 @@ class SiteParty:
 
     # ------------------------------------------------------------ 3. masked input
     def masked_input(self, inbox: Mapping[str, bytes], ring_vector: np.ndarray) -> np.ndarray:
-        """``ring_vector`` + self mask + pairwise masks with every peer in ``inbox`` (U2).
+        """Stage 3 in one call: :meth:`open_inbox`, then :meth:`mask`."""
+        self.open_inbox(inbox)
+        return self.mask(ring_vector)
 
-        ``inbox`` is ``{sender: sealed shares for this site}``, relayed by the aggregator; its
-        senders, plus this site, are the sites this one masks against. A sealed share that
-        does not open raises ``ProtocolError`` naming its sender.
+    def open_inbox(self, inbox: Mapping[str, bytes]) -> None:
+        """Open the shares peers sealed for this site; their senders and this site are U2.
+
+        ``inbox`` is ``{sender: sealed shares for this site}``, relayed by the aggregator. A
+        sealed share that does not open raises ``ProtocolError`` naming its sender. Cheap: a
+        site can call it before it quantises, to fail fast.
         """
-        self._advance("masked_input", "unmask")
-        plan, ring = self.plan, self.plan.ring
-        if ring_vector.dtype != ring.dtype or ring_vector.shape != (ring.size,):
-            raise ValueError(f"ring vector: expected {ring.dtype} of shape ({ring.size},), got "
-                             f"{ring_vector.dtype} {ring_vector.shape}")
+        self._advance("masked_input", "mask")
+        plan = self.plan
         unknown = sorted(set(inbox) - set(self._adverts) - {self.site})
         if unknown:
             raise ProtocolError(f"shares from sites that did not advertise keys: {unknown}",
@@ -143,6 +146,18 @@ class SiteParty:
         self._peers = tuple(sorted(set(inbox) | {self.site}))
         if len(self._peers) < plan.threshold:
             raise TooFewSurvivors("masked_input", len(self._peers), plan.threshold)
+
+    def mask(self, ring_vector: np.ndarray) -> np.ndarray:
+        """``ring_vector`` + self mask + the pairwise masks with every other site of U2.
+
+        ``ring_vector`` comes from :func:`~fed_unimiss.secure_aggregation.ring.to_ring`; the
+        result is what travels to the aggregator (it is uniform in the ring on its own).
+        """
+        self._advance("mask", "unmask")
+        plan, ring = self.plan, self.plan.ring
+        if ring_vector.dtype != ring.dtype or ring_vector.shape != (ring.size,):
+            raise ValueError(f"ring vector: expected {ring.dtype} of shape ({ring.size},), got "
+                             f"{ring_vector.dtype} {ring_vector.shape}")
         masked = ring_vector.copy()
         apply_mask(masked, self._self_seed, ring, 1, "self_mask")
         for peer in self._peers:
@@ -163,7 +178,7 @@ class SiteParty:
         across repeated calls. Refuses a survivor list that is not within U2, that omits this
         site, or that is below the threshold (``TooFewSurvivors``).
         """
-        if self._stage not in ("unmask", "done"):
+        if self._stage not in ("mask", "unmask", "done"):  # its inbox is open
             raise ProtocolError(f"stage 'unmask' asked while at {self._stage!r}",
                                 site=self.site)
         survived = set(survivors)

@@ -1,0 +1,179 @@
+"""Secure aggregation's cost: CPU seconds of masking and unmasking, and bytes per site per round.
+
+For the exchanged state (student + teacher + center) of each preset and each number of sites,
+one secure round of :mod:`fed_unimiss.secure_aggregation` with real keys, shares and masks:
+
+- site: quantise + weight + mask one update (``quantise``, ``to_ring``, ``masked_input``), and
+  its key stages (``advertise``, ``share_keys``, ``unmask``), in CPU seconds of this process;
+- aggregator: adding every masked vector to the running sum and removing the masks
+  (``receive_masked`` x N + ``finish``), with no dropout and with one site dropped before upload
+  (its pairwise masks are rebuilt from its key and removed, one per survivor);
+- bytes per site per round, up: the masked vector (ceil(k/8) bytes per coordinate) plus the
+  protocol's messages, against the fp32 state and today's int8 exchange (``up: q8_delta``:
+  one int8 per value in blocks of 256 per tensor, plus one float32 scale per block).
+
+Only one site's masking is timed (every site does the same work, in parallel at its own
+hospital); the other sites' masked vectors are stand-ins of the right size and dtype (uniform
+ring vectors, not timed), so the aggregator's arithmetic is the real one but its sum is not
+checked here (tests/secure_aggregation checks exact sums). Single-threaded torch.
+
+    .venv/bin/python benchmarks/bench_secure_aggregation.py
+    .venv/bin/python benchmarks/bench_secure_aggregation.py --presets micro --sites 3 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+BITS = 16  # 2 bytes a coordinate: 0.5x the fp32 bytes
+LEVELS = 15  # 31 levels per coordinate; with error feedback, rounding noise is not lost
+
+
+def _layout(preset: str) -> tuple[tuple[int, str], ...]:
+    """(size, part) of every exchanged tensor of ``preset``, in the packing order."""
+    from fed_unimiss.exchange import classify_exchange_keys
+    from fed_unimiss.models import create_model, get_config
+
+    net = create_model(preset)
+    shapes = {f"{p}.{k}": tuple(v.shape) for k, v in net.state_dict().items()
+              for p in ("student", "teacher")}
+    shapes["center"] = (1, get_config(preset).head_out_dim)
+    classes = classify_exchange_keys(shapes)
+    return tuple((math.prod(shapes[n]), classes[n]) for n in sorted(shapes))
+
+
+def _int8_bytes(layout) -> int:
+    from fed_unimiss.exchange_codec import BLOCK
+
+    blocks = sum(max(1, math.ceil(size / BLOCK)) for size, _ in layout)
+    return blocks * BLOCK + 4 * blocks
+
+
+def _cpu(fn):
+    t0 = time.process_time()
+    out = fn()
+    return out, time.process_time() - t0
+
+
+def _round(layout, n_sites: int, drop_before: bool) -> dict:
+    import torch
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fed_unimiss.secure_aggregation import AggregatorParty, RoundPlan, SiteParty
+    from fed_unimiss.secure_aggregation.masks import expand, new_seed
+    from fed_unimiss.secure_aggregation.plan import min_threshold
+    from fed_unimiss.secure_aggregation.ring import (
+        RingPlan,
+        part_weights,
+        quantise,
+        scales_from_clip,
+        to_ring,
+    )
+
+    size = sum(s for s, _ in layout)
+    max_weight = (2 ** (BITS - 1) - 1) // (n_sites * LEVELS)
+    ring = RingPlan(bits=BITS, levels=LEVELS, max_weight=max_weight, n_sites=n_sites,
+                    block=256, scales=scales_from_clip(0.01, size, 256, LEVELS), layout=layout)
+    sites = tuple(f"site-{i:02d}" for i in range(n_sites))
+    plan = RoundPlan(round_id="bench/1", sites=sites, threshold=min_threshold(n_sites), ring=ring)
+    ids = {s: ec.generate_private_key(ec.SECP384R1()) for s in sites}
+    roster = {s: k.public_key() for s, k in ids.items()}
+    parties = {s: SiteParty(plan, s, ids[s], roster) for s in sites}
+    agg = AggregatorParty(plan)
+    me = sites[0]  # the site whose CPU time and bytes are reported
+    up, keys_cpu = 0, 0.0
+    for s, p in parties.items():
+        advert, t = _cpu(p.advertise)
+        if s == me:
+            keys_cpu += t
+            up += sum(len(v) for v in advert.values())
+        agg.receive_advert(s, advert)
+    adverts = agg.adverts()
+    for s, p in parties.items():
+        sealed, t = _cpu(lambda p=p: p.share_keys(adverts))
+        if s == me:
+            keys_cpu += t
+            up += sum(len(v) for v in sealed.values())
+        agg.receive_shares(s, sealed)
+    inboxes = agg.inboxes()
+    down = (sum(len(v) for a in adverts.values() for v in a.values())
+            + sum(len(v) for v in inboxes[me].values()))
+
+    update = torch.randn(size) * 0.003
+    weights = part_weights(120, 40, ring)
+
+    def site_mask():
+        q = quantise(update, ring, seed=new_seed())
+        return parties[me].masked_input(inboxes[me], to_ring(q.values, ring, weights))
+
+    masked, site_cpu = _cpu(site_mask)
+    up += BITS // 8 * size + 3 * 8  # the masked vector and its three part weights
+    dropped = sites[1] if drop_before else None
+    vectors = {me: masked}
+    agg_cpu = 0.0
+    for s in sites:
+        if s == dropped:
+            continue
+        vec = vectors.pop(s, None)
+        if vec is None:  # a stand-in of the right size (not timed); the site opens its inbox
+            parties[s].open_inbox(inboxes[s])
+            vec = expand(new_seed(), ring)
+        _, t = _cpu(lambda s=s, vec=vec: agg.receive_masked(s, vec, weights))
+        agg_cpu += t
+        del vec
+    survivors = agg.survivors()
+    for s in survivors:
+        reveal, t = _cpu(lambda s=s: parties[s].unmask(survivors))
+        if s == me:
+            keys_cpu += t
+            up += sum(len(v) for kind in reveal.values() for v in kind.values())
+        agg.receive_unmask(s, reveal)
+    _, t = _cpu(agg.finish)
+    agg_cpu += t
+    return {"site_cpu": site_cpu, "keys_cpu": keys_cpu, "agg_cpu": agg_cpu, "up": up,
+            "down_extra": down, "masked_bytes": BITS // 8 * size}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["micro", "tiny"],
+                        help="model presets whose exchanged state is masked")
+    parser.add_argument("--sites", nargs="+", type=int, default=[3, 8, 32],
+                        help="numbers of sites per round")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)
+    print(f"# secure aggregation, ring 2^{BITS}, {LEVELS} levels, threshold a strict majority; "
+          f"{platform.processor() or platform.machine()}, torch threads 1\n")
+    print("| state | coordinates | sites | site: quantise + mask (CPU s) | site: keys, shares, "
+          "unmask (CPU s) | aggregator: sum + unmask (CPU s) | same, 1 site dropped before "
+          "upload (CPU s) | up bytes/site: secure | fp32 | int8 exchange | secure / fp32 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for preset in args.presets:
+        layout = _layout(preset)
+        size = sum(s for s, _ in layout)
+        for n in args.sites:
+            full = _round(layout, n, drop_before=False)
+            drop = _round(layout, n, drop_before=True)
+            fp32 = 4 * size
+            print(f"| {preset} | {size:,} | {n} | {full['site_cpu']:.2f} | "
+                  f"{full['keys_cpu']:.3f} | {full['agg_cpu']:.2f} | {drop['agg_cpu']:.2f} | "
+                  f"{full['up']:,} | {fp32:,} | {_int8_bytes(layout):,} | "
+                  f"{full['up'] / fp32:.3f} |", flush=True)
+            print(f"<!-- {preset} {n} sites: protocol messages besides the masked vector: "
+                  f"{full['up'] - full['masked_bytes']:,} B up, {full['down_extra']:,} B down "
+                  f"-->", flush=True)
+
+
+if __name__ == "__main__":
+    main()
