@@ -7,7 +7,7 @@ aggregator. Fresh pairs per round mean a secret key reconstructed after a dropou
 round only.
 
 Both public keys are signed with the site's identity key (ECDSA P-384 with SHA-384, the key
-:mod:`aggregator.provision` makes for each site, in OpenSSH format), over the round id, the
+the provisioning command makes for each site, in OpenSSH format), over the round id, the
 site's name and both keys (:func:`advert_message`). Every site checks every other site's
 signature against its **roster** of identity public keys before it masks or shares anything, so
 an aggregator that swaps in keys of its own (to read shares, or to play all other sites) is

@@ -297,7 +297,7 @@ def mean_update(total: np.ndarray, plan: RingPlan, weight_sums: Mapping[str, int
     """The weighted mean update (float32, flat) of an unmasked ring sum.
 
     Each part's sum is divided by that part's weight sum; a part no site weighted stays 0 (the
-    global tensors keep their value, as in :class:`aggregator.averaging.WeightedMean`).
+    global tensors keep their value, as in the plain weighted mean).
     """
     levels = torch.from_numpy(signed_sum(total, plan))
     out = torch.zeros(plan.size, dtype=torch.float32)
