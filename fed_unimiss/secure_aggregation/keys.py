@@ -8,7 +8,11 @@ round only.
 
 Both public keys are signed with the site's identity key (ECDSA P-384 with SHA-384, the key
 the provisioning command makes for each site, in OpenSSH format), over the round id, the
-site's name and both keys (:func:`advert_message`). Every site checks every other site's
+site's name, both keys and a SHA-256 commitment to the site's self-mask seed
+(:func:`advert_message`). The commitment hides nothing a seed of 256 random bits would not
+(it reveals nothing about it), and it lets the aggregator check a seed rebuilt from shares, as
+it checks a rebuilt mask key against its public key: a survivor that reveals a bad share is
+caught instead of silently spoiling the sum. Every site checks every other site's
 signature against its **roster** of identity public keys before it masks or shares anything, so
 an aggregator that swaps in keys of its own (to read shares, or to play all other sites) is
 refused with a :class:`~fed_unimiss.secure_aggregation.errors.KeyVerificationError` naming the
@@ -28,6 +32,7 @@ its own identity key and sends only the public half to be put in the roster.
 from __future__ import annotations
 
 import hashlib
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +46,12 @@ from fed_unimiss.secure_aggregation.framing import frame
 
 __all__ = ["EphemeralKeys", "advert_message", "sign_advert", "verify_advert", "load_roster",
            "load_identity_key", "roster_digest", "x25519_agree", "x25519_public",
-           "ADVERT_FIELDS"]
+           "seed_commitment", "ADVERT_FIELDS"]
 
 _CONTEXT = b"fed-unimiss/secure-aggregation/v1/advertise"
 _CURVE = ec.SECP384R1
-ADVERT_FIELDS = ("mask_pk", "share_pk", "signature")
+_COMMIT_CONTEXT = b"fed-unimiss/secure-aggregation/v1/self-mask-seed"
+ADVERT_FIELDS = ("mask_pk", "share_pk", "seed_commitment", "signature")
 
 
 def _raw_public(key: x25519.X25519PublicKey) -> bytes:
@@ -54,15 +60,17 @@ def _raw_public(key: x25519.X25519PublicKey) -> bytes:
 
 @dataclass(frozen=True)
 class EphemeralKeys:
-    """A site's two X25519 key pairs for one round (mask agreement, share encryption)."""
+    """A site's secrets for one round: two X25519 key pairs and its self-mask seed."""
 
-    mask: x25519.X25519PrivateKey
-    share: x25519.X25519PrivateKey
+    mask: x25519.X25519PrivateKey  # agreement with each peer: the pairwise mask seeds
+    share: x25519.X25519PrivateKey  # agreement with each peer: the keys sealing shares
+    self_seed: bytes  # b_u, 32 bytes from the OS's CSPRNG: the self mask
 
     @classmethod
     def generate(cls) -> EphemeralKeys:
         return cls(mask=x25519.X25519PrivateKey.generate(),
-                   share=x25519.X25519PrivateKey.generate())
+                   share=x25519.X25519PrivateKey.generate(),
+                   self_seed=secrets.token_bytes(32))
 
     def mask_public(self) -> bytes:
         return _raw_public(self.mask.public_key())
@@ -91,21 +99,29 @@ def x25519_agree(secret: x25519.X25519PrivateKey | bytes, peer_public: bytes) ->
     return shared
 
 
-def advert_message(round_id: str, site: str, mask_pk: bytes, share_pk: bytes) -> bytes:
-    """The bytes a site signs: context, round, its name and both public keys, framed."""
-    return frame(_CONTEXT, round_id, site, mask_pk, share_pk)
+def seed_commitment(seed: bytes, round_id: str, site: str) -> bytes:
+    """SHA-256 of a self-mask seed, bound to the round and the site (32 bytes)."""
+    return hashlib.sha256(frame(_COMMIT_CONTEXT, round_id, site, seed)).digest()
+
+
+def advert_message(round_id: str, site: str, mask_pk: bytes, share_pk: bytes,
+                   commitment: bytes) -> bytes:
+    """The bytes a site signs: context, round, its name, both keys and its seed commitment."""
+    return frame(_CONTEXT, round_id, site, mask_pk, share_pk, commitment)
 
 
 def sign_advert(identity: ec.EllipticCurvePrivateKey, round_id: str, site: str,
                 keys: EphemeralKeys) -> dict[str, bytes]:
-    """``{"mask_pk", "share_pk", "signature"}``: what a site sends in the first stage."""
+    """``{"mask_pk", "share_pk", "seed_commitment", "signature"}``: a site's first message."""
     if not isinstance(identity.curve, _CURVE):
         raise ValueError(f"site {site!r}: identity key is on {identity.curve.name}, expected "
                          f"{_CURVE.name}")
     mask_pk, share_pk = keys.mask_public(), keys.share_public()
-    signature = identity.sign(advert_message(round_id, site, mask_pk, share_pk),
+    commitment = seed_commitment(keys.self_seed, round_id, site)
+    signature = identity.sign(advert_message(round_id, site, mask_pk, share_pk, commitment),
                               ec.ECDSA(hashes.SHA384()))
-    return {"mask_pk": mask_pk, "share_pk": share_pk, "signature": signature}
+    return {"mask_pk": mask_pk, "share_pk": share_pk, "seed_commitment": commitment,
+            "signature": signature}
 
 
 def verify_advert(roster: Mapping[str, ec.EllipticCurvePublicKey], round_id: str, site: str,
@@ -115,15 +131,15 @@ def verify_advert(roster: Mapping[str, ec.EllipticCurvePublicKey], round_id: str
     if key is None:
         raise KeyVerificationError(site, "the site is not in this site's roster")
     try:
-        mask_pk, share_pk, signature = (bytes(advert[f]) for f in ADVERT_FIELDS)
+        mask_pk, share_pk, commitment, signature = (bytes(advert[f]) for f in ADVERT_FIELDS)
     except (KeyError, TypeError) as e:
         raise KeyVerificationError(site, f"malformed advertisement ({e})") from None
-    if len(mask_pk) != 32 or len(share_pk) != 32:
-        raise KeyVerificationError(site, "an X25519 public key is not 32 bytes")
+    if len(mask_pk) != 32 or len(share_pk) != 32 or len(commitment) != 32:
+        raise KeyVerificationError(site, "a public key or the commitment is not 32 bytes")
     if mask_pk == share_pk:
         raise KeyVerificationError(site, "the mask and share keys are the same")
     try:
-        key.verify(signature, advert_message(round_id, site, mask_pk, share_pk),
+        key.verify(signature, advert_message(round_id, site, mask_pk, share_pk, commitment),
                    ec.ECDSA(hashes.SHA384()))
     except InvalidSignature:
         raise KeyVerificationError(site, "the signature does not verify") from None

@@ -233,18 +233,18 @@ def quantise(update: torch.Tensor, plan: RingPlan, *, seed: bytes,
     noise = keystream_chunks(seed, 4 * plan.size, "rounding", chunk=4 * _CHUNK)
     for start in range(0, plan.size, _CHUNK):
         stop = min(start + _CHUNK, plan.size)
-        x = flat[start:stop].clone()
+        x = flat[start:stop].to(torch.float64)  # float64: the noise keeps all 32 bits
         if residual is not None:
-            x.add_(residual.reshape(-1)[start:stop].to(torch.float32))
-        scale = _block_scales(plan, start, stop)
+            x.add_(residual.reshape(-1)[start:stop].to(torch.float64))
+        scale = _block_scales(plan, start, stop).to(torch.float64)
         bound = scale * plan.levels
         clipped += int((x.abs() > bound).sum())
-        top = np.frombuffer(next(noise), dtype="<u4") >> np.uint32(8)  # 24 random bits
-        u = torch.from_numpy(top.astype(np.float32)).mul_(2.0 ** -24)  # uniform in [0, 1)
+        u = torch.from_numpy(np.frombuffer(next(noise), dtype="<u4").astype(np.float64))
+        u.mul_(2.0 ** -32)  # uniform in [0, 1)
         q = torch.minimum(torch.maximum(x, -bound), bound).div_(scale).add_(u).floor_()
         q.clamp_(-plan.levels, plan.levels)  # float rounding at the very edge
         values[start:stop] = q.to(torch.int32)
-        new_residual[start:stop] = x.sub_(q.mul_(scale))
+        new_residual[start:stop] = x.sub_(q.mul_(scale)).to(torch.float32)
     return Quantised(values=values, residual=new_residual, clipped=clipped)
 
 

@@ -43,7 +43,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fed_unimiss.secure_aggregation import shares as sh
 from fed_unimiss.secure_aggregation.errors import ProtocolError, TooFewSurvivors
-from fed_unimiss.secure_aggregation.keys import verify_advert, x25519_agree, x25519_public
+from fed_unimiss.secure_aggregation.keys import (
+    seed_commitment,
+    verify_advert,
+    x25519_agree,
+    x25519_public,
+)
 from fed_unimiss.secure_aggregation.masks import apply_mask, pair_seed, pair_sign
 from fed_unimiss.secure_aggregation.plan import RoundPlan
 from fed_unimiss.secure_aggregation.ring import PARTS, add_into, mean_update, signed_sum
@@ -171,23 +176,53 @@ class AggregatorParty:
         self._expect("unmask", site)
         if site not in self._u3:
             raise ProtocolError("unmasking shares from a site that is not a survivor", site=site)
-        self_part, key_part = dict(reveal.get(SELF_MASK, {})), dict(reveal.get(MASK_KEY, {}))
-        if set(self_part) & set(key_part):
-            raise ProtocolError("both kinds of share of one peer", site=site)
+        if site in self._reveals:
+            raise ProtocolError("a second set of unmasking shares", site=site)
+        self_part = {k: bytes(v) for k, v in reveal.get(SELF_MASK, {}).items()}
+        key_part = {k: bytes(v) for k, v in reveal.get(MASK_KEY, {}).items()}
+        dropped = set(self._u2) - set(self._u3)
+        if not set(self_part) <= set(self._u3) or not set(key_part) <= dropped:
+            raise ProtocolError("shares of the wrong kind: self-mask shares are for survivors, "
+                                "mask-key shares for sites dropped before upload", site=site)
         self._reveals[site] = {SELF_MASK: self_part, MASK_KEY: key_part}
 
     def _secret(self, kind: str, owner: str) -> bytes:
-        shares = {self.plan.index(holder): bytes(r[kind][owner])
-                  for holder, r in self._reveals.items() if owner in r[kind]}
-        if len(shares) < self.plan.threshold:
-            raise TooFewSurvivors("unmask", len(shares), self.plan.threshold)
-        return sh.combine(shares, self.plan.threshold)
+        """``owner``'s secret of ``kind``, rebuilt from the revealed shares and checked.
+
+        Checked against what ``owner`` signed in its advertisement (its seed commitment, its
+        mask public key). With more shares than the threshold, one bad share is outvoted:
+        the shares are tried without each one in turn. Raises ``ProtocolError`` naming the
+        owner when no combination checks out, ``TooFewSurvivors`` below the threshold.
+        """
+        t = self.plan.threshold
+        shares = sorted((self.plan.index(holder), r[kind][owner])
+                        for holder, r in self._reveals.items() if owner in r[kind])
+        if len(shares) < t:
+            raise TooFewSurvivors("unmask", len(shares), t)
+        advert = self._adverts[owner]
+        if kind == SELF_MASK:
+            def good(secret: bytes) -> bool:
+                return seed_commitment(secret, self.plan.round_id, owner) == \
+                    advert["seed_commitment"]
+        else:
+            def good(secret: bytes) -> bool:
+                return x25519_public(secret) == advert["mask_pk"]
+        attempts = [shares[:t]]
+        if len(shares) > t:  # leave each of the first t + 1 out in turn
+            attempts += [(shares[:i] + shares[i + 1:])[:t] for i in range(t + 1)]
+        for chosen in attempts:
+            secret = sh.combine(dict(chosen), t)
+            if good(secret):
+                return secret
+        raise ProtocolError(f"the {kind} secret rebuilt from {len(shares)} shares does not "
+                            f"match what the site signed (a survivor revealed a bad share)",
+                            site=owner)
 
     def finish(self) -> AggregateResult:
         """Close stage 4: remove every mask and return the sum (``TooFewSurvivors`` below t).
 
-        Raises ``ProtocolError`` naming the site when a rebuilt mask key does not match the
-        key that site advertised (a survivor sent a bad share): the sum would be wrong.
+        Raises ``ProtocolError`` naming the site whose rebuilt secret does not match what it
+        signed (survivors sent bad shares): the sum would be wrong.
         """
         self._close("unmask", len(self._reveals), "done")
         ring, plan = self.plan.ring, self.plan
@@ -197,9 +232,6 @@ class AggregatorParty:
         dropped = tuple(s for s in self._u2 if s not in self._u3)
         for owner in dropped:
             secret = self._secret(MASK_KEY, owner)
-            if x25519_public(secret) != self._adverts[owner]["mask_pk"]:
-                raise ProtocolError("the rebuilt mask key does not match the advertised one "
-                                    "(a survivor revealed a bad share)", site=owner)
             for survivor in self._u3:
                 shared = x25519_agree(secret, self._adverts[survivor]["mask_pk"])
                 seed = pair_seed(shared, plan.round_id, survivor, owner)

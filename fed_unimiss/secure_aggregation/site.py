@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
 
 from fed_unimiss.secure_aggregation import shares as sh
 from fed_unimiss.secure_aggregation.errors import (
@@ -38,13 +38,22 @@ from fed_unimiss.secure_aggregation.keys import (
     verify_advert,
     x25519_agree,
 )
-from fed_unimiss.secure_aggregation.masks import apply_mask, new_seed, pair_seed, pair_sign
+from fed_unimiss.secure_aggregation.masks import apply_mask, pair_seed, pair_sign
 from fed_unimiss.secure_aggregation.plan import RoundPlan
 
 __all__ = ["SiteParty", "SELF_MASK", "MASK_KEY"]
 
 SELF_MASK = "self_mask"  # a share of a peer's self-mask seed b_v: the peer uploaded
 MASK_KEY = "mask_key"  # a share of a peer's mask secret key: the peer dropped before upload
+
+
+def _agree(own: x25519.X25519PrivateKey, advert: Mapping[str, bytes], field: str,
+           peer: str) -> bytes:
+    """X25519 with a peer's advertised key; a low-order key is that peer's fault, named."""
+    try:
+        return x25519_agree(own, bytes(advert[field]))
+    except ValueError as e:
+        raise ProtocolError(f"its {field} gives no usable key agreement ({e})", site=peer) from e
 
 
 class SiteParty:
@@ -61,6 +70,7 @@ class SiteParty:
         self._identity, self._roster = identity, roster
         self._keys = EphemeralKeys.generate()
         self._stage = "advertise"
+        self._advert: dict[str, bytes] = {}
         self._adverts: dict[str, Mapping[str, bytes]] = {}
         self._held: dict[str, tuple[bytes, bytes]] = {}  # peer -> (b share, key share) I hold
         self._peers: tuple[str, ...] = ()  # U2: the sites that shared keys with me (and me)
@@ -76,7 +86,8 @@ class SiteParty:
     def advertise(self) -> dict[str, bytes]:
         """This round's two public keys, signed with the site's identity key."""
         self._advance("advertise", "share_keys")
-        return sign_advert(self._identity, self.plan.round_id, self.site, self._keys)
+        self._advert = sign_advert(self._identity, self.plan.round_id, self.site, self._keys)
+        return dict(self._advert)
 
     # ------------------------------------------------------------ 2. share keys
     def share_keys(self, adverts: Mapping[str, Mapping[str, bytes]]) -> dict[str, bytes]:
@@ -93,8 +104,7 @@ class SiteParty:
             raise ProtocolError(f"advertisements from sites outside the round: {strangers}",
                                 site=self.site)
         own = adverts.get(self.site)
-        if own is None or (bytes(own.get("mask_pk", b"")), bytes(own.get("share_pk", b""))) != (
-                self._keys.mask_public(), self._keys.share_public()):
+        if own is None or {k: bytes(v) for k, v in own.items()} != self._advert:
             raise ProtocolError("the aggregator relayed keys for this site that are not its "
                                 "own", site=self.site)
         for peer in sorted(adverts):
@@ -102,9 +112,8 @@ class SiteParty:
         if len(adverts) < plan.threshold:
             raise TooFewSurvivors("share_keys", len(adverts), plan.threshold)
         self._adverts = dict(adverts)
-        self._self_seed = new_seed()
         n = len(plan.sites)
-        b_shares = sh.split(self._self_seed, plan.threshold, n)
+        b_shares = sh.split(self._keys.self_seed, plan.threshold, n)
         k_shares = sh.split(self._keys.mask_secret(), plan.threshold, n)
         sealed = {}
         for peer in sorted(adverts):
@@ -112,7 +121,7 @@ class SiteParty:
             if peer == self.site:
                 self._held[peer] = (b_shares[i], k_shares[i])
                 continue
-            key = sh.seal_key(x25519_agree(self._keys.share, bytes(adverts[peer]["share_pk"])),
+            key = sh.seal_key(_agree(self._keys.share, adverts[peer], "share_pk", peer),
                               plan.round_id, self.site, peer)
             sealed[peer] = sh.seal(key, plan.round_id, self.site, peer,
                                    sh.pack_shares(b_shares[i], k_shares[i]))
@@ -138,9 +147,8 @@ class SiteParty:
             raise ProtocolError(f"shares from sites that did not advertise keys: {unknown}",
                                 site=self.site)
         for sender in sorted(set(inbox) - {self.site}):
-            key = sh.seal_key(x25519_agree(self._keys.share,
-                                           bytes(self._adverts[sender]["share_pk"])),
-                              plan.round_id, sender, self.site)
+            key = sh.seal_key(_agree(self._keys.share, self._adverts[sender], "share_pk",
+                                     sender), plan.round_id, sender, self.site)
             plain = sh.open_sealed(key, plan.round_id, sender, self.site, bytes(inbox[sender]))
             self._held[sender] = sh.unpack_shares(plain)
         self._peers = tuple(sorted(set(inbox) | {self.site}))
@@ -159,11 +167,11 @@ class SiteParty:
             raise ValueError(f"ring vector: expected {ring.dtype} of shape ({ring.size},), got "
                              f"{ring_vector.dtype} {ring_vector.shape}")
         masked = ring_vector.copy()
-        apply_mask(masked, self._self_seed, ring, 1, "self_mask")
+        apply_mask(masked, self._keys.self_seed, ring, 1, "self_mask")
         for peer in self._peers:
             if peer == self.site:
                 continue
-            secret = x25519_agree(self._keys.mask, bytes(self._adverts[peer]["mask_pk"]))
+            secret = _agree(self._keys.mask, self._adverts[peer], "mask_pk", peer)
             apply_mask(masked, pair_seed(secret, plan.round_id, self.site, peer), ring,
                        pair_sign(self.site, peer))
         return masked

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from secagg_helpers import make_plan
 
@@ -15,6 +16,7 @@ from fed_unimiss.secure_aggregation import (
 )
 from fed_unimiss.secure_aggregation.keys import (
     EphemeralKeys,
+    advert_message,
     load_identity_key,
     load_roster,
     roster_digest,
@@ -86,3 +88,23 @@ def test_provisioned_kits_give_identities_and_a_roster(tmp_path):
         verify_advert(roster, "r1", "south", advert)
     assert roster_digest(roster) == roster_digest(load_roster(kits.coordinator / "site-keys"))
     assert len(roster_digest(roster)) == 64
+
+
+def test_a_forged_seed_commitment_is_refused(identities, roster):
+    advert = sign_advert(identities["site-b"], "r1", "site-b", EphemeralKeys.generate())
+    with pytest.raises(KeyVerificationError, match="site 'site-b'"):
+        verify_advert(roster, "r1", "site-b", dict(advert, seed_commitment=bytes(32)))
+
+
+def test_a_signed_low_order_key_is_refused_naming_its_site(identities, roster):
+    """A site that signs a degenerate X25519 key is named, not a crash of its peers."""
+    plan = make_plan(3)
+    parties = {s: SiteParty(plan, s, identities[s], roster) for s in plan.sites}
+    adverts = {s: p.advertise() for s, p in parties.items()}
+    bad = dict(adverts["site-c"], share_pk=bytes(32))  # the all-zero point: order 1
+    bad["signature"] = identities["site-c"].sign(
+        advert_message(plan.round_id, "site-c", bad["mask_pk"], bad["share_pk"],
+                       bad["seed_commitment"]), ec.ECDSA(hashes.SHA384()))
+    adverts["site-c"] = bad
+    with pytest.raises(ProtocolError, match="site 'site-c': its share_pk gives no usable"):
+        parties["site-a"].share_keys(adverts)

@@ -155,8 +155,55 @@ def test_a_bad_share_is_caught_when_a_dropped_key_is_rebuilt(identities, roster)
     reveal["mask_key"]["site-c"] = bytes(32)  # a corrupted share
     agg.receive_unmask("site-a", reveal)
     agg.receive_unmask("site-b", parties["site-b"].unmask(survivors))
-    with pytest.raises(ProtocolError, match="site 'site-c': the rebuilt mask key"):
+    with pytest.raises(ProtocolError, match="site 'site-c': the mask_key secret rebuilt from 2 "
+                                            "shares does not match what the site signed"):
         agg.finish()
+
+
+def _reveal_all(plan, identities, roster, inputs, corrupt: tuple[str, str], answer):
+    """A round without drops in which survivor ``corrupt[0]`` reveals a bad self-mask share
+    of ``corrupt[1]``; only the sites in ``answer`` reveal."""
+    parties = {s: SiteParty(plan, s, identities[s], roster) for s in plan.sites}
+    agg = AggregatorParty(plan)
+    for s, p in parties.items():
+        agg.receive_advert(s, p.advertise())
+    adverts = agg.adverts()
+    for s in plan.sites:
+        agg.receive_shares(s, parties[s].share_keys(adverts))
+    for s, inbox in agg.inboxes().items():
+        agg.receive_masked(s, parties[s].masked_input(inbox, inputs[s].ring), inputs[s].weights)
+    survivors = agg.survivors()
+    for s in answer:
+        reveal = parties[s].unmask(survivors)
+        if s == corrupt[0]:
+            reveal["self_mask"][corrupt[1]] = bytes(32)
+        agg.receive_unmask(s, reveal)
+    return agg
+
+
+def test_one_bad_self_mask_share_is_outvoted_by_spare_shares(identities, roster):
+    plan = make_plan(8, threshold=5)
+    inputs = site_inputs(plan, _mixed_counts(plan.sites), seed=4)
+    agg = _reveal_all(plan, identities, roster, inputs, ("site-a", "site-d"), plan.sites)
+    assert np.array_equal(agg.finish().levels(), plain_sum(plan, inputs, plan.sites))
+
+
+def test_a_bad_self_mask_share_without_spares_is_caught_naming_its_owner(identities, roster):
+    plan = make_plan(8, threshold=5)
+    inputs = site_inputs(plan, _mixed_counts(plan.sites), seed=4)
+    agg = _reveal_all(plan, identities, roster, inputs, ("site-a", "site-d"), plan.sites[:5])
+    with pytest.raises(ProtocolError, match="site 'site-d': the self_mask secret rebuilt from 5"):
+        agg.finish()
+
+
+def test_a_site_reveals_only_shares_of_the_kind_the_survivor_list_implies(identities, roster):
+    plan = make_plan(3, threshold=2)
+    parties, agg = _to_unmask(plan, identities, roster)
+    survivors = agg.survivors()
+    reveal = parties["site-a"].unmask(survivors)
+    reveal["mask_key"]["site-b"] = reveal["self_mask"].pop("site-b")
+    with pytest.raises(ProtocolError, match="site 'site-a': shares of the wrong kind"):
+        agg.receive_unmask("site-a", reveal)
 
 
 def test_the_aggregator_refuses_out_of_bound_counts_and_strangers(identities, roster):
