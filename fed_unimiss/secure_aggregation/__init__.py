@@ -20,11 +20,17 @@ Modules, each one thing (pure Python/numpy/torch, no flwr; every message is plai
 
 Threat model: the aggregator is honest-but-curious about updates (it follows the protocol but
 reads all it holds), or actively tries to swap keys (refused by the signatures) or to collect
-both shares of one site (refused by every honest site). Not covered here: the signed
+both shares of one site (refused by every honest site). A survivor that reveals a bad share is
+caught: every rebuilt secret is checked against what its owner signed (its mask public key, a
+commitment to its self-mask seed), and with spare shares one bad share is outvoted. Not covered here: the signed
 consistency round of the active-adversary variant, which stops an aggregator that tells
 different sites different survivor lists; a strict-majority threshold (:mod:`.plan`) narrows
 that attack but does not close it. Colluding sites fewer than t learn nothing of another site's
 update beyond what the sum reveals.
+
+Cost: every site masks against every other (the complete graph of the original protocol), so
+a site's masking grows linearly with the number of sites; SecAgg+ (Bell et al., CCS 2020)
+masks against O(log n) neighbours instead and is the next step for large federations.
 """
 
 from fed_unimiss.secure_aggregation.errors import (
