@@ -84,7 +84,8 @@ class SiteParty:
 
     # ------------------------------------------------------------ 1. advertise keys
     def advertise(self) -> dict[str, bytes]:
-        """This round's two public keys, signed with the site's identity key."""
+        """This round's two public keys and self-mask seed commitment, signed with the site's
+        identity key (:func:`~fed_unimiss.secure_aggregation.keys.sign_advert`)."""
         self._advance("advertise", "share_keys")
         self._advert = sign_advert(self._identity, self.plan.round_id, self.site, self._keys)
         return dict(self._advert)
@@ -95,7 +96,8 @@ class SiteParty:
 
         Verifies every advertisement first (``KeyVerificationError`` naming the site), refuses
         an advertisement of this site that is not its own, and raises ``TooFewSurvivors`` below
-        the threshold. Draws the self-mask seed and shares it and the mask key among U1.
+        the threshold. Shares the self-mask seed and the mask secret key among U1; the share
+        for each peer is sealed so that only that peer can open it.
         """
         self._advance("share_keys", "masked_input")
         plan = self.plan
