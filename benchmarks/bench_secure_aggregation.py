@@ -3,8 +3,9 @@
 For the exchanged state (student + teacher + center) of each preset and each number of sites,
 one secure round of :mod:`fed_unimiss.secure_aggregation` with real keys, shares and masks:
 
-- site: quantise + weight + mask one update (``quantise``, ``to_ring``, ``masked_input``), and
-  its key stages (``advertise``, ``share_keys``, ``unmask``), in CPU seconds of this process;
+- site: quantise + weight one update (``quantise``, ``to_ring``; the plain int8 exchange
+  quantises too), mask it (``masked_input``: open the inbox, the self mask and one pairwise
+  mask per peer), and its key stages (``advertise``, ``share_keys``, ``unmask``);
 - aggregator: adding every masked vector to the running sum and removing the masks
   (``receive_masked`` x N + ``finish``), with no dropout and with one site dropped before upload
   (its pairwise masks are rebuilt from its key and removed, one per survivor);
@@ -109,17 +110,14 @@ def _round(layout, n_sites: int, drop_before: bool, time_site: bool) -> dict:
             + sum(len(v) for v in inboxes[me].values()))
 
     standin = expand(new_seed(), ring)  # the others' masked vectors: same size, not timed
-    vectors, site_cpu = {}, float("nan")
+    vectors, site_cpu, quantise_cpu = {}, float("nan"), float("nan")
     weights = part_weights(40, 10, ring)  # within max_weight for 32 sites (68)
     if time_site:
         update = torch.randn(size) * 0.003
 
-        def site_mask():
-            q = quantise(update, ring, seed=new_seed())
-            return parties[me].masked_input(inboxes[me], to_ring(q.values, ring, weights))
-
-        vectors[me], site_cpu = _cpu(site_mask)
-        del update
+        ring_vec, quantise_cpu = _cpu(lambda: to_ring(
+            quantise(update, ring, seed=new_seed()).values, ring, weights))
+        vectors[me], site_cpu = _cpu(lambda: parties[me].masked_input(inboxes[me], ring_vec))
     up += BITS // 8 * size + 3 * 8  # the masked vector and its three part weights
     dropped = sites[1] if drop_before else None
     agg_cpu = 0.0
@@ -142,7 +140,7 @@ def _round(layout, n_sites: int, drop_before: bool, time_site: bool) -> dict:
         agg.receive_unmask(s, reveal)
     _, t = _cpu(agg.finish)
     agg_cpu += t
-    return {"site_cpu": site_cpu, "keys_cpu": keys_cpu, "agg_cpu": agg_cpu, "up": up,
+    return {"site_cpu": site_cpu, "quantise_cpu": quantise_cpu, "keys_cpu": keys_cpu, "agg_cpu": agg_cpu, "up": up,
             "down_extra": down, "masked_bytes": BITS // 8 * size}
 
 
@@ -159,10 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     print(f"# secure aggregation, ring 2^{BITS}, {LEVELS} levels, threshold a strict majority; "
           f"{platform.processor() or platform.machine()}, torch threads 1\n")
-    print("| state | coordinates | sites | site: quantise + mask (CPU s) | site: keys, shares, "
-          "unmask (CPU s) | aggregator: sum + unmask (CPU s) | same, 1 site dropped before "
-          "upload (CPU s) | up bytes/site: secure | fp32 | int8 exchange | secure / fp32 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| state | coordinates | sites | site: quantise + weight (CPU s) | site: mask (CPU s) "
+          "| site: keys, shares, unmask (CPU s) | aggregator: sum + unmask (CPU s) | same, 1 "
+          "site dropped before upload (CPU s) | up bytes/site: secure | fp32 | int8 exchange "
+          "| secure / fp32 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for preset in args.presets:
         layout = _layout(preset)
         size = sum(s for s, _ in layout)
@@ -170,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
             full = _round(layout, n, drop_before=False, time_site=True)
             drop = _round(layout, n, drop_before=True, time_site=False)
             fp32 = 4 * size
-            print(f"| {preset} | {size:,} | {n} | {full['site_cpu']:.2f} | "
+            print(f"| {preset} | {size:,} | {n} | {full['quantise_cpu']:.2f} | "
+                  f"{full['site_cpu']:.2f} | "
                   f"{full['keys_cpu']:.3f} | {full['agg_cpu']:.2f} | {drop['agg_cpu']:.2f} | "
                   f"{full['up']:,} | {fp32:,} | {_int8_bytes(layout):,} | "
                   f"{full['up'] / fp32:.3f} |", flush=True)
