@@ -72,18 +72,10 @@ def _round(layout, n_sites: int, drop_before: bool, time_site: bool) -> dict:
     from fed_unimiss.secure_aggregation import AggregatorParty, RoundPlan, SiteParty
     from fed_unimiss.secure_aggregation.masks import expand, new_seed
     from fed_unimiss.secure_aggregation.plan import min_threshold
-    from fed_unimiss.secure_aggregation.ring import (
-        RingPlan,
-        part_weights,
-        quantise,
-        scales_from_clip,
-        to_ring,
-    )
+    from fed_unimiss.secure_aggregation.ring import part_weights, plan_ring, quantise, to_ring
 
     size = sum(s for s, _ in layout)
-    max_weight = (2 ** (BITS - 1) - 1) // (n_sites * LEVELS)
-    ring = RingPlan(bits=BITS, levels=LEVELS, max_weight=max_weight, n_sites=n_sites,
-                    block=256, scales=scales_from_clip(0.01, size, 256, LEVELS), layout=layout)
+    ring = plan_ring(layout, n_sites, max_count=10_000, clip=0.01, bits=BITS, levels=LEVELS)
     sites = tuple(f"site-{i:02d}" for i in range(n_sites))
     plan = RoundPlan(round_id="bench/1", sites=sites, threshold=min_threshold(n_sites), ring=ring)
     ids = {s: ec.generate_private_key(ec.SECP384R1()) for s in sites}
@@ -111,7 +103,7 @@ def _round(layout, n_sites: int, drop_before: bool, time_site: bool) -> dict:
 
     standin = expand(new_seed(), ring)  # the others' masked vectors: same size, not timed
     vectors, site_cpu, quantise_cpu = {}, float("nan"), float("nan")
-    weights = part_weights(40, 10, ring)  # within max_weight for 32 sites (68)
+    weights = part_weights(3000, 1000, ring)  # a CT site: slices and volumes
     if time_site:
         update = torch.randn(size) * 0.003
 

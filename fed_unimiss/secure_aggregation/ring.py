@@ -63,7 +63,7 @@ import torch
 from fed_unimiss.exchange import class_weight
 from fed_unimiss.secure_aggregation.prg import keystream_chunks
 
-__all__ = ["PARTS", "RingPlan", "Quantised", "smallest_bits", "ring_dtype", "scales_from_clip",
+__all__ = ["PARTS", "RingPlan", "Quantised", "plan_ring", "smallest_bits", "ring_dtype", "scales_from_clip",
            "layout_from_classes", "part_weights", "quantise", "to_ring", "add_into",
            "signed_sum", "mean_update", "pack", "unpack"]
 
@@ -162,6 +162,26 @@ class RingPlan:
                    block=int(data["block"]), weight_unit=int(data.get("weight_unit", 1)),
                    scales=np.asarray(data["scales"], dtype=np.float32),
                    layout=tuple((int(s), str(p)) for s, p in data["layout"]))
+
+
+def plan_ring(layout: Sequence[tuple[int, str]], n_sites: int, max_count: int,
+              clip: float | np.ndarray, bits: int = 16, levels: int = 15, block: int = 256
+              ) -> RingPlan:
+    """The aggregator's ring for a round: ``bits`` and ``levels`` fixed, the weights fitted.
+
+    ``max_count`` is the count bound (the most samples a site may report for one part, e.g.
+    2D + 3D for ``shared``); the weight unit is chosen so that ``max_count`` maps to the largest
+    weight the overflow bound allows. Raises ``ValueError`` when even weight 1 cannot fit.
+    """
+    max_weight = (2 ** (bits - 1) - 1) // (n_sites * levels)
+    if max_weight < 1:
+        raise ValueError(f"{n_sites} sites x {levels} levels do not fit a {bits}-bit ring even "
+                         f"with weight 1; use more bits or fewer levels")
+    unit = max(1, math.ceil(max_count / max_weight))
+    size = sum(s for s, _ in layout)
+    return RingPlan(bits=bits, levels=levels, max_weight=max_weight, n_sites=n_sites,
+                    block=block, scales=scales_from_clip(clip, size, block, levels),
+                    layout=tuple(layout), weight_unit=unit)
 
 
 def layout_from_classes(items: Iterable[tuple[str, Sequence[int]]], classes: Mapping[str, str]

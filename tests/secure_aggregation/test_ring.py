@@ -115,3 +115,14 @@ def test_a_plan_round_trips_as_plain_data():
     assert again.layout == ring.layout and np.array_equal(again.scales, ring.scales)
     assert (again.bits, again.levels, again.max_weight) == (ring.bits, ring.levels,
                                                             ring.max_weight)
+
+
+def test_plan_ring_fits_the_count_bound_into_the_weights():
+    from fed_unimiss.secure_aggregation.ring import plan_ring
+
+    ring = plan_ring(((1000, "2d"), (24, "shared")), n_sites=8, max_count=5000, clip=0.05)
+    assert (ring.bits, ring.levels, ring.max_weight) == (16, 15, 273)  # 8 x 273 x 15 < 2^15
+    assert ring.weight_unit == 19  # ceil(5000 / 273)
+    assert part_weights(2500, 2500, ring)["shared"] <= ring.max_weight
+    with pytest.raises(ValueError, match="do not fit a 8-bit ring even with weight 1"):
+        plan_ring(((10, "2d"),), n_sites=32, max_count=10, clip=1.0, bits=8)
