@@ -156,7 +156,8 @@ class AggregatorParty:
         clean = {}
         for part in PARTS:
             w = weights.get(part, 0)
-            if not isinstance(w, int | np.integer) or not 0 <= int(w) <= ring.max_weight:
+            if isinstance(w, bool) or not isinstance(w, int | np.integer) \
+                    or not 0 <= int(w) <= ring.max_weight:
                 raise ProtocolError(f"{part} weight {w!r} is outside [0, {ring.max_weight}] "
                                     f"(the count bounds)", site=site)
             clean[part] = int(w)
