@@ -73,7 +73,7 @@ from fed_unimiss.secure_aggregation.wire import (
 )
 
 __all__ = ["SecureRound", "AggregateRefused", "make_plan", "coordinate_clips", "run_token",
-           "mean_norms"]
+           "mean_norms", "part_steps"]
 
 # The reply names of site_client/secure_site.py (the wire between the two packages).
 ADVERT, SEALED, INBOX, CLIPPED = "advert", "sealed", "inbox", "clipped"
@@ -300,6 +300,20 @@ class SecureRound:
         self._close_open_stage()
         self._asked = set()
         return self.party.finish()
+
+
+def part_steps(plan: RoundPlan, items: list[tuple[str, tuple[int, ...]]]) -> dict[str, float]:
+    """The largest quantisation step (clip / levels) of each part's coordinates this round:
+    what one coordinate of the mean update may differ from the plain mean by (clipped
+    coordinates aside)."""
+    steps = dict.fromkeys(PARTS, 0.0)
+    start, ring = 0, plan.ring
+    for name, shape in items:
+        size = math.prod(shape)
+        blocks = ring.scales[start // ring.block:(start + size - 1) // ring.block + 1]
+        steps[part_of(name)] = max(steps[part_of(name)], float(blocks.max()))
+        start += size
+    return steps
 
 
 def mean_norms(state: Mapping[str, torch.Tensor], new_state: Mapping[str, torch.Tensor],

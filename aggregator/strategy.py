@@ -42,7 +42,14 @@ from aggregator.replays import CoordinateSample, ReplayGuard
 from aggregator.round_state import RoundState
 from aggregator.run_summary import BudgetRefusal, Rejection, RoundRecord, SiteResult, TrainOutcome
 from aggregator.screening import REJECTED, clip_state, screen_round
-from aggregator.secure_round import AggregateRefused, SecureRound, make_plan, mean_norms, run_token
+from aggregator.secure_round import (
+    AggregateRefused,
+    SecureRound,
+    make_plan,
+    mean_norms,
+    part_steps,
+    run_token,
+)
 from aggregator.spill import SpilledState, SpillWriter
 from aggregator.validation import (
     PARTS,
@@ -204,7 +211,9 @@ class DimensionAwareStrategy:
                 "ring": {"bits": ring.bits, "levels": ring.levels, "max_weight": ring.max_weight,
                          "weight_unit": ring.weight_unit, "block": ring.block,
                          "clip_max": float(ring.scales.max()) * ring.levels,
-                         "clip_min": float(ring.scales.min()) * ring.levels},
+                         "clip_min": float(ring.scales.min()) * ring.levels,
+                         "step": part_steps(self.secure.plan,
+                                            self.link.ring_items(rnd.global_state))},
                 "part_bounds": rnd.bounds, "max_update_norm": self.limits.max_update_norm}
             return
         held, rnd.held = rnd.held, []
