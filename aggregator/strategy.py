@@ -333,6 +333,7 @@ class DimensionAwareStrategy:
             "silent_at_unmask": list(result.silent_at_unmask),
             "mean_update_norm": norms, "mean_finite": finite})
         for site, res in sorted(secure.results.items()):
+            rnd.record.costs.bytes_up[res.label] = res.bytes_in  # every stage's reply
             if site in survivors:
                 rnd.record.accepted.append(res)
                 rnd.verdicts[res.node_id] = SiteVerdict(rnd.round_num, ACCEPTED)
