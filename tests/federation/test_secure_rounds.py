@@ -223,3 +223,40 @@ def test_part_steps_cover_every_part():
     # center: block 0; student: coordinates 3..7 (blocks 0, 1); teacher: 8..12 (blocks 2, 3)
     assert steps == {"center": 1.0, "student": 2.0, "teacher": 4.0}
     assert math.isclose(sum(steps.values()), 7.0)
+
+
+@pytest.mark.parametrize("teacher", ["exchanged", "local"])
+def test_the_exchange_quantises_an_update_and_adds_the_mean_back(teacher):
+    """One site's side and the aggregator's, without the masks (they cancel): the state the
+    aggregator rebuilds is the site's within one quantisation step per coordinate, a teacher
+    that stays local is not in the vector, and the rounding's loss is kept for next time."""
+    from fed_unimiss.exchange_config import ExchangeConfig
+    from fed_unimiss.exchange_link import Exchange
+    from fed_unimiss.secure_aggregation.ring import mean_update, plan_ring
+
+    gen = torch.Generator().manual_seed(0)
+    received = {"center": torch.zeros(4), "student.a_2d": torch.randn(3, 5, generator=gen),
+                "student.b_3d": torch.randn(7, generator=gen),
+                "teacher.a_2d": torch.randn(3, 5, generator=gen),
+                "teacher.b_3d": torch.randn(7, generator=gen)}
+    new = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in received.items()}
+    classes = {"center": "shared", "student.a_2d": "2d", "student.b_3d": "3d",
+               "teacher.a_2d": "2d", "teacher.b_3d": "3d"}
+    cfg = ExchangeConfig(up="secure", teacher=teacher)
+    site, agg = Exchange(cfg), Exchange(cfg)
+    layout = agg.ring_layout(received, classes)
+    assert len(layout) == (5 if teacher == "exchanged" else 3)
+    ring = plan_ring(layout, n_sites=3, max_count=10, clip=0.05, levels=31, block=8)
+    weights = {"2d": 4, "3d": 0, "shared": 4}  # an X-ray-only site: nothing for 3D tensors
+    vector, clipped = site.quantise_update(new, received, ring, weights, seed=bytes(32))
+    assert clipped == 0 and site.ring_residual is not None
+    rebuilt = agg.add_mean(received, mean_update(vector, ring, weights))
+    step = 0.05 / 31
+    for name, value in rebuilt.items():
+        if teacher == "local" and name.startswith("teacher."):
+            assert torch.equal(value, received[name])  # not exchanged: the site keeps its own
+        elif name.endswith("_3d"):
+            assert torch.equal(value, received[name])  # weight 0: a 2D site adds nothing
+        else:
+            assert float((value - new[name]).abs().max()) <= step * (1 + 1e-5), name
+    assert bool(site.teacher) == (teacher == "local")
