@@ -127,18 +127,21 @@ def main(grid: Grid, context: Context) -> None:
                   if ex.RUN_SITES in rc else None)
     roster = None
     if run.cfg.exchange.masked:  # secure aggregation: every site's identity public key
-        from fed_unimiss.secure_aggregation.keys import load_roster, roster_digest
+        from fed_unimiss.secure_aggregation.keys import load_roster
 
         if ex.RUN_ROSTER not in rc:
             raise ValueError("exchange.up: secure needs the run config 'roster' (the coordinator "
                              "kit's roster/ folder)")
         roster = load_roster(str(rc[ex.RUN_ROSTER]))
-        log.info("secure aggregation: roster of %d site(s), digest %s", len(roster),
-                 roster_digest(roster))
     # RUN/status.json: running, then finished or failed and why (status and dashboard read it)
     with serverapp_log(run.out), recorded_status(run.out, run.rounds):
         if run.cfg.require_dp:
             log.info("federation requires differential privacy: non-DP sites are refused")
+        if roster is not None:  # sites can compare the digest out of band (docs/privacy.md)
+            from fed_unimiss.secure_aggregation.keys import roster_digest
+
+            log.info("secure aggregation: roster of %d site(s), digest %s", len(roster),
+                     roster_digest(roster))
         try:
             last = run_federation(grid, run, resume=resume, registered=registered,
                                   roster=roster)
