@@ -250,6 +250,8 @@ def _print_screening(screening: dict[str, Any]) -> None:
         ratios = s.get("vs_median") or {}
         shown = " ".join(f"{p} {ratios[p]:.2f}x" if isinstance(ratios.get(p), (int, float))
                          else f"{p} -" for p in ("student", "teacher", "center"))
+        if s.get("last_action") == "accepted" and s.get("norms") is None:  # up: secure
+            shown = "update masked (secure aggregation: no per-site norms)"
         if s.get("cosine") is not None:
             shown += f", cosine {s['cosine']:+.3f}"
         lowest = s.get("lowest_accepted_cosine")

@@ -74,12 +74,13 @@ class Instructions:
         return config
 
     def train(self, round_num: int, down: Downlink, node_ids: Iterable[int],
-              held_by: Callable[[int], str | None], told: Mapping[int, SiteVerdict]
-              ) -> SentRound:
+              held_by: Callable[[int], str | None], told: Mapping[int, SiteVerdict],
+              extra: Mapping[str, object] | None = None) -> SentRound:
         """Address this round's global state to every node, as that node can decode it.
 
         ``held_by`` names the base a node holds (None: none), ``told`` the verdict each node
-        hears on its previous reply. A payload shared by several nodes becomes one record.
+        hears on its previous reply, ``extra`` config every node gets this round (a secure
+        round's plan). A payload shared by several nodes becomes one record.
         """
         sent = SentRound()
         records: dict[int, ArrayRecord] = {}
@@ -90,6 +91,8 @@ class Instructions:
                 record = records[id(payload)] = to_record(payload.arrays)
             config = with_verdict(self.config(round_num, ex.TRAIN), told.get(node_id))
             _put_exchange_keys(config, payload)
+            for key, value in (extra or {}).items():
+                config[key] = value
             sent.bytes_per_node[node_id] = record.count_bytes() + config.count_bytes()
             sent.messages.append(Message(RecordDict({ex.ARRAYS: record, ex.CONFIG: config}),
                                          node_id, ex.TRAIN, group_id=str(round_num)))

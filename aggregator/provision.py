@@ -4,14 +4,21 @@
 
     KITS/authority/    ca.key, ca.crt            the consortium CA; keep offline, never distribute
     KITS/coordinator/  ca.crt, server.crt, server.key, site-keys/<site>.pub, coordinator.yaml,
-                       federation.yaml (a template for ``aggregator start --config``)
-    KITS/site-<name>/  ca.crt, site.key, site.pub, site.yaml
+                       federation.yaml (a template for ``aggregator start --config``),
+                       roster/<site>.pub
+    KITS/site-<name>/  ca.crt, site.key, site.pub, site.yaml, roster/<site>.pub
 
 Why this shape: the SuperLink needs a TLS certificate whose SANs cover every name it is dialled by
 (the sites' --superlink host, and 127.0.0.1 for its own SuperExec, see docs/flower.md, "Ports and
 TLS"), and SuperNode authentication needs one NIST EC key pair per site in OpenSSH format, whose
 public half is registered at the SuperLink. A site's kit holds only the CA certificate (to verify
 the coordinator) and its own private key; the coordinator's kit holds only public site keys.
+
+``roster/`` holds every site's identity PUBLIC key (the same keys as ``site-keys/``), in every
+kit: under ``exchange.up: secure`` each site signs its per-round keys with ``site.key`` and checks
+every other site's signature against its roster, so the aggregator cannot slip in keys of its
+own (fed_unimiss/secure_aggregation/keys.py). ``--add-sites`` rewrites the roster of every kit
+it can reach; kits already handed out need the new ``roster/`` too (docs/privacy.md).
 
 Private keys are written 0600 and kit folders 0700. An existing kit is never overwritten: the
 coordinator would otherwise silently invalidate every site's key.
@@ -43,6 +50,8 @@ __all__ = [
     "validate_site_name",
     "DEFAULT_FLEET_PORT",
     "DEFAULT_CONTROL_PORT",
+    "ROSTER",
+    "refresh_rosters",
 ]
 
 log = logging.getLogger(__name__)
@@ -53,6 +62,7 @@ CERT_DAYS = 825  # two years and a bit: long enough for a pretraining campaign
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
 _CURVE = ec.SECP384R1  # Flower requires a NIST curve for SuperNode keys
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROSTER = "roster"  # in every kit: <site>.pub of every site (keys.load_roster reads it)
 
 
 class ProvisionError(ValueError):
@@ -81,6 +91,28 @@ def validate_site_name(name: str) -> str:
 
 def site_kit_dir(out: Path, site: str) -> Path:
     return out / f"site-{site}"
+
+
+def refresh_rosters(out: Path) -> list[Path]:
+    """Write ``roster/`` (every site's public key, from ``coordinator/site-keys/``) into the
+    coordinator kit and every site kit under ``out``; returns the rosters written.
+
+    A roster is rewritten whole (stale keys of removed sites go), one file at a time.
+    """
+    coordinator = out / "coordinator"
+    keys = {p.name: p.read_bytes() for p in sorted((coordinator / "site-keys").glob("*.pub"))}
+    kits = [coordinator] + sorted(p for p in out.glob("site-*") if (p / "site.key").is_file())
+    written = []
+    for kit in kits:
+        roster = kit / ROSTER
+        roster.mkdir(mode=0o755, exist_ok=True)
+        for old in roster.glob("*.pub"):
+            if old.name not in keys:
+                old.unlink()
+        for name, data in keys.items():
+            atomic_write_bytes(roster / name, data)
+        written.append(roster)
+    return written
 
 
 # ---------------------------------------------------------------- key and certificate helpers
@@ -361,6 +393,7 @@ def provision(
         coordinator / "coordinator.yaml",
         _coordinator_yaml(server_names, sites, fleet_port).encode(),
     )
+    refresh_rosters(out)
     log.info("provisioned %d site kit(s) and the coordinator kit in %s", len(sites), out)
     return KitPaths(root=out, authority=authority, coordinator=coordinator, sites=site_dirs)
 
@@ -422,6 +455,7 @@ def add_sites(sites: list[str], out: str | Path) -> KitPaths:
         raise ProvisionError(f"{settings_file}: the sites: list is not the file's last section "
                              "(edited by hand?); add the new sites' lines there yourself: "
                              + "; ".join(lines))
+    refresh_rosters(out)
     log.info("added %d site kit(s) to %s", len(sites), out)
     return KitPaths(root=out, authority=out / "authority", coordinator=coordinator,
                     sites=site_dirs)

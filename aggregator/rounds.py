@@ -32,6 +32,8 @@ from fed_unimiss import exchange as ex
 from fed_unimiss.config import ConfigError, to_dict
 from fed_unimiss.exchange_config import describe
 from fed_unimiss.federation import FederationConfig, load_federation, resolve_recipe
+from fed_unimiss.secure_aggregation import SecureAggregationError
+from fed_unimiss.secure_aggregation.wire import STAGES
 
 __all__ = ["RoundFailed", "FederationRun", "absent_sites", "collect_replies", "initial_state",
            "run_federation"]
@@ -172,9 +174,12 @@ def _run_round(
             f"needed; the last complete round's checkpoint in {run.out} is intact"
             + _rejection_note(strategy.record)
         )
-    t = time.monotonic()
-    new_state = strategy.aggregate_train()
-    phases["aggregate_s"] = time.monotonic() - t
+    if strategy.secure is not None:
+        new_state = _secure_stages(grid, run, strategy, round_num, phases, missing)
+    else:
+        t = time.monotonic()
+        new_state = strategy.aggregate_train()
+        phases["aggregate_s"] = time.monotonic() - t
     if cfg.evaluate:
         t = time.monotonic()
         eval_deadline = time.monotonic() + cfg.round_timeout
@@ -186,6 +191,37 @@ def _run_round(
                     missing)
     row["phases"] = phases
     return new_state, row
+
+
+def _secure_stages(grid: Grid, run: FederationRun, strategy: DimensionAwareStrategy,
+                   round_num: int, phases: dict[str, Any], missing: list[int]
+                   ) -> dict[str, torch.Tensor]:
+    """The stages of a secure round after its train replies, each with the round's deadline;
+    returns the new global state. A site silent at a stage has dropped (it joins ``missing``);
+    fewer survivors than the threshold or ``min_sites``, or an aggregate that fails its checks,
+    fail the round with :class:`RoundFailed`, like a round below ``min_sites``."""
+    cfg, secure = run.cfg, strategy.secure
+    assert secure is not None
+    try:
+        for stage in STAGES:
+            t = time.monotonic()
+            messages = secure.messages(stage)
+            missing += collect_replies(grid, messages, secure.accept,
+                                       time.monotonic() + cfg.round_timeout, cfg.poll_interval)
+            phases[f"secure_{stage}_s"] = time.monotonic() - t
+        t = time.monotonic()
+        new_state = strategy.aggregate_train()
+        phases["aggregate_s"] = time.monotonic() - t
+    except SecureAggregationError as e:
+        raise RoundFailed(
+            f"round {round_num}: secure aggregation failed: {e}; the last complete round's "
+            f"checkpoint in {run.out} is intact" + _rejection_note(strategy.record)) from None
+    if strategy.num_accepted < cfg.min_sites:
+        raise RoundFailed(
+            f"round {round_num}: {strategy.num_accepted} site(s) in the secure sum, but "
+            f"min_sites={cfg.min_sites} are needed; the last complete round's checkpoint in "
+            f"{run.out} is intact" + _rejection_note(strategy.record))
+    return new_state
 
 
 def absent_sites(registered: list[str], row: dict[str, Any]) -> list[str]:
@@ -214,11 +250,13 @@ def run_federation(
     resume: bool = False,
     initial: dict[str, torch.Tensor] | None = None,
     registered: list[str] | None = None,
+    roster: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) all rounds; returns the last round's rounds.jsonl row.
 
     ``initial`` replaces the recipe-seeded round-0 state (tests with hand-made tensors).
     ``registered`` (the coordinator kit's sites) adds each round's ``absent`` sites to its row.
+    ``roster`` (site -> identity public key) is what ``exchange.up: secure`` plans rounds with.
     """
     identity = run.identity()
     store = RunStore(run.out)
@@ -234,7 +272,7 @@ def run_federation(
     log.info("DP plan announced to the sites: at most %g expected patients per step (a DP site "
              "set higher adopts it or refuses before training)", limits.dp_patients_per_step)
     strategy = DimensionAwareStrategy(run.cfg, recipe_json, run.rounds, classes, limits,
-                                      spill_dir=run.out / ".spill")
+                                      spill_dir=run.out / ".spill", roster=roster)
     log.info("exchange: %s", describe(run.cfg.exchange))
     row: dict[str, Any] = {}
     if done >= run.rounds:

@@ -47,14 +47,15 @@ class SiteResult:
     node_id: int
     label: str
     report: SiteReport
-    update_norm: float
+    update_norm: float | None  # None under up: secure (the update is never readable)
     bytes_in: int
-    norms: dict[str, float] = field(default_factory=dict)  # per part
+    norms: dict[str, float] | None = field(default_factory=dict)  # per part; None: secure
     verdict: Verdict | None = None  # the round's screening, once the round closes
     digest: str = ""  # of the reply as sent (replay guard)
 
     def as_row(self) -> dict[str, Any]:
-        return {
+        """Its rounds.jsonl entry; under up: secure without norm fields (nothing to report)."""
+        row = {
             "node_id": self.node_id,
             ex.SAMPLES_2D: self.report.samples_2d,
             ex.SAMPLES_3D: self.report.samples_3d,
@@ -64,10 +65,15 @@ class SiteResult:
             "norms": self.norms,
             **self.verdict_row(),
         }
+        if self.norms is None:
+            del row["update_norm"], row["norms"]
+        return row
 
     def verdict_row(self) -> dict[str, Any]:
         # A reply the screening has not judged yet counts as accepted (it passed every check).
-        return self.verdict.as_row() if self.verdict is not None \
+        if self.verdict is not None:
+            return self.verdict.as_row()
+        return {"action": "accepted"} if self.norms is None \
             else {"action": "accepted", "vs_median": {}}
 
 
@@ -228,7 +234,8 @@ def decisions(record: RoundRecord) -> dict[str, dict[str, Any]]:
     """label -> {action, reason, norms, vs_median, ...}: accepted, clipped, rejected, refused."""
     out: dict[str, dict[str, Any]] = {}
     for r in record.accepted:
-        out[r.label] = {"norms": r.norms, **r.verdict_row()}
+        out[r.label] = {**({"norms": r.norms} if r.norms is not None else {}),
+                        **r.verdict_row()}
     for label, outcome in record.rejected.items():
         entry: dict[str, Any] = {"action": outcome.action, "reason": outcome.reason}
         if isinstance(outcome, Rejection) and outcome.detail:

@@ -2,8 +2,9 @@
 
 Run config keys (``flwr run --run-config`` in deployment; the in-process runner passes the
 same): ``config`` (absolute path of the federation YAML, read here at the coordinator), ``out``
-(absolute RUN directory), ``rounds`` and optionally ``resume`` and ``sites`` (the registered
-site labels, comma-separated: each round then names the absent ones). See docs/federation.md.
+(absolute RUN directory), ``rounds`` and optionally ``resume``, ``sites`` (the registered
+site labels, comma-separated: each round then names the absent ones) and ``roster`` (the folder
+of site identity public keys that ``exchange.up: secure`` needs). See docs/federation.md.
 
 Two things are added around the round loop here:
 
@@ -124,12 +125,26 @@ def main(grid: Grid, context: Context) -> None:
     resume = bool(rc.get(ex.RUN_RESUME, False))
     registered = ([s for s in str(rc[ex.RUN_SITES]).split(",") if ex.is_valid_site_name(s)]
                   if ex.RUN_SITES in rc else None)
+    roster = None
+    if run.cfg.exchange.masked:  # secure aggregation: every site's identity public key
+        from fed_unimiss.secure_aggregation.keys import load_roster
+
+        if ex.RUN_ROSTER not in rc:
+            raise ValueError("exchange.up: secure needs the run config 'roster' (the coordinator "
+                             "kit's roster/ folder)")
+        roster = load_roster(str(rc[ex.RUN_ROSTER]))
     # RUN/status.json: running, then finished or failed and why (status and dashboard read it)
     with serverapp_log(run.out), recorded_status(run.out, run.rounds):
         if run.cfg.require_dp:
             log.info("federation requires differential privacy: non-DP sites are refused")
+        if roster is not None:  # sites can compare the digest out of band (docs/privacy.md)
+            from fed_unimiss.secure_aggregation.keys import roster_digest
+
+            log.info("secure aggregation: roster of %d site(s), digest %s", len(roster),
+                     roster_digest(roster))
         try:
-            last = run_federation(grid, run, resume=resume, registered=registered)
+            last = run_federation(grid, run, resume=resume, registered=registered,
+                                  roster=roster)
         except Exception as e:
             log.error("federation stopped: %s", e)
             raise

@@ -8,7 +8,8 @@ Sites get node ids 1..N in the order given and keep their state in ``OUT/sites/N
 RUN gets ``global_round_NNNN.safetensors/.json`` and ``rounds.jsonl``. ``--attack NAME=KIND``
 makes site NAME misbehave (replace, inflate, signflip, noise, nan, stale; see
 aggregator/attacks.py); each round's ``decisions`` in rounds.jsonl say what the aggregator did
-with it.
+with it. With ``exchange.up: secure`` every simulated site gets an identity key
+(``OUT/sites/NAME/site.key``) and the run a roster (``OUT/roster/``), as provisioning would.
 """
 
 from __future__ import annotations
@@ -74,6 +75,27 @@ def site_dp_configs(config: Path, names: list[str],
     return out
 
 
+def simulated_roster(out: Path, names: list[str]) -> tuple[Path, dict[str, dict[str, str]]]:
+    """Identity keys and a roster for simulated sites (``exchange.up: secure``), as provisioning
+    makes them: ``OUT/sites/NAME/site.key`` and ``OUT/roster/NAME.pub``; existing keys are kept
+    (a resumed run). Returns the roster folder and each site's node config."""
+    from aggregator.provision import _new_key, _ssh_private, _ssh_public
+    from fed_unimiss.checkpoint import atomic_write_bytes
+
+    roster = out / "roster"
+    roster.mkdir(parents=True, exist_ok=True)
+    node_config = {}
+    for name in names:
+        key_path = out / "sites" / name / "site.key"
+        if not key_path.is_file() or not (roster / f"{name}.pub").is_file():
+            key = _new_key()
+            key_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(key_path, _ssh_private(key), mode=0o600)
+            atomic_write_bytes(roster / f"{name}.pub", _ssh_public(key, f"simulated-{name}"))
+        node_config[name] = {ex.NODE_IDENTITY_KEY: str(key_path), ex.NODE_ROSTER: str(roster)}
+    return roster, node_config
+
+
 def simulate(config: Path, sites: list[tuple[str, Path]], rounds: int, out: Path,
              resume: bool = False, grid_cls: type | None = None,
              dp_flags: dict[str, list[str]] | None = None,
@@ -97,10 +119,19 @@ def simulate(config: Path, sites: list[tuple[str, Path]], rounds: int, out: Path
     # package never imports the site package.
     client_app = load_component(CLIENTAPP)
 
+    from fed_unimiss.federation import load_federation
+
     out = out.resolve()
-    dp = site_dp_configs(config, [name for name, _ in sites], dp_flags or {})
+    names = [name for name, _ in sites]
+    dp = site_dp_configs(config, names, dp_flags or {})
+    run_config: dict[str, object] = {}
+    secure: dict[str, dict[str, str]] = {}
+    if load_federation(config).exchange.masked:
+        roster, secure = simulated_roster(out, names)
+        run_config[ex.RUN_ROSTER] = str(roster)
     specs = [SiteSpec(name, folder.resolve(),
-                      {**(runtime or {}), **dp[name], **(probes or {}).get(name, {})})
+                      {**(runtime or {}), **dp[name], **(probes or {}).get(name, {}),
+                       **secure.get(name, {})})
              for name, folder in sites]
     if attacks:
         from aggregator.attacks import AttackGrid
@@ -110,8 +141,8 @@ def simulate(config: Path, sites: list[tuple[str, Path]], rounds: int, out: Path
         grid = AttackGrid(client_app, specs, out / "sites", attacks)
     else:
         grid = (grid_cls or InProcessGrid)(client_app, specs, out / "sites")
-    run_config = {ex.RUN_CONFIG: str(config.resolve()), ex.RUN_OUT: str(out),
-                  ex.RUN_ROUNDS: rounds, ex.RUN_RESUME: resume}
+    run_config.update({ex.RUN_CONFIG: str(config.resolve()), ex.RUN_OUT: str(out),
+                       ex.RUN_ROUNDS: rounds, ex.RUN_RESUME: resume})
     run_inprocess(server_app, grid, run_config)
 
 

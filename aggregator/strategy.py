@@ -14,6 +14,12 @@ Every reply ends as one outcome in the round's :class:`~aggregator.run_summary.R
 ``require_dp`` stamps every train instruction with :data:`~fed_unimiss.privacy.REQUIRE_DP` (a
 non-DP site refuses with error 5103) and rejects a reply without ``epsilon``: a protocol check,
 not a proof; the aggregator trusts a site's report that it trained with DP (docs/privacy.md).
+
+Under ``exchange.up: secure`` no reply holds a readable update: the train instruction announces
+the round's plan, a reply carries counts, metrics and signed keys, the stages that follow run in
+a :class:`~aggregator.secure_round.SecureRound` (:mod:`aggregator.rounds` drives them), and
+``aggregate_train`` adds the unmasked weighted mean to the global state. Nothing per site that
+secure mode hides is recorded: no norms, no screening against the round's medians.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import tempfile
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Message
@@ -35,6 +42,14 @@ from aggregator.replays import CoordinateSample, ReplayGuard
 from aggregator.round_state import RoundState
 from aggregator.run_summary import BudgetRefusal, Rejection, RoundRecord, SiteResult, TrainOutcome
 from aggregator.screening import REJECTED, clip_state, screen_round
+from aggregator.secure_round import (
+    AggregateRefused,
+    SecureRound,
+    make_plan,
+    mean_norms,
+    part_steps,
+    run_token,
+)
 from aggregator.spill import SpilledState, SpillWriter
 from aggregator.validation import (
     PARTS,
@@ -79,6 +94,7 @@ class DimensionAwareStrategy:
         classes: Mapping[str, str],
         limits: ReplyLimits | None = None,
         spill_dir: str | Path | None = None,
+        roster: Mapping[str, Any] | None = None,
     ):
         self.cfg = cfg
         # Decoded replies wait here for the round to close (aggregator/spill.py).
@@ -94,6 +110,13 @@ class DimensionAwareStrategy:
         self._sampler: tuple[object, CoordinateSample] | None = None  # (layout key, sample)
         self._labels = SiteLabels()  # node id -> the label its replies declared
         self._told: dict[int, SiteVerdict] = {}  # the previous round's verdicts, sent this round
+        # up: secure: every site's identity public key, the round being run, the run's token
+        if self.link.masked and not roster:
+            raise ValueError("exchange.up: secure needs the roster of site identity keys (the "
+                             "coordinator kit's roster/, or simulate's own)")
+        self.roster = dict(roster or {})
+        self.secure: SecureRound | None = None
+        self._token = run_token()
 
     # ------------------------------------------------------------------ train
     def configure_train(
@@ -120,7 +143,16 @@ class DimensionAwareStrategy:
         rnd.global_sample = rnd.sampler.of(reference)
         down = self.link.send_state(global_state)
         rnd.sent_sample = down.received_sample(rnd.sampler.of, rnd.global_sample)
-        sent = self.instructions.train(round_num, down, node_ids, self.link.held_by, self._told)
+        extra = None
+        if self.link.masked:  # the plan every site quantises and masks with, announced now
+            items = [name for name, _ in self.link.ring_items(global_state)]
+            plan = make_plan(f"{self._token}/{round_num}", self.roster, self.cfg.exchange.ring,
+                             self.link.ring_layout(global_state, self.classes), items,
+                             global_state, self.limits)
+            self.secure = SecureRound.start(round_num, plan, self.roster)
+            extra = self.secure.config()
+        sent = self.instructions.train(round_num, down, node_ids, self.link.held_by, self._told,
+                                       extra)
         rnd.record.costs.sent = sent.bytes_per_node
         for digest, what in sent.digests.items():
             self._replays.remember(digest, f"the global {what} sent in round {round_num}")
@@ -171,6 +203,19 @@ class DimensionAwareStrategy:
         if rnd.closed:
             return
         rnd.closed = True
+        if self.secure is not None:  # nothing readable is held: the stages sum what arrived
+            ring = self.secure.plan.ring
+            rnd.record.screening = {
+                "mode": "secure", "aggregation": self.cfg.aggregation,
+                "threshold": self.secure.plan.threshold, "roster_sites": len(self.secure.plan.sites),
+                "ring": {"bits": ring.bits, "levels": ring.levels, "max_weight": ring.max_weight,
+                         "weight_unit": ring.weight_unit, "block": ring.block,
+                         "clip_max": float(ring.scales.max()) * ring.levels,
+                         "clip_min": float(ring.scales.min()) * ring.levels,
+                         "step": part_steps(self.secure.plan,
+                                            self.link.ring_items(rnd.global_state))},
+                "part_bounds": rnd.bounds, "max_update_norm": self.limits.max_update_norm}
+            return
         held, rnd.held = rnd.held, []
         norms = {r.label: r.norms for r, _ in held}
         states = {r.label: state for r, state in held}
@@ -227,6 +272,8 @@ class DimensionAwareStrategy:
                 raise ReplyRejected("reply lacks the arrays or metrics record")
             report = parse_report(metrics)
             self.limits.check_counts(report, dp=epsilon is not None)
+            if self.secure is not None:
+                return self._judge_secure(content, report, label, node_id, rnd, epsilon)
             record = content.array_records[ex.ARRAYS]
             scales = content.array_records.get(ex.SCALES)
             bytes_in = record.count_bytes() + (scales.count_bytes() if scales else 0)
@@ -248,6 +295,63 @@ class DimensionAwareStrategy:
         rnd.held.append((result, spilled))
         rnd.spills.append(spilled)
         return result
+
+    def _judge_secure(self, content: Any, report: Any, label: str, node_id: int,
+                      rnd: RoundState, epsilon: float | None) -> SiteResult:
+        """A secure round's train reply: counts (checked) and signed keys; raises
+        ``ReplyRejected`` when its keys are not signed by its identity key in the roster."""
+        record = content.array_records[ex.ARRAYS]
+        bytes_in = record.count_bytes()
+        rnd.record.costs.note(label, report.metrics.get(ex.SECONDS), bytes_in, node_id)
+        result = SiteResult(node_id, label, report, None, bytes_in, None)
+        assert self.secure is not None
+        self.secure.accept_advert(label, node_id, {k: record[k].numpy() for k in record.keys()},
+                                  report, result)
+        if epsilon is not None:
+            rnd.record.epsilon[label] = epsilon
+        return result
+
+    def aggregate_secure(self) -> dict[str, torch.Tensor]:
+        """Close the secure round: unmask the sum, add its weighted mean to the global state.
+
+        Raises ``TooFewSurvivors`` below the threshold and ``AggregateRefused`` when the mean
+        update is not finite or a part's norm exceeds the bound of one honest update (the
+        mean of honest updates obeys it too); the round then fails and the state is unchanged.
+        """
+        rnd, secure = self._require_round(), self.secure
+        assert secure is not None
+        result = secure.finish()
+        names = [name for name, _ in self.link.ring_items(rnd.global_state)]
+        mean = result.mean()
+        finite = bool(torch.isfinite(mean).all())
+        new_state = self.link.add_mean(rnd.global_state, mean) if finite else rnd.global_state
+        norms = mean_norms(rnd.global_state, new_state, names) if finite else {}
+        survivors = set(result.survivors)
+        rnd.record.screening.update({
+            "survivors": len(survivors), "clipped": secure.clipped,
+            "dropped_before_upload": list(result.dropped_before_upload),
+            "silent_at_unmask": list(result.silent_at_unmask),
+            "mean_update_norm": norms, "mean_finite": finite})
+        for site, res in sorted(secure.results.items()):
+            rnd.record.costs.bytes_up[res.label] = res.bytes_in  # every stage's reply
+            if site in survivors:
+                rnd.record.accepted.append(res)
+                rnd.verdicts[res.node_id] = SiteVerdict(rnd.round_num, ACCEPTED)
+                continue
+            why = secure.dropped.get(site, "its masked input is not in the sum")
+            self._reject(rnd, Rejection(res.label, f"dropped out of the secure round: {why}"))
+            rnd.verdicts[res.node_id] = SiteVerdict(
+                rnd.round_num, REJECTED, "this site's update is not in the round's secure sum "
+                "(it dropped out of a stage)")
+        if not finite:
+            raise AggregateRefused("the unmasked mean update is not finite")
+        over = {p: (n, rnd.bounds[p]) for p, n in norms.items()
+                if p in rnd.bounds and n > rnd.bounds[p]}
+        if over:
+            raise AggregateRefused("the mean update exceeds the bound of one honest update: "
+                                   + ", ".join(f"{p} {n:.4g} > {b:.4g}"
+                                               for p, (n, b) in sorted(over.items())))
+        return self.link.checkpoint_state(new_state)
 
     @torch.no_grad()
     def _decode_validate_spill(self, record: ArrayRecord, scales: ArrayRecord | None,
@@ -321,11 +425,16 @@ class DimensionAwareStrategy:
     def num_accepted(self) -> int:
         """Replies folded into this round (after ``close_round``), or held so far (before)."""
         rnd = self._require_round()
+        if self.secure is not None and self.secure.round_num == rnd.round_num \
+                and not rnd.record.accepted:  # before the sum: the sites still in the round
+            return len(self.secure.results)
         return len(rnd.record.accepted) + len(rnd.held)
 
     def aggregate_train(self) -> dict[str, torch.Tensor]:
         """The new global state from the folded replies (tensors nobody trained keep theirs)."""
         self.close_round()
+        if self.secure is not None:
+            return self.aggregate_secure()
         rnd = self._require_round()
         folded = rnd.aggregator.result()
         self._cleanup()

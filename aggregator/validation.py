@@ -159,6 +159,11 @@ class ReplyLimits:
     dp_patients_per_step: float | None = None
     derived: bool = False  # max_update_norm is the recipe's Adam bound, not a config number
     teacher_pull: float = 1.0  # 1 - momentum^local_steps: the teacher's share of its EMA gap
+    # The recipe's step sizes, for per-coordinate bounds (the secure ring's derived clip):
+    lr_peak: float = 0.0  # the peak learning rate as the trainer scales it
+    weight_decay_max: float = 0.0
+    local_steps: int = 1
+    center_pull: float = 1.0  # 1 - center_momentum^(center updates a round): its EMA's share
 
     @classmethod
     def of_run(cls, cfg: FederationConfig, recipe: Any,
@@ -184,7 +189,12 @@ class ReplyLimits:
         sizes = (cfg.local_steps, ssl.batch_size_2d, ssl.batch_size_3d, ssl.view_depth)
         return cls(bound, count_bound(*sizes), count_bound(*sizes, patients_per_step=per_step),
                    dp_patients_per_step=per_step, derived=derived,
-                   teacher_pull=1.0 - ssl.momentum_teacher ** cfg.local_steps)
+                   teacher_pull=1.0 - ssl.momentum_teacher ** cfg.local_steps,
+                   lr_peak=ssl.lr * max(ssl.batch_size_2d, ssl.batch_size_3d) / 256,
+                   weight_decay_max=max(ssl.weight_decay, ssl.weight_decay_end),
+                   local_steps=cfg.local_steps,
+                   center_pull=1.0 - ssl.center_momentum ** (cfg.local_steps
+                                                             * max(1, ssl.accumulate)))
 
     def check_counts(self, report: SiteReport, dp: bool) -> None:
         """Raise ``ReplyRejected`` when a count exceeds what the round could have trained: a

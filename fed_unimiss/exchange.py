@@ -112,6 +112,7 @@ def probe_key(network: str, stage: int, kind: str) -> str:
 # shows the code's category below, never a site's text.
 ERROR_SITE_PREFIX = "site="
 ERROR_RECIPE = 5104  # this site's settings (e.g. DP) cannot train the federation's recipe
+ERROR_SECURE = 5006  # the site refused or could not run a stage of a secure round
 ERROR_CATEGORIES: dict[int, str] = {
     5001: "training failed at the site (see the site's log)",
     5002: "evaluation failed at the site",
@@ -120,6 +121,8 @@ ERROR_CATEGORIES: dict[int, str] = {
     5103: "the federation requires DP and the site has none",
     5003: "the site cannot honour the announced exchange codec (see the site's log)",
     5004: "the site's worker stopped during the round (it is restarted)",
+    ERROR_SECURE: "the site refused or could not run a secure-aggregation stage (a key that its "
+                  "roster does not verify, a lost round, no identity key; see the site's log)",
     ERROR_RECIPE: "the site's DP settings cannot train this federation's recipe (it needs a "
                   "DP-capable federation config, e.g. configs/federation/micro-dp.yaml)",
     5105: "the site's DP settings do not fit the federation's announced DP plan (it refused "
@@ -163,6 +166,10 @@ NODE_WORKER_SOCKET = "worker-socket"  # the socket of the site's warm worker pro
 NODE_PROBE_DATA = "probe-data"
 NODE_PROBE_TASK = "probe-task"
 NODE_PROBE_CONFIG = "probe-config"
+# Secure aggregation (exchange.up: secure): the site's identity private key (its kit's site.key)
+# and the roster folder of every site's public key (its kit's roster/); both stay at the site.
+NODE_IDENTITY_KEY = "identity-key"
+NODE_ROSTER = "roster"
 
 
 def probe_node_config(folder: str | Path, task: str = "seg3d", config: str | Path | None = None
@@ -182,11 +189,16 @@ RUN_RESUME = "resume"  # bool: continue after the last complete round in RUN
 # Comma-separated labels of the sites the coordinator registered (its kit): a round names those
 # it heard nothing from ("absent"). Optional; not part of the run's identity (sites may be added).
 RUN_SITES = "sites"
+# Absolute folder of every site's identity public key (<site>.pub; the coordinator kit's
+# roster/): what exchange.up: secure plans its rounds with. Required in secure mode only.
+RUN_ROSTER = "roster"
 
 # ---------------------------------------------------------------- message types
 TRAIN = "train"
 EVALUATE = "evaluate"
 QUERY = "query"  # the run's last message to a site: the decision on its last reply
+# The stages of a secure round after its train instruction (Flower's custom action of train).
+SECURE_STAGE = "train.secure"
 
 
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

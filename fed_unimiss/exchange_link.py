@@ -12,8 +12,13 @@ symmetrically:
 Every decision that depends on a codec's name is taken here, so a new codec touches this
 module (and its tensor arithmetic in :mod:`fed_unimiss.exchange_codec`) and nothing else. What
 the exchange remembers between rounds lives here too: the shared base of ``down: q8_delta`` and
-its digest (both sides), the int8 residual of ``up: q8_delta`` (error feedback, the site's) and
-the site's own teacher (``teacher: local``).
+its digest (both sides), the int8 residual of ``up: q8_delta`` and the ring residual of
+``up: secure`` (error feedback, the site's) and the site's own teacher (``teacher: local``).
+
+``up: secure`` sends no readable update: a site turns its update into a ring vector
+(:meth:`Exchange.quantise_update`, with the round's announced ring plan) that the secure round
+(:mod:`fed_unimiss.secure_aggregation`) masks, and the aggregator adds the unmasked weighted mean
+to its state (:meth:`Exchange.add_mean`), as the plain path adds a decoded mean.
 
 A :class:`Payload` is plain tensors: turning it into Flower records is the apps' business
 (fed_unimiss never imports flwr).
@@ -21,9 +26,11 @@ A :class:`Payload` is plain tensors: turning it into Flower records is the apps'
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from fed_unimiss import exchange as ex
@@ -50,6 +57,7 @@ from fed_unimiss.exchange_codec import (
     unpack_state,
     unpack_update,
 )
+from fed_unimiss.secure_aggregation.ring import RingPlan, layout_from_classes, quantise, to_ring
 
 __all__ = ["Exchange", "Payload", "Downlink"]
 
@@ -139,6 +147,7 @@ class Exchange:
         self._base: _Base | None = None
         self._holds: dict[object, str] = {}  # the aggregator's: node -> the base it holds
         self.residual: dict[str, torch.Tensor] = {}  # up q8_delta: what the rounding lost
+        self.ring_residual: torch.Tensor | None = None  # up secure: what clip and rounding lost
         self.teacher: dict[str, torch.Tensor] = {}  # teacher local: the site's own teacher
 
     @classmethod
@@ -287,6 +296,9 @@ class Exchange:
                             if k.startswith(ex.TEACHER_PREFIX)}
         keys = self.sent_keys(list(new_state))
         up = self.config.up
+        if self.config.masked:
+            raise CodecError("up: secure sends no readable update; the secure round masks "
+                             "quantise_update's ring vector")
         if up == "fp32":  # one array per tensor, named
             wire, _ = encode_update(new_state, received, up, keys)
             return Payload(wire)
@@ -304,6 +316,8 @@ class Exchange:
         the first problem (before yielding anything when the payload's shape is wrong).
         """
         up = self.config.up
+        if self.config.masked:
+            raise CodecError("up: secure: the aggregator receives masked vectors, not updates")
         if (payload.scales is not None) != (up == "q8_delta"):
             raise CodecError(f"undecodable update: int8 scales "
                              f"{'present' if payload.scales is not None else 'missing'} "
@@ -320,6 +334,68 @@ class Exchange:
             yield from unpack_update(payload.arrays[PACKED], scale, up, reference, delta_norms)
         except CodecError as e:
             raise CodecError(f"undecodable update ({up}): {e}") from None
+
+    # ------------------------------------------------------------------ up: secure
+    @property
+    def masked(self) -> bool:
+        """True under ``up: secure``: updates travel masked, the aggregator reads only sums."""
+        return self.config.masked
+
+    def ring_items(self, state: Mapping[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of the travelling tensors in the masked vector's order (sorted names):
+        student, teacher (when exchanged) and center, all in one vector."""
+        return layout(state, self.sent_keys(list(state)))
+
+    def ring_layout(self, state: Mapping[str, torch.Tensor], classes: Mapping[str, str]
+                    ) -> tuple[tuple[int, str], ...]:
+        """The aggregator's side: (size, part) per travelling tensor, for the round's ring plan
+        (``classes``: tensor name -> 2d/3d/shared, the dimension-aware weights' parts)."""
+        return layout_from_classes(self.ring_items(state), classes)
+
+    def quantise_update(self, new_state: Mapping[str, torch.Tensor],
+                        received: Mapping[str, torch.Tensor], ring: RingPlan,
+                        weights: Mapping[str, int], seed: bytes) -> tuple[np.ndarray, int]:
+        """A site's side under ``up: secure``: (ring vector, clipped coordinates) of its update.
+
+        The update (``new_state - received`` over the travelling tensors) plus the residual of
+        the last round is clipped and stochastically rounded to the announced ring plan, each
+        part's levels multiplied by the site's weight of that part; what clip and rounding lost
+        stays here for the next update (error feedback). Keeps the site's own teacher
+        (``teacher: local``). Raises ``CodecError`` when the plan's layout is not this state's.
+        """
+        if self.config.teacher == "local":
+            self.teacher = {k: v.detach().cpu().clone() for k, v in new_state.items()
+                            if k.startswith(ex.TEACHER_PREFIX)}
+        items = self.ring_items(new_state)
+        sizes = [math.prod(shape) for _, shape in items]
+        if sizes != [size for size, _ in ring.layout]:
+            raise CodecError(f"the announced ring layout ({len(ring.layout)} tensors, "
+                             f"{ring.size} values) is not this site's state ({len(sizes)} "
+                             f"tensors, {sum(sizes)} values)")
+        flat = torch.cat([(new_state[name].detach().cpu().float()
+                           - received[name].detach().cpu().float()).reshape(-1)
+                          for name, _ in items])
+        residual = self.ring_residual
+        if residual is not None and residual.numel() != ring.size:
+            residual = None  # a new layout: the old residual belongs to another model
+        q = quantise(flat, ring, seed=seed, residual=residual)
+        self.ring_residual = q.residual
+        return to_ring(q.values, ring, dict(weights)), q.clipped
+
+    def add_mean(self, state: Mapping[str, torch.Tensor], mean: torch.Tensor
+                 ) -> dict[str, torch.Tensor]:
+        """The aggregator's side under ``up: secure``: ``state`` plus the unmasked weighted mean
+        update (flat, in :meth:`ring_items` order); a part no site weighted has a mean of 0."""
+        out = dict(state)
+        start = 0
+        for name, shape in self.ring_items(state):
+            n = math.prod(shape)
+            out[name] = (state[name].float() + mean[start:start + n].reshape(shape)).to(
+                state[name].dtype)
+            start += n
+        if start != mean.numel():
+            raise CodecError(f"the mean update has {mean.numel()} values, the state {start}")
+        return out
 
     def checkpoint_state(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The aggregator's new global state as checkpointed: with a site-local teacher no

@@ -92,6 +92,9 @@ class FederationConfig:
     # error feedback at the aggregator); up: fp32 | bf16 | fp16 | q8_delta (int8 update, error
     # feedback at the site); teacher: exchanged | local (a method change). Announced in
     # every instruction; a site that cannot honour it refuses the round. Checkpoints stay fp32.
+    # up: secure (with an optional secure: {bits, levels, clip, threshold, block} section) masks
+    # every update: the aggregator sums what it cannot read (docs/privacy.md, "Secure
+    # aggregation"); it needs aggregation: mean, min_sites >= 3 and a roster of site keys.
     exchange: ExchangeConfig = field(default_factory=ExchangeConfig)
 
     def validate(self) -> None:
@@ -124,6 +127,21 @@ class FederationConfig:
             raise ValueError(f"eval_batches: must be >= 1, got {self.eval_batches}")
         if not 0 < self.poll_interval <= 10:
             raise ValueError(f"poll_interval: must be in (0, 10] seconds, got {self.poll_interval}")
+        if self.exchange.masked:
+            self._validate_secure()
+
+    def _validate_secure(self) -> None:
+        """Refuse what secure aggregation cannot do (docs/privacy.md, "Secure aggregation")."""
+        if self.aggregation != "mean":
+            raise ValueError(
+                f"aggregation: {self.aggregation} needs every site's update, which exchange.up: "
+                "secure hides from the aggregator (it recovers only the weighted sum); use "
+                "aggregation: mean, or a readable up codec for robust aggregation")
+        if self.min_sites < 3:
+            raise ValueError(
+                f"min_sites: must be >= 3 with exchange.up: secure, got {self.min_sites}: a sum of "
+                "two updates tells each of the two sites the other's update exactly, and a sum of "
+                "one is that site's update")
 
 
 def load_federation(path: str | Path) -> FederationConfig:

@@ -195,6 +195,13 @@ def train(msg: Message, context: Context) -> Message:
     return _run(ex.TRAIN, msg, context)
 
 
+@app.train("secure")
+def secure_stage(msg: Message, context: Context) -> Message:
+    """A stage of a secure round (``exchange.up: secure``) after its train instruction: share
+    keys, masked input or unmask (site_client/secure_site.py)."""
+    return _run(ex.SECURE_STAGE, msg, context)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Self-distillation loss of the received global model on a few local batches."""

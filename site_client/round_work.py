@@ -28,6 +28,7 @@ from fed_unimiss.exchange_codec import CodecError
 from fed_unimiss.privacy import ERROR_DP_REQUIRED, LedgerError
 from fed_unimiss.privacy.report import ERROR_DP_PLAN
 from fed_unimiss.runtime import Runtime
+from site_client import secure_site
 from site_client.dp_plan import fit_to_plan
 from site_client.errors import ERROR_EVALUATE, ERROR_EXCHANGE, ERROR_TRAIN, ERROR_WORKER
 from site_client.instruction import Instruction
@@ -137,6 +138,9 @@ def _train(session: SiteSession, req: RoundRequest) -> RoundReply:
     site.record_position(job.round, job.start_step, job.local_steps, job.total_steps)
     site.record_event(job.round, "trained", **_shown(trained.public),
                       **({"adopted": adopted} if adopted is not None else {}))
+    if job.exchange.masked:  # the update leaves only masked, in the stages that follow
+        return secure_site.train_reply(session, site, req, {**trained.public, **probed},
+                                       trained.state, received, seed)
     return session.encode(site, {**trained.public, **probed}, trained.state, received)
 
 
@@ -197,6 +201,8 @@ def handle(session: SiteSession, req: RoundRequest) -> RoundReply:
             return _train(session, req)
         if req.kind == ex.EVALUATE:
             return _evaluate(session, req)
+        if req.kind == ex.SECURE_STAGE:
+            return secure_site.stage_reply(session, req)
         return RoundReply.failed(ERROR_TRAIN, "unknown message type")
     except Exception as e:  # noqa: BLE001 - a site must answer, never crash, on any failure
         if req.kind == ex.EVALUATE:

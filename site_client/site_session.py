@@ -9,7 +9,9 @@ same way in either. The session keeps, never sends:
 - its end of the exchange (:class:`~fed_unimiss.exchange_link.Exchange`): the base of
   ``down: q8_delta``, the int8 residual of ``up: q8_delta`` and the site's own teacher
   (``teacher: local``), all forgotten when a new run starts;
-- the site's data index and the plain trainer, reused while the recipe stays the same.
+- the site's data index and the plain trainer, reused while the recipe stays the same;
+- under ``up: secure``, the round's secure party and ring vector between its stages
+  (:mod:`site_client.secure_site`).
 
 A round is three separate steps: :meth:`SiteSession.decode` (the global state as the site
 trains from it), :meth:`SiteSession.train` or :meth:`SiteSession.evaluate`, and
@@ -41,6 +43,7 @@ from site_client.round_messages import RoundReply, RoundRequest
 
 if TYPE_CHECKING:
     from site_client.instruction import Instruction
+    from site_client.secure_site import PendingRound
 
 __all__ = ["SiteSession", "Trained"]
 
@@ -65,6 +68,8 @@ class SiteSession:
         self.exchange: Exchange | None = None
         self._data: tuple[Any, Any] | None = None  # (key, SiteData)
         self._engine: tuple[Any, SelfDistillation] | None = None  # (key, plain trainer)
+        # A secure round's party and ring vector between its stages (site_client/secure_site.py)
+        self.secure: PendingRound | None = None
 
     def begin(self, run_id: int, job: Instruction) -> Exchange:
         """The exchange of this run: a new run remembers nothing of the last one's."""

@@ -43,7 +43,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fed_unimiss.config import ConfigError, load_yaml
-from fed_unimiss.exchange import NODE_DATA_PATH, NODE_SITE_NAME, NODE_STATE_DIR, NODE_WORKER_SOCKET
+from fed_unimiss.exchange import (
+    NODE_DATA_PATH,
+    NODE_IDENTITY_KEY,
+    NODE_ROSTER,
+    NODE_SITE_NAME,
+    NODE_STATE_DIR,
+    NODE_WORKER_SOCKET,
+)
 from fed_unimiss.privacy.config import PrivacyConfig, with_dp_settings
 from fed_unimiss.processes import terminate_pids
 from fed_unimiss.runtime import Runtime
@@ -275,7 +282,17 @@ def site_node_config(kit: SiteKit, data: Path, state: Path,
         **(runtime or kit.settings.runtime()).to_node_config(),
         **privacy_node_config(privacy),
         **site_probe_node_config(kit.settings.probe, kit.root),
+        **secure_node_config(kit),
     }
+
+
+def secure_node_config(kit: SiteKit) -> dict[str, str]:
+    """The identity key and roster ``exchange.up: secure`` signs and verifies with (the kit's
+    site.key and roster/, paths only); none when the kit predates rosters."""
+    roster = kit.root / "roster"
+    if not roster.is_dir():
+        return {}
+    return {NODE_IDENTITY_KEY: str(kit.key), NODE_ROSTER: str(roster)}
 
 
 # ---------------------------------------------------------------- the SuperNode process

@@ -59,7 +59,14 @@ from aggregator.run_summary import (  # light: `aggregator status` imports only 
     run_summary,
 )
 from fed_unimiss.checkpoint import atomic_write_json
-from fed_unimiss.exchange import RUN_CONFIG, RUN_OUT, RUN_RESUME, RUN_ROUNDS, RUN_SITES
+from fed_unimiss.exchange import (
+    RUN_CONFIG,
+    RUN_OUT,
+    RUN_RESUME,
+    RUN_ROSTER,
+    RUN_ROUNDS,
+    RUN_SITES,
+)
 from flower_layer.processes import ProcessSet, kill_recorded
 
 __all__ = ["AggregatorOptions", "RunOutcome", "RoundsTail", "run_aggregator", "run_summary",
@@ -354,6 +361,8 @@ def run_aggregator(
     overrides = {RUN_CONFIG: str(config), RUN_OUT: str(out), RUN_ROUNDS: int(opts.rounds),
                  RUN_RESUME: True, RUN_SITES: ",".join(sorted(kit.site_keys)),
                  **opts.run_config}
+    if (kit.root / "roster").is_dir():  # what exchange.up: secure plans its rounds with
+        overrides.setdefault(RUN_ROSTER, str(kit.root / "roster"))
     fab, fab_hash = build_fab(FabSpec(run_config=overrides, serverapp=opts.serverapp,
                                       clientapp=opts.clientapp))
     superlink_log = logs / "superlink.log"

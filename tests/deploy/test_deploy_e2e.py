@@ -362,3 +362,55 @@ def test_worker_killed_mid_round_fails_that_round_for_its_site_then_serves_the_n
     assert worker_log.count("ready on") == 2  # started once, restarted once
     assert "site worker exited" in (tmp_path / "site-A.log").read_text()
     assert leftovers == [], leftovers
+
+
+def test_secure_aggregation_over_tls_sums_updates_the_aggregator_cannot_read(world, tmp_path):
+    """Three sites x 2 rounds with ``exchange.up: secure`` (1 local step): each round is the
+    train instruction plus three stages through the SuperLink; every site keeps its party in
+    its warm worker between them. The kits' roster/ is what sites and aggregator verify keys
+    with. Each site's reply holds no readable update (0.5x the fp32 bytes, masked), and
+    rounds.jsonl records no per-site norm."""
+    import yaml
+
+    from fed_unimiss.checkpoint import load_checkpoint
+
+    fleet, control = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    run = tmp_path / "RUN"
+    config = _federation_yaml(tmp_path / "fed.yaml", 3)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["exchange"] = {"down": "q8_delta", "up": "secure", "teacher": "exchanged"}
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    opts = AggregatorOptions(kit=world["kits"].coordinator, config=config, rounds=2, out=run,
+                             fleet_address=fleet, control_address=control, wait_for_sites=3)
+    with Sampler() as sampler, ProcessSet(tmp_path / "pids") as procs:
+        def start_sites() -> None:
+            for s in ("A", "B", "C"):
+                procs.start(f"site-{s}", _site_cmd(world["kits"].sites[s], world["data"], fleet,
+                                                   tmp_path / "state" / s),
+                            tmp_path / f"site-{s}.log")
+
+        t0 = time.monotonic()
+        outcome = run_aggregator(opts, on_ready=start_sites)
+        elapsed = time.monotonic() - t0
+    leftovers = sampler.leftovers()
+
+    assert outcome.ok, outcome.error
+    rows = outcome.rounds
+    assert [r["round"] for r in rows] == [1, 2]
+    state, _ = load_checkpoint(run / "global_round_0002.safetensors")
+    fp32_bytes = 4 * sum(t.numel() for t in state.values())
+    for row in rows:
+        assert row["sites"] == ["A", "B", "C"] and row["rejected"] == {}
+        assert row["exchange"] == "down=q8_delta up=secure teacher=exchanged"
+        screening = row["screening"]
+        assert screening["mode"] == "secure" and screening["survivors"] == 3
+        assert screening["dropped_before_upload"] == [] and screening["clipped"] == 0
+        for site, entry in row["per_site"].items():
+            assert not {"update_norm", "norms", "vs_median"} & set(entry), site
+            assert 0.5 * fp32_bytes <= row["bytes_up"][site] <= 0.52 * fp32_bytes
+        assert {f"secure_{s}_s" for s in ("share_keys", "masked_input", "unmask")} \
+            <= set(row["phases"])
+    assert "secure aggregation: roster of 3 site(s)" in (run / "logs" / "serverapp.log") \
+        .read_text()
+    print(f"secure TLS run: 3 sites x 2 rounds in {elapsed:.1f} s")
+    assert leftovers == [], leftovers

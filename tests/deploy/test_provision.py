@@ -154,6 +154,25 @@ def test_add_sites_later_extends_the_coordinator_kit(tmp_path):
         add_sites(["E"], tmp_path / "nothing")
 
 
+def test_every_kit_has_the_roster_secure_aggregation_reads(tmp_path):
+    """roster/ in the coordinator kit and every site kit: each site's identity public key, as
+    keys.load_roster reads it, matching the site's own key; --add-sites refreshes every roster."""
+    from aggregator.provision import ROSTER, add_sites
+    from fed_unimiss.secure_aggregation.keys import load_identity_key, load_roster, roster_digest
+
+    kits = provision(["A", "B"], tmp_path / "K")
+    rosters = [load_roster(kit / ROSTER) for kit in (kits.coordinator, *kits.sites.values())]
+    assert all(set(r) == {"A", "B"} for r in rosters)
+    assert len({roster_digest(r) for r in rosters}) == 1
+    for site, kit in kits.sites.items():
+        own = load_identity_key(kit / "site.key").public_key()
+        assert rosters[0][site].public_numbers() == own.public_numbers()
+    assert not list((kits.coordinator / ROSTER).glob("*.key"))
+    added = add_sites(["D"], tmp_path / "K")
+    for kit in (kits.coordinator, *kits.sites.values(), added.sites["D"]):
+        assert set(load_roster(kit / ROSTER)) == {"A", "B", "D"}
+
+
 def _git(repo, *args):
     import subprocess
 
