@@ -126,7 +126,6 @@ DEALING_ORDER = (
     "tests/deploy/test_site_lifecycle.py",  # W, three runs on one site (~190 s)
     "tests/ssl/test_micro_recipe.py",  # C, the 600-step recipe (~160 s)
     "tests/finetune/test_flips.py",  # C (~125 s)
-    "tests/deploy/test_deploy_e2e.py::test_secure",  # W, four message stages a round (~130 s)
     "tests/finetune/test_overfit.py::test_seg3d",  # C (~135 s)
     "tests/deploy/test_deploy_e2e.py::test_tls",  # W (~120 s)
     "tests/core/test_researcher_guide.py",  # C (~100 s)
