@@ -102,8 +102,10 @@ def test_fewer_survivors_than_the_threshold_fail_the_round(identities, roster):
         agg.adverts()
 
 
-def _to_unmask(plan, identities, roster):
-    inputs = site_inputs(plan, _mixed_counts(plan.sites))
+def _to_unmask(plan, identities, roster, inputs=None, upload=None):
+    """A round driven up to its unmasking stage; only the sites in ``upload`` (default: all)
+    send their masked input, the others drop before upload."""
+    inputs = inputs or site_inputs(plan, _mixed_counts(plan.sites))
     parties = {s: SiteParty(plan, s, identities[s], roster) for s in plan.sites}
     agg = AggregatorParty(plan)
     for s, p in parties.items():
@@ -112,7 +114,9 @@ def _to_unmask(plan, identities, roster):
     for s in plan.sites:
         agg.receive_shares(s, parties[s].share_keys(adverts))
     for s, inbox in agg.inboxes().items():
-        agg.receive_masked(s, parties[s].masked_input(inbox, inputs[s].ring), inputs[s].weights)
+        if upload is None or s in upload:
+            agg.receive_masked(s, parties[s].masked_input(inbox, inputs[s].ring),
+                               inputs[s].weights)
     return parties, agg
 
 
@@ -138,18 +142,7 @@ def test_a_site_refuses_survivor_lists_it_cannot_trust(identities, roster):
 
 def test_a_bad_share_is_caught_when_a_dropped_key_is_rebuilt(identities, roster):
     plan = make_plan(3, threshold=2)
-    inputs = site_inputs(plan, _mixed_counts(plan.sites))
-    parties = {s: SiteParty(plan, s, identities[s], roster) for s in plan.sites}
-    agg = AggregatorParty(plan)
-    for s, p in parties.items():
-        agg.receive_advert(s, p.advertise())
-    adverts = agg.adverts()
-    for s in plan.sites:
-        agg.receive_shares(s, parties[s].share_keys(adverts))
-    inboxes = agg.inboxes()
-    for s in ("site-a", "site-b"):  # site-c drops before upload
-        agg.receive_masked(s, parties[s].masked_input(inboxes[s], inputs[s].ring),
-                           inputs[s].weights)
+    parties, agg = _to_unmask(plan, identities, roster, upload=("site-a", "site-b"))  # c drops
     survivors = agg.survivors()
     reveal = parties["site-a"].unmask(survivors)
     reveal["mask_key"]["site-c"] = bytes(32)  # a corrupted share
@@ -163,15 +156,7 @@ def test_a_bad_share_is_caught_when_a_dropped_key_is_rebuilt(identities, roster)
 def _reveal_all(plan, identities, roster, inputs, corrupt: tuple[str, str], answer):
     """A round without drops in which survivor ``corrupt[0]`` reveals a bad self-mask share
     of ``corrupt[1]``; only the sites in ``answer`` reveal."""
-    parties = {s: SiteParty(plan, s, identities[s], roster) for s in plan.sites}
-    agg = AggregatorParty(plan)
-    for s, p in parties.items():
-        agg.receive_advert(s, p.advertise())
-    adverts = agg.adverts()
-    for s in plan.sites:
-        agg.receive_shares(s, parties[s].share_keys(adverts))
-    for s, inbox in agg.inboxes().items():
-        agg.receive_masked(s, parties[s].masked_input(inbox, inputs[s].ring), inputs[s].weights)
+    parties, agg = _to_unmask(plan, identities, roster, inputs)
     survivors = agg.survivors()
     for s in answer:
         reveal = parties[s].unmask(survivors)
