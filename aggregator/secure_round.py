@@ -50,6 +50,7 @@ from aggregator.validation import (
 from fed_unimiss import exchange as ex
 from fed_unimiss.exchange import class_weight
 from fed_unimiss.exchange_config import SecureConfig
+from fed_unimiss.exchange_link import Exchange
 from fed_unimiss.secure_aggregation import (
     AggregateResult,
     AggregatorParty,
@@ -300,6 +301,53 @@ class SecureRound:
         self._close_open_stage()
         self._asked = set()
         return self.party.finish()
+
+    def unmask_into(self, link: Exchange, state: Mapping[str, torch.Tensor]
+                    ) -> tuple[AggregateResult, dict[str, torch.Tensor], dict[str, float] | None]:
+        """(the unmasked result, ``state`` plus its weighted mean update, the mean's norm per
+        part); a mean that is not finite leaves ``state`` as it is and has no norms (None)."""
+        result = self.finish()
+        mean = result.mean()
+        if not bool(torch.isfinite(mean).all()):
+            return result, dict(state), None
+        new_state = link.add_mean(state, mean)
+        names = [name for name, _ in link.ring_items(state)]
+        return result, new_state, mean_norms(state, new_state, names)
+
+    def screening(self, aggregation: str, items: list[tuple[str, tuple[int, ...]]],
+                  bounds: Mapping[str, float], max_update_norm: float | None) -> dict[str, Any]:
+        """The round row's screening section when the round closes: the ring and the bounds,
+        nothing per site."""
+        ring = self.plan.ring
+        return {
+            "mode": "secure", "aggregation": aggregation,
+            "threshold": self.plan.threshold, "roster_sites": len(self.plan.sites),
+            "ring": {"bits": ring.bits, "levels": ring.levels, "max_weight": ring.max_weight,
+                     "weight_unit": ring.weight_unit, "block": ring.block,
+                     "clip_max": float(ring.scales.max()) * ring.levels,
+                     "clip_min": float(ring.scales.min()) * ring.levels,
+                     "step": part_steps(self.plan, items)},
+            "part_bounds": bounds, "max_update_norm": max_update_norm}
+
+    def outcome(self, result: AggregateResult, norms: dict[str, float] | None
+                ) -> dict[str, Any]:
+        """What the row adds once the sum is unmasked: who is in it, and the aggregate's checks."""
+        return {"survivors": len(result.survivors), "clipped": self.clipped,
+                "dropped_before_upload": list(result.dropped_before_upload),
+                "silent_at_unmask": list(result.silent_at_unmask),
+                "mean_update_norm": norms or {}, "mean_finite": norms is not None}
+
+
+def check_aggregate(norms: dict[str, float] | None, bounds: Mapping[str, float]) -> None:
+    """``AggregateRefused`` when the mean update is not finite (no norms) or a part's norm
+    exceeds the bound of one honest update (the mean of honest updates obeys it too)."""
+    if norms is None:
+        raise AggregateRefused("the unmasked mean update is not finite")
+    over = {p: (n, bounds[p]) for p, n in norms.items() if p in bounds and n > bounds[p]}
+    if over:
+        raise AggregateRefused("the mean update exceeds the bound of one honest update: "
+                               + ", ".join(f"{p} {n:.4g} > {b:.4g}"
+                                           for p, (n, b) in sorted(over.items())))
 
 
 def part_steps(plan: RoundPlan, items: list[tuple[str, tuple[int, ...]]]) -> dict[str, float]:

@@ -42,14 +42,7 @@ from aggregator.replays import CoordinateSample, ReplayGuard
 from aggregator.round_state import RoundState
 from aggregator.run_summary import BudgetRefusal, Rejection, RoundRecord, SiteResult, TrainOutcome
 from aggregator.screening import REJECTED, clip_state, screen_round
-from aggregator.secure_round import (
-    AggregateRefused,
-    SecureRound,
-    make_plan,
-    mean_norms,
-    part_steps,
-    run_token,
-)
+from aggregator.secure_round import SecureRound, check_aggregate, make_plan, run_token
 from aggregator.spill import SpilledState, SpillWriter
 from aggregator.validation import (
     PARTS,
@@ -204,17 +197,9 @@ class DimensionAwareStrategy:
             return
         rnd.closed = True
         if self.secure is not None:  # nothing readable is held: the stages sum what arrived
-            ring = self.secure.plan.ring
-            rnd.record.screening = {
-                "mode": "secure", "aggregation": self.cfg.aggregation,
-                "threshold": self.secure.plan.threshold, "roster_sites": len(self.secure.plan.sites),
-                "ring": {"bits": ring.bits, "levels": ring.levels, "max_weight": ring.max_weight,
-                         "weight_unit": ring.weight_unit, "block": ring.block,
-                         "clip_max": float(ring.scales.max()) * ring.levels,
-                         "clip_min": float(ring.scales.min()) * ring.levels,
-                         "step": part_steps(self.secure.plan,
-                                            self.link.ring_items(rnd.global_state))},
-                "part_bounds": rnd.bounds, "max_update_norm": self.limits.max_update_norm}
+            rnd.record.screening = self.secure.screening(
+                self.cfg.aggregation, self.link.ring_items(rnd.global_state), rnd.bounds,
+                self.limits.max_update_norm)
             return
         held, rnd.held = rnd.held, []
         norms = {r.label: r.norms for r, _ in held}
@@ -320,21 +305,11 @@ class DimensionAwareStrategy:
         """
         rnd, secure = self._require_round(), self.secure
         assert secure is not None
-        result = secure.finish()
-        names = [name for name, _ in self.link.ring_items(rnd.global_state)]
-        mean = result.mean()
-        finite = bool(torch.isfinite(mean).all())
-        new_state = self.link.add_mean(rnd.global_state, mean) if finite else rnd.global_state
-        norms = mean_norms(rnd.global_state, new_state, names) if finite else {}
-        survivors = set(result.survivors)
-        rnd.record.screening.update({
-            "survivors": len(survivors), "clipped": secure.clipped,
-            "dropped_before_upload": list(result.dropped_before_upload),
-            "silent_at_unmask": list(result.silent_at_unmask),
-            "mean_update_norm": norms, "mean_finite": finite})
+        result, new_state, norms = secure.unmask_into(self.link, rnd.global_state)
+        rnd.record.screening.update(secure.outcome(result, norms))
         for site, res in sorted(secure.results.items()):
             rnd.record.costs.bytes_up[res.label] = res.bytes_in  # every stage's reply
-            if site in survivors:
+            if site in result.survivors:
                 rnd.record.accepted.append(res)
                 rnd.verdicts[res.node_id] = SiteVerdict(rnd.round_num, ACCEPTED)
                 continue
@@ -343,14 +318,7 @@ class DimensionAwareStrategy:
             rnd.verdicts[res.node_id] = SiteVerdict(
                 rnd.round_num, REJECTED, "this site's update is not in the round's secure sum "
                 "(it dropped out of a stage)")
-        if not finite:
-            raise AggregateRefused("the unmasked mean update is not finite")
-        over = {p: (n, rnd.bounds[p]) for p, n in norms.items()
-                if p in rnd.bounds and n > rnd.bounds[p]}
-        if over:
-            raise AggregateRefused("the mean update exceeds the bound of one honest update: "
-                                   + ", ".join(f"{p} {n:.4g} > {b:.4g}"
-                                               for p, (n, b) in sorted(over.items())))
+        check_aggregate(norms, rnd.bounds)
         return self.link.checkpoint_state(new_state)
 
     @torch.no_grad()

@@ -291,9 +291,7 @@ class Exchange:
         Keeps the site's own teacher (``teacher: local``) and, with ``up: q8_delta``, carries
         what the rounding lost into the next update.
         """
-        if self.config.teacher == "local":
-            self.teacher = {k: v.detach().cpu().clone() for k, v in new_state.items()
-                            if k.startswith(ex.TEACHER_PREFIX)}
+        self._keep_local_teacher(new_state)
         keys = self.sent_keys(list(new_state))
         up = self.config.up
         if self.config.masked:
@@ -335,6 +333,12 @@ class Exchange:
         except CodecError as e:
             raise CodecError(f"undecodable update ({up}): {e}") from None
 
+    def _keep_local_teacher(self, new_state: Mapping[str, torch.Tensor]) -> None:
+        """Under ``teacher: local`` the site's teacher stays here between rounds."""
+        if self.config.teacher == "local":
+            self.teacher = {k: v.detach().cpu().clone() for k, v in new_state.items()
+                            if k.startswith(ex.TEACHER_PREFIX)}
+
     # ------------------------------------------------------------------ up: secure
     @property
     def masked(self) -> bool:
@@ -363,9 +367,7 @@ class Exchange:
         stays here for the next update (error feedback). Keeps the site's own teacher
         (``teacher: local``). Raises ``CodecError`` when the plan's layout is not this state's.
         """
-        if self.config.teacher == "local":
-            self.teacher = {k: v.detach().cpu().clone() for k, v in new_state.items()
-                            if k.startswith(ex.TEACHER_PREFIX)}
+        self._keep_local_teacher(new_state)
         items = self.ring_items(new_state)
         sizes = [math.prod(shape) for _, shape in items]
         if sizes != [size for size, _ in ring.layout]:
