@@ -37,7 +37,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from aggregator.run_summary import SiteResult
+from aggregator.run_summary import Rejection, RoundCosts, RoundRecord, SiteResult
 from aggregator.validation import (
     ADAM_STEP_FACTOR,
     CENTER_LIMIT,
@@ -47,9 +47,10 @@ from aggregator.validation import (
     SiteReport,
     part_of,
 )
+from aggregator.verdicts import ACCEPTED, REJECTED, SiteVerdict
 from fed_unimiss import exchange as ex
 from fed_unimiss.exchange import class_weight
-from fed_unimiss.exchange_config import SecureConfig
+from fed_unimiss.exchange_config import ExchangeConfig, SecureConfig
 from fed_unimiss.exchange_link import Exchange
 from fed_unimiss.secure_aggregation import (
     AggregateResult,
@@ -58,6 +59,7 @@ from fed_unimiss.secure_aggregation import (
     SecureAggregationError,
     min_threshold,
 )
+from fed_unimiss.secure_aggregation.plan import group_size, harary_order
 from fed_unimiss.secure_aggregation.ring import PARTS as RING_PARTS
 from fed_unimiss.secure_aggregation.ring import part_weights, plan_ring
 from fed_unimiss.secure_aggregation.wire import (
@@ -156,10 +158,14 @@ def make_plan(round_id: str, roster: Mapping[str, ec.EllipticCurvePublicKey],
     """The plan announced with a round's train instruction; ``ValueError`` naming the setting
     that cannot work (a threshold above the roster's size, a ring that could overflow)."""
     sites = tuple(sorted(roster))
-    threshold = settings.threshold or min_threshold(len(sites))
-    if threshold > len(sites):
-        raise ValueError(f"exchange.secure.threshold: {threshold} is more than the roster's "
-                         f"{len(sites)} sites")
+    degree = settings.neighbours if settings.neighbours is not None \
+        and settings.neighbours < len(sites) - 1 else None
+    threshold = settings.threshold or min_threshold(len(sites), degree)
+    group = group_size(len(sites), degree)
+    if threshold > group:
+        raise ValueError(f"exchange.secure.threshold: {threshold} is more than the "
+                         f"{group} sites that hold a site's shares"
+                         + (f" (itself and its {degree} neighbours)" if degree else ""))
     sizes = [size for size, _ in layout]
     if settings.clip is not None:
         clip: float | np.ndarray = settings.clip
@@ -169,7 +175,8 @@ def make_plan(round_id: str, roster: Mapping[str, ec.EllipticCurvePublicKey],
     try:
         ring = plan_ring(layout, n_sites=len(sites), max_count=_max_count(limits), clip=clip,
                          bits=settings.bits, levels=settings.levels, block=settings.block)
-        return RoundPlan(round_id, sites, threshold, ring)
+        return RoundPlan(round_id, sites, threshold, ring, degree,
+                         harary_order(sites) if degree else ())
     except ValueError as e:
         raise ValueError(f"exchange.secure: {e}") from None
 
@@ -195,20 +202,34 @@ class SecureRound:
               roster: Mapping[str, ec.EllipticCurvePublicKey]) -> SecureRound:
         return cls(round_num, plan, AggregatorParty(plan, roster))
 
+    @classmethod
+    def planned(cls, round_num: int, token: str, roster: Mapping[str, ec.EllipticCurvePublicKey],
+             exchange: ExchangeConfig, link: Exchange, state: Mapping[str, torch.Tensor],
+             classes: Mapping[str, str], limits: ReplyLimits) -> SecureRound:
+        """Round ``round_num`` of the run ``token``, planned for ``state`` (:func:`make_plan`)."""
+        names = [name for name, _ in link.ring_items(state)]
+        plan = make_plan(f"{token}/{round_num}", roster, exchange.ring,
+                         link.ring_layout(state, classes), names, state, limits)
+        return cls.start(round_num, plan, roster)
+
     def config(self) -> dict[str, Any]:
         """The plan as the train instruction's config values."""
         return plan_to_config(self.plan)
 
     # ------------------------------------------------------------ stage 1 (the train reply)
-    def accept_advert(self, label: str, node_id: int, arrays: Mapping[str, np.ndarray],
-                      report: SiteReport, result: SiteResult) -> None:
-        """A train reply's signed keys; ``ReplyRejected`` naming the site when they are not
-        its own (its identity key in the roster did not sign them) or its counts do not fit."""
+    def accept_advert(self, label: str, node_id: int, record: ArrayRecord, report: SiteReport,
+                      costs: RoundCosts) -> SiteResult:
+        """A train reply's signed keys (its provisional result); ``ReplyRejected`` naming the
+        site when they are not its own (its identity key in the roster did not sign them) or
+        its counts do not fit the ring."""
+        bytes_in = record.count_bytes()
+        costs.note(label, report.metrics.get(ex.SECONDS), bytes_in, node_id)
         if label not in self.plan.sites:
             raise ReplyRejected(f"site {label!r} is not in the roster of this secure round",
                                 for_site="this site is not in the coordinator's roster")
         if label in self.node_of:
             raise ReplyRejected(f"a second reply for site {label!r}")
+        arrays = {k: record[k].numpy() for k in record.keys()}
         try:
             weights = part_weights(report.samples_2d, report.samples_3d, self.plan.ring)
             advert = from_arrays(arrays).get(ADVERT)
@@ -219,7 +240,8 @@ class SecureRound:
             raise ReplyRejected(f"secure round: {e}") from None
         self.node_of[label] = node_id
         self.weights[label] = weights
-        self.results[label] = result
+        result = self.results[label] = SiteResult(node_id, label, report, None, bytes_in, None)
+        return result
 
     # ------------------------------------------------------------ stages 2-4
     def messages(self, stage: str) -> list[Message]:
@@ -314,6 +336,24 @@ class SecureRound:
         names = [name for name, _ in link.ring_items(state)]
         return result, new_state, mean_norms(state, new_state, names)
 
+    def settle(self, result: AggregateResult, record: RoundRecord,
+               verdicts: dict[int, SiteVerdict]) -> list[Rejection]:
+        """Each site's outcome once the sum is unmasked: in the sum (accepted), or dropped out
+        of it (returned, for the caller to record). Its bytes are every stage's reply."""
+        out = []
+        for site, res in sorted(self.results.items()):
+            record.costs.bytes_up[res.label] = res.bytes_in
+            if site in result.survivors:
+                record.accepted.append(res)
+                verdicts[res.node_id] = SiteVerdict(self.round_num, ACCEPTED)
+                continue
+            why = self.dropped.get(site, "its masked input is not in the sum")
+            out.append(Rejection(res.label, f"dropped out of the secure round: {why}"))
+            verdicts[res.node_id] = SiteVerdict(
+                self.round_num, REJECTED, "this site's update is not in the round's secure sum "
+                "(it dropped out of a stage)")
+        return out
+
     def screening(self, aggregation: str, items: list[tuple[str, tuple[int, ...]]],
                   bounds: Mapping[str, float], max_update_norm: float | None) -> dict[str, Any]:
         """The round row's screening section when the round closes: the ring and the bounds,
@@ -322,6 +362,7 @@ class SecureRound:
         return {
             "mode": "secure", "aggregation": aggregation,
             "threshold": self.plan.threshold, "roster_sites": len(self.plan.sites),
+            "neighbours": self.plan.degree,  # None: every other site
             "ring": {"bits": ring.bits, "levels": ring.levels, "max_weight": ring.max_weight,
                      "weight_unit": ring.weight_unit, "block": ring.block,
                      "clip_max": float(ring.scales.max()) * ring.levels,

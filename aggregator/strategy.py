@@ -3,8 +3,9 @@
 Shaped like Flower's strategies (configure_train / aggregate / configure_evaluate); the
 instructions themselves are built by :mod:`aggregator.instructions`, the global state travels
 through the exchange object (:class:`~fed_unimiss.exchange_link.Exchange`). Each reply is
-checked on its own as it arrives (``accept_train``: counts, shape, finite values, norm bounds
-(:class:`~aggregator.validation.ReplyLimits`), replay) and parked on disk; ``close_round``
+checked on its own as it arrives (``accept_train``: its counts here, its update in
+:mod:`aggregator.update_checks`: shape, finite values, norm bounds, replay) and parked on
+disk; ``close_round``
 screens the parked replies against each other (:mod:`aggregator.screening`), clips if the
 aggregation says so, and folds them one at a time. :mod:`aggregator.rounds` drives it.
 
@@ -33,33 +34,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Message
+from flwr.app import Message
 
 from aggregator.averaging import make_aggregator
-from aggregator.exchange_records import record_tensors, wire_digest
 from aggregator.instructions import Instructions
 from aggregator.replays import CoordinateSample, ReplayGuard
 from aggregator.round_state import RoundState
 from aggregator.run_summary import BudgetRefusal, Rejection, RoundRecord, SiteResult, TrainOutcome
 from aggregator.screening import REJECTED, clip_state, screen_round
-from aggregator.secure_round import SecureRound, check_aggregate, make_plan, run_token
-from aggregator.spill import SpilledState, SpillWriter
+from aggregator.secure_round import SecureRound, check_aggregate, run_token
+from aggregator.update_checks import UpdateChecks
 from aggregator.validation import (
-    PARTS,
     ReplyLimits,
     ReplyRejected,
     SiteLabels,
-    check_center,
-    check_finite,
-    check_part_norms,
-    check_trained,
     parse_report,
-    part_of,
 )
 from aggregator.verdicts import ACCEPTED, CLIPPED, REFUSED, SiteVerdict
 from fed_unimiss import exchange as ex
-from fed_unimiss import exchange_codec as codec
-from fed_unimiss.exchange_link import Exchange, Payload
+from fed_unimiss.exchange_link import Exchange
 from fed_unimiss.federation import FederationConfig
 from fed_unimiss.privacy.report import (
     ERROR_DP_REQUIRED,
@@ -100,6 +93,7 @@ class DimensionAwareStrategy:
         self.instructions = Instructions(cfg, recipe_json, num_rounds, self.limits)
         self._round: RoundState | None = None
         self._replays = ReplayGuard()
+        self.updates = UpdateChecks(self.link, self.limits, self._replays, self.spill_dir)
         self._sampler: tuple[object, CoordinateSample] | None = None  # (layout key, sample)
         self._labels = SiteLabels()  # node id -> the label its replies declared
         self._told: dict[int, SiteVerdict] = {}  # the previous round's verdicts, sent this round
@@ -138,11 +132,9 @@ class DimensionAwareStrategy:
         rnd.sent_sample = down.received_sample(rnd.sampler.of, rnd.global_sample)
         extra = None
         if self.link.masked:  # the plan every site quantises and masks with, announced now
-            items = [name for name, _ in self.link.ring_items(global_state)]
-            plan = make_plan(f"{self._token}/{round_num}", self.roster, self.cfg.exchange.ring,
-                             self.link.ring_layout(global_state, self.classes), items,
-                             global_state, self.limits)
-            self.secure = SecureRound.start(round_num, plan, self.roster)
+            self.secure = SecureRound.planned(round_num, self._token, self.roster,
+                                              self.cfg.exchange, self.link, global_state,
+                                              self.classes, self.limits)
             extra = self.secure.config()
         sent = self.instructions.train(round_num, down, node_ids, self.link.held_by, self._told,
                                        extra)
@@ -258,41 +250,13 @@ class DimensionAwareStrategy:
             report = parse_report(metrics)
             self.limits.check_counts(report, dp=epsilon is not None)
             if self.secure is not None:
-                return self._judge_secure(content, report, label, node_id, rnd, epsilon)
-            record = content.array_records[ex.ARRAYS]
-            scales = content.array_records.get(ex.SCALES)
-            bytes_in = record.count_bytes() + (scales.count_bytes() if scales else 0)
-            rnd.record.costs.note(label, report.metrics.get(ex.SECONDS), bytes_in, node_id)
-            digest = wire_digest(record)
-            replayed = self._replays.replayed(digest)
-            if replayed is not None:
-                raise ReplyRejected(f"state identical to {replayed} (nothing trained, or a "
-                                    "stale replay)",
-                                    for_site="state identical to an earlier state of this run "
-                                    "(nothing trained, or a stale replay)")
-            norms, spilled = self._decode_validate_spill(record, scales, rnd, label)
+                result = self.secure.accept_advert(label, node_id, content.array_records[ex.ARRAYS],
+                                                   report, rnd.record.costs)
+            else:
+                result = self.updates.check(content, report, label, node_id, rnd)
         except ReplyRejected as e:
             return Rejection(label, str(e), site_reason=e.for_site)
         if epsilon is not None:  # DP sites report what they spent so far
-            rnd.record.epsilon[label] = epsilon
-        result = SiteResult(node_id, label, report, math.sqrt(sum(n * n for n in norms.values())),
-                            bytes_in, norms, digest=digest)
-        rnd.held.append((result, spilled))
-        rnd.spills.append(spilled)
-        return result
-
-    def _judge_secure(self, content: Any, report: Any, label: str, node_id: int,
-                      rnd: RoundState, epsilon: float | None) -> SiteResult:
-        """A secure round's train reply: counts (checked) and signed keys; raises
-        ``ReplyRejected`` when its keys are not signed by its identity key in the roster."""
-        record = content.array_records[ex.ARRAYS]
-        bytes_in = record.count_bytes()
-        rnd.record.costs.note(label, report.metrics.get(ex.SECONDS), bytes_in, node_id)
-        result = SiteResult(node_id, label, report, None, bytes_in, None)
-        assert self.secure is not None
-        self.secure.accept_advert(label, node_id, {k: record[k].numpy() for k in record.keys()},
-                                  report, result)
-        if epsilon is not None:
             rnd.record.epsilon[label] = epsilon
         return result
 
@@ -307,64 +271,10 @@ class DimensionAwareStrategy:
         assert secure is not None
         result, new_state, norms = secure.unmask_into(self.link, rnd.global_state)
         rnd.record.screening.update(secure.outcome(result, norms))
-        for site, res in sorted(secure.results.items()):
-            rnd.record.costs.bytes_up[res.label] = res.bytes_in  # every stage's reply
-            if site in result.survivors:
-                rnd.record.accepted.append(res)
-                rnd.verdicts[res.node_id] = SiteVerdict(rnd.round_num, ACCEPTED)
-                continue
-            why = secure.dropped.get(site, "its masked input is not in the sum")
-            self._reject(rnd, Rejection(res.label, f"dropped out of the secure round: {why}"))
-            rnd.verdicts[res.node_id] = SiteVerdict(
-                rnd.round_num, REJECTED, "this site's update is not in the round's secure sum "
-                "(it dropped out of a stage)")
+        for rejection in secure.settle(result, rnd.record, rnd.verdicts):
+            self._reject(rnd, rejection)
         check_aggregate(norms, rnd.bounds)
         return self.link.checkpoint_state(new_state)
-
-    @torch.no_grad()
-    def _decode_validate_spill(self, record: ArrayRecord, scales: ArrayRecord | None,
-                               rnd: RoundState, label: str
-                               ) -> tuple[dict[str, float], SpilledState]:
-        """Decode, check and park a reply one tensor at a time; returns its norms per part.
-
-        Raises ``ReplyRejected`` naming the first problem: missing or unexpected tensors, a
-        tensor that does not decode under the announced codec (dtype, shape, scales), a
-        non-finite value, a center coordinate outside the head's range, or a part's update norm
-        above its bound for the round.
-        """
-        reference = rnd.reference
-        sq = dict.fromkeys(PARTS, 0.0)
-        sampler = rnd.sampler
-        sample = sampler.empty()
-        delta_norms: dict[str, float] = {}  # an int8 update's norms come with its decoding
-        writer = SpillWriter(self.spill_dir / f"round{rnd.round_num}-{uuid.uuid4().hex}.f32")
-        try:
-            payload = Payload(record_tensors(record),
-                              None if scales is None else record_tensors(scales))
-            for name, value in self.link.receive_update(payload, reference, delta_norms):
-                # The norm doubles as the finiteness check (check_finite).
-                norm = delta_norms.pop(name, None)
-                if norm is None:
-                    norm = float(torch.linalg.vector_norm(value - reference[name].float()))
-                check_finite(name, value, norm)
-                if name == ex.CENTER_KEY and self.limits.derived:
-                    check_center(value)
-                sq[part_of(name)] += norm * norm
-                sampler.take(sample, name, value)
-                writer.add(name, value)
-            norms = {part: math.sqrt(v) for part, v in sq.items()}
-            check_trained(norms)
-            check_part_norms(norms, rnd.bounds, self.limits.max_update_norm)
-            replay = self._replays.near_replay(sample, rnd.sent_sample, rnd.global_sample)
-            if replay is not None:
-                raise ReplyRejected(replay)
-        except codec.CodecError as e:  # it does not decode under the announced codec
-            writer.abort()
-            raise ReplyRejected(str(e)) from None
-        except BaseException:
-            writer.abort()
-            raise
-        return norms, writer.finish()
 
     def close(self) -> None:
         """Delete whatever replies are still parked (a failed round) and the spill folder."""

@@ -7,7 +7,9 @@ of the real ServerApp/ClientApp per model preset and *arm*:
 - ``cold-fp32``: no warm worker (``site start --no-worker``: every message imports torch and
   builds the model in Flower's fresh ``flwr-clientapp`` process), fp32 exchange (the baseline);
 - ``warm-fp32``: the site's warm worker, fp32 exchange;
-- ``warm-compressed``: the warm worker and the shipped exchange (int8 deltas both ways).
+- ``warm-compressed``: the warm worker and the shipped exchange (int8 deltas both ways);
+- ``warm-secure``: the same with secure aggregation up (``exchange.up: secure``: three more
+  message stages per round; needs ``--sites 3`` or more).
 
 From RUN/rounds.jsonl (``seconds``, ``site_seconds``, ``bytes_down``/``bytes_up``, ``phases``),
 the sites' ``logs/shim-timing.jsonl`` and the checkpoints, per round:
@@ -25,8 +27,11 @@ the sites' ``logs/shim-timing.jsonl`` and the checkpoints, per round:
 Usage::
 
     .venv/bin/python benchmarks/bench_deploy.py --presets micro tiny --rounds 3
+    .venv/bin/python benchmarks/bench_deploy.py --presets micro tiny:20 --sites 3 \
+        --arms warm-compressed warm-secure --reference warm-compressed \
+        --section "## Deployment: secure aggregation against screening"
 
-Results replace the "## Deployment" section of docs/benchmarks.md.
+Results replace the "## Deployment" section of docs/benchmarks.md (or ``--section``).
 """
 
 from __future__ import annotations
@@ -50,15 +55,18 @@ ARMS = {  # name -> (warm worker, exchange)
     "cold-fp32": (False, {"down": "fp32", "up": "fp32", "teacher": "exchanged"}),
     "warm-fp32": (True, {"down": "fp32", "up": "fp32", "teacher": "exchanged"}),
     "warm-compressed": (True, None),  # None: the shipped configs/federation/micro.yaml exchange
+    "warm-secure": (True, {"down": "q8_delta", "up": "secure", "teacher": "exchanged"}),
 }
+SECURE_STAGES = ("secure_share_keys_s", "secure_masked_input_s", "secure_unmask_s")
 
 
-def _federation_yaml(path: Path, preset: str, local_steps: int, exchange: dict | None) -> Path:
+def _federation_yaml(path: Path, preset: str, local_steps: int, exchange: dict | None,
+                     n_sites: int) -> Path:
     import yaml
 
     from aggregator.demo import write_federation_yaml
 
-    write_federation_yaml(path, min_sites=2, round_timeout=1800, local_steps=local_steps)
+    write_federation_yaml(path, min_sites=n_sites, round_timeout=1800, local_steps=local_steps)
     cfg = yaml.safe_load(path.read_text())
     if preset != "micro":  # same federation and recipe overrides as micro, the preset's recipe
         cfg["recipe"] = cfg["recipe"].replace("pretrain/micro.yaml", f"pretrain/{preset}.yaml")
@@ -80,7 +88,8 @@ def _timings(state: Path) -> dict[int, dict]:
     return out
 
 
-def bench_arm(preset: str, arm: str, rounds: int, local_steps: int, work: Path) -> dict:
+def bench_arm(preset: str, arm: str, rounds: int, local_steps: int, work: Path,
+              n_sites: int = 2) -> dict:
     from aggregator.deploy.runner import AggregatorOptions, run_aggregator
     from aggregator.provision import provision
     from fed_unimiss.checkpoint import load_checkpoint
@@ -90,19 +99,20 @@ def bench_arm(preset: str, arm: str, rounds: int, local_steps: int, work: Path) 
 
     warm, exchange = ARMS[arm]
     root = work / f"{preset}-{arm}"
-    kits = provision(["A", "B"], root / "KITS", server_names=["127.0.0.1"])
+    names = [chr(ord("A") + i) for i in range(n_sites)]
+    kits = provision(names, root / "KITS", server_names=["127.0.0.1"])
     data = root / "data"
     write_phantoms(data, 0, 4, seed=11)
     fleet, control = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    config = _federation_yaml(root / "fed.yaml", preset, local_steps, exchange)
+    config = _federation_yaml(root / "fed.yaml", preset, local_steps, exchange, n_sites)
     opts = AggregatorOptions(kit=kits.coordinator, rounds=rounds, out=root / "RUN",
                              config=config, fleet_address=fleet, control_address=control,
-                             wait_for_sites=2)
-    states = {s: root / "state" / s for s in ("A", "B")}
+                             wait_for_sites=n_sites)
+    states = {s: root / "state" / s for s in names}
     t0 = time.monotonic()
     with ProcessSet(root / "pids") as sites:
         def start_sites() -> None:
-            for s in ("A", "B"):
+            for s in names:
                 sites.start(s, [sys.executable, "-m", "fed_unimiss.cli.main", "site", "start",
                                 "--kit", str(kits.sites[s]), "--data", str(data),
                                 "--superlink", fleet, "--state-dir", str(states[s])]
@@ -120,6 +130,7 @@ def bench_arm(preset: str, arm: str, rounds: int, local_steps: int, work: Path) 
         phases = row.get("phases", {})
         ours = sum(phases.get(k, 0.0) for k in ("encode_s", "decode_validate_s", "screen_s",
                                                   "aggregate_s"))
+        stages = sum(phases.get(k, 0.0) for k in SECURE_STAGES)
         starts, work_outside, to_site, back = [], [], [], []
         pushed, arrived = phases.get("pushed_at"), phases.get("arrived_at", {})
         for s in states:
@@ -142,7 +153,8 @@ def bench_arm(preset: str, arm: str, rounds: int, local_steps: int, work: Path) 
         per_round.append({"round": n, "wall": wall, "compute": compute,
                           "overhead": wall - compute, "process_start": start_s,
                           "site_work": outside, "coordinator": ours,
-                          "rest": wall - compute - ours - start_s - outside,
+                          "rest": wall - compute - ours - start_s - outside - stages,
+                          "stages": stages,
                           "to_site": statistics.mean(to_site) if to_site else float("nan"),
                           "back": statistics.mean(back) if back else float("nan"),
                           "bytes": bytes_site, "loss": row["loss"],
@@ -153,7 +165,8 @@ def bench_arm(preset: str, arm: str, rounds: int, local_steps: int, work: Path) 
 
     torch.save(student, work / f"{preset}-{arm}.pt")
     return {"preset": preset, "arm": arm, "rounds": per_round, "total": total,
-            "local_steps": local_steps, "student": str(work / f"{preset}-{arm}.pt")}
+            "local_steps": local_steps, "student": str(work / f"{preset}-{arm}.pt"),
+            "sites": n_sites}
 
 
 def _drift(path: str, ref_path: str) -> float:
@@ -165,37 +178,51 @@ def _drift(path: str, ref_path: str) -> float:
     return math.sqrt(diff / norm)
 
 
-def _markdown(results: list[dict], load: str, argv: list[str]) -> str:
+def _fp32_state_bytes(student_path: str) -> int:
+    """fp32 bytes of the saved student (the teacher has the same tensors; the center is tiny)."""
+    import torch
+
+    return 4 * sum(t.numel() for t in torch.load(student_path).values())
+
+
+def _markdown(results: list[dict], load: str, argv: list[str], section: str = SECTION,
+              reference: str = "warm-fp32") -> str:
+    n_sites = results[0]["sites"] if results else 2
     lines = [
-        SECTION,
+        section,
         "",
         f"`benchmarks/bench_deploy.py` on {platform.node() or 'this machine'} "
         f"({os.cpu_count()} CPU cores shared with other engineers' jobs, load average at start "
-        f"{load}): 2 sites with 4 phantom X-rays each, TLS and site authentication on "
+        f"{load}): {n_sites} sites with 4 phantom X-rays each, TLS and site authentication on "
         "127.0.0.1, `evaluate: false`, torch threads 1. Arms: *cold* = `site start "
         "--no-worker` (every message imports torch and builds the model in a fresh "
         "`flwr-clientapp`), *warm* = the site's warm worker; *fp32* or *compressed* (bf16 "
-        "down, int8 deltas up with error feedback). Columns (seconds): *wall* = the round at "
+        "down, int8 deltas up with error feedback); *secure* = int8 down, secure aggregation "
+        "up (2^16 ring, masked). Columns (seconds): *wall* = the round at "
         "the ServerApp; *compute* = the slowest site's training loop; *coord.* = wall - "
         "compute, split into *start* (the `flwr-clientapp` process until our handler runs: "
         "Python + Flower import), *site work* (the site's round outside training: decode, "
         "encode, model and data set-up), *ours@coord.* (encode, decode + validate, screen, "
-        "aggregate at the coordinator) and *Flower* (the rest: its polls, serialisation and "
+        "aggregate at the coordinator), *secure stages* (share keys, masked input, unmask: "
+        "each one more message to every site and back, with the site's masking and the "
+        "aggregator's unmasking) and *Flower* (the rest: its polls, serialisation and "
         "three hops of transfer; *to site* = from the ServerApp's push until Flower started "
         "the site's `flwr-clientapp` process: the SuperNode's fixed 3 s idle poll, the "
         "SuperExec's task poll and the message's way down; *reply back* = from our handler's "
         "return until the ServerApp pulled the reply: the process's push, the SuperNode's "
         "0.5 s reply poll, the way up). *MB/site* = down + up per site per round as sent; "
         "*drift* = "
-        "relative L2 of the final global student from the warm-fp32 run's. Round 1 also builds "
+        f"relative L2 of the final global student from the {reference} run's. Round 1 also builds "
         "each site's cache.",
         "",
         "| preset | arm | round | wall | compute | coord. | start | site work | ours@coord. "
-        "| Flower | of which: to site | reply back | MB/site | x fp32 | loss |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| secure stages | Flower | of which: to site | reply back | MB/site | x fp32 | loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     fp32_bytes = {r["preset"]: statistics.mean(x["bytes"] for x in r["rounds"])
                   for r in results if r["arm"] == "warm-fp32"}
+    fp32_bytes.update({r["preset"]: 4 * _fp32_state_bytes(r["student"])  # student + teacher,
+                       for r in results if r["preset"] not in fp32_bytes})  # down and up
     for res in results:
         for r in res["rounds"]:
             ratio = r["bytes"] / fp32_bytes[res["preset"]] if res["preset"] in fp32_bytes \
@@ -203,18 +230,19 @@ def _markdown(results: list[dict], load: str, argv: list[str]) -> str:
             lines.append(
                 f"| {res['preset']} ({res['local_steps']} steps) | {res['arm']} | {r['round']} | {r['wall']:.1f} | "
                 f"{r['compute']:.1f} | {r['overhead']:.1f} | {r['process_start']:.1f} | "
-                f"{r['site_work']:.1f} | {r['coordinator']:.1f} | {r['rest']:.1f} | "
+                f"{r['site_work']:.1f} | {r['coordinator']:.1f} | {r.get('stages', 0.0):.1f} | "
+                f"{r['rest']:.1f} | "
                 f"{r['to_site']:.1f} | {r['back']:.1f} | "
                 f"{r['bytes'] / 1e6:.1f} | {ratio:.2f} | {r['loss']:.3f} |")
     lines.append("")
-    refs = {r["preset"]: r for r in results if r["arm"] == "warm-fp32"}
+    refs = {r["preset"]: r for r in results if r["arm"] == reference}
     for res in results:
         steady = [r for r in res["rounds"][1:]] or res["rounds"]
         over = statistics.median(r["overhead"] for r in steady)
         share = statistics.median(r["overhead"] / r["wall"] for r in steady)
         drift = ""
         if res["preset"] in refs and res is not refs[res["preset"]]:
-            drift = f"; drift from warm-fp32 {_drift(res['student'], refs[res['preset']]['student']):.2e}"
+            drift = f"; drift from {reference} {_drift(res['student'], refs[res['preset']]['student']):.2e}"
         lines.append(f"- {res['preset']} {res['arm']}: median coordination {over:.1f} s per "
                      f"round after round 1 ({100 * share:.0f} % of the round){drift}; whole run "
                      f"incl. start-up {res['total']:.0f} s.")
@@ -232,6 +260,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--local-steps", type=int, default=2)
     ap.add_argument("--doc", default=str(REPO / "docs" / "benchmarks.md"))
+    ap.add_argument("--sites", type=int, default=2, help="sites (secure needs at least 3)")
+    ap.add_argument("--section", default=SECTION, help="the docs section to replace")
+    ap.add_argument("--reference", default="warm-fp32", choices=list(ARMS),
+                    help="the arm drift is measured from")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -246,12 +278,13 @@ def main() -> int:
                     ap.error(f"--arms: unknown arm {arm!r}; expected one of {', '.join(ARMS)}")
                 print(f"benchmarking {preset} {arm} ...", flush=True)
                 results.append(bench_arm(preset, arm, args.rounds,
-                                         int(steps) if steps else args.local_steps, Path(work)))
+                                         int(steps) if steps else args.local_steps, Path(work),
+                                         args.sites))
                 print(json.dumps(results[-1]["rounds"]), flush=True)
-        text = _markdown(results, load, sys.argv[1:])
+        text = _markdown(results, load, sys.argv[1:], args.section, args.reference)
     print(text)
     doc = Path(args.doc)
-    replace_section(doc, SECTION, text)
+    replace_section(doc, args.section, text)
     return 0
 
 

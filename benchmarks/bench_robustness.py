@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SECTION = "## Robustness to one attacking site"
 MODES = ("mean", "clipped_mean", "median", "trimmed_mean")
-ATTACKS = ("replace", "inflate", "signflip", "noise", "nan", "stale")
+ATTACKS = ("replace", "inflate", "signflip", "boost", "noise", "nan", "stale")
 HONEST = (("ct", 2, 0, 1), ("xr", 0, 4, 2), ("both", 1, 2, 3))
 ATTACKER = ("M", 1, 3, 4)
 
@@ -51,7 +51,8 @@ def _config(root: Path, mode: str, local_steps: int, exchange: tuple[str, str]) 
     body = {"recipe": str(REPO / "configs" / "pretrain" / "micro.yaml"),
             "recipe_overrides": {"ssl": {"steps_per_epoch": 2, "batch_size_2d": 4,
                                          "batch_size_3d": 1, "threads": 1}},
-            "local_steps": local_steps, "min_sites": 2, "round_timeout": 900,
+            "local_steps": local_steps, "round_timeout": 900,
+            "min_sites": 3 if exchange[1] == "secure" else 2,  # secure needs 3
             "evaluate": False, "poll_interval": 0.05, "aggregation": mode,
             "trim_fraction": 0.25,  # with 4 sites: drop the top and bottom value per coordinate
             "exchange": {"down": exchange[0], "up": exchange[1]}}
@@ -61,14 +62,28 @@ def _config(root: Path, mode: str, local_steps: int, exchange: tuple[str, str]) 
 
 
 def _run(cfg: Path, sites: dict[str, Path], rounds: int, out: Path,
-         attacks: dict[str, str] | None = None) -> tuple[dict, list[dict]]:
+         attacks: dict[str, str] | None = None, init: dict | None = None
+         ) -> tuple[dict, list[dict], str | None]:
+    """(the last round's global state, the round rows, why the run stopped early or None).
+
+    A run that stops (a secure round whose aggregate fails its checks) keeps the last complete
+    round's state: the model the federation is left with."""
+    from aggregator.rounds import RoundFailed
     from aggregator.simulate_cli import simulate
     from fed_unimiss.checkpoint import load_checkpoint
 
-    simulate(cfg, list(sites.items()), rounds, out, attacks=attacks)
-    rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
-    state, _ = load_checkpoint(out / f"global_round_{rounds:04d}")
-    return state, rows
+    stopped = None
+    try:
+        simulate(cfg, list(sites.items()), rounds, out, attacks=attacks)
+    except RoundFailed as e:
+        stopped = str(e)
+    rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()] \
+        if (out / "rounds.jsonl").is_file() else []
+    if not rows:
+        assert init is not None, stopped
+        return init, rows, stopped
+    state, _ = load_checkpoint(out / f"global_round_{len(rows):04d}")
+    return state, rows, stopped
 
 
 def _student_distance(a: dict, b: dict, init: dict) -> float:
@@ -122,11 +137,15 @@ def main() -> None:
 
                 run = FederationRun.from_files(cfg, root / "x", args.rounds)
                 init = initial_state(run.recipe, args.rounds * args.local_steps)
-            ref, ref_rows = _run(cfg, honest, args.rounds, root / f"{mode}-honest3")
-            _, rows4 = _run(cfg, sites, args.rounds, root / f"{mode}-honest4")
+            ref, ref_rows, _ = _run(cfg, honest, args.rounds, root / f"{mode}-honest3")
+            _, rows4, _ = _run(cfg, sites, args.rounds, root / f"{mode}-honest4")
+            floor = 0.0
+            if args.exchange[1] == "secure":  # fresh round ids, so fresh rounding noise
+                again, _, _ = _run(cfg, honest, args.rounds, root / f"{mode}-honest3-again")
+                floor = _student_distance(again, ref, init)
             entry = {"loss3": [r["loss"] for r in ref_rows], "loss4": [r["loss"] for r in rows4],
                      "honest_flagged": {s: _flagged(rows4, s) for s in sites},
-                     "medians": [r["screening"]["median_norm"] for r in rows4],
+                     "medians": [r["screening"].get("median_norm") for r in rows4],
                      "vs_median": [{s: d.get("vs_median") for s, d in r["decisions"].items()}
                                    for r in rows4],
                      "cosine": [{s: d.get("cosine") for s, d in r["decisions"].items()}
@@ -134,17 +153,22 @@ def main() -> None:
                      "norms": [{s: d.get("norms") for s, d in r["decisions"].items()}
                                for r in rows4],
                      "max_update_norm": rows4[0]["screening"]["max_update_norm"],
+                     "floor": floor,
+                     "part_bounds": [r["screening"].get("part_bounds") for r in rows4],
+                     "mean_norms": [r["screening"].get("mean_update_norm") for r in rows4],
                      "attacks": {}}
             for kind in args.attacks:
                 with contextlib.redirect_stdout(sys.stderr):
-                    state, rows = _run(cfg, sites, args.rounds, root / f"{mode}-{kind}",
-                                       {ATTACKER[0]: kind})
+                    state, rows, stopped = _run(cfg, sites, args.rounds,
+                                                root / f"{mode}-{kind}", {ATTACKER[0]: kind}, init)
                 entry["attacks"][kind] = {
                     "distance": _student_distance(state, ref, init),
                     "attacker_flagged": _flagged(rows, ATTACKER[0]),
+                    "completed_rounds": len(rows), "stopped": stopped,
                     "honest_flagged": sum(_flagged(rows, s) for s in honest),
                     "reasons": sorted({r["decisions"].get(ATTACKER[0], {}).get("reason", "")
                                        for r in rows}),
+                    "mean_norms": [r["screening"].get("mean_update_norm") for r in rows],
                 }
                 print(mode, kind, entry["attacks"][kind], flush=True)
             results["modes"][mode] = entry
@@ -177,7 +201,11 @@ def _markdown(res: dict, args: argparse.Namespace) -> str:
         cells = []
         for m in modes:
             a = res["modes"][m]["attacks"][kind]
-            cells.append(f"{a['distance']:.3g} ({a['attacker_flagged']}/{res['rounds']})")
+            cell = f"{a['distance']:.3g} ({a['attacker_flagged']}/{res['rounds']})"
+            if a.get("stopped"):
+                cell += f"; run stopped after {a['completed_rounds']} round(s): " \
+                        + _stop_reason(a["stopped"])
+            cells.append(cell)
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     lines += ["", "Honest runs, training loss per round (sample-weighted mean of site losses); "
               "honest sites clipped or rejected in the 4-site honest run:", "",
@@ -188,6 +216,8 @@ def _markdown(res: dict, args: argparse.Namespace) -> str:
         lines.append(f"| {m} | {' '.join(f'{x:.3f}' for x in e['loss3'])} | "
                      f"{' '.join(f'{x:.3f}' for x in e['loss4'])} | {fl} |")
     mean = res["modes"].get("mean") or next(iter(res["modes"].values()))
+    if args.exchange[1] == "secure":
+        return "\n".join(lines + ["", _secure_note(mean)])
     ratios = [v[p] for r in mean["vs_median"] for v in r.values() if v
               for p in v if v[p] is not None]
     cosines = [v[p] for r in mean["cosine"] for v in r.values() if v for p in v]
@@ -199,6 +229,28 @@ def _markdown(res: dict, args: argparse.Namespace) -> str:
               f"{min(student):.3f}-{max(student):.3f} against the Adam bound "
               f"{mean['max_update_norm']:.3g} per part."]
     return "\n".join(lines)
+
+
+def _stop_reason(text: str) -> str:
+    """The gist of a RoundFailed message for a table cell."""
+    if "exceeds the bound" in text:
+        return "the aggregate exceeded one honest update's bound"
+    if "not finite" in text:
+        return "the aggregate was not finite"
+    return text.split(": ", 2)[-1].split(";")[0]
+
+
+def _secure_note(entry: dict) -> str:
+    """Under secure aggregation: the honest aggregate's norm against its refusal bound."""
+    ratios = [norms[p] / bounds[p] for norms, bounds in zip(entry["mean_norms"],
+                                                             entry["part_bounds"], strict=True)
+              if norms and bounds for p in norms if bounds.get(p)]
+    return (f"The same honest 3-site run repeated is at distance {entry['floor']:.3g} from the "
+            "first: secure rounds draw fresh rounding noise (every run has its own round ids), "
+            "so distances below this are noise. Honest 4-site run: the unmasked mean update's norm per part is "
+            f"{min(ratios):.3f}-{max(ratios):.3f} of the bound one honest update obeys (above it "
+            "the aggregate is refused and the run stops). Secure mode screens no single site: "
+            "the aggregator sees counts and the sum, not who moved it.")
 
 
 if __name__ == "__main__":

@@ -17,10 +17,14 @@ Only one site's masking is timed (every site does the same work, in parallel at 
 hospital); the other sites' masked vectors are one stand-in of the right size and dtype (a
 uniform ring vector), so the aggregator's arithmetic is the real one but its sum is not checked
 here (tests/secure_aggregation checks exact sums). Every key, share and mask is real. CPU
-seconds of this process (``time.process_time``), single-threaded torch.
+seconds of this process (``time.process_time``), single-threaded torch; each CPU column is the
+median of ``--repeat`` rounds.
 
     .venv/bin/python benchmarks/bench_secure_aggregation.py
     .venv/bin/python benchmarks/bench_secure_aggregation.py --presets micro --sites 3 8
+
+``--neighbours K ...`` adds, for every number of sites above K + 1, a round on a neighbour graph
+(SecAgg+, ``exchange.secure.neighbours``): each site masks with K sites, not all the others.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 BITS = 16  # 2 bytes a coordinate: 0.5x the fp32 bytes
-LEVELS = 15  # 31 levels per coordinate; with error feedback, rounding noise is not lost
+LEVELS = 31  # the shipped default: 63 steps per coordinate; error feedback keeps the rest
 
 
 def _layout(preset: str) -> tuple[tuple[int, str], ...]:
@@ -65,19 +70,21 @@ def _cpu(fn):
     return out, time.process_time() - t0
 
 
-def _round(layout, n_sites: int, drop_before: bool, time_site: bool) -> dict:
+def _round(layout, n_sites: int, drop_before: bool, time_site: bool,
+           degree: int | None = None) -> dict:
     import torch
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from fed_unimiss.secure_aggregation import AggregatorParty, RoundPlan, SiteParty
     from fed_unimiss.secure_aggregation.masks import expand, new_seed
-    from fed_unimiss.secure_aggregation.plan import min_threshold
+    from fed_unimiss.secure_aggregation.plan import harary_order, min_threshold
     from fed_unimiss.secure_aggregation.ring import part_weights, plan_ring, quantise, to_ring
 
     size = sum(s for s, _ in layout)
     ring = plan_ring(layout, n_sites, max_count=10_000, clip=0.01, bits=BITS, levels=LEVELS)
     sites = tuple(f"site-{i:02d}" for i in range(n_sites))
-    plan = RoundPlan(round_id="bench/1", sites=sites, threshold=min_threshold(n_sites), ring=ring)
+    plan = RoundPlan(round_id="bench/1", sites=sites, threshold=min_threshold(n_sites, degree),
+                     ring=ring, degree=degree, order=harary_order(sites) if degree else ())
     ids = {s: ec.generate_private_key(ec.SECP384R1()) for s in sites}
     roster = {s: k.public_key() for s, k in ids.items()}
     parties = {s: SiteParty(plan, s, ids[s], roster) for s in sites}
@@ -111,7 +118,7 @@ def _round(layout, n_sites: int, drop_before: bool, time_site: bool) -> dict:
             quantise(update, ring, seed=new_seed()).values, ring, weights))
         vectors[me], site_cpu = _cpu(lambda: parties[me].masked_input(inboxes[me], ring_vec))
     up += BITS // 8 * size + 3 * 8  # the masked vector and its three part weights
-    dropped = sites[1] if drop_before else None
+    dropped = sorted(plan.neighbours(me))[0] if drop_before else None  # one of me's peers
     agg_cpu = 0.0
     for s in sites:
         if s == dropped:
@@ -142,31 +149,47 @@ def main(argv: list[str] | None = None) -> None:
                         help="model presets whose exchanged state is masked")
     parser.add_argument("--sites", nargs="+", type=int, default=[3, 8, 32],
                         help="numbers of sites per round")
+    parser.add_argument("--neighbours", nargs="*", type=int, default=[8, 16],
+                        help="neighbour-graph degrees to run as well (SecAgg+)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds per row; each CPU column is their median (first touches "
+                             "of fresh memory make single rounds noisy)")
     args = parser.parse_args(argv)
 
     import torch
 
+    from fed_unimiss.secure_aggregation.ring import plan_ring, quantise
+
     torch.set_num_threads(1)
+    warm = plan_ring(((4096, "shared"),), 3, max_count=10, clip=0.01, bits=BITS, levels=LEVELS)
+    quantise(torch.zeros(4096), warm, seed=bytes(32))  # the process's first-call costs
     print(f"# secure aggregation, ring 2^{BITS}, {LEVELS} levels, threshold a strict majority; "
           f"{platform.processor() or platform.machine()}, torch threads 1\n")
-    print("| state | coordinates | sites | site: quantise + weight (CPU s) | site: mask (CPU s) "
+    print("| state | coordinates | sites | neighbours | site: quantise + weight (CPU s) "
+          "| site: mask (CPU s) "
           "| site: keys, shares, unmask (CPU s) | aggregator: sum + unmask (CPU s) | same, 1 "
           "site dropped before upload (CPU s) | up bytes/site: secure | fp32 | int8 exchange "
           "| secure / fp32 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for preset in args.presets:
         layout = _layout(preset)
         size = sum(s for s, _ in layout)
-        for n in args.sites:
-            full = _round(layout, n, drop_before=False, time_site=True)
-            drop = _round(layout, n, drop_before=True, time_site=False)
+        runs = [(n, None) for n in args.sites] + [(n, k) for n in args.sites
+                                                  for k in args.neighbours if k < n - 1]
+        for n, k in runs:
+            fulls = [_round(layout, n, drop_before=False, time_site=True, degree=k)
+                     for _ in range(args.repeat)]
+            full = {key: statistics.median(f[key] for f in fulls) for key in fulls[0]}
+            drop = {"agg_cpu": statistics.median(
+                _round(layout, n, drop_before=True, time_site=False, degree=k)["agg_cpu"]
+                for _ in range(args.repeat))}
             fp32 = 4 * size
-            print(f"| {preset} | {size:,} | {n} | {full['quantise_cpu']:.2f} | "
+            print(f"| {preset} | {size:,} | {n} | {k or 'all'} | {full['quantise_cpu']:.2f} | "
                   f"{full['site_cpu']:.2f} | "
                   f"{full['keys_cpu']:.3f} | {full['agg_cpu']:.2f} | {drop['agg_cpu']:.2f} | "
                   f"{full['up']:,} | {fp32:,} | {_int8_bytes(layout):,} | "
                   f"{full['up'] / fp32:.3f} |", flush=True)
-            print(f"<!-- {preset} {n} sites: protocol messages besides the masked vector: "
+            print(f"<!-- {preset} {n} sites, neighbours {k or 'all'}: protocol messages besides the masked vector: "
                   f"{full['up'] - full['masked_bytes']:,} B up, {full['down_extra']:,} B down "
                   f"-->", flush=True)
 

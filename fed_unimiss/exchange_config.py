@@ -53,10 +53,16 @@ class SecureConfig:
     # bound for every coordinate. What the clip cuts is carried to the site's next update.
     clip: float | None = None
     # t: survivors whose shares rebuild a dropped site's masks. null: a strict majority of the
-    # roster's sites (the smallest the protocol accepts); at most the number of sites.
+    # sites that hold a site's shares (the smallest the protocol accepts): the roster, or a site
+    # and its neighbours.
     threshold: int | None = None
     # Coordinates per announced scale.
     block: int = 256
+    # k: each site masks with its k nearest sites on a random circle instead of every other
+    # site (SecAgg+): a site's masking costs k masks, not one per site. Even, >= 2; null (or
+    # k >= sites - 1): every other site. The aggregator learns a site's update if it colludes
+    # with t of that site's k neighbours (docs/privacy.md).
+    neighbours: int | None = None
 
     def validate(self) -> None:
         if not 8 <= self.bits <= 62:
@@ -69,6 +75,9 @@ class SecureConfig:
             raise ValueError(f"threshold: must be >= 2 or null, got {self.threshold}")
         if self.block < 1:
             raise ValueError(f"block: must be >= 1, got {self.block}")
+        if self.neighbours is not None and (self.neighbours < 2 or self.neighbours % 2):
+            raise ValueError(f"neighbours: must be an even number >= 2 or null, got "
+                             f"{self.neighbours}")
 
 
 @dataclass(frozen=True)

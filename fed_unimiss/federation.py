@@ -92,7 +92,7 @@ class FederationConfig:
     # error feedback at the aggregator); up: fp32 | bf16 | fp16 | q8_delta (int8 update, error
     # feedback at the site); teacher: exchanged | local (a method change). Announced in
     # every instruction; a site that cannot honour it refuses the round. Checkpoints stay fp32.
-    # up: secure (with an optional secure: {bits, levels, clip, threshold, block} section) masks
+    # up: secure (with an optional secure: {bits, levels, clip, threshold, block, neighbours}) masks
     # every update: the aggregator sums what it cannot read (docs/privacy.md, "Secure
     # aggregation"); it needs aggregation: mean, min_sites >= 3 and a roster of site keys.
     exchange: ExchangeConfig = field(default_factory=ExchangeConfig)

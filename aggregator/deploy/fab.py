@@ -19,10 +19,13 @@ import tomli_w
 
 from flower_layer.fab_build import build_fab_bytes
 
-__all__ = ["FabSpec", "build_fab", "SERVERAPP", "CLIENTAPP", "APP_NAME"]
+__all__ = ["FabSpec", "build_fab", "SERVERAPP", "CLIENTAPP", "IN_PROCESS_SESSIONS", "APP_NAME"]
 
 SERVERAPP = "aggregator.server_app:app"
 CLIENTAPP = "site_client.client_app:app"
+# The memory of the sites a process runs without a worker (``simulate``): the attack grid
+# reaches a simulated attacker's own secure-round state through it, as code at that site could.
+IN_PROCESS_SESSIONS = "site_client.client_app:in_process_sessions"
 APP_NAME = "fed-unimiss-federation"
 _LICENSE = b"Apache License 2.0, see the fed-unimiss package this bundle refers to.\n"
 

@@ -287,14 +287,19 @@ def to_ring(values: torch.Tensor, plan: RingPlan, weights: Mapping[str, int]) ->
     v = values.reshape(-1).numpy()
     if v.size != plan.size:
         raise ValueError(f"{v.size} values, the plan has {plan.size}")
-    if v.size and int(np.abs(v).max()) > plan.levels:
+    if v.size and max(int(v.max()), -int(v.min())) > plan.levels:
         raise ValueError(f"a value exceeds the plan's {plan.levels} levels")
-    out = np.empty(plan.size, dtype=plan.dtype)
+    # In the ring's own unsigned dtype: casting a negative level wraps it mod 2^(8 itemsize),
+    # and so does the product; 2^k divides that modulus, so masking to k bits afterwards gives
+    # the value mod 2^k. No int64 temporaries: 2 bytes a coordinate for a 16-bit ring.
+    out = v.astype(plan.dtype)
     start = 0
     for size, part in plan.layout:
-        seg = v[start:start + size].astype(np.int64) * np.int64(weights[part])
-        out[start:start + size] = (seg & np.int64(plan.mask)).astype(plan.dtype)
+        seg = out[start:start + size]
+        np.multiply(seg, plan.dtype.type(weights[part]), out=seg)
         start += size
+    if plan.bits < 8 * plan.dtype.itemsize:
+        np.bitwise_and(out, plan.dtype.type(plan.mask), out=out)
     return out
 
 

@@ -123,17 +123,19 @@ class AggregatorParty:
         self._expect("share_keys", site)
         if site not in self._adverts:
             raise ProtocolError("shares from a site that did not advertise keys", site=site)
-        expected = set(self._adverts) - {site}
+        expected = set(self._adverts) & self.plan.neighbours(site)
         if set(sealed) != expected:
             raise ProtocolError(f"sealed shares for {sorted(sealed)}, expected one for each of "
                                 f"{sorted(expected)}", site=site)
         self._sealed[site] = {k: bytes(v) for k, v in sealed.items()}
 
     def inboxes(self) -> dict[str, dict[str, bytes]]:
-        """Close stage 2: ``{receiver: {sender: sealed}}`` over U2, one inbox per site of U2."""
+        """Close stage 2: ``{receiver: {sender: sealed}}`` over U2, one inbox per site of U2
+        (its neighbours' shares)."""
         self._close("share_keys", len(self._sealed), "masked_input")
         self._u2 = tuple(sorted(self._sealed))
-        return {r: {s: self._sealed[s][r] for s in self._u2 if s != r} for r in self._u2}
+        return {r: {s: self._sealed[s][r] for s in self._u2 if r in self._sealed[s]}
+                for r in self._u2}
 
     # ------------------------------------------------------------ 3. masked input
     def receive_masked(self, site: str, masked: np.ndarray, weights: Mapping[str, int]) -> None:
@@ -233,7 +235,7 @@ class AggregatorParty:
         dropped = tuple(s for s in self._u2 if s not in self._u3)
         for owner in dropped:
             secret = self._secret(MASK_KEY, owner)
-            for survivor in self._u3:
+            for survivor in sorted(set(self._u3) & plan.neighbours(owner)):
                 shared = x25519_agree(secret, self._adverts[survivor]["mask_pk"])
                 seed = pair_seed(shared, plan.round_id, survivor, owner)
                 apply_mask(total, seed, ring, -pair_sign(survivor, owner))

@@ -75,6 +75,7 @@ class SiteParty:
         self._held: dict[str, tuple[bytes, bytes]] = {}  # peer -> (b share, key share) I hold
         self._peers: tuple[str, ...] = ()  # U2: the sites that shared keys with me (and me)
         self._revealed: dict[str, str] = {}  # peer -> SELF_MASK | MASK_KEY
+        self._neighbours = plan.neighbours(site)  # whom it masks and shares with
 
     def _advance(self, expected: str, after: str) -> None:
         if self._stage != expected:
@@ -92,12 +93,14 @@ class SiteParty:
 
     # ------------------------------------------------------------ 2. share keys
     def share_keys(self, adverts: Mapping[str, Mapping[str, bytes]]) -> dict[str, bytes]:
-        """``{peer: sealed shares}`` for every other advertised site (U1).
+        """``{peer: sealed shares}`` for every advertised neighbour (U1; every other site
+        unless the plan has a neighbour graph).
 
         Verifies every advertisement first (``KeyVerificationError`` naming the site), refuses
-        an advertisement of this site that is not its own, and raises ``TooFewSurvivors`` below
-        the threshold. Shares the self-mask seed and the mask secret key among U1; the share
-        for each peer is sealed so that only that peer can open it.
+        an advertisement of this site that is not its own, and raises ``TooFewSurvivors`` when
+        fewer than the threshold of its group (itself and its neighbours) advertised. Shares the
+        self-mask seed and the mask secret key among them; the share for each peer is sealed so
+        that only that peer can open it.
         """
         self._advance("share_keys", "masked_input")
         plan = self.plan
@@ -111,14 +114,15 @@ class SiteParty:
                                 "own", site=self.site)
         for peer in sorted(adverts):
             verify_advert(self._roster, plan.round_id, peer, adverts[peer])
-        if len(adverts) < plan.threshold:
-            raise TooFewSurvivors("share_keys", len(adverts), plan.threshold)
-        self._adverts = dict(adverts)
+        group = sorted(set(adverts) & (self._neighbours | {self.site}))
+        if len(group) < plan.threshold:
+            raise TooFewSurvivors("share_keys", len(group), plan.threshold)
+        self._adverts = {peer: adverts[peer] for peer in group}
         n = len(plan.sites)
         b_shares = sh.split(self._keys.self_seed, plan.threshold, n)
         k_shares = sh.split(self._keys.mask_secret(), plan.threshold, n)
         sealed = {}
-        for peer in sorted(adverts):
+        for peer in group:
             i = plan.index(peer) - 1
             if peer == self.site:
                 self._held[peer] = (b_shares[i], k_shares[i])
@@ -138,16 +142,17 @@ class SiteParty:
     def open_inbox(self, inbox: Mapping[str, bytes]) -> None:
         """Open the shares peers sealed for this site; their senders and this site are U2.
 
-        ``inbox`` is ``{sender: sealed shares for this site}``, relayed by the aggregator. A
-        sealed share that does not open raises ``ProtocolError`` naming its sender. Cheap: a
-        site can call it before it quantises, to fail fast.
+        ``inbox`` is ``{sender: sealed shares for this site}``, relayed by the aggregator; its
+        senders must be advertised neighbours. A sealed share that does not open raises
+        ``ProtocolError`` naming its sender. Cheap: a site can call it before it quantises, to
+        fail fast.
         """
         self._advance("masked_input", "mask")
         plan = self.plan
         unknown = sorted(set(inbox) - set(self._adverts) - {self.site})
         if unknown:
-            raise ProtocolError(f"shares from sites that did not advertise keys: {unknown}",
-                                site=self.site)
+            raise ProtocolError(f"shares from sites that did not advertise keys or are not "
+                                f"its neighbours: {unknown}", site=self.site)
         for sender in sorted(set(inbox) - {self.site}):
             key = sh.seal_key(_agree(self._keys.share, self._adverts[sender], "share_pk",
                                      sender), plan.round_id, sender, self.site)
@@ -183,24 +188,27 @@ class SiteParty:
         """This site's shares for the aggregator: ``{SELF_MASK: {peer: share}, MASK_KEY: {...}}``.
 
         ``survivors`` (U3) are the sites whose masked input the aggregator counts. For each
-        peer of U2 this site reveals the share of its self-mask seed if the peer survived,
-        else the share of its mask key; never both for one peer (``RevealRefused``), also
-        across repeated calls. Refuses a survivor list that is not within U2, that omits this
-        site, or that is below the threshold (``TooFewSurvivors``).
+        peer of U2 (the neighbours that shared keys with it) this site reveals the share of its
+        self-mask seed if the peer survived, else the share of its mask key; never both for one
+        peer (``RevealRefused``), also across repeated calls. Refuses a survivor list that names
+        a neighbour that never shared keys with it or a site outside the round, that omits this
+        site, or that leaves fewer than the threshold of its group (``TooFewSurvivors``).
         """
         if self._stage not in ("mask", "unmask", "done"):  # its inbox is open
             raise ProtocolError(f"stage 'unmask' asked while at {self._stage!r}",
                                 site=self.site)
         survived = set(survivors)
-        outside = sorted(survived - set(self._peers))
+        outside = sorted((survived & self._neighbours) - set(self._peers)) \
+            + sorted(survived - set(self.plan.sites))
         if outside:
             raise ProtocolError(f"survivors {outside} never shared keys with this site",
                                 site=self.site)
         if self.site not in survived:
             raise ProtocolError("this site is not among the survivors; it reveals nothing",
                                 site=self.site)
-        if len(survived) < self.plan.threshold:
-            raise TooFewSurvivors("unmask", len(survived), self.plan.threshold)
+        in_group = len(survived & set(self._peers))
+        if in_group < self.plan.threshold:
+            raise TooFewSurvivors("unmask", in_group, self.plan.threshold)
         wanted = {peer: (SELF_MASK if peer in survived else MASK_KEY) for peer in self._peers}
         for peer, kind in wanted.items():  # check all before revealing any
             before = self._revealed.get(peer, kind)

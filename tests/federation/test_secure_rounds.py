@@ -64,6 +64,27 @@ def test_config_refuses_what_secure_aggregation_cannot_do(tmp_path, fields, matc
         load_federation(path)
 
 
+def test_a_neighbour_graph_is_planned_only_when_it_is_sparser_than_everyone(tmp_path):
+    """``neighbours: k`` below sites - 1 gives each round a fresh random circle; at or above
+    it, the complete graph (plain SecAgg)."""
+    import dataclasses
+
+    from aggregator.secure_round import make_plan
+    from aggregator.validation import ReplyLimits
+    from fed_unimiss.exchange_config import SecureConfig
+
+    roster = dict.fromkeys(("a", "b", "c", "d", "e", "f"))
+    state = {"student.w": torch.zeros(10)}
+    plan = make_plan("r/1", roster, SecureConfig(neighbours=2), ((10, "shared"),),
+                     ["student.w"], state, ReplyLimits(1.0))
+    assert plan.degree == 2 and sorted(plan.order) == sorted(roster) and plan.threshold == 2
+    full = make_plan("r/1", roster, dataclasses.replace(SecureConfig(), neighbours=6),
+                     ((10, "shared"),), ["student.w"], state, ReplyLimits(1.0))
+    assert full.degree is None and full.threshold == 4
+    with pytest.raises(ValueError, match="neighbours: must be an even number"):
+        SecureConfig(neighbours=3).validate()
+
+
 def test_config_takes_the_secure_section_and_its_defaults(tmp_path):
     cfg = load_federation(micro_federation(tmp_path / "f.yaml", min_sites=3, exchange={
         "up": "secure", "teacher": "local", "secure": {"levels": 63, "clip": 0.01}}))
@@ -172,13 +193,16 @@ class DropGrid(InProcessGrid):
 @pytest.mark.slow
 def test_a_site_dropped_before_upload_and_one_after_do_not_stall_or_spoil_the_round(
         phantom_sites, tmp_path):
-    """4 sites (threshold 3, min_sites 3): a drop before upload leaves the round to 3
-    survivors, whose shares remove the dropped site's masks; a drop after upload leaves the
-    dropped site's update in the sum (its self mask rebuilt from the others' shares)."""
+    """4 sites on a neighbour graph (SecAgg+: 2 neighbours each, so a site's shares are with
+    2 others and the threshold is 2 of its group of 3; min_sites 3): a drop before upload
+    leaves the round to 3 survivors, whose shares remove the dropped site's masks; a drop
+    after upload leaves the dropped site's update in the sum (its self mask rebuilt from its
+    neighbours' shares)."""
     sites = [*phantom_sites.items(), ("ct2", phantom_sites["ct"])]
     run = tmp_path / "run"
-    simulate(_secure(tmp_path), sites, rounds=2, out=run, grid_cls=DropGrid)
+    simulate(_secure(tmp_path, neighbours=2), sites, rounds=2, out=run, grid_cls=DropGrid)
     first, second = _rows(run)
+    assert first["screening"]["neighbours"] == 2 and first["screening"]["threshold"] == 2
     assert first["sites"] == ["both", "ct", "ct2"]
     assert first["screening"]["dropped_before_upload"] == ["xr"]
     assert "dropped out of the secure round" in first["rejected"]["xr"]
@@ -260,3 +284,45 @@ def test_the_exchange_quantises_an_update_and_adds_the_mean_back(teacher):
         else:
             assert float((value - new[name]).abs().max()) <= step * (1 + 1e-5), name
     assert bool(site.teacher) == (teacher == "local")
+
+
+@pytest.mark.slow
+def test_a_dp_site_keeps_its_own_guarantee_and_ledger_under_secure_aggregation(
+        phantom_sites, tmp_path):
+    """DP composes: site xr trains with DP-SGD and spends from its own ledger exactly as in the
+    plain exchange (what it sends is a post-processing of its noised training, masked or not);
+    its epsilon travels in the clear, as a count does, and the masked sum takes its update."""
+    cfg = micro_federation(
+        tmp_path / "secure-dp.yaml", min_sites=3, evaluate=False,
+        recipe_overrides={"model": {"head_weight_norm": False},
+                          "ssl": {"steps_per_epoch": 1, "batch_size_2d": 2, "batch_size_3d": 1,
+                                  "threads": 1, "koleo_weight": 0.0}},
+        exchange={"up": "secure", "down": "fp32"})
+    run = tmp_path / "run"
+    simulate(cfg, list(phantom_sites.items()), rounds=2, out=run,
+             dp_flags={"dp-epsilon": ["xr=8"], "dp-planned-rounds": ["xr=2"],
+                       "dp-patients-per-step": ["xr=2"]})
+    rows = _rows(run)
+    assert [r["sites"] for r in rows] == [["both", "ct", "xr"]] * 2
+    assert all(r["screening"]["mode"] == "secure" and r["rejected"] == {} for r in rows)
+    eps = [r["epsilon"]["xr"] for r in rows]
+    assert 0 < eps[0] < eps[1] <= 8.0
+    assert all(set(r["epsilon"]) == {"xr"} for r in rows)
+    ledger = json.loads((run / "sites" / "xr" / "privacy_ledger.json").read_text())
+    assert [r["epsilon"] for r in ledger["rounds"]] == pytest.approx(eps)
+
+
+@pytest.mark.slow
+def test_one_attacker_under_secure_aggregation_is_bounded_by_the_aggregate_check(
+        phantom_sites, tmp_path):
+    """Nobody screens one site's update in secure mode, so an attacker writes what it likes
+    into its ring vector (aggregator/attacks.py). What holds: a sum that moves a part further
+    than one honest update may (``replace``: the all-zero model at the largest weight) is
+    refused, the run stops with the reason and no round is written; nothing names the
+    attacker, because nothing can."""
+    with_m = [*phantom_sites.items(), ("M", phantom_sites["both"])]
+    run = tmp_path / "run"
+    with pytest.raises(RoundFailed, match="the mean update exceeds the bound of one honest "
+                                          "update: student"):
+        simulate(_secure(tmp_path), with_m, rounds=1, out=run, attacks={"M": "replace"})
+    assert not list(run.glob("global_round_*"))

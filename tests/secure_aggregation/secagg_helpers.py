@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from fed_unimiss.secure_aggregation import AggregateResult, AggregatorParty, RoundPlan, SiteParty
+from fed_unimiss.secure_aggregation.plan import harary_order
 from fed_unimiss.secure_aggregation.ring import (
     RingPlan,
     part_weights,
@@ -19,7 +20,7 @@ from fed_unimiss.secure_aggregation.ring import (
     to_ring,
 )
 
-SITES = tuple(f"site-{c}" for c in string.ascii_lowercase[:8])
+SITES = tuple(f"site-{c}" for c in string.ascii_lowercase[:12])
 MIXED_LAYOUT = ((300, "2d"), (500, "3d"), (150, "shared"), (50, "2d"))
 
 
@@ -32,10 +33,15 @@ def make_ring(n_sites: int, layout=MIXED_LAYOUT, levels: int = 127, max_weight: 
 
 
 def make_plan(n_sites: int, threshold: int | None = None, round_id: str = "run-1/round-1",
+              degree: int | None = None, order: tuple[str, ...] | None = None,
               **ring_kw) -> RoundPlan:
+    """A plan for the first ``n_sites`` of SITES; ``degree`` gives each site that many
+    neighbours on the circle ``order`` (default: a shuffled one), SecAgg+ style."""
     sites = SITES[:n_sites]
-    return RoundPlan(round_id=round_id, sites=sites,
-                     threshold=threshold or n_sites // 2 + 1, ring=make_ring(n_sites, **ring_kw))
+    group = n_sites if degree is None else degree + 1
+    return RoundPlan(round_id=round_id, sites=sites, threshold=threshold or group // 2 + 1,
+                     ring=make_ring(n_sites, **ring_kw), degree=degree,
+                     order=(order or harary_order(sites)) if degree else ())
 
 
 @dataclass
