@@ -7,17 +7,14 @@ import logging
 import sys
 from pathlib import Path
 
-from fed_unimiss.privacy.config import DP_KEYS, PrivacyConfig
-from fed_unimiss.runtime import Runtime
+from fed_unimiss.privacy.config import DP_KEYS
 from site_client.supernode import (
-    EXIT_BAD_INPUT,
     SiteError,
-    SiteKit,
-    check_runtime,
     check_site_data,
     load_site_kit,
     run_supernode,
     site_privacy_settings,
+    site_runtime,
 )
 
 __all__ = ["register"]
@@ -57,20 +54,10 @@ def _start(args: argparse.Namespace) -> int:
         return e.code
 
 
-def site_runtime(kit: SiteKit, args: argparse.Namespace, privacy: PrivacyConfig) -> Runtime:
-    """site.yaml's device/precision/workers with the flags on top; errors name both."""
-    import dataclasses
+def _check(args: argparse.Namespace) -> int:
+    from site_client.site_check import main
 
-    settings = kit.settings
-    runtime = dataclasses.replace(
-        settings.runtime(),
-        **{k: v for k, v in (("device", args.device), ("precision", args.precision),
-                             ("workers", args.workers)) if v is not None})
-    try:
-        check_runtime(runtime, privacy)
-    except ValueError as e:
-        raise SiteError(f"{kit.root / 'site.yaml'} + flags: {e}", EXIT_BAD_INPUT) from None
-    return runtime
+    return main(args)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -132,3 +119,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="refuse a round (code 5105, before any budget is spent) instead of "
                     "adopting a DP plan that accepts fewer patients per step than this site's")
     s.set_defaults(func=_start)
+
+    c = sub.add_parser(
+        "check",
+        help="check everything short of training: kit, data, hardware, disk, the way to the "
+        "coordinator, the key's registration, the clock",
+        description="One line per check (OK, WARN, FAIL, SKIP) with what to do; runs in "
+        "seconds and joins no round. Exit codes as `site start`: 0 nothing failed, 2 kit, "
+        "data, hardware or disk, 3 coordinator unreachable, 4 refused (certificate, key, "
+        "clock). See docs/site-guide.md, 'Start here: site check'.",
+    )
+    c.add_argument("--kit", required=True, help="this site's kit folder (KITS/site-NAME)")
+    c.add_argument("--data", required=True, help="the folder this site will train on")
+    c.add_argument("--superlink", metavar="HOST:PORT",
+                   help="coordinator address; default: `superlink` in the kit's site.yaml")
+    c.add_argument("--state-dir", help="where the site will keep its state; default: KIT/state")
+    c.add_argument("--device", metavar="DEV", help="as `site start --device`")
+    c.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                   help="as `site start --precision`")
+    c.add_argument("--workers", type=int, metavar="N", help="as `site start --workers`")
+    c.add_argument("--json", action="store_true", help="the checks as JSON on stdout")
+    c.set_defaults(func=_check)

@@ -23,15 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from fed_unimiss import exchange as ex
-from fed_unimiss.secure_aggregation import RoundPlan, SecureAggregationError, SiteParty
+from fed_unimiss.secure_aggregation import SecureAggregationError, SiteParty
 from fed_unimiss.secure_aggregation.keys import load_identity_key, load_roster
 from fed_unimiss.secure_aggregation.ring import part_weights
 from fed_unimiss.secure_aggregation.wire import (
@@ -47,12 +45,12 @@ from fed_unimiss.secure_aggregation.wire import (
     to_arrays,
 )
 from site_client.round_messages import RoundReply, RoundRequest
+from site_client.site_session import PendingRound, SiteSession
 
 if TYPE_CHECKING:
     from site_client.local_state import SiteState
-    from site_client.site_session import SiteSession
 
-__all__ = ["PendingRound", "train_reply", "stage_reply", "ADVERT", "SEALED", "INBOX", "CLIPPED"]
+__all__ = ["train_reply", "stage_reply", "ADVERT", "SEALED", "INBOX", "CLIPPED"]
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +60,6 @@ INBOX = "inbox"  # masked_input instruction: inbox/<sender>
 CLIPPED = "clipped"  # masked_input reply metric: coordinates the ring's clip cut
 
 _FAILED = "site could not take part in this secure aggregation stage; see the site log"
-
-
-@dataclass
-class PendingRound:
-    """What a site holds between the stages of one secure round (never sent as it is)."""
-
-    plan: RoundPlan
-    party: SiteParty
-    ring_vector: np.ndarray | None  # dropped once masked
-    clipped: int
 
 
 def _keys(node_config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

@@ -42,10 +42,10 @@ from site_client.local_state import SiteState
 from site_client.round_messages import RoundReply, RoundRequest
 
 if TYPE_CHECKING:
+    from fed_unimiss.secure_aggregation import RoundPlan, SiteParty
     from site_client.instruction import Instruction
-    from site_client.secure_site import PendingRound
 
-__all__ = ["SiteSession", "Trained"]
+__all__ = ["SiteSession", "Trained", "PendingRound"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,17 @@ class Trained:
 
     public: dict[str, float]
     state: dict[str, torch.Tensor] | None
+
+
+@dataclass
+class PendingRound:
+    """What a site holds between the stages of one secure round (never sent as it is;
+    site_client/secure_site.py runs the stages)."""
+
+    plan: RoundPlan
+    party: SiteParty
+    ring_vector: np.ndarray | None  # dropped once masked
+    clipped: int
 
 
 class SiteSession:

@@ -73,6 +73,7 @@ __all__ = [
     "diagnose_supernode_log",
     "run_supernode",
     "EXIT_BAD_INPUT",
+    "site_runtime",
     "EXIT_UNREACHABLE",
     "EXIT_REFUSED",
 ]
@@ -169,6 +170,23 @@ class SiteKit:
     ca: Path
     key: Path
     settings: SiteSettings
+
+
+def site_runtime(kit: SiteKit, args: Any, privacy: PrivacyConfig) -> Runtime:
+    """site.yaml's device/precision/workers with the flags on top (``args.device``,
+    ``.precision``, ``.workers``; None keeps site.yaml's); errors name both."""
+    import dataclasses
+
+    settings = kit.settings
+    runtime = dataclasses.replace(
+        settings.runtime(),
+        **{k: v for k, v in (("device", args.device), ("precision", args.precision),
+                             ("workers", args.workers)) if v is not None})
+    try:
+        check_runtime(runtime, privacy)
+    except ValueError as e:
+        raise SiteError(f"{kit.root / 'site.yaml'} + flags: {e}", EXIT_BAD_INPUT) from None
+    return runtime
 
 
 # ---------------------------------------------------------------- kit and data checks
