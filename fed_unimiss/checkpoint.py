@@ -23,6 +23,7 @@ from safetensors.torch import load, save_file
 __all__ = [
     "CheckpointError",
     "atomic_write_bytes",
+    "atomic_save_tensors",
     "atomic_write_json",
     "append_jsonl",
     "save_checkpoint",
@@ -74,14 +75,15 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> None
     _atomic_replace(Path(path), lambda tmp: Path(tmp).write_bytes(data), mode)
 
 
-def _atomic_save_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor],
+                        metadata: dict[str, str] | None = None, mode: int = 0o644) -> None:
     """:func:`atomic_write_bytes` for tensors, streamed from their memory to the file.
 
     ``safetensors.torch.save`` builds the whole file as bytes first (one more copy of the state
     in memory, measured as the coordinator's peak); ``save_file`` writes from the
     tensors' own buffers.
     """
-    _atomic_replace(path, lambda tmp: save_file(tensors, tmp), 0o644)
+    _atomic_replace(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata), mode)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -104,7 +106,7 @@ def save_checkpoint(
     """Write ``name.safetensors`` then ``name.json`` (the commit point) into ``directory``."""
     directory = Path(directory)
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic_save_file(directory / f"{name}.safetensors", contiguous)
+    atomic_save_tensors(directory / f"{name}.safetensors", contiguous)
     atomic_write_json(directory / f"{name}.json", meta)
     return directory / f"{name}.safetensors"
 

@@ -186,6 +186,47 @@ class Exchange:
         else:
             self._holds.pop(node, None)
 
+    # ------------------------------------------------------------------ a site's memory
+    def memory(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """What this side remembers between rounds, as (tensors, strings) to persist: the base
+        (``down: q8_delta``) with its digest and layout, the residuals and the local teacher.
+
+        At a site this is private to it (its residuals follow its own updates): it is written
+        to the site's own state directory only, by the site's session.
+        """
+        tensors: dict[str, torch.Tensor] = {}
+        strings: dict[str, str] = {}
+        if self._base is not None:
+            tensors.update({f"base/{k}": v for k, v in self._base.tensors.items()})
+            strings.update(base_digest=self._base.digest, base_layout=self._base.layout)
+        tensors.update({f"residual/{k}": v for k, v in self.residual.items()})
+        if self.ring_residual is not None:
+            tensors["ring_residual"] = self.ring_residual
+        tensors.update({f"teacher/{k}": v for k, v in self.teacher.items()})
+        return tensors, strings
+
+    def restore(self, tensors: Mapping[str, torch.Tensor], strings: Mapping[str, str]) -> bool:
+        """Take back what :meth:`memory` gave; returns whether the base came back.
+
+        A base whose tensors do not hash to its recorded digest is dropped (the aggregator then
+        sends it in full, as after any loss); the residuals and the teacher are taken as they are.
+        """
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.residual = part("residual/")
+        self.teacher = part("teacher/")
+        self.ring_residual = tensors.get("ring_residual")
+        base, digest = part("base/"), strings.get("base_digest")
+        layout_json = strings.get("base_layout", "[]")
+        if not base or digest is None:
+            return False
+        items = layout_from_json(layout_json)
+        if sorted(base) != sorted(n for n, _ in items) or base_digest(base, items) != digest:
+            return False
+        self._base = _Base(base, digest, layout_json)
+        return True
+
     # ------------------------------------------------------------------ down
     def send_state(self, state: Mapping[str, torch.Tensor], *, train: bool = True) -> Downlink:
         """The aggregator's side: the global state as it travels this round.

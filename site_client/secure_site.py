@@ -110,6 +110,7 @@ def train_reply(session: SiteSession, site: SiteState, req: RoundRequest,
         log.error("secure aggregation: cannot take part in this round: %s", e)
         return RoundReply.failed(ex.ERROR_SECURE, _FAILED)
     session.secure = PendingRound(plan, party, vector, clipped)
+    session.remember()
     log.info("secure round %s: update quantised (%d coordinates clipped), keys advertised",
              plan.round_id, clipped)
     return RoundReply(public, to_arrays({ADVERT: advert}), site_name=site.site_name)

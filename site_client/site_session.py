@@ -7,8 +7,11 @@ worker (:mod:`site_client.worker`) or, without a worker, the ClientApp's own pro
 same way in either. The session keeps, never sends:
 
 - its end of the exchange (:class:`~fed_unimiss.exchange_link.Exchange`): the base of
-  ``down: q8_delta``, the int8 residual of ``up: q8_delta`` and the site's own teacher
-  (``teacher: local``), all forgotten when a new run starts;
+  ``down: q8_delta``, the residuals of ``up: q8_delta`` and ``up: secure`` and the site's own
+  teacher (``teacher: local``), all forgotten when a new run starts. After every train reply
+  they are also written to ``STATE/exchange_memory.safetensors`` (0600, atomically), so a
+  worker that restarts between rounds picks up where it was instead of losing a round to a
+  full base and a cold residual;
 - the site's data index and the plain trainer, reused while the recipe stays the same;
 - under ``up: secure``, the round's secure party and ring vector between its stages
   (:mod:`site_client.secure_site`).
@@ -22,6 +25,7 @@ progress lines) are in :mod:`site_client.round_work`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -30,8 +34,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
 from fed_unimiss import exchange as ex
+from fed_unimiss.checkpoint import atomic_save_tensors
 from fed_unimiss.exchange_link import Exchange, Payload
 from fed_unimiss.runtime import Runtime, grad_scaler
 from fed_unimiss.ssl.engine import SelfDistillation
@@ -45,7 +51,9 @@ if TYPE_CHECKING:
     from fed_unimiss.secure_aggregation import RoundPlan, SiteParty
     from site_client.instruction import Instruction
 
-__all__ = ["SiteSession", "Trained", "PendingRound"]
+__all__ = ["SiteSession", "Trained", "PendingRound", "MEMORY_FILE"]
+
+MEMORY_FILE = "exchange_memory.safetensors"  # in the state directory
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +91,47 @@ class SiteSession:
         self.secure: PendingRound | None = None
 
     def begin(self, run_id: int, job: Instruction) -> Exchange:
-        """The exchange of this run: a new run remembers nothing of the last one's."""
+        """The exchange of this run: a new run remembers nothing of the last one's; a new
+        process takes back what this run's exchange wrote (:meth:`remember`)."""
         if self.exchange is None or self.run_id != run_id or self.exchange.config != job.exchange:
             self.run_id, self.exchange = run_id, Exchange(job.exchange)
+            self._recall(run_id, self.exchange)
         return self.exchange
+
+    def remember(self) -> None:
+        """Write this run's exchange memory to the state directory (0600; a crash leaves the
+        old file or the new one). A failure costs the next restart a round, never this one."""
+        if self.exchange is None or self.run_id is None:
+            return
+        tensors, strings = self.exchange.memory()
+        strings = {**strings, "run_id": str(self.run_id),
+                   "exchange": _config_key(self.exchange.config)}
+        try:
+            atomic_save_tensors(self.state_dir / MEMORY_FILE,
+                                {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                                strings, mode=0o600)
+        except (OSError, RuntimeError, ValueError) as e:
+            log.warning("could not write %s (%s): a restart would lose a round",
+                        self.state_dir / MEMORY_FILE, e)
+
+    def _recall(self, run_id: int, exchange: Exchange) -> None:
+        path = self.state_dir / MEMORY_FILE
+        if not path.is_file():
+            return
+        try:
+            with safe_open(str(path), "pt") as f:
+                strings = dict(f.metadata() or {})
+                if strings.get("run_id") != str(run_id) \
+                        or strings.get("exchange") != _config_key(exchange.config):
+                    return  # another run's, or another exchange's: nothing to take back
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (OSError, SafetensorError, ValueError) as e:
+            log.warning("%s is unreadable (%s); the coordinator sends the full state next "
+                        "round", path, e)
+            return
+        base = exchange.restore(tensors, strings)
+        log.info("exchange memory of run %d taken back from %s (base %s)", run_id, path,
+                 "kept" if base else "none")
 
     def data(self, site: SiteState, job: Instruction, run_id: int) -> Any:
         """The site's data index for this run and recipe (scanned once, then reused)."""
@@ -159,9 +204,15 @@ class SiteSession:
         if self.exchange is None:
             raise RuntimeError("encode before decode: the session has no exchange yet")
         payload = self.exchange.send_update(new_state, received)
+        self.remember()
         return RoundReply(public, _numpy(payload.arrays),
                           _numpy(payload.scales) if payload.scales is not None else None,
                           site.site_name)
+
+
+def _config_key(config: Any) -> str:
+    """The exchange config as a string: memory is taken back only under the same one."""
+    return json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)
 
 
 def _usable_runtime(job: Instruction, runtime: Runtime) -> Runtime:
