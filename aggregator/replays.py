@@ -15,12 +15,14 @@ folded in this run:
   of an earlier round's sent state, both measured on the sample. An adversary can add noise to
   escape this; its update then grows and meets the norm and direction checks.
 
-The samples live in memory for the run: after an aggregator restart, states sent before it are
-not remembered. Pure torch, no flwr.
+What the guard remembers is written with the run after every round (:meth:`ReplayGuard.snapshot`,
+``RUN/replays.safetensors``, aggregator/run_store.py) and taken back on resume, so an aggregator
+restart does not open a window for replays of what came before it. Pure torch, no flwr.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 
@@ -100,6 +102,24 @@ class ReplayGuard:
     def replayed(self, digest: str) -> str | None:
         """What ``digest`` repeats (e.g. "the global state sent in round 1"), or None."""
         return self._seen.get(digest)
+
+    def snapshot(self, pending: tuple[str, dict[str, torch.Tensor]] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Everything remembered, as (tensors, strings) to write with the run; ``pending`` is
+        the current round's sent sample, which :meth:`remember_sent` only takes next round."""
+        sent = self._sent + ([pending] if pending is not None else [])
+        tensors = {f"sent/{i}/{part}": values.clone() for i, (_, sample) in enumerate(sent)
+                   for part, values in sample.items()}
+        return tensors, {"seen": json.dumps(self._seen, sort_keys=True),
+                         "sent": json.dumps([what for what, _ in sent])}
+
+    def restore(self, tensors: Mapping[str, torch.Tensor], strings: Mapping[str, str]) -> None:
+        """Take back a :meth:`snapshot` (in place: the update checks share this guard)."""
+        self._seen = {str(k): str(v) for k, v in json.loads(strings["seen"]).items()}
+        whats = [str(w) for w in json.loads(strings["sent"])]
+        self._sent = [(what, {key.rsplit("/", 1)[1]: value for key, value in tensors.items()
+                              if key.startswith(f"sent/{i}/")})
+                      for i, what in enumerate(whats)]
 
     def remember_sent(self, sample: dict[str, torch.Tensor], what: str) -> None:
         """Keep a sent state's coordinate sample; call once its round's replies are judged."""

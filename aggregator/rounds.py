@@ -274,6 +274,11 @@ def run_federation(
     strategy = DimensionAwareStrategy(run.cfg, recipe_json, run.rounds, classes, limits,
                                       spill_dir=run.out / ".spill", roster=roster)
     log.info("exchange: %s", describe(run.cfg.exchange))
+    replays = store.load_replays(done) if done else None
+    if replays is not None:
+        strategy.restore_replays(*replays)
+        log.info("replay checks: %d state(s) and reply digest(s) remembered from before the "
+                 "restart", len(json.loads(replays[1]["seen"])))
     row: dict[str, Any] = {}
     if done >= run.rounds:
         log.info("%s already holds all %d round(s); nothing to do", run.out, run.rounds)
@@ -293,7 +298,8 @@ def run_federation(
                 row["absent"] = absent_sites(registered, row)
             if pending is not None:
                 pending.result()  # the previous round's write, and any error it raised
-            pending = writer.submit(_save_round, store, round_num, state, row, identity)
+            pending = writer.submit(_save_round, store, round_num, state, row, identity,
+                                    strategy.replay_snapshot())
             log.info("round %d/%d done: sites=%s loss=%s rejected=%d", round_num, run.rounds,
                      row["sites"], row["loss"], len(row["rejected"]))
         if pending is not None:
@@ -330,7 +336,9 @@ def tell_last_verdicts(grid: Grid, strategy: DimensionAwareStrategy, cfg: Federa
 
 
 def _save_round(store: RunStore, round_num: int, state: dict[str, torch.Tensor],
-                row: dict[str, Any], identity: dict[str, Any]) -> None:
+                row: dict[str, Any], identity: dict[str, Any],
+                replays: tuple[dict[str, torch.Tensor], dict[str, str]]) -> None:
     t = time.monotonic()
     store.save_round(round_num, state, row, identity)
+    store.save_replays(round_num, *replays)  # after the checkpoint: never ahead of it
     log.info("round %d: checkpoint written in %.2f s", round_num, time.monotonic() - t)

@@ -5,6 +5,7 @@ Layout::
     RUN/global_round_0001.safetensors   global state after round 1 (student, teacher, center)
     RUN/global_round_0001.json          sidecar: round, sites, counts, metrics, the run's config
     RUN/rounds.jsonl                    one JSON object per completed round
+    RUN/replays.safetensors             what the replay checks remember (digests, samples)
 
 A round is complete when its sidecar exists (``fed_unimiss.checkpoint`` writes it last, atomically).
 The rounds.jsonl line is appended after the checkpoint; a crash between the two is repaired on
@@ -21,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from aggregator.run_summary import CHECKPOINT_PREFIX, ROUNDS_LOG
 from fed_unimiss.checkpoint import (
     append_jsonl,
+    atomic_save_tensors,
     atomic_write_bytes,
     latest_checkpoint,
     load_checkpoint,
@@ -34,6 +37,8 @@ from fed_unimiss.checkpoint import (
 __all__ = ["RunStore", "ResumeError", "CHECKPOINT_PREFIX", "ROUNDS_LOG"]
 
 log = logging.getLogger(__name__)
+
+REPLAYS = "replays.safetensors"
 
 
 class ResumeError(RuntimeError):
@@ -77,6 +82,27 @@ class RunStore:
         path = save_checkpoint(self.out, self.checkpoint_name(round_num), state, meta)
         append_jsonl(self.rounds_log, row)
         return path
+
+    def save_replays(self, round_num: int, tensors: dict[str, torch.Tensor],
+                     strings: dict[str, str]) -> None:
+        """The replay checks' memory after ``round_num``, written after its checkpoint."""
+        atomic_save_tensors(self.out / REPLAYS, tensors, {**strings, "round": str(round_num)})
+
+    def load_replays(self, done: int) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """The replay memory to resume after round ``done`` with, or None (none written, or
+        written for a round this resume repeats: its replies will come again)."""
+        path = self.out / REPLAYS
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), "pt") as f:
+                strings = dict(f.metadata() or {})
+                if int(strings.get("round", -1)) > done or "seen" not in strings:
+                    return None
+                return {k: f.get_tensor(k) for k in f.keys()}, strings
+        except (OSError, SafetensorError, ValueError) as e:
+            log.warning("%s is unreadable (%s): the replay checks start empty", path, e)
+            return None
 
     def latest(self) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:
         """The last complete round: (round, state, sidecar), or None for a fresh directory."""

@@ -290,6 +290,19 @@ class DimensionAwareStrategy:
                 spilled.delete()
             self._round.spills.clear()
 
+    def replay_snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """What the replay checks remember, this round's sent state included, to write with
+        the round's checkpoint (aggregator/run_store.py)."""
+        rnd = self._round
+        pending = (f"the global state sent in round {rnd.round_num}", rnd.sent_sample) \
+            if rnd is not None and rnd.sent_sample else None
+        return self._replays.snapshot(pending)
+
+    def restore_replays(self, tensors: Mapping[str, torch.Tensor],
+                        strings: Mapping[str, str]) -> None:
+        """A resumed run's replay memory, from before the restart."""
+        self._replays.restore(tensors, strings)
+
     def last_verdicts(self) -> dict[int, SiteVerdict]:
         """node id -> the decision on its reply in the current (last) round; {} before any."""
         return dict(self._round.verdicts) if self._round is not None else {}
