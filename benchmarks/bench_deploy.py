@@ -41,6 +41,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -246,7 +247,7 @@ def _markdown(results: list[dict], load: str, argv: list[str], section: str = SE
         lines.append(f"- {res['preset']} {res['arm']}: median coordination {over:.1f} s per "
                      f"round after round 1 ({100 * share:.0f} % of the round){drift}; whole run "
                      f"incl. start-up {res['total']:.0f} s.")
-    lines += ["", "Command: `.venv/bin/python benchmarks/bench_deploy.py " + " ".join(argv) + "`",
+    lines += ["", "Command: `.venv/bin/python benchmarks/bench_deploy.py " + shlex.join(argv) + "`",
               ""]
     return "\n".join(lines)
 
