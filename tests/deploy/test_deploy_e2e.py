@@ -301,6 +301,21 @@ def _pause_serverapps(pid_dir: Path) -> list[int]:
     return paused
 
 
+def _replied(state: Path, round_num: int) -> bool:
+    """The site's shim has handed its train reply of ``round_num`` back to Flower."""
+    log = state / "logs" / "shim-timing.jsonl"
+    if not log.exists():
+        return False
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("kind") == "train" and str(entry.get("round")) == str(round_num):
+            return True
+    return False
+
+
 def _worker_busy(state: Path) -> bool:
     log = state / "logs" / "worker.log"
     return log.exists() and "train request (round work) started" in log.read_text(errors="replace")
@@ -308,18 +323,21 @@ def _worker_busy(state: Path) -> bool:
 
 def test_worker_killed_mid_round_fails_that_round_for_its_site_then_serves_the_next(world,
                                                                                      tmp_path):
-    """SIGKILL site A's warm worker while it trains round 1 (compressed exchange on).
+    """SIGKILL site A's warm worker while it trains round 1, and again between rounds 2 and 3
+    (compressed exchange on).
 
     A's shim sees the worker vanish and answers error 5004 at once, so round 1 closes with B
     alone (min_sites 1) without waiting for any deadline; `site start` restarts the worker and
-    A takes part in round 2.
+    A takes part in round 2. The worker killed after its round-2 reply loses nothing: the
+    restarted one takes the exchange's memory back from the state directory, so in round 3 A
+    is sent the int8 delta like B (not the full base) and answers with no refusal.
     """
     fleet, control = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     run = tmp_path / "RUN"
     config = write_federation_yaml(tmp_path / "fed.yaml", min_sites=1,
                                    round_timeout=ROUND_TIMEOUT, local_steps=12)
     assert "q8_delta" in config.read_text()  # the shipped exchange, compressed
-    opts = AggregatorOptions(kit=world["kits"].coordinator, config=config, rounds=2, out=run,
+    opts = AggregatorOptions(kit=world["kits"].coordinator, config=config, rounds=3, out=run,
                              fleet_address=fleet, control_address=control, wait_for_sites=2)
     states = {s: tmp_path / "state" / s for s in ("A", "B")}
     killed: list[int] = []
@@ -335,6 +353,10 @@ def test_worker_killed_mid_round_fails_that_round_for_its_site_then_serves_the_n
             pid = int((states["A"] / "worker.pid").read_text())
             killed.append(pid)
             os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: _replied(states["A"], 2), 240, "site A's reply in round 2")
+            pid = int((states["A"] / "worker.pid").read_text())
+            killed.append(pid)
+            os.kill(pid, signal.SIGKILL)  # idle, between rounds 2 and 3
 
         def on_started(_run_id: int) -> None:
             threading.Thread(target=kill_worker_mid_round, daemon=True).start()
@@ -347,19 +369,27 @@ def test_worker_killed_mid_round_fails_that_round_for_its_site_then_serves_the_n
 
     assert outcome.ok, outcome.error
     rows = outcome.rounds
-    assert [r["round"] for r in rows] == [1, 2]
-    assert len(killed) == 1 and restarted != killed[0]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert len(killed) == 2 and restarted not in killed
     assert rows[0]["sites"] == ["B"]
     # an error reply carries no content, so no site label: the node id names A
     assert [why for why in rows[0]["rejected"].values() if "code 5004" in why], rows[0]["rejected"]
     assert "worker stopped" in next(iter(rows[0]["rejected"].values()))
     assert rows[1]["sites"] == ["A", "B"] and rows[1]["rejected"] == {}
+    assert rows[1]["bytes_down"]["A"] > 2 * rows[1]["bytes_down"]["B"]  # A's base came in full
+    assert rows[2]["sites"] == ["A", "B"] and rows[2]["rejected"] == {}
+    assert rows[2]["bytes_down"]["A"] == rows[2]["bytes_down"]["B"]  # the delta: nothing lost
     assert elapsed < ROUND_TIMEOUT  # round 1 never waited for its deadline
+    from fed_unimiss.checkpoint import load_checkpoint
+
+    state, _ = load_checkpoint(run / "global_round_0003.safetensors")
+    fp32_bytes = 4 * sum(t.numel() for t in state.values())
     for row in rows:
         assert row["exchange"].startswith("down=q8_delta up=q8_delta")
-        assert row["bytes_up"]["B"] < 0.3 * row["bytes_out_per_site"] * 2
+        assert row["bytes_up"]["B"] < 0.3 * fp32_bytes
     worker_log = (states["A"] / "logs" / "worker.log").read_text()
-    assert worker_log.count("ready on") == 2  # started once, restarted once
+    assert worker_log.count("ready on") == 3  # started once, restarted twice
+    assert "exchange memory of run" in worker_log
     assert "site worker exited" in (tmp_path / "site-A.log").read_text()
     assert leftovers == [], leftovers
 
