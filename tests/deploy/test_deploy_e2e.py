@@ -404,10 +404,13 @@ def test_secure_aggregation_over_tls_sums_updates_the_aggregator_cannot_read(wor
     The global model is the plain exchange's within quantisation error: the same federation
     with ``up: fp32`` (the screening mode), run in process with the same sites and seeds, is
     the reference. Round 1 starts both from the same state with the same site seeds, so each
-    coordinate is within one ring step of its part; later rounds train from states that differ
-    by that much, so the whole trajectory is compared instead (as in
-    tests/federation/test_secure_rounds.py)."""
-    import torch
+    coordinate is within one ring step of its part. Later rounds train from states that differ
+    by that much, and Adam's normalised steps spread such differences: over 6 in-process runs
+    of this federation with fresh rounding, the cosine of the whole 3-round trajectory to the
+    plain one ranged down to 0.88, so no trajectory threshold is safe here. The last round is
+    held instead to what only a wrong sum can break: every coordinate within the rounds'
+    quantisation steps plus, for rounds 2 and 3, the largest move each run may make (the
+    ring's clip, derived from Adam's step bound)."""
     import yaml
 
     from aggregator.simulate_cli import simulate
@@ -418,6 +421,7 @@ def test_secure_aggregation_over_tls_sums_updates_the_aggregator_cannot_read(wor
     config = _federation_yaml(tmp_path / "fed.yaml", 3)
     cfg = yaml.safe_load(config.read_text())
     cfg["exchange"] = {"down": "fp32", "up": "secure", "teacher": "exchanged"}
+    cfg["local_steps"] = 2  # the student moves in round 1 (its learning rate starts at 0)
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     opts = AggregatorOptions(kit=world["kits"].coordinator, config=config, rounds=3, out=run,
                              fleet_address=fleet, control_address=control, wait_for_sites=3)
@@ -466,17 +470,11 @@ def test_secure_aggregation_over_tls_sums_updates_the_aggregator_cannot_read(wor
         worst = max(float((s1[n] - p1[n]).abs().max()) for n in s1 if n.startswith(part))
         print(f"secure vs plain, round 1, {part}: {worst / steps[part]:.3f} of a step")
         assert worst <= steps[part] * 1.01, (part, worst, steps[part])
-    from aggregator.rounds import FederationRun, initial_state
-
-    fed = FederationRun.from_files(config, run, 3)
-    start = initial_state(fed.recipe, 3 * fed.cfg.local_steps)
     p3, _ = load_checkpoint(plain / "global_round_0003.safetensors")
+    levels = rows[0]["screening"]["ring"]["levels"]
     for part in ("student", "teacher", "center"):
-        names = [n for n in state if n.startswith(part)]
-        ds = torch.cat([(state[n] - start[n]).double().reshape(-1) for n in names])
-        dp = torch.cat([(p3[n] - start[n]).double().reshape(-1) for n in names])
-        cosine = float(ds @ dp / (ds.norm() * dp.norm()))
-        relative = float((ds - dp).norm() / dp.norm())
-        print(f"secure vs plain, round 3, {part}: cosine {cosine:.3f}, distance {relative:.3f}")
-        assert cosine >= 0.95, (part, cosine)
-        assert relative <= 0.3, (part, relative)
+        steps_by_round = [r["screening"]["ring"]["step"][part] for r in rows]
+        bound = sum(steps_by_round) + 2 * levels * sum(steps_by_round[1:])
+        worst = max(float((state[n] - p3[n]).abs().max()) for n in state if n.startswith(part))
+        print(f"secure vs plain, round 3, {part}: {worst / bound:.3f} of the bound")
+        assert worst <= 1.05 * bound, (part, worst, bound)
