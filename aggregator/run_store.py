@@ -22,15 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from aggregator.run_summary import CHECKPOINT_PREFIX, ROUNDS_LOG
 from fed_unimiss.checkpoint import (
+    CheckpointError,
     append_jsonl,
     atomic_save_tensors,
     atomic_write_bytes,
     latest_checkpoint,
     load_checkpoint,
+    read_tensors_if,
     save_checkpoint,
 )
 
@@ -91,17 +92,11 @@ class RunStore:
     def load_replays(self, done: int) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
         """The replay memory to resume after round ``done`` with, or None (none written, or
         written for a round this resume repeats: its replies will come again)."""
-        path = self.out / REPLAYS
-        if not path.is_file():
-            return None
         try:
-            with safe_open(str(path), "pt") as f:
-                strings = dict(f.metadata() or {})
-                if int(strings.get("round", -1)) > done or "seen" not in strings:
-                    return None
-                return {k: f.get_tensor(k) for k in f.keys()}, strings
-        except (OSError, SafetensorError, ValueError) as e:
-            log.warning("%s is unreadable (%s): the replay checks start empty", path, e)
+            return read_tensors_if(self.out / REPLAYS, lambda meta: "seen" in meta
+                                   and int(meta.get("round", -1)) <= done)
+        except CheckpointError as e:
+            log.warning("%s: the replay checks start empty", e)
             return None
 
     def latest(self) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:

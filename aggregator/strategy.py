@@ -114,8 +114,7 @@ class DimensionAwareStrategy:
         previous = self._round
         self._told = dict(previous.verdicts) if previous is not None else {}
         if previous is not None and previous.sent_sample:  # its replies are judged: now old
-            self._replays.remember_sent(previous.sent_sample,
-                                        f"the global state sent in round {previous.round_num}")
+            self._replays.remember_sent(previous.sent_sample, _sent_in(previous.round_num))
         keys = self.link.sent_keys(global_state)
         reference = {k: global_state[k] for k in keys}
         self._round = RoundState(
@@ -294,7 +293,7 @@ class DimensionAwareStrategy:
         """What the replay checks remember, this round's sent state included, to write with
         the round's checkpoint (aggregator/run_store.py)."""
         rnd = self._round
-        pending = (f"the global state sent in round {rnd.round_num}", rnd.sent_sample) \
+        pending = (_sent_in(rnd.round_num), rnd.sent_sample) \
             if rnd is not None and rnd.sent_sample else None
         return self._replays.snapshot(pending)
 
@@ -364,3 +363,8 @@ class DimensionAwareStrategy:
         else:
             declared = reply.content.config_records.get(ex.SITE, {}).get(ex.SITE_NAME_KEY)
         return self._labels.of(reply.metadata.src_node_id, declared)
+
+
+def _sent_in(round_num: int) -> str:
+    """How a replay check names the global state sent in ``round_num``."""
+    return f"the global state sent in round {round_num}"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save_file
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "append_jsonl",
     "save_checkpoint",
     "load_checkpoint",
+    "read_tensors_if",
     "latest_checkpoint",
 ]
 
@@ -129,6 +130,25 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"{st}: corrupt checkpoint tensors: {e}") from e
     return tensors, meta
+
+
+def read_tensors_if(path: str | Path, accept: Callable[[dict[str, str]], bool]
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """A safetensors file's (tensors, metadata) when ``accept(metadata)``, else None (also for a
+    missing file); the tensors of a file not accepted are never read. ``CheckpointError`` names
+    an unreadable file. For state a process keeps beside its work (a site's exchange memory,
+    the run's replay memory), written by :func:`atomic_save_tensors` with its metadata."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = dict(f.metadata() or {})
+            if not accept(metadata):
+                return None
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata
+    except (OSError, SafetensorError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from e
 
 
 def latest_checkpoint(directory: str | Path, prefix: str) -> Path | None:

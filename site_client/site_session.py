@@ -34,10 +34,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 
 from fed_unimiss import exchange as ex
-from fed_unimiss.checkpoint import atomic_save_tensors
+from fed_unimiss.checkpoint import CheckpointError, atomic_save_tensors, read_tensors_if
 from fed_unimiss.exchange_link import Exchange, Payload
 from fed_unimiss.runtime import Runtime, grad_scaler
 from fed_unimiss.ssl.engine import SelfDistillation
@@ -116,20 +115,15 @@ class SiteSession:
 
     def _recall(self, run_id: int, exchange: Exchange) -> None:
         path = self.state_dir / MEMORY_FILE
-        if not path.is_file():
-            return
         try:
-            with safe_open(str(path), "pt") as f:
-                strings = dict(f.metadata() or {})
-                if strings.get("run_id") != str(run_id) \
-                        or strings.get("exchange") != _config_key(exchange.config):
-                    return  # another run's, or another exchange's: nothing to take back
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (OSError, SafetensorError, ValueError) as e:
-            log.warning("%s is unreadable (%s); the coordinator sends the full state next "
-                        "round", path, e)
+            found = read_tensors_if(path, lambda meta: meta.get("run_id") == str(run_id)
+                                    and meta.get("exchange") == _config_key(exchange.config))
+        except CheckpointError as e:
+            log.warning("%s; the coordinator sends the full state next round", e)
             return
-        base = exchange.restore(tensors, strings)
+        if found is None:  # none, or another run's or another exchange's
+            return
+        base = exchange.restore(*found)
         log.info("exchange memory of run %d taken back from %s (base %s)", run_id, path,
                  "kept" if base else "none")
 
